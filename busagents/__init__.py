@@ -1,0 +1,44 @@
+"""busagents: event-driven AI agents that talk only through NATS with typed contracts."""
+
+from .agent import Agent, on
+from .bus import Bus, Received
+from .context import Context
+from .contract import Kind, command, contract_info, event, json_schema, query
+from .envelope import Envelope
+from .errors import (
+    BusagentsError,
+    ConfigError,
+    ContractError,
+    DecodeError,
+    NatsUnavailableError,
+    QueryFailedError,
+    UndeclaredContractError,
+)
+from .server import NatsServer
+from .worker import Worker
+
+__all__ = [
+    "Agent",
+    "Bus",
+    "BusagentsError",
+    "ConfigError",
+    "Context",
+    "ContractError",
+    "DecodeError",
+    "Envelope",
+    "Kind",
+    "NatsServer",
+    "NatsUnavailableError",
+    "QueryFailedError",
+    "Received",
+    "UndeclaredContractError",
+    "Worker",
+    "command",
+    "contract_info",
+    "event",
+    "json_schema",
+    "on",
+    "query",
+]
+
+__version__ = "0.1.0"

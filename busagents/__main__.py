@@ -1,0 +1,3 @@
+from busagents.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""Agents: classes whose typed handlers are declared per contract with ``@on``.
+
+::
+
+    class Rebooker(Agent):
+        name = "rebooker"
+        produces = (BookingChanged,)
+
+        @on(RebookPassenger)
+        async def rebook(self, cmd: RebookPassenger, ctx: Context) -> BookingChanged:
+            ...
+
+A handler's return value (a contract, a list of them, or None) is published with
+the envelope filled in; a query handler returns the reply. Every agent declares
+what it consumes (its handlers) and what it may produce (``produces``, which also
+lists the queries it sends), so a swarm forms a static graph that can be checked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from .contract import ContractInfo, contract_info
+from .errors import ContractError
+
+if TYPE_CHECKING:
+    from .context import Context
+
+__all__ = ["Agent", "Handler", "on"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+HandlerFunc = Callable[[Any, Any, "Context"], Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """One declared handler of an agent."""
+
+    contract: ContractInfo
+    func: HandlerFunc
+    attr: str
+    subject: str | None = None  # narrower subject (e.g. one key), default: every key
+
+
+def on(contract: type[Any], *, subject: str | None = None) -> Callable[[F], F]:
+    """Declare the decorated method as the handler of ``contract``.
+
+    ``subject`` narrows the subscription, e.g. ``"travel.flight.delayed.BA117"`` to
+    handle one key only; it must lie under the contract's subject.
+    """
+    info = contract_info(contract)
+    if subject is not None and not (subject == info.subject or subject.startswith(info.subject + ".")):
+        raise ContractError(f"@on({info.name}, subject={subject!r}): must start with {info.subject!r}")
+
+    def mark(func: F) -> F:
+        func.__busagents_on__ = (info, subject)  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
+class Agent:
+    """Base class of agents. Subclass it, set ``name`` and ``produces``, add ``@on`` handlers."""
+
+    #: Unique agent type name: queue group, dead-letter subject and plugin name derive from it.
+    name: ClassVar[str] = ""
+    #: Contracts this agent may publish, and the queries it may send.
+    produces: ClassVar[tuple[type[Any], ...]] = ()
+    #: How many messages one replica handles at once.
+    max_concurrency: ClassVar[int] = 8
+
+    handlers: ClassVar[dict[type[Any], Handler]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = _snake(cls.__name__)
+        if not _NAME.match(cls.name):
+            raise ContractError(f"agent name {cls.name!r} of {cls.__qualname__} must be letters, digits, '_' or '-'")
+        if cls.max_concurrency < 1:
+            raise ContractError(f"{cls.__qualname__}.max_concurrency must be >= 1")
+        handlers: dict[type[Any], Handler] = {}
+        for base in reversed(cls.__mro__):
+            for attr, value in vars(base).items():
+                mark = getattr(value, "__busagents_on__", None)
+                if mark is None:
+                    continue
+                info, subject = mark
+                previous = handlers.get(info.cls)
+                if previous is not None and previous.attr != attr and base is cls and previous.attr in vars(cls):
+                    raise ContractError(
+                        f"{cls.__qualname__}: {info.name} is handled twice ({previous.attr} and {attr})"
+                    )
+                handlers[info.cls] = Handler(contract=info, func=value, attr=attr, subject=subject)
+        cls.handlers = handlers
+        for produced in cls.produces:
+            contract_info(produced)  # raises a clear error for a non-contract
+
+    @classmethod
+    def consumes(cls) -> tuple[type[Any], ...]:
+        """Contracts this agent handles."""
+        return tuple(cls.handlers)
+
+    @classmethod
+    def may_produce(cls, contract: type[Any]) -> bool:
+        return contract in cls._produced_set()
+
+    @classmethod
+    def _produced_set(cls) -> frozenset[type[Any]]:
+        cached: frozenset[type[Any]] | None = cls.__dict__.get("_produced_cache")
+        if cached is None:
+            cached = frozenset(cls.produces)
+            cls._produced_cache = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
+    def declaration(cls) -> dict[str, Any]:
+        """The agent's place in the swarm graph, by contract name."""
+        return {
+            "agent": cls.name,
+            "consumes": [
+                {"contract": h.contract.name, "kind": h.contract.kind.value, "subject": h.subject}
+                for h in cls.handlers.values()
+            ],
+            "produces": [
+                {"contract": contract_info(c).name, "kind": contract_info(c).kind.value} for c in cls.produces
+            ],
+        }
+
+    # Lifecycle hooks: override as needed.
+
+    async def on_start(self, ctx: Context) -> None:
+        """Called once before the first message is handled."""
+
+    async def run(self, ctx: Context) -> None:
+        """Optional long-running loop (e.g. watching an external feed); cancelled on drain."""
+
+    async def on_stop(self, ctx: Context) -> None:
+        """Called once after the last in-flight message was handled."""
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

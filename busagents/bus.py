@@ -1,0 +1,340 @@
+"""The bus: one nats-py connection, speaking contracts.
+
+It publishes contracts with their envelope, sends typed queries, runs a
+subscription with a bounded number of concurrent handler lanes, and lets tests
+await typed messages (:meth:`Bus.expect`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .codec import codec_for, encode
+from .contract import Kind, contract_info, subject_for
+from .envelope import Envelope
+from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
+
+__all__ = ["ERROR_HEADER", "Bus", "Expectation", "Mailbox", "Received"]
+
+log = logging.getLogger("busagents.bus")
+
+#: Header of a query reply that carries the responder's failure instead of a body.
+ERROR_HEADER = "Ba-Error"
+
+T = TypeVar("T")
+
+
+class Received(Generic[T]):
+    """A decoded message with its envelope and subject."""
+
+    __slots__ = ("body", "envelope", "subject")
+
+    def __init__(self, body: T, envelope: Envelope, subject: str) -> None:
+        self.body = body
+        self.envelope = envelope
+        self.subject = subject
+
+    def __repr__(self) -> str:
+        return f"Received({self.body!r}, subject={self.subject!r})"
+
+
+class Mailbox:
+    """A subscription whose messages are handled by ``lanes`` concurrent tasks.
+
+    The lanes read nats-py's pending queue directly, so a message costs no extra
+    task or queue hop; at most ``lanes`` handlers run at once.
+    """
+
+    def __init__(self, sub: Subscription, handle: Callable[[Msg], Awaitable[None]], lanes: int) -> None:
+        self.subscription = sub
+        self._handle = handle
+        self._tasks = [asyncio.create_task(self._lane(), name=f"lane:{sub.subject}:{i}") for i in range(lanes)]
+
+    async def _lane(self) -> None:
+        sub = self.subscription
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        handle = self._handle
+        while True:
+            msg = await queue.get()
+            sub._pending_size -= len(msg.data)
+            try:
+                await handle(msg)
+            except Exception:
+                log.exception("unhandled error while handling a message on %s", msg.subject)
+            finally:
+                queue.task_done()
+
+    @property
+    def pending(self) -> int:
+        return self.subscription.pending_msgs
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking messages, finish those received, then stop the lanes. False on timeout."""
+        finished = True
+        try:
+            await asyncio.wait_for(self.subscription.drain(), timeout)  # type: ignore[no-untyped-call]
+        except TimeoutError:
+            finished = False
+            log.warning(
+                "drain of %s timed out after %.1fs with %d message(s) unfinished",
+                self.subscription.subject,
+                timeout,
+                self.subscription.pending_msgs,
+            )
+        except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+            pass
+        await self.stop()
+        return finished
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Bus:
+    """A NATS connection that publishes and receives contracts."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        name: str = "busagents",
+        connect_timeout: float = 2.0,
+        **options: Any,
+    ) -> Bus:
+        """Connect to NATS; reconnects are handled by nats-py for the life of the connection."""
+
+        async def _error_cb(exc: Exception) -> None:
+            log.warning("nats: %s", exc)
+
+        options.setdefault("error_cb", _error_cb)
+        options.setdefault("max_reconnect_attempts", -1)
+        options.setdefault("reconnect_time_wait", 0.5)
+        try:
+            nc = await nats.connect(url, name=name, connect_timeout=connect_timeout, allow_reconnect=True, **options)
+        except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
+            raise NatsUnavailableError(
+                f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); "
+                "start a nats-server there, pass another --nats URL, or let busagents start an embedded one"
+            ) from None
+        return cls(nc)
+
+    @property
+    def url(self) -> str:
+        current = self.nc.connected_url
+        return current.geturl() if current is not None else ""
+
+    async def publish(
+        self,
+        message: Any,
+        *,
+        sender: str | None = None,
+        cause: Envelope | None = None,
+        conversation_id: str | None = None,
+        envelope: Envelope | None = None,
+    ) -> Envelope:
+        """Publish a contract instance; returns the envelope it travelled with."""
+        info = contract_info(type(message))
+        if info.kind is Kind.QUERY:
+            raise ContractError(f"{info.name} is a query: send it with request(), not publish()")
+        if envelope is None:
+            envelope = Envelope.new(
+                info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id
+            )
+        await self.nc.publish(subject_for(info, message), encode(message), headers=envelope.to_headers())
+        return envelope
+
+    async def request(
+        self,
+        query: Any,
+        *,
+        timeout: float = 5.0,
+        sender: str | None = None,
+        cause: Envelope | None = None,
+        conversation_id: str | None = None,
+    ) -> Any:
+        """Send a query and return its typed reply; raises QueryFailedError when it fails."""
+        info = contract_info(type(query))
+        if info.kind is not Kind.QUERY or info.reply is None:
+            raise ContractError(f"{info.name} is a {info.kind.value}, not a query: publish() it instead")
+        envelope = Envelope.new(info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id)
+        subject = subject_for(info, query)
+        try:
+            msg = await self.nc.request(subject, encode(query), timeout=timeout, headers=envelope.to_headers())
+        except nats.errors.NoRespondersError:
+            raise QueryFailedError(f"{info.name}: no agent answers on {subject}") from None
+        except nats.errors.TimeoutError:
+            raise QueryFailedError(f"{info.name}: no reply on {subject} within {timeout}s") from None
+        headers = msg.headers
+        if headers and ERROR_HEADER in headers:
+            raise QueryFailedError(f"{info.name}: the answering agent failed: {headers[ERROR_HEADER]}")
+        try:
+            return codec_for(info.reply).decode(msg.data)
+        except DecodeError as exc:
+            raise QueryFailedError(f"{info.name}: invalid reply: {exc}") from None
+
+    async def mailbox(
+        self,
+        subject: str,
+        handle: Callable[[Msg], Awaitable[None]],
+        *,
+        queue: str = "",
+        lanes: int = 1,
+        pending_msgs_limit: int = 512 * 1024,
+        pending_bytes_limit: int = 256 * 1024 * 1024,
+    ) -> Mailbox:
+        """Subscribe ``subject`` (in queue group ``queue``) and handle with ``lanes`` concurrent tasks."""
+        sub = await self.nc.subscribe(
+            subject,
+            queue=queue,
+            pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=pending_bytes_limit,
+        )
+        return Mailbox(sub, handle, lanes)
+
+    def expect(
+        self,
+        contract: type[T],
+        *,
+        where: Callable[[T], bool] | None = None,
+        timeout: float = 5.0,
+        count: int = 1,
+        subject: str | None = None,
+    ) -> Expectation[T]:
+        """Wait for ``count`` messages of ``contract`` matching ``where``.
+
+        ``await bus.expect(C)`` subscribes and waits. To be sure not to miss a
+        message caused by your own action, subscribe first::
+
+            async with bus.expect(BookingChanged, where=lambda m: m.booking_id == "B1") as got:
+                await bus.publish(RebookPassenger(...))
+            print(got.message.body)
+        """
+        return Expectation(self, contract, where=where, timeout=timeout, count=count, subject=subject)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        await self.nc.flush(timeout=int(max(1, timeout)))
+
+    async def close(self) -> None:
+        """Flush what was published, then close."""
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError, TimeoutError):
+            await self.nc.flush(timeout=5)
+        await self.nc.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class Expectation(Generic[T]):
+    """Messages awaited by :meth:`Bus.expect`: usable with ``await`` or ``async with``."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        contract: type[T],
+        *,
+        where: Callable[[T], bool] | None,
+        timeout: float,
+        count: int,
+        subject: str | None,
+    ) -> None:
+        self._bus = bus
+        self._info = contract_info(contract)
+        self._where = where
+        self._timeout = timeout
+        self._count = count
+        self._subject = subject or self._info.subscribe_subject
+        self._sub: Subscription | None = None
+        self._done: asyncio.Future[None] | None = None
+        self.messages: list[Received[T]] = []
+        self.rejected: list[tuple[bytes, str]] = []
+
+    @property
+    def message(self) -> Received[T]:
+        """The first matching message."""
+        if not self.messages:
+            raise AssertionError(f"no {self._info.name} received")
+        return self.messages[0]
+
+    async def start(self) -> None:
+        decode = codec_for(self._info.cls).decode
+        self._done = asyncio.get_running_loop().create_future()
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                body = decode(msg.data)
+            except DecodeError as exc:
+                self.rejected.append((msg.data, str(exc)))
+                return
+            if self._where is not None and not self._where(body):
+                return
+            self.messages.append(
+                Received(body, Envelope.from_headers(msg.headers, contract=self._info.name), msg.subject)
+            )
+            if len(self.messages) >= self._count and self._done is not None and not self._done.done():
+                self._done.set_result(None)
+
+        self._sub = await self._bus.nc.subscribe(self._subject, cb=on_msg)
+        await self._bus.nc.flush()
+
+    async def wait(self) -> list[Received[T]]:
+        assert self._done is not None, "start() first"
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), self._timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"expected {self._count} {self._info.name} on {self._subject} within {self._timeout}s, "
+                f"got {len(self.messages)}" + (f"; rejected {len(self.rejected)} undecodable" if self.rejected else "")
+            ) from None
+        finally:
+            await self._stop()
+        return self.messages
+
+    async def _stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def __aenter__(self) -> Expectation[T]:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            await self.wait()
+        else:
+            await self._stop()
+
+    def __await__(self) -> Generator[Any, None, Received[T]]:
+        async def run() -> Received[T]:
+            await self.start()
+            await self.wait()
+            return self.messages[0]
+
+        return run().__await__()

@@ -1,0 +1,44 @@
+"""The ``busagents`` command line: one module per command group."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..errors import BusagentsError
+from .agents import agents_group, run_command
+from .demo import demo_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
+@click.version_option(package_name="busagents")
+def cli(log_level: str) -> None:
+    """busagents: event-driven AI agents over NATS with typed contracts."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+cli.add_command(agents_group)
+cli.add_command(run_command)
+cli.add_command(demo_command)
+
+
+def main() -> None:
+    """Console entry point: user mistakes print a message, not a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BusagentsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,92 @@
+"""``busagents agents list`` and ``busagents run NAME``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+import click
+
+from ..agent import Agent
+from ..bus import Bus
+from ..contract import contract_info
+from ..plugins import available_agents, load_agent
+from ..settings import Settings
+from ..worker import Worker
+from ._nats import nats_url
+
+
+@click.group("agents")
+def agents_group() -> None:
+    """Inspect installed agent plugins."""
+
+
+@agents_group.command("list")
+def list_agents() -> None:
+    """List agents installed in the entry-point group 'busagents.agents'."""
+    plugins = available_agents()
+    if not plugins:
+        click.echo("no agent plugins installed (entry-point group 'busagents.agents')")
+        return
+    for name in sorted(plugins):
+        try:
+            cls = load_agent(name)
+        except Exception as exc:
+            click.echo(f"{name:<20} failed to load: {exc}")
+            continue
+        consumes = ", ".join(contract_info(c).name for c in cls.consumes()) or "-"
+        produces = ", ".join(contract_info(c).name for c in cls.produces) or "-"
+        click.echo(f"{name:<20} consumes: {consumes}")
+        click.echo(f"{'':<20} produces: {produces}")
+
+
+@click.command("run")
+@click.argument("name")
+@click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: local, else embedded).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64), help="OS processes.")
+def run_command(name: str, nats: str | None, replicas: int) -> None:
+    """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT."""
+    agent_cls = load_agent(name)
+    settings = Settings()
+    with nats_url(nats) as url:
+        if replicas == 1:
+            click.echo(f"running {agent_cls.name} on {url}", err=True)
+            ok = asyncio.run(_serve(agent_cls, url, settings))
+            if not ok:
+                raise SystemExit(3)
+            return
+        _run_replicas(name, url, replicas)
+
+
+async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
+    bus = await Bus.connect(url, name=agent_cls.name)
+    try:
+        worker = Worker(
+            [agent_cls()],
+            bus,
+            drain_timeout=settings.drain_timeout,
+            heartbeat_interval=settings.heartbeat_interval,
+        )
+        return await worker.serve()
+    finally:
+        await bus.close()
+
+
+def _run_replicas(name: str, url: str, replicas: int) -> None:
+    cmd = [sys.executable, "-m", "busagents", "run", name, "--nats", url, "--replicas", "1"]
+    children = [subprocess.Popen(cmd) for _ in range(replicas)]
+    click.echo(f"started {replicas} replicas of {name}: pids {[c.pid for c in children]}", err=True)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise SystemExit(max(abs(c) for c in codes))

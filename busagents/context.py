@@ -1,0 +1,78 @@
+"""What a handler receives besides its message: publish, request, ids, a logger."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .contract import contract_info
+from .envelope import Envelope
+from .errors import UndeclaredContractError
+
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .bus import Bus
+
+__all__ = ["Context"]
+
+T = TypeVar("T")
+
+
+class Context:
+    """The handler's view of the bus, scoped to the message being handled.
+
+    Everything published or requested through it joins the conversation of the
+    message being handled, with that message as its cause. Outside a handler
+    (``on_start``, ``run``) there is no cause: each publish starts a conversation
+    unless ``conversation_id`` is given.
+    """
+
+    __slots__ = ("_envelope", "_headers", "agent", "bus", "log", "subject")
+
+    def __init__(
+        self,
+        agent: Agent,
+        bus: Bus,
+        log: logging.Logger,
+        headers: dict[str, str] | None = None,
+        subject: str = "",
+        envelope: Envelope | None = None,
+    ) -> None:
+        self.agent = agent
+        self.bus = bus
+        self.log = log
+        self.subject = subject
+        self._headers = headers
+        self._envelope = envelope
+
+    @property
+    def envelope(self) -> Envelope | None:
+        """The envelope of the message being handled (None outside a handler)."""
+        if self._envelope is None and self._headers is not None:
+            self._envelope = Envelope.from_headers(self._headers)
+        return self._envelope
+
+    @property
+    def conversation_id(self) -> str | None:
+        env = self.envelope
+        return env.conversation_id if env is not None else None
+
+    def _check(self, message: Any) -> None:
+        cls = type(message)
+        if not self.agent.may_produce(cls):
+            name = contract_info(cls).name
+            raise UndeclaredContractError(
+                f"agent {self.agent.name!r} may not send {name}: add it to {type(self.agent).__name__}.produces"
+            )
+
+    async def publish(self, message: Any, *, conversation_id: str | None = None) -> Envelope:
+        """Publish a declared Event or Command, caused by the message being handled."""
+        self._check(message)
+        return await self.bus.publish(
+            message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id
+        )
+
+    async def request(self, query: Any, *, timeout: float = 5.0) -> Any:
+        """Send a declared Query and return its typed reply."""
+        self._check(query)
+        return await self.bus.request(query, timeout=timeout, sender=self.agent.name, cause=self.envelope)

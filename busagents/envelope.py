@@ -1,0 +1,152 @@
+"""The envelope: message metadata carried in NATS headers, never in the body.
+
+Header names (all plain ASCII strings, so an agent in any language can read them):
+
+========================  ==============================================================
+``Nats-Msg-Id``           message id (JetStream de-duplicates on it)
+``Ba-Contract``           contract name
+``Ba-Version``            contract version (integer)
+``Ba-Conversation-Id``    the conversation this message belongs to, kept across every hop
+``Ba-Causation-Id``       id of the message that caused this one (absent for a root message)
+``Ba-Sender``             name of the sending agent
+``Ba-Sent-At``            send time, integer nanoseconds since the Unix epoch
+``traceparent``           W3C trace context (filled by telemetry when enabled)
+``tracestate``            W3C trace state
+========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from nats.nuid import NUID
+
+__all__ = [
+    "CAUSATION_ID",
+    "CONTRACT",
+    "CONVERSATION_ID",
+    "MSG_ID",
+    "SENDER",
+    "SENT_AT",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "VERSION",
+    "Envelope",
+    "new_id",
+]
+
+MSG_ID = "Nats-Msg-Id"
+CONTRACT = "Ba-Contract"
+VERSION = "Ba-Version"
+CONVERSATION_ID = "Ba-Conversation-Id"
+CAUSATION_ID = "Ba-Causation-Id"
+SENDER = "Ba-Sender"
+SENT_AT = "Ba-Sent-At"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+_nuid = NUID()
+
+
+def new_id() -> str:
+    """A new unique message id (a 22-character NUID: fast, random, URL-safe)."""
+    return _nuid.next().decode()
+
+
+class Envelope(msgspec.Struct, kw_only=True):
+    """Metadata of one message."""
+
+    id: str
+    contract: str
+    version: int
+    conversation_id: str
+    causation_id: str | None = None
+    sender: str | None = None
+    sent_at_ns: int = 0
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        contract: str,
+        version: int,
+        *,
+        sender: str | None = None,
+        cause: Envelope | None = None,
+        conversation_id: str | None = None,
+    ) -> Envelope:
+        """A fresh envelope; with a cause, it joins the cause's conversation."""
+        msg_id = new_id()
+        if cause is not None:
+            conversation = cause.conversation_id
+            causation: str | None = cause.id
+        else:
+            conversation = conversation_id or msg_id
+            causation = None
+        return cls(
+            id=msg_id,
+            contract=contract,
+            version=version,
+            conversation_id=conversation,
+            causation_id=causation,
+            sender=sender,
+            sent_at_ns=time.time_ns(),
+        )
+
+    def to_headers(self) -> dict[str, str]:
+        headers = {
+            MSG_ID: self.id,
+            CONTRACT: self.contract,
+            VERSION: str(self.version),
+            CONVERSATION_ID: self.conversation_id,
+            SENT_AT: str(self.sent_at_ns),
+        }
+        if self.causation_id is not None:
+            headers[CAUSATION_ID] = self.causation_id
+        if self.sender is not None:
+            headers[SENDER] = self.sender
+        if self.traceparent is not None:
+            headers[TRACEPARENT] = self.traceparent
+        if self.tracestate is not None:
+            headers[TRACESTATE] = self.tracestate
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, str] | None, *, contract: str = "", version: int = 0) -> Envelope:
+        """Read an envelope; a message from a plain NATS client (no headers) gets a fresh id."""
+        if not headers:
+            msg_id = new_id()
+            return cls(id=msg_id, contract=contract, version=version, conversation_id=msg_id)
+        get = headers.get
+        msg_id = get(MSG_ID) or new_id()
+        return cls(
+            id=msg_id,
+            contract=get(CONTRACT, contract),
+            version=_int(get(VERSION), version),
+            conversation_id=get(CONVERSATION_ID) or msg_id,
+            causation_id=get(CAUSATION_ID),
+            sender=get(SENDER),
+            sent_at_ns=_int(get(SENT_AT), 0),
+            traceparent=get(TRACEPARENT),
+            tracestate=get(TRACESTATE),
+        )
+
+    @property
+    def age_seconds(self) -> float:
+        """Seconds since the message was sent (0 when the sender gave no time)."""
+        return (time.time_ns() - self.sent_at_ns) / 1e9 if self.sent_at_ns else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return msgspec.structs.asdict(self)
+
+
+def _int(value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return default

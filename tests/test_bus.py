@@ -1,0 +1,124 @@
+"""Each contract kind over a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from busagents import Agent, Bus, Context, QueryFailedError, command, event, on, query
+from busagents.server import NatsServer
+from busagents.testing import run_agents
+
+
+@event("test.kinds.ping", key="key")
+class Ping(msgspec.Struct):
+    key: str
+    n: int
+
+
+@command("test.kinds.work")
+class Work(msgspec.Struct):
+    job: int
+
+
+@event("test.kinds.worked")
+class Worked(msgspec.Struct):
+    job: int
+    by: str
+
+
+class Answer(msgspec.Struct):
+    total: int
+
+
+@query("test.kinds.sum", reply=Answer)
+class Sum(msgspec.Struct):
+    numbers: list[int]
+
+
+@event("test.kinds.seen")
+class Seen(msgspec.Struct):
+    n: int
+    by: str
+
+
+def pinged_agent(agent_name: str) -> Agent:
+    class Watcher(Agent):
+        name = agent_name
+        produces = (Seen,)
+
+        @on(Ping)
+        async def ping(self, msg: Ping, ctx: Context) -> Seen:
+            return Seen(n=msg.n, by=self.name)
+
+    return Watcher()
+
+
+async def test_event_fans_out_to_every_agent_type(bus: Bus) -> None:
+    async with run_agents(bus, pinged_agent("watcher_a"), pinged_agent("watcher_b")):
+        async with bus.expect(Seen, count=2, where=lambda s: s.n == 7) as got:
+            await bus.publish(Ping(key="k1", n=7))
+    assert sorted(m.body.by for m in got.messages) == ["watcher_a", "watcher_b"]
+    assert {m.envelope.sender for m in got.messages} == {"watcher_a", "watcher_b"}
+
+
+class Doer(Agent):
+    name = "doer"
+    produces = (Worked,)
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    @on(Work)
+    async def work(self, cmd: Work, ctx: Context) -> Worked:
+        return Worked(job=cmd.job, by=self.tag)
+
+
+async def test_command_is_handled_by_exactly_one_replica(bus: Bus, nats_server: NatsServer) -> None:
+    other = await Bus.connect(nats_server.url)
+    jobs = 40
+    try:
+        async with run_agents(bus, Doer("r1")), run_agents(other, Doer("r2")):
+            async with bus.expect(Worked, count=jobs) as got:
+                for job in range(jobs):
+                    await bus.publish(Work(job=job))
+            # a late duplicate would arrive right after the expected ones: give it one round trip
+            await bus.flush()
+            await other.flush()
+    finally:
+        await other.close()
+    handled = [m.body.job for m in got.messages]
+    assert sorted(handled) == list(range(jobs))  # each job exactly once
+    by = {m.body.by for m in got.messages}
+    assert by <= {"r1", "r2"}
+
+
+class Adder(Agent):
+    name = "adder"
+
+    @on(Sum)
+    async def add(self, q: Sum, ctx: Context) -> Answer:
+        if not q.numbers:
+            raise ValueError("nothing to add")
+        return Answer(total=sum(q.numbers))
+
+
+async def test_query_is_answered_with_typed_reply(bus: Bus) -> None:
+    async with run_agents(bus, Adder()):
+        reply = await bus.request(Sum(numbers=[1, 2, 39]), timeout=5)
+    assert isinstance(reply, Answer)
+    assert reply.total == 42
+
+
+async def test_query_failure_is_reported_to_the_requester(bus: Bus) -> None:
+    async with run_agents(bus, Adder()):
+        with pytest.raises(QueryFailedError, match="nothing to add"):
+            await bus.request(Sum(numbers=[]), timeout=5)
+        assert (await bus.request(Sum(numbers=[2]), timeout=5)).total == 2
+
+
+async def test_query_without_responder_fails_fast(bus: Bus) -> None:
+    with pytest.raises(QueryFailedError, match="no agent answers"):
+        await asyncio.wait_for(bus.request(Sum(numbers=[1]), timeout=5), 3)
