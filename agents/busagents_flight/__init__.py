@@ -1,0 +1,1 @@
+"""The busagents flight assistant: a plugin distribution of agents."""

@@ -1,0 +1,1 @@
+"""Typed travel contracts of the busagents flight assistant."""
