@@ -218,7 +218,7 @@ class Worker:
             except DecodeError as exc:
                 await dead_letter(agent, msg, "decode", str(exc))
                 return
-            ctx = Context(agent, bus, logger, headers, msg.subject)
+            ctx = Context(agent, bus, logger, headers if headers is not None else {}, msg.subject)
             stats.in_flight += 1
             try:
                 result = await func(body, ctx)

@@ -1,0 +1,35 @@
+"""An agent run as a real OS process by test_worker's drain test (``busagents run drain_agent:Slow``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from busagents import Agent, Context, event, on
+
+
+@event("test.drain.job")
+class Job(msgspec.Struct):
+    n: int
+
+
+@event("test.drain.started")
+class Started(msgspec.Struct):
+    n: int
+
+
+@event("test.drain.done")
+class Done(msgspec.Struct):
+    n: int
+
+
+class Slow(Agent):
+    name = "slow"
+    produces = (Started, Done)
+
+    @on(Job)
+    async def work(self, job: Job, ctx: Context) -> Done:
+        await ctx.publish(Started(n=job.n))
+        await asyncio.sleep(1.0)  # simulated work that SIGTERM arrives in the middle of
+        return Done(n=job.n)

@@ -1,0 +1,256 @@
+"""The worker: dead letters, bounded concurrency, undeclared output, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import pydantic
+import pytest
+from nats.aio.msg import Msg
+
+from busagents import Agent, Bus, Context, event, on
+from busagents.server import NatsServer
+from busagents.testing import run_agents
+from busagents.worker import DLQ_AGENT, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
+
+from .drain_agent import Done, Job, Started
+
+
+@event("test.worker.order", key="order_id")
+class Order(msgspec.Struct):
+    order_id: str
+    quantity: int
+
+
+@event("test.worker.accepted")
+class Accepted(msgspec.Struct):
+    order_id: str
+
+
+@event("test.worker.audit")
+class Audit(msgspec.Struct):
+    note: str
+
+
+class Shop(Agent):
+    name = "shop"
+    produces = (Accepted,)
+
+    @on(Order)
+    async def take(self, order: Order, ctx: Context) -> Accepted:
+        if order.quantity < 0:
+            raise ValueError(f"negative quantity {order.quantity}")
+        if order.quantity == 13:
+            return Audit(note="not declared")  # type: ignore[return-value]
+        return Accepted(order_id=order.order_id)
+
+
+class DeadLetters:
+    """Collects dead letters of one agent."""
+
+    def __init__(self, bus: Bus, agent: str) -> None:
+        self.bus = bus
+        self.subject = f"busagents.dlq.{agent}"
+        self.got: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def __aenter__(self) -> DeadLetters:
+        async def on_msg(msg: Msg) -> None:
+            self.got.put_nowait(msg)
+
+        self.sub = await self.bus.nc.subscribe(self.subject, cb=on_msg)
+        await self.bus.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.sub.unsubscribe()
+
+    async def next(self, timeout: float = 5.0) -> Msg:
+        return await asyncio.wait_for(self.got.get(), timeout)
+
+
+async def assert_still_serving(bus: Bus, order_id: str) -> None:
+    async with bus.expect(Accepted, where=lambda a: a.order_id == order_id):
+        await bus.publish(Order(order_id=order_id, quantity=1))
+
+
+@pytest.mark.parametrize(
+    ("payload", "stage", "reason_part"),
+    [
+        (b"{not json", "decode", "malformed JSON"),
+        (b'{"order_id": "o1", "quantity": "three"}', "decode", "Expected `int`, got `str` - at `$.quantity`"),
+        (b'{"order_id": "o1"}', "decode", "missing required field `quantity`"),
+    ],
+    ids=["malformed", "wrong_type", "missing_field"],
+)
+async def test_undecodable_payload_is_dead_lettered_and_agent_keeps_serving(
+    bus: Bus, payload: bytes, stage: str, reason_part: str
+) -> None:
+    async with run_agents(bus, Shop()) as worker, DeadLetters(bus, "shop") as dlq:
+        headers = {"Ba-Contract": "Order", "Nats-Msg-Id": "m-1", "X-Custom": "kept"}
+        await bus.nc.publish("test.worker.order.o1", payload, headers=headers)
+        dead = await dlq.next()
+        await assert_still_serving(bus, "o2")
+    assert dead.data == payload  # the original bytes
+    assert dead.headers is not None
+    assert dead.headers[DLQ_STAGE] == stage
+    assert reason_part in dead.headers[DLQ_REASON]
+    assert dead.headers[DLQ_SUBJECT] == "test.worker.order.o1"
+    assert dead.headers[DLQ_AGENT] == "shop"
+    assert dead.headers["X-Custom"] == "kept"  # the original headers
+    assert dead.headers["Nats-Msg-Id"] == "m-1"
+    assert worker.stats["shop"].dead_lettered == 1
+    assert worker.stats["shop"].handled == 1
+
+
+async def test_raising_handler_is_dead_lettered_and_agent_keeps_serving(bus: Bus) -> None:
+    async with run_agents(bus, Shop()), DeadLetters(bus, "shop") as dlq:
+        await bus.publish(Order(order_id="bad", quantity=-5))
+        dead = await dlq.next()
+        await assert_still_serving(bus, "good")
+    assert dead.headers is not None
+    assert dead.headers[DLQ_STAGE] == "handler"
+    assert dead.headers[DLQ_REASON] == "ValueError: negative quantity -5"
+    assert msgspec.json.decode(dead.data) == {"order_id": "bad", "quantity": -5}
+
+
+async def test_wrong_contract_or_version_is_dead_lettered(bus: Bus) -> None:
+    async with run_agents(bus, Shop()), DeadLetters(bus, "shop") as dlq:
+        body = b'{"order_id": "x", "quantity": 1}'
+        await bus.nc.publish("test.worker.order.x", body, headers={"Ba-Contract": "Refund"})
+        wrong_contract = await dlq.next()
+        await bus.nc.publish("test.worker.order.x", body, headers={"Ba-Contract": "Order", "Ba-Version": "2"})
+        wrong_version = await dlq.next()
+        await assert_still_serving(bus, "y")
+    assert wrong_contract.headers is not None and wrong_version.headers is not None
+    assert wrong_contract.headers[DLQ_STAGE] == "contract"
+    assert "expected contract Order, got Refund" in wrong_contract.headers[DLQ_REASON]
+    assert wrong_version.headers[DLQ_STAGE] == "version"
+    assert "handles version 1, got 2" in wrong_version.headers[DLQ_REASON]
+
+
+async def test_undeclared_output_never_leaves_the_process(bus: Bus) -> None:
+    async with run_agents(bus, Shop()), DeadLetters(bus, "shop") as dlq:
+        audits = await bus.nc.subscribe("test.worker.audit")
+        await bus.publish(Order(order_id="u", quantity=13))
+        dead = await dlq.next()
+        await assert_still_serving(bus, "after")
+        assert audits.pending_msgs == 0  # the round trip above would have brought it
+        await audits.unsubscribe()
+    assert dead.headers is not None
+    assert "UndeclaredContractError" in dead.headers[DLQ_REASON]
+    assert "may not send Audit" in dead.headers[DLQ_REASON]
+
+
+class Gate(Agent):
+    """Holds every message until released, counting how many run at once."""
+
+    name = "gate"
+    max_concurrency = 3
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self.seen = 0
+        self.release = asyncio.Event()
+        self.three_in = asyncio.Event()
+
+    @on(Order)
+    async def hold(self, order: Order, ctx: Context) -> None:
+        self.running += 1
+        self.seen += 1
+        self.peak = max(self.peak, self.running)
+        if self.running == 3:
+            self.three_in.set()
+        await self.release.wait()
+        self.running -= 1
+
+
+async def test_concurrency_is_bounded_per_agent(bus: Bus) -> None:
+    gate = Gate()
+    async with run_agents(bus, gate) as worker:
+        for i in range(10):
+            await bus.publish(Order(order_id=f"c{i}", quantity=1))
+        await asyncio.wait_for(gate.three_in.wait(), 5)
+        await bus.flush()  # the other 7 reached the worker and wait in its queue
+        assert gate.seen == 3
+        assert worker.stats["gate"].in_flight == 3
+        gate.release.set()
+    assert gate.peak == 3
+    assert gate.seen == 10  # drain finished the queued ones too
+
+
+@event("test.worker.pydantic")
+class Greeting(pydantic.BaseModel):
+    name: str = pydantic.Field(min_length=1)
+
+
+@event("test.worker.greeted")
+class Greeted(pydantic.BaseModel):
+    text: str
+
+
+class Greeter(Agent):
+    produces = (Greeted,)
+
+    @on(Greeting)
+    async def greet(self, msg: Greeting, ctx: Context) -> Greeted:
+        return Greeted(text=f"hello {msg.name}")
+
+
+async def test_pydantic_contracts_work_and_invalid_ones_are_dead_lettered(bus: Bus) -> None:
+    async with run_agents(bus, Greeter()), DeadLetters(bus, "greeter") as dlq:
+        async with bus.expect(Greeted) as got:
+            await bus.publish(Greeting(name="Ada"))
+        await bus.nc.publish("test.worker.pydantic", b'{"name": ""}')
+        dead = await dlq.next()
+    assert got.message.body == Greeted(text="hello Ada")
+    assert dead.headers is not None
+    assert "at $.name" in dead.headers[DLQ_REASON]
+
+
+async def test_drain_on_sigterm_finishes_the_message_in_flight(bus: Bus, nats_server: NatsServer) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
+    }
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "busagents",
+        "run",
+        "drain_agent:Slow",
+        "--nats",
+        nats_server.url,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await stats.next_msg(timeout=15)  # subscribed and serving
+        await stats.unsubscribe()
+        async with bus.expect(Done, where=lambda d: d.n == 1, timeout=10) as done:
+            async with bus.expect(Started, where=lambda s: s.n == 1):
+                await bus.publish(Job(n=1))
+            proc.send_signal(signal.SIGTERM)  # the job is in flight now
+        output, _ = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert done.message.body.n == 1
+    assert proc.returncode == 0, output.decode()
+
+
+async def test_worker_rejects_two_agents_with_one_name(bus: Bus) -> None:
+    from busagents import ContractError
+
+    with pytest.raises(ContractError, match="unique"):
+        Worker([Shop(), Shop()], bus)
