@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -177,9 +179,10 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         encoder = msgspec.json.Encoder()
+        instance = f"{socket.gethostname()}:{os.getpid()}"
         while True:
             for stats in self.stats.values():
-                payload = {**asdict(stats), "time": time.time()}
+                payload = {**asdict(stats), "instance": instance, "time": time.time()}
                 with contextlib.suppress(nats.errors.Error):
                     await self.bus.nc.publish(f"{STATS_PREFIX}.{stats.agent}", encoder.encode(payload))
             await asyncio.sleep(self.heartbeat_interval)

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
+
+import msgspec
+
+from busagents import Bus
+from busagents.server import NatsServer
 
 
 def busagents(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,3 +46,36 @@ def test_bad_option_is_a_usage_error() -> None:
     result = busagents("run", "x", "--replicas", "0")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_group(
+    nats_server: NatsServer, bus: Bus
+) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
+    }
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", "run", "drain_agent:Slow", "--replicas", "2", "--nats", nats_server.url),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    instances: set[str] = set()
+    try:
+        while len(instances) < 2:
+            beat = await stats.next_msg(timeout=20)
+            instances.add(msgspec.json.decode(beat.data)["instance"])
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    assert len(instances) == 2  # two processes, each with its own pid
+    assert proc.returncode == 0, err.decode()
+    assert "started 2 replicas" in err.decode()
