@@ -79,3 +79,25 @@ async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_g
     assert len(instances) == 2  # two processes, each with its own pid
     assert proc.returncode == 0, err.decode()
     assert "started 2 replicas" in err.decode()
+
+
+def test_new_scaffolds_a_plugin_whose_test_passes(tmp_path: Path) -> None:
+    target = tmp_path / "heat-watch"
+    made = busagents("new", "heat-watch", "--dir", str(target))
+    assert made.returncode == 0, made.stderr
+    pyproject = (target / "pyproject.toml").read_text()
+    assert 'heat-watch = "heat_watch.agent:HeatWatchAgent"' in pyproject
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(target / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=target,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    again = busagents("new", "heat-watch", "--dir", str(target))
+    assert again.returncode == 1
+    assert "not empty" in again.stderr
