@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import nats
 import nats.errors
@@ -21,9 +21,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .codec import codec_for, encode
-from .contract import Kind, contract_info, subject_for
+from .contract import ContractInfo, Kind, contract_info, subject_for
 from .envelope import Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 __all__ = ["ERROR_HEADER", "Bus", "Expectation", "Mailbox", "Received"]
 
@@ -106,8 +109,10 @@ class Mailbox:
 class Bus:
     """A NATS connection that publishes and receives contracts."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
         self.nc = nc
+        #: OpenTelemetry spans and metrics for every publish and handled message (None: off, no cost).
+        self.telemetry = telemetry
 
     @classmethod
     async def connect(
@@ -116,6 +121,7 @@ class Bus:
         *,
         name: str = "busagents",
         connect_timeout: float = 2.0,
+        telemetry: Telemetry | None = None,
         **options: Any,
     ) -> Bus:
         """Connect to NATS; reconnects are handled by nats-py for the life of the connection."""
@@ -133,7 +139,7 @@ class Bus:
                 f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); "
                 "start a nats-server there, pass another --nats URL, or let busagents start an embedded one"
             ) from None
-        return cls(nc)
+        return cls(nc, telemetry=telemetry)
 
     @property
     def url(self) -> str:
@@ -157,7 +163,12 @@ class Bus:
             envelope = Envelope.new(
                 info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id
             )
-        await self.nc.publish(subject_for(info, message), encode(message), headers=envelope.to_headers())
+        subject = subject_for(info, message)
+        if self.telemetry is not None:
+            with self.telemetry.publish_span(subject, info.subscribe_subject, envelope):
+                await self.nc.publish(subject, encode(message), headers=envelope.to_headers())
+            return envelope
+        await self.nc.publish(subject, encode(message), headers=envelope.to_headers())
         return envelope
 
     async def request(
@@ -175,6 +186,13 @@ class Bus:
             raise ContractError(f"{info.name} is a {info.kind.value}, not a query: publish() it instead")
         envelope = Envelope.new(info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id)
         subject = subject_for(info, query)
+        if self.telemetry is not None:
+            with self.telemetry.publish_span(subject, info.subscribe_subject, envelope, request=True):
+                return await self._request(info, subject, query, envelope, timeout)
+        return await self._request(info, subject, query, envelope, timeout)
+
+    async def _request(self, info: ContractInfo, subject: str, query: Any, envelope: Envelope, timeout: float) -> Any:
+        assert info.reply is not None
         try:
             msg = await self.nc.request(subject, encode(query), timeout=timeout, headers=envelope.to_headers())
         except nats.errors.NoRespondersError:

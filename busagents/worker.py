@@ -105,6 +105,14 @@ class Worker:
             for handler in type(agent).handlers.values():
                 subject = handler.subject or handler.contract.subscribe_subject
                 handle = self._handler(agent, handler)
+                if self.bus.telemetry is not None:
+                    handle = self.bus.telemetry.traced_handle(
+                        handle,
+                        agent=agent.name,
+                        contract=handler.contract.name,
+                        template=handler.contract.subscribe_subject,
+                        stats=self.stats[agent.name],
+                    )
                 self._mailboxes.append(
                     await self.bus.mailbox(subject, handle, queue=agent.name, lanes=agent.max_concurrency)
                 )

@@ -15,6 +15,8 @@ from ..bus import Bus
 from ..contract import contract_info
 from ..plugins import available_agents, load_agent
 from ..settings import Settings
+from ..telemetry import configure_from_env
+from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker
 from ._nats import nats_url
 
@@ -62,7 +64,8 @@ def run_command(name: str, nats: str | None, replicas: int) -> None:
 
 
 async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
-    bus = await Bus.connect(url, name=agent_cls.name)
+    telemetry = configure_from_env(service_name=agent_cls.name)
+    bus = await Bus.connect(url, name=agent_cls.name, telemetry=telemetry)
     try:
         worker = Worker(
             [agent_cls()],
@@ -73,6 +76,8 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
         return await worker.serve()
     finally:
         await bus.close()
+        if telemetry is not None:
+            shutdown_telemetry()
 
 
 def _run_replicas(name: str, url: str, replicas: int) -> None:

@@ -1,0 +1,179 @@
+"""OpenTelemetry for busagents: one trace across every hop of a conversation.
+
+A :class:`Telemetry` given to a :class:`~busagents.bus.Bus` makes every publish a
+PRODUCER span (and every query a CLIENT span) that writes W3C ``traceparent`` /
+``tracestate`` into the envelope, and every handled message a CONSUMER span whose
+parent is the sender's span, following the OpenTelemetry messaging semantic
+conventions. Metrics: messages sent and processed (with their outcome) and the
+processing duration. Without a Telemetry the hot path pays nothing.
+
+``configure_from_env`` sets up the SDK with OTLP/HTTP export when the standard
+``OTEL_*`` variables ask for it (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``OTEL_TRACES_EXPORTER``...), so traces show in Jaeger, Phoenix or any OTLP backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context as OtelContext
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .envelope import TRACEPARENT, TRACESTATE, Envelope
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from .worker import AgentStats
+
+__all__ = ["Telemetry", "configure_from_env"]
+
+_propagator = TraceContextTextMapPropagator()
+_SCOPE = "busagents"
+
+
+class Telemetry:
+    """Tracer and meter of busagents; uses the global OpenTelemetry providers unless given others."""
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        from . import __version__
+
+        self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
+        self.sent = meter.create_counter(
+            "messaging.client.sent.messages", unit="{message}", description="Messages published"
+        )
+        self.processed = meter.create_counter(
+            "messaging.client.consumed.messages", unit="{message}", description="Messages handled, by outcome"
+        )
+        self.duration = meter.create_histogram(
+            "messaging.process.duration", unit="s", description="Time to handle one message"
+        )
+
+    @contextmanager
+    def publish_span(self, subject: str, template: str, envelope: Envelope, *, request: bool = False) -> Iterator[Span]:
+        """A PRODUCER (or CLIENT, for a query) span whose context travels in the envelope."""
+        operation = "send" if request else "publish"
+        with self.tracer.start_as_current_span(
+            f"{operation} {template}",
+            kind=SpanKind.CLIENT if request else SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.name": operation,
+                "messaging.operation.type": "send",
+                "messaging.destination.name": subject,
+                "messaging.message.id": envelope.id,
+                "messaging.message.conversation_id": envelope.conversation_id,
+                "busagents.contract": envelope.contract,
+                "busagents.sender": envelope.sender or "",
+            },
+        ) as span:
+            carrier: dict[str, str] = {}
+            _propagator.inject(carrier)
+            envelope.traceparent = carrier.get(TRACEPARENT)
+            envelope.tracestate = carrier.get(TRACESTATE)
+            self.sent.add(1, {"messaging.destination.name": template, "busagents.contract": envelope.contract})
+            yield span
+
+    def traced_handle(
+        self,
+        handle: Callable[[Msg], Awaitable[None]],
+        *,
+        agent: str,
+        contract: str,
+        template: str,
+        stats: AgentStats,
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """Wrap a worker's message handler in a CONSUMER span parented by the sender's span."""
+        name = f"process {template}"
+        tracer = self.tracer
+        base: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.consumer.group.name": agent,
+            "busagents.agent": agent,
+            "busagents.contract": contract,
+        }
+        metric_attrs = {"messaging.destination.name": template, "busagents.agent": agent}
+
+        async def traced(msg: Msg) -> None:
+            headers = msg.headers
+            parent: OtelContext | None = _propagator.extract(headers) if headers and TRACEPARENT in headers else None
+            attributes = dict(base)
+            attributes["messaging.destination.name"] = msg.subject
+            attributes["messaging.message.body.size"] = len(msg.data)
+            if headers:
+                attributes["messaging.message.id"] = headers.get("Nats-Msg-Id", "")
+                attributes["messaging.message.conversation_id"] = headers.get("Ba-Conversation-Id", "")
+            dead_before = stats.dead_lettered
+            start = time.perf_counter()
+            with tracer.start_as_current_span(
+                name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+            ) as span:
+                await handle(msg)
+                outcome = "dead_lettered" if stats.dead_lettered > dead_before else "ok"
+                if outcome != "ok":
+                    span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
+                span.set_attribute("busagents.outcome", outcome)
+            self.duration.record(time.perf_counter() - start, metric_attrs)
+            self.processed.add(1, {**metric_attrs, "busagents.outcome": outcome})
+
+        return traced
+
+
+def configure_from_env(service_name: str) -> Telemetry | None:
+    """Set up the OpenTelemetry SDK with OTLP/HTTP export when the ``OTEL_*`` variables ask for it.
+
+    Returns None (telemetry off, zero cost) unless ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER=otlp`` is set, or
+    ``BUSAGENTS_TELEMETRY=1``; ``OTEL_SDK_DISABLED=true`` turns it off.
+    """
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    wanted = (
+        env.get("BUSAGENTS_TELEMETRY", "") in {"1", "true", "yes"}
+        or "OTEL_EXPORTER_OTLP_ENDPOINT" in env
+        or "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in env
+        or env.get("OTEL_TRACES_EXPORTER", "") == "otlp"
+    )
+    if not wanted:
+        return None
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME", service_name)})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
+    )
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    return Telemetry(tracer_provider, meter_provider)
+
+
+def shutdown() -> None:
+    """Flush and stop the SDK providers set up by :func:`configure_from_env`."""
+    provider: Any = trace.get_tracer_provider()
+    if hasattr(provider, "shutdown"):
+        provider.shutdown()
+    meter_provider: Any = metrics.get_meter_provider()
+    if hasattr(meter_provider, "shutdown"):
+        meter_provider.shutdown()

@@ -1,0 +1,155 @@
+"""OpenTelemetry: one trace across every hop, messaging attributes, OTLP export from `busagents run`."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from busagents import Bus
+from busagents.server import NatsServer
+from busagents.telemetry import Telemetry
+from busagents.testing import run_agents
+
+from .drain_agent import Done, Job
+from .test_envelope import First, HopA, HopD, Second, Third
+
+
+async def test_one_trace_spans_every_hop_of_a_conversation(nats_server: NatsServer) -> None:
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(tracer_provider, MeterProvider(metric_readers=[reader]))
+    bus = await Bus.connect(nats_server.url, telemetry=telemetry)
+    try:
+        async with run_agents(bus, First(), Second(), Third()):
+            async with bus.expect(HopD) as got:
+                root = await bus.publish(HopA(n=1))
+    finally:
+        await bus.close()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    chain = [
+        "publish test.hops.a",
+        "process test.hops.a",
+        "publish test.hops.b",
+        "process test.hops.b",
+        "publish test.hops.c",
+        "process test.hops.c",
+        "publish test.hops.d",
+    ]
+    assert set(chain) <= set(spans), sorted(spans)
+    trace_ids = {spans[name].context.trace_id for name in chain}
+    assert len(trace_ids) == 1  # one trace for the whole conversation
+    for parent, child in itertools.pairwise(chain):
+        parent_context = spans[child].parent
+        assert parent_context is not None
+        assert parent_context.span_id == spans[parent].context.span_id, (parent, child)
+    process = spans["process test.hops.b"]
+    assert process.kind is SpanKind.CONSUMER
+    assert process.attributes is not None
+    assert process.attributes["messaging.system"] == "nats"
+    assert process.attributes["messaging.consumer.group.name"] == "second"
+    assert process.attributes["messaging.message.conversation_id"] == root.conversation_id
+    assert spans["publish test.hops.a"].kind is SpanKind.PRODUCER
+    assert got.message.envelope.traceparent is not None
+    assert f"{spans['publish test.hops.d'].context.trace_id:032x}" in got.message.envelope.traceparent
+    data = reader.get_metrics_data()
+    assert data is not None
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert {"messaging.client.sent.messages", "messaging.process.duration"} <= names
+
+
+async def test_a_dead_lettered_message_has_an_error_span(nats_server: NatsServer) -> None:
+    from .test_worker import DeadLetters, Order, Shop
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = await Bus.connect(nats_server.url, telemetry=Telemetry(provider))
+    try:
+        async with run_agents(bus, Shop()), DeadLetters(bus, "shop") as dlq:
+            await bus.publish(Order(order_id="neg", quantity=-1))
+            await dlq.next()
+        # leaving run_agents drained the worker: every handler, and so its span, has finished
+    finally:
+        await bus.close()
+    process = [s for s in exporter.get_finished_spans() if s.name == "process test.worker.order.*"]
+    assert process and process[0].status.status_code is StatusCode.ERROR
+    assert process[0].attributes is not None
+    assert process[0].attributes["busagents.outcome"] == "dead_lettered"
+
+
+class _Collector(BaseHTTPRequestHandler):
+    received: list[tuple[str, bytes]] = []
+    event = threading.Event()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).received.append((self.path, body))
+        if self.path == "/v1/traces":
+            type(self).event.set()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def otlp_collector() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    _Collector.received = []
+    _Collector.event = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+async def test_busagents_run_exports_spans_over_otlp(nats_server: NatsServer, bus: Bus, otlp_collector: str) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector,
+        "OTEL_SERVICE_NAME": "slow-under-test",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "busagents", "run", "drain_agent:Slow", "--nats", nats_server.url, env=env
+    )
+    try:
+        await stats.next_msg(timeout=20)
+        await stats.unsubscribe()
+        async with bus.expect(Done, where=lambda d: d.n == 7, timeout=10):
+            await bus.publish(Job(n=7))
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+        assert await asyncio.to_thread(_Collector.event.wait, 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    traces = b"".join(body for path, body in _Collector.received if path == "/v1/traces")
+    assert b"process test.drain.job" in traces  # span names travel as plain strings in the protobuf
+    assert b"slow-under-test" in traces  # the service name from OTEL_SERVICE_NAME
