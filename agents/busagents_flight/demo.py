@@ -1,0 +1,368 @@
+"""``busagents demo``: the flight assistant on an embedded nats-server, end to end.
+
+It generates the seeded airline day, starts a private nats-server (a free
+loopback port, never a server already running), runs the five agents in this
+process, plays the status feed, shows what happens as it happens, and stops
+when every disruption has been assessed and every affected passenger notified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from busagents_travel import (
+    BookingChanged,
+    DisruptionAssessed,
+    FlightCancelled,
+    FlightDelayed,
+    PassengerNotified,
+    RebookRejected,
+)
+from nats.aio.msg import Msg
+from rich.console import Console
+
+from busagents import Bus, NatsServer, Worker
+from busagents.envelope import SENT_AT
+
+from .context import ContextAgent
+from .data import generate
+from .feed import publish_feed, status_feed
+from .monitor import FlightMonitor
+from .notifier import Notifier, OutboxChannel
+from .reasoner import ReasonerAgent
+from .settings import FlightSettings
+from .store import open_store
+
+__all__ = ["DemoReport", "flight_demo", "run_demo"]
+
+
+class DemoReport(msgspec.Struct, kw_only=True):
+    """The summary of a run (``--report`` writes it as JSON)."""
+
+    disruptions: int
+    affected: int
+    rebooked: int
+    refunded: int
+    kept: int
+    notified: int
+    dead_lettered: int
+    seat_conflicts: int
+    redecided: int
+    latency_ms: dict[str, float]
+    flights: int
+    passengers: int
+    seed: int
+    status_updates: int
+    messages: int
+    wall_seconds: float
+    msgs_per_second: float
+
+
+@dataclass
+class _Tally:
+    """Counts what goes over the bus, from the demo's own subscriptions."""
+
+    console: Console | None
+    verbose_notices: int = 3
+    messages: int = 0
+    disruptions: int = 0
+    assessed: int = 0
+    affected: int = 0
+    rebooked: int = 0
+    refunded: int = 0
+    kept: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    notified: set[tuple[str, str]] = field(default_factory=set)
+    disrupted_at: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+
+
+_decode_delayed = msgspec.json.Decoder(FlightDelayed).decode
+_decode_cancelled = msgspec.json.Decoder(FlightCancelled).decode
+_decode_assessed = msgspec.json.Decoder(DisruptionAssessed).decode
+_decode_changed = msgspec.json.Decoder(BookingChanged).decode
+_decode_rejected = msgspec.json.Decoder(RebookRejected).decode
+_decode_notified = msgspec.json.Decoder(PassengerNotified).decode
+
+
+def _sent_at(msg: Msg) -> int:
+    return int((msg.headers or {}).get(SENT_AT, "0"))
+
+
+async def _subscribe(bus: Bus, tally: _Tally) -> list[Any]:
+    nc = bus.nc
+    t = tally
+
+    async def any_travel(msg: Msg) -> None:
+        t.messages += 1
+
+    async def delayed(msg: Msg) -> None:
+        e = _decode_delayed(msg.data)
+        t.disruptions += 1
+        t.disrupted_at[e.disruption_id] = _sent_at(msg)
+        why = []
+        if e.long_delay:
+            why.append("long delay")
+        if e.missed_connections:
+            why.append(f"breaks connections to {', '.join(e.missed_connections)}")
+        t.say(f"[yellow]DELAYED[/]   {e.number} {e.origin}->{e.destination} +{e.delay_minutes} min ({'; '.join(why)})")
+        t.changed.set()
+
+    async def cancelled(msg: Msg) -> None:
+        e = _decode_cancelled(msg.data)
+        t.disruptions += 1
+        t.disrupted_at[e.disruption_id] = _sent_at(msg)
+        t.say(f"[red]CANCELLED[/] {e.number} {e.origin}->{e.destination} ({e.reason})")
+        t.changed.set()
+
+    async def assessed(msg: Msg) -> None:
+        e = _decode_assessed(msg.data)
+        t.assessed += 1
+        t.affected += e.affected_passengers
+        t.say(
+            f"  assessed  {e.disruption_id}: {e.affected_passengers} passengers "
+            f"in {e.affected_bookings} bookings affected"
+        )
+        t.changed.set()
+
+    async def changed(msg: Msg) -> None:
+        e = _decode_changed(msg.data)
+        n = len(e.passengers)
+        if e.action == "rebook":
+            t.rebooked += n
+            route = " + ".join(f"{leg.number} seats {','.join(leg.seats)}" for leg in e.new_legs)
+            t.say(f"  [green]rebooked[/]  {e.booking_id} ({n} pax) on {route}")
+        elif e.action == "refund":
+            t.refunded += n
+            t.say(f"  [magenta]refunded[/]  {e.booking_id} ({n} pax)")
+        else:
+            t.kept += n
+
+    async def rejected(msg: Msg) -> None:
+        e = _decode_rejected(msg.data)
+        t.rejected += 1
+        t.say(f"  [red]rejected[/]  {e.booking_id}: {e.reason} {e.detail} -> re-deciding")
+
+    async def notified(msg: Msg) -> None:
+        e = _decode_notified(msg.data)
+        key = (e.disruption_id, e.passenger_id)
+        if key not in t.notified:
+            t.notified.add(key)
+            start = t.disrupted_at.get(e.disruption_id)
+            if start:
+                t.latencies_ms.append((_sent_at(msg) - start) / 1e6)
+        if len(t.notified) <= t.verbose_notices:
+            t.say(f"  [cyan]notified[/]  {e.passenger_id}: {e.text}")
+        t.changed.set()
+
+    async def dead(msg: Msg) -> None:
+        t.dead_lettered += 1
+        reason = (msg.headers or {}).get("Ba-Dlq-Reason", "")
+        t.say(f"[bold red]DEAD LETTER[/] {msg.subject}: {reason}")
+        t.changed.set()
+
+    subs = [
+        await nc.subscribe("travel.>", cb=any_travel),
+        await nc.subscribe("travel.flight.delayed.*", cb=delayed),
+        await nc.subscribe("travel.flight.cancelled.*", cb=cancelled),
+        await nc.subscribe("travel.disruption.assessed.*", cb=assessed),
+        await nc.subscribe("travel.booking.changed.*", cb=changed),
+        await nc.subscribe("travel.booking.rejected.*", cb=rejected),
+        await nc.subscribe("travel.passenger.notified.*", cb=notified),
+        await nc.subscribe("busagents.dlq.>", cb=dead),
+    ]
+    await nc.flush()
+    return subs
+
+
+async def _until(tally: _Tally, done: Callable[[], bool], timeout: float) -> None:
+    async def wait() -> None:
+        while not done():
+            tally.changed.clear()
+            await tally.changed.wait()
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[k], 2)
+
+
+async def run_demo(
+    *,
+    flights: int = 40,
+    passengers: int = 3000,
+    seed: int = 7,
+    reasoner: str = "offline",
+    store: str | None = None,
+    outbox: str | None = None,
+    speed: float = 0.0,
+    timeout: float = 600.0,
+    console: Console | None = None,
+) -> DemoReport:
+    """Run the whole flight assistant once on a private nats-server and return the summary."""
+    started = time.monotonic()
+    day = generate(flights, passengers, seed)
+    feed = status_feed(day)
+    with tempfile.TemporaryDirectory(prefix="busagents-flight-") as tmp:
+        store_location = store or str(Path(tmp) / "bookings.sqlite3")
+        booking_store = open_store(store_location)
+        monitor = FlightMonitor()
+        agents = [
+            ContextAgent(day),
+            monitor,
+            ReasonerAgent(reasoner),
+            _rebooker(booking_store, day),
+            Notifier(OutboxChannel(outbox or Path(tmp) / "outbox.jsonl")),
+        ]
+        tally = _Tally(console)
+        if console is not None:
+            console.print(
+                f"[bold]busagents flight assistant[/]: {len(day.flights)} flights, {day.passenger_count} passengers "
+                f"in {len(day.bookings)} bookings, {len(feed)} status updates (seed {seed}), reasoner {reasoner!r}"
+            )
+        with NatsServer() as server:
+            bus = await Bus.connect(server.url, name="flight-demo")
+            try:
+                worker = Worker(agents, bus, drain_timeout=30)
+                await worker.start()
+                subs = await _subscribe(bus, tally)
+                try:
+                    await publish_feed(bus, feed, speed=speed)
+                    await monitor.wait_handled(len(feed), timeout)
+                    await _until(
+                        tally,
+                        lambda: (
+                            tally.disruptions >= monitor.disruptions
+                            and tally.assessed >= tally.disruptions
+                            and len(tally.notified) >= tally.affected
+                        ),
+                        timeout,
+                    )
+                finally:
+                    for sub in subs:
+                        await sub.unsubscribe()
+                    await worker.drain()
+                await booking_store.open()
+                conflicts = await booking_store.seat_conflicts()
+                await booking_store.close()
+            finally:
+                await bus.close()
+    wall = time.monotonic() - started
+    report = DemoReport(
+        disruptions=tally.disruptions,
+        affected=tally.affected,
+        rebooked=tally.rebooked,
+        refunded=tally.refunded,
+        kept=tally.kept,
+        notified=len(tally.notified),
+        dead_lettered=tally.dead_lettered,
+        seat_conflicts=conflicts,
+        redecided=tally.rejected,
+        latency_ms={"p50": _percentile(tally.latencies_ms, 50), "p99": _percentile(tally.latencies_ms, 99)},
+        flights=len(day.flights),
+        passengers=day.passenger_count,
+        seed=seed,
+        status_updates=len(feed),
+        messages=tally.messages,
+        wall_seconds=round(wall, 2),
+        msgs_per_second=round(tally.messages / wall, 1) if wall else 0.0,
+    )
+    return report
+
+
+def _rebooker(store: Any, day: Any) -> Any:
+    from .rebooker import Rebooker
+
+    return Rebooker(store, day, load=True)
+
+
+@click.command("flight")
+@click.option("--flights", type=click.IntRange(4, 20_000), default=None, help="Flights in the day (default 40).")
+@click.option("--passengers", type=click.IntRange(1, 2_000_000), default=None, help="Passengers (default 3000).")
+@click.option("--seed", type=int, default=None, help="Seed of the generated day (default 7).")
+@click.option("--reasoner", default=None, help="Reasoner backend (default: offline).")
+@click.option("--store", default=None, help="Booking store: SQLite path or postgresql:// DSN (default: a temp file).")
+@click.option(
+    "--speed", type=float, default=0.0, show_default=True, help="Simulated seconds per real second (0: fast)."
+)
+@click.option(
+    "--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the summary as JSON."
+)
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--quiet", is_flag=True, help="Only the summary.")
+@click.help_option("-h", "--help")
+def flight_demo(
+    flights: int | None,
+    passengers: int | None,
+    seed: int | None,
+    reasoner: str | None,
+    store: str | None,
+    speed: float,
+    report_path: str | None,
+    timeout: float,
+    quiet: bool,
+) -> None:
+    """The flight assistant on an embedded NATS: status feed -> monitor -> reasoner -> rebooker -> notifier."""
+    s = FlightSettings()
+    console = Console()
+    try:
+        report = asyncio.run(
+            run_demo(
+                flights=flights or s.flights,
+                passengers=passengers or s.passengers,
+                seed=s.seed if seed is None else seed,
+                reasoner=reasoner or s.reasoner,
+                store=store,
+                speed=speed,
+                timeout=timeout,
+                console=None if quiet else console,
+            )
+        )
+    except TimeoutError:
+        raise click.ClickException(f"the demo did not settle within {timeout}s") from None
+    summary = msgspec.to_builtins(report)
+    console.rule("summary")
+    for key in (
+        "disruptions",
+        "affected",
+        "rebooked",
+        "refunded",
+        "kept",
+        "notified",
+        "dead_lettered",
+        "seat_conflicts",
+        "redecided",
+    ):
+        console.print(f"{key:>16}: {summary[key]}")
+    console.print(
+        f"{'latency':>16}: p50 {report.latency_ms['p50']} ms, p99 {report.latency_ms['p99']} ms "
+        "(disruption -> notified)"
+    )
+    console.print(
+        f"{'throughput':>16}: {report.messages} messages in {report.wall_seconds}s ({report.msgs_per_second}/s)"
+    )
+    if report_path:
+        Path(report_path).write_text(json.dumps(summary, indent=2) + "\n")
+        console.print(f"report written to {report_path}")
+    if report.notified != report.affected or report.dead_lettered or report.seat_conflicts:
+        raise click.ClickException("the run did not reconcile: see the summary")

@@ -1,0 +1,260 @@
+"""The offline rebooking policy: deterministic, explainable, no network.
+
+For each affected booking, higher loyalty tiers first:
+
+* earliest arrival at the final destination wins;
+* the booked cabin is kept (an upgrade on the same itinerary is fine, a downgrade
+  only when no itinerary has room in the booked cabin or above, with half the fare
+  refunded);
+* a booking's passengers travel together, seated in one row when possible;
+* window / aisle preferences are honoured where a seat allows;
+* a seat is assigned only if it is free and not already given away in this case;
+* after a long delay the passengers stay put unless an alternative arrives at least
+  30 minutes earlier; after a cancellation or a missed connection with no
+  alternative they are refunded (and given a hotel when stranded mid-journey);
+* the airline caused the change, so change fees are waived (the fee that would
+  apply is recorded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import ClassVar
+
+from busagents_travel import AlternativeItinerary, Cost, Leg, Passenger, RebookPassenger, Seat
+from busagents_travel.model import TIER_RANK
+
+from .reasoning import AffectedBooking, Case, Lookup, Reasoner
+
+__all__ = ["OfflinePolicy", "choose_seats"]
+
+_CABIN_RANK = {"Y": 0, "W": 1, "J": 2, "F": 3}
+_IMPROVEMENT = 30 * 60
+_HOTEL_WAIT = 6 * 3600
+
+
+class OfflinePolicy(Reasoner):
+    """Earliest arrival, same cabin, groups together, preferences, tier order; never a taken seat."""
+
+    name: ClassVar[str] = "offline"
+
+    async def decide(self, case: Case, lookup: Lookup) -> list[RebookPassenger]:
+        taken = set(case.taken_seats)
+        order = sorted(case.affected, key=_priority)
+        return [self.decide_one(case, affected, taken) for affected in order]
+
+    def decide_one(self, case: Case, affected: AffectedBooking, taken: set[str]) -> RebookPassenger:
+        """The decision for one booking; the seats it assigns are added to ``taken``."""
+        booking = affected.booking
+        cabin = next((leg.cabin for leg in booking.legs if leg.flight_id in affected.replaces), booking.fare.cabin)
+        itineraries = case.alternatives.get(affected.search, [])
+        if affected.why == "long_delay" and affected.current_arrival is not None:
+            itineraries = [it for it in itineraries if it.arrival <= affected.current_arrival - _IMPROVEMENT]
+        own = _CABIN_RANK[cabin]
+        upward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] >= own), key=lambda c: _CABIN_RANK[c])
+        downward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] < own), key=lambda c: -_CABIN_RANK[c])
+        for cabins in (upward, downward):
+            for itinerary in itineraries:
+                for c in cabins:
+                    legs = _seat(itinerary, c, booking.passengers, taken)
+                    if legs is not None:
+                        for leg in legs:
+                            taken.update(f"{leg.flight_id}/{s}" for s in leg.seats)
+                        return self._rebook(case, affected, itinerary, legs, cabin)
+        if affected.why == "long_delay":
+            return self._keep(case, affected)
+        return self._refund(case, affected)
+
+    # Decisions
+
+    def _base(self, case: Case, affected: AffectedBooking) -> dict[str, object]:
+        d = case.disruption
+        return {
+            "decision_id": f"{d.disruption_id}/{affected.booking.booking_id}/{case.attempt}",
+            "disruption": d,
+            "booking_id": affected.booking.booking_id,
+            "passenger_ids": [p.passenger_id for p in affected.booking.passengers],
+            "expected_version": affected.booking.version,
+            "attempt": case.attempt,
+            "reasoner": self.name,
+        }
+
+    def _rebook(
+        self, case: Case, affected: AffectedBooking, itinerary: AlternativeItinerary, legs: list[Leg], cabin: str
+    ) -> RebookPassenger:
+        booking = affected.booking
+        n = len(booking.passengers)
+        new_cabin = legs[0].cabin
+        downgrade = _CABIN_RANK[new_cabin] < _CABIN_RANK[cabin]
+        cost = Cost(
+            change_fee=booking.fare.change_fee * n,
+            refund=booking.fare.price * n // 2 if downgrade else 0,
+            waived=True,
+            currency=booking.fare.currency,
+        )
+        first = itinerary.flights[0]
+        hotel = affected.stranded and first.departure - affected.not_before >= _HOTEL_WAIT
+        route = " + ".join(
+            f"{f.number} {f.origin} {_hm(f.departure)} -> {f.destination} {_hm(f.arrival)}" for f in itinerary.flights
+        )
+        later = (
+            f", arriving {_duration(itinerary.arrival - affected.current_arrival)} "
+            f"{'earlier' if itinerary.arrival < affected.current_arrival else 'later'} than now expected"
+            if affected.current_arrival is not None
+            else ""
+        )
+        seating = _seating_note(booking.passengers, legs[0], itinerary.free_seats[0])
+        cabin_note = (
+            f"cabin {new_cabin} as booked"
+            if new_cabin == cabin
+            else (
+                f"upgraded {cabin} -> {new_cabin}"
+                if not downgrade
+                else f"downgraded {cabin} -> {new_cabin}, half the fare refunded"
+            )
+        )
+        fee = f"change fee {_money(cost.change_fee, cost.currency)} waived" if cost.change_fee else "no change fee"
+        rationale = (
+            f"{_what(case, affected)}; rebooked on {route}{later}; {seating}; {cabin_note}; {fee} (airline-caused)"
+            + ("; hotel provided for the overnight wait" if hotel else "")
+        )
+        return RebookPassenger(
+            **self._base(case, affected),  # type: ignore[arg-type]
+            action="rebook",
+            replaces=affected.replaces,
+            new_legs=legs,
+            cost=cost,
+            hotel=hotel,
+            rationale=rationale,
+        )
+
+    def _keep(self, case: Case, affected: AffectedBooking) -> RebookPassenger:
+        rationale = (
+            f"{_what(case, affected)}; no alternative arrives at least 30 min earlier, so the booking stays as it is"
+        )
+        return RebookPassenger(**self._base(case, affected), action="keep", rationale=rationale)  # type: ignore[arg-type]
+
+    def _refund(self, case: Case, affected: AffectedBooking) -> RebookPassenger:
+        booking = affected.booking
+        n = len(booking.passengers)
+        cost = Cost(refund=booking.fare.price * n, waived=True, currency=booking.fare.currency)
+        rationale = (
+            f"{_what(case, affected)}; no seat on any flight to {affected.destination} today, "
+            f"so the booking is refunded in full ({_money(cost.refund, cost.currency)})"
+            + ("; hotel provided at the connection point" if affected.stranded else "")
+        )
+        return RebookPassenger(
+            **self._base(case, affected),  # type: ignore[arg-type]
+            action="refund",
+            replaces=affected.replaces,
+            cost=cost,
+            hotel=affected.stranded,
+            rationale=rationale,
+        )
+
+
+def _priority(affected: AffectedBooking) -> tuple[int, int, str]:
+    tier = max(TIER_RANK[p.tier] for p in affected.booking.passengers)
+    urgency = 1 if affected.why == "long_delay" else 0
+    return (urgency, -tier, affected.booking.booking_id)
+
+
+def _seat(
+    itinerary: AlternativeItinerary, cabin: str, passengers: list[Passenger], taken: set[str]
+) -> list[Leg] | None:
+    legs: list[Leg] = []
+    for flight, free in zip(itinerary.flights, itinerary.free_seats, strict=True):
+        candidates = [s for s in free if s.cabin == cabin and f"{flight.flight_id}/{s.number}" not in taken]
+        seats = choose_seats(candidates, passengers)
+        if seats is None:
+            return None
+        legs.append(
+            Leg(
+                flight.flight_id,
+                flight.number,
+                flight.origin,
+                flight.destination,
+                flight.departure,
+                flight.arrival,
+                cabin,  # type: ignore[arg-type]
+                seats,
+            )
+        )
+    return legs
+
+
+def _row(seat: Seat) -> int:
+    return int(seat.number[:-1])
+
+
+def choose_seats(free: list[Seat], passengers: list[Passenger]) -> list[str] | None:
+    """Seats for ``passengers`` (same order) among ``free``: together in one row when possible,
+    each passenger's window / aisle preference where the seats allow, front rows first."""
+    n = len(passengers)
+    if len(free) < n:
+        return None
+    if n == 1:
+        best = min(free, key=lambda s: (not _likes(passengers[0], s), s.position == "middle", _row(s), s.number))
+        return [best.number]
+    rows: dict[int, list[Seat]] = defaultdict(list)
+    for seat in free:
+        rows[_row(seat)].append(seat)
+    block: list[Seat] | None = None
+    for row in sorted(rows):
+        if len(rows[row]) >= n:
+            block = sorted(rows[row], key=lambda s: s.number[-1])[:n]
+            break
+    if block is None:  # no row has room for all: front-most seats, adjacent rows
+        block = sorted(free, key=lambda s: (_row(s), s.number[-1]))[:n]
+    return _assign(block, passengers)
+
+
+def _likes(passenger: Passenger, seat: Seat) -> bool:
+    return passenger.seat_preference == "any" or passenger.seat_preference == seat.position
+
+
+def _assign(block: list[Seat], passengers: list[Passenger]) -> list[str]:
+    """Give each passenger a seat of ``block``, preferences first, higher tiers choosing first."""
+    remaining = list(block)
+    out: dict[int, str] = {}
+    order = sorted(
+        range(len(passengers)),
+        key=lambda i: (passengers[i].seat_preference == "any", -TIER_RANK[passengers[i].tier], i),
+    )
+    for i in order:
+        seat = min(remaining, key=lambda s: (not _likes(passengers[i], s), s.number))
+        remaining.remove(seat)
+        out[i] = seat.number
+    return [out[i] for i in range(len(passengers))]
+
+
+def _seating_note(passengers: list[Passenger], leg: Leg, free: list[Seat]) -> str:
+    positions = {s.number: s.position for s in free}
+    liked = sum(1 for p, s in zip(passengers, leg.seats, strict=True) if p.seat_preference in ("any", positions.get(s)))
+    rows = {s[:-1] for s in leg.seats}
+    together = "" if len(passengers) == 1 else (" together in one row" if len(rows) == 1 else " in adjacent rows")
+    return f"seats {', '.join(leg.seats)}{together} ({liked}/{len(passengers)} seating preferences met)"
+
+
+def _what(case: Case, affected: AffectedBooking) -> str:
+    d = case.disruption
+    if affected.why == "cancelled":
+        return f"{d.number} {d.origin}-{d.destination} was cancelled" + (f" ({d.reason})" if d.reason else "")
+    if affected.why == "missed_connection":
+        late = _duration(d.delay_minutes * 60)
+        return f"{d.number} is {late} late, so the connection at {affected.origin} cannot be made"
+    return f"{d.number} {d.origin}-{d.destination} is {_duration(d.delay_minutes * 60)} late"
+
+
+def _hm(t: int) -> str:
+    return time.strftime("%H:%M", time.gmtime(t))
+
+
+def _duration(seconds: int) -> str:
+    minutes = abs(seconds) // 60
+    return f"{minutes // 60}h{minutes % 60:02d}" if minutes >= 60 else f"{minutes} min"
+
+
+def _money(minor: int, currency: str) -> str:
+    return f"{currency} {minor / 100:,.2f}"

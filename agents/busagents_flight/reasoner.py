@@ -1,0 +1,242 @@
+"""The reasoner agent: gathers a disruption's context over the bus and asks a Reasoner to decide.
+
+It never reads a store: the affected bookings come from ``BookingsOnFlight``, the
+itineraries from ``Alternatives``. Every decision is checked (one per affected
+booking, seats free and not given twice) before it is published; a decision that
+fails the check is replaced by the offline policy's. A ``RebookRejected`` (the
+seat was sold meanwhile, or the booking moved on) is re-decided with what the
+rebooker reported.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from busagents_travel import (
+    AlternativeItinerary,
+    Alternatives,
+    Booking,
+    BookingsOnFlight,
+    Disruption,
+    DisruptionAssessed,
+    FlightCancelled,
+    FlightDelayed,
+    RebookPassenger,
+    RebookRejected,
+)
+
+from busagents import Agent, Context, on
+
+from .policy import OfflinePolicy
+from .reasoning import AffectedBooking, Case, Lookup, Reasoner, load_reasoner, search_key
+from .settings import FlightSettings
+
+__all__ = ["MAX_ATTEMPTS", "ReasonerAgent", "affected_booking"]
+
+#: A booking re-decided this many times is kept as it is (and the passengers told so).
+MAX_ATTEMPTS = 8
+_MIN = 60
+
+
+class ReasonerAgent(Agent):
+    """Turns ``FlightDelayed`` / ``FlightCancelled`` into one ``RebookPassenger`` per affected booking."""
+
+    name = "flight-reasoner"
+    produces = (RebookPassenger, DisruptionAssessed, BookingsOnFlight, Alternatives)
+    max_concurrency = 8
+
+    def __init__(self, reasoner: Reasoner | str | None = None) -> None:
+        if reasoner is None:
+            reasoner = FlightSettings().reasoner
+        self.reasoner = load_reasoner(reasoner) if isinstance(reasoner, str) else reasoner
+        self.fallback = OfflinePolicy()
+        self.held: dict[str, set[str]] = defaultdict(set)  # seats this replica gave out, by flight
+        self.replaced = 0  # decisions of the backend that failed the check
+
+    async def on_stop(self, ctx: Context) -> None:
+        await self.reasoner.close()
+
+    @on(FlightDelayed)
+    async def delayed(self, event: FlightDelayed, ctx: Context) -> None:
+        await self._assess(Disruption.of(event), ctx)
+
+    @on(FlightCancelled)
+    async def cancelled(self, event: FlightCancelled, ctx: Context) -> None:
+        await self._assess(Disruption.of(event), ctx)
+
+    @on(RebookRejected)
+    async def rejected(self, rejection: RebookRejected, ctx: Context) -> None:
+        d = rejection.disruption
+        for seat in rejection.taken_seats:
+            flight_id, _, number = seat.partition("/")
+            self.held[flight_id].add(number)
+        reply = await ctx.request(BookingsOnFlight(flight_id=d.flight_id))
+        booking = rejection.current
+        if booking is None:
+            booking = next((b for b in reply.bookings if b.booking_id == rejection.booking_id), None)
+        attempt = rejection.attempt + 1
+        affected = affected_booking(d, booking, reply.mct_minutes) if booking is not None else None
+        if affected is None or attempt > MAX_ATTEMPTS:
+            note = (
+                "the booking was already changed for another disruption"
+                if attempt <= MAX_ATTEMPTS
+                else f"no seat could be confirmed after {MAX_ATTEMPTS} attempts; an agent will follow up"
+            )
+            await ctx.publish(
+                RebookPassenger(
+                    decision_id=f"{d.disruption_id}/{rejection.booking_id}/{attempt}",
+                    disruption=d,
+                    booking_id=rejection.booking_id,
+                    action="keep",
+                    passenger_ids=rejection.passenger_ids,
+                    rationale=f"{d.number}: {note}",
+                    attempt=attempt,
+                    reasoner=self.fallback.name,
+                )
+            )
+            return
+        decisions = await self._decide(d, [affected], ctx, attempt)
+        for decision in decisions:
+            await ctx.publish(decision)
+
+    async def _assess(self, d: Disruption, ctx: Context) -> None:
+        reply = await ctx.request(BookingsOnFlight(flight_id=d.flight_id))
+        affected = [a for b in reply.bookings if (a := affected_booking(d, b, reply.mct_minutes)) is not None]
+        decisions = await self._decide(d, affected, ctx, 1) if affected else []
+        await ctx.publish(
+            DisruptionAssessed(
+                disruption_id=d.disruption_id,
+                flight_id=d.flight_id,
+                affected_bookings=len(affected),
+                affected_passengers=sum(len(a.booking.passengers) for a in affected),
+            )
+        )
+        for decision in decisions:
+            await ctx.publish(decision)
+
+    async def _decide(
+        self, d: Disruption, affected: list[AffectedBooking], ctx: Context, attempt: int
+    ) -> list[RebookPassenger]:
+        cache: dict[str, list[AlternativeItinerary]] = {}
+
+        async def lookup(
+            origin: str, destination: str, not_before: int, exclude: list[str]
+        ) -> list[AlternativeItinerary]:
+            key = search_key(origin, destination, not_before, exclude)
+            if key not in cache:
+                q = Alternatives(
+                    origin=origin, destination=destination, not_before=not_before, exclude=exclude, limit=12
+                )
+                cache[key] = (await ctx.request(q)).itineraries
+            return cache[key]
+
+        for a in affected:
+            await lookup(a.origin, a.destination, a.not_before, a.exclude)
+        flights = {f.flight_id for its in cache.values() for it in its for f in it.flights}
+        taken = sorted(f"{fid}/{seat}" for fid in flights for seat in self.held.get(fid, ()))
+        case = Case(disruption=d, affected=affected, alternatives=cache, taken_seats=taken, attempt=attempt)
+        try:
+            decisions = await self.reasoner.decide(case, lookup)
+        except Exception as exc:  # a backend failure must not leave passengers without a decision
+            ctx.log.warning(
+                "reasoner %s failed on %s (%r); using the offline policy", self.reasoner.name, d.disruption_id, exc
+            )
+            decisions = []
+        checked = self._check(case, decisions, cache, lookup)
+        for decision in checked:
+            for leg in decision.new_legs:
+                self.held[leg.flight_id].update(leg.seats)
+        return checked
+
+    def _check(
+        self, case: Case, decisions: list[RebookPassenger], cache: dict[str, list[AlternativeItinerary]], lookup: Lookup
+    ) -> list[RebookPassenger]:
+        """Keep the valid decisions; decide the rest with the offline policy."""
+        taken = set(case.taken_seats)
+        by_booking = {a.booking.booking_id: a for a in case.affected}
+        free: dict[str, set[str]] = defaultdict(set)
+        for its in cache.values():
+            for it in its:
+                for flight, free_seats in zip(it.flights, it.free_seats, strict=True):
+                    free[flight.flight_id].update(s.number for s in free_seats)
+        accepted: dict[str, RebookPassenger] = {}
+        for decision in decisions:
+            a = by_booking.get(decision.booking_id)
+            if a is None or decision.booking_id in accepted:
+                continue
+            if sorted(decision.passenger_ids) != sorted(p.passenger_id for p in a.booking.passengers):
+                continue
+            seats = [f"{leg.flight_id}/{s}" for leg in decision.new_legs for s in leg.seats]
+            if decision.action == "rebook" and (
+                not decision.new_legs
+                or any(len(leg.seats) != len(a.booking.passengers) for leg in decision.new_legs)
+                or any(s in taken for s in seats)
+                or any(s.partition("/")[2] not in free[s.partition("/")[0]] for s in seats)
+                or len(set(seats)) != len(seats)
+            ):
+                continue
+            taken.update(seats)
+            accepted[decision.booking_id] = decision
+        out = list(accepted.values())
+        for booking_id, a in by_booking.items():
+            if booking_id not in accepted:
+                self.replaced += 1
+                out.append(self.fallback.decide_one(case, a, taken))
+        return out
+
+
+def affected_booking(d: Disruption, booking: Booking, mct_minutes: dict[str, int]) -> AffectedBooking | None:
+    """How ``d`` affects ``booking`` (None: it does not)."""
+    if booking.status != "active":
+        return None
+    legs = booking.legs
+    idx = next((i for i, leg in enumerate(legs) if leg.flight_id == d.flight_id), None)
+    if idx is None:
+        return None
+    destination = legs[-1].destination
+
+    def from_disrupted_leg() -> tuple[int, bool]:
+        if idx == 0:
+            return max(d.observed_at + 45 * _MIN, legs[0].departure - 3 * 3600), False
+        prev = legs[idx - 1]
+        return max(d.observed_at + 30 * _MIN, prev.arrival + mct_minutes.get(prev.destination, 60) * _MIN), True
+
+    if d.kind == "cancelled":
+        not_before, stranded = from_disrupted_leg()
+        return AffectedBooking(
+            booking=booking,
+            why="cancelled",
+            replaces=[leg.flight_id for leg in legs[idx:]],
+            origin=legs[idx].origin,
+            destination=destination,
+            not_before=not_before,
+            current_arrival=None,
+            stranded=stranded,
+        ).with_search(d)
+    if idx + 1 < len(legs) and legs[idx + 1].flight_id in d.missed_connections:
+        hub = legs[idx + 1].origin
+        arrival = d.estimated_arrival or legs[idx].arrival
+        return AffectedBooking(
+            booking=booking,
+            why="missed_connection",
+            replaces=[leg.flight_id for leg in legs[idx + 1 :]],
+            origin=hub,
+            destination=destination,
+            not_before=arrival + mct_minutes.get(hub, 60) * _MIN,
+            current_arrival=None,
+            stranded=True,
+        ).with_search(d)
+    if d.long_delay:
+        not_before, stranded = from_disrupted_leg()
+        arrival = (d.estimated_arrival or legs[idx].arrival) if idx == len(legs) - 1 else legs[-1].arrival
+        return AffectedBooking(
+            booking=booking,
+            why="long_delay",
+            replaces=[leg.flight_id for leg in legs[idx:]],
+            origin=legs[idx].origin,
+            destination=destination,
+            not_before=not_before,
+            current_arrival=arrival,
+            stranded=stranded,
+        ).with_search(d)
+    return None

@@ -1,0 +1,78 @@
+"""The rebooker: applies each decision to the booking store, then reports what happened.
+
+The side effect is the store's :meth:`~busagents_flight.store.BookingStore.apply`
+(atomic, idempotent on the decision id). Seats that do not exist on the aircraft
+or lie in another cabin are rejected before the store is touched.
+"""
+
+from __future__ import annotations
+
+from busagents_travel import BookingChanged, RebookPassenger, RebookRejected
+
+from busagents import Agent, Context, on
+
+from .data import AirlineDay, generate
+from .settings import FlightSettings
+from .store import BookingStore, Outcome, open_store
+
+__all__ = ["Rebooker"]
+
+
+class Rebooker(Agent):
+    """``RebookPassenger`` -> store -> ``BookingChanged`` or ``RebookRejected``."""
+
+    name = "flight-rebooker"
+    produces = (BookingChanged, RebookRejected)
+    max_concurrency = 4
+
+    def __init__(self, store: BookingStore | None = None, day: AirlineDay | None = None, *, load: bool = False) -> None:
+        settings = FlightSettings()
+        if day is None:
+            day = generate(settings.flights, settings.passengers, settings.seed)
+        self.day = day
+        self.store = store if store is not None else open_store(settings.store)
+        self._load = load
+        self._aircraft = {f.flight_id: f.aircraft for f in day.flights}
+        self._cabins = {name: {s.number: s.cabin for s in seats} for name, seats in day.seat_maps.items()}
+        self.applied = 0
+        self.rejected = 0
+
+    async def on_start(self, ctx: Context) -> None:
+        await self.store.open()
+        if self._load:
+            await self.store.load(self.day.bookings)
+
+    async def on_stop(self, ctx: Context) -> None:
+        await self.store.close()
+
+    @on(RebookPassenger)
+    async def rebook(self, decision: RebookPassenger, ctx: Context) -> Outcome:
+        problem = self._invalid_seat(decision)
+        if problem:
+            self.rejected += 1
+            return RebookRejected(
+                decision_id=decision.decision_id,
+                disruption=decision.disruption,
+                booking_id=decision.booking_id,
+                reason="invalid",
+                passenger_ids=decision.passenger_ids,
+                detail=problem,
+                attempt=decision.attempt,
+            )
+        outcome = await self.store.apply(decision)
+        if isinstance(outcome, BookingChanged):
+            self.applied += 1
+        else:
+            self.rejected += 1
+        return outcome
+
+    def _invalid_seat(self, decision: RebookPassenger) -> str:
+        for leg in decision.new_legs:
+            aircraft = self._aircraft.get(leg.flight_id)
+            if aircraft is None:
+                return f"unknown flight {leg.flight_id}"
+            cabins = self._cabins[aircraft]
+            for seat in leg.seats:
+                if cabins.get(seat) != leg.cabin:
+                    return f"seat {seat} is not a {leg.cabin} seat of {leg.flight_id} ({aircraft})"
+        return ""

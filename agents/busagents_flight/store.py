@@ -1,0 +1,339 @@
+"""The booking store: the system of record the rebooker acts on.
+
+Its one side effect is :meth:`BookingStore.apply`: it applies a ``RebookPassenger``
+decision atomically (all of its seats and the booking, or nothing) and
+idempotently (the outcome is recorded under the decision id, and replaying the
+decision returns the recorded outcome). A seat is sold at most once, enforced by
+the primary key ``(flight_id, seat)`` of the seats table, so two rebookers racing
+for the last seat cannot both win: the loser gets a ``seat_taken`` rejection.
+
+SQLite is the default (a file); PostgreSQL is used when the store is a
+``postgresql://`` DSN (see :mod:`busagents_flight.store_pg`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger, RebookRejected
+
+from busagents import ConfigError
+
+__all__ = ["BookingStore", "Outcome", "SqliteStore", "decide_outcome", "decode_outcome", "encode_outcome", "open_store"]
+
+Outcome = BookingChanged | RebookRejected
+
+_encode = msgspec.json.Encoder().encode
+_decode_booking = msgspec.json.Decoder(Booking).decode
+
+
+class _Recorded(msgspec.Struct, omit_defaults=True):
+    """A decision's outcome as the decisions table keeps it."""
+
+    changed: BookingChanged | None = None
+    rejected: RebookRejected | None = None
+
+
+_decode_recorded = msgspec.json.Decoder(_Recorded).decode
+
+
+def encode_outcome(outcome: Outcome) -> str:
+    recorded = _Recorded(changed=outcome) if isinstance(outcome, BookingChanged) else _Recorded(rejected=outcome)
+    return _encode(recorded).decode()
+
+
+def decode_outcome(data: str | bytes) -> Outcome:
+    recorded = _decode_recorded(data)
+    outcome = recorded.changed or recorded.rejected
+    if outcome is None:
+        raise ValueError("empty recorded outcome")
+    return outcome
+
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS bookings (
+        booking_id TEXT PRIMARY KEY, version INTEGER NOT NULL, status TEXT NOT NULL, doc TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS seats (
+        flight_id TEXT NOT NULL, seat TEXT NOT NULL, booking_id TEXT NOT NULL, passenger_id TEXT NOT NULL,
+        PRIMARY KEY (flight_id, seat))""",
+    "CREATE INDEX IF NOT EXISTS seats_by_booking ON seats (booking_id)",
+    """CREATE TABLE IF NOT EXISTS decisions (
+        decision_id TEXT PRIMARY KEY, booking_id TEXT NOT NULL, outcome TEXT NOT NULL)""",
+)
+
+
+class BookingStore(abc.ABC):
+    """Bookings, seats sold, and the outcome of every decision applied."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if needed."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close every connection."""
+
+    @abc.abstractmethod
+    async def load(self, bookings: Iterable[Booking]) -> None:
+        """Replace the store's content with ``bookings`` (the start of the day)."""
+
+    @abc.abstractmethod
+    async def apply(self, decision: RebookPassenger) -> Outcome:
+        """Apply ``decision`` atomically and idempotently; the outcome to publish."""
+
+    @abc.abstractmethod
+    async def booking(self, booking_id: str) -> Booking | None: ...
+
+    @abc.abstractmethod
+    async def bookings(self) -> list[Booking]:
+        """Every booking (for audits and tests)."""
+
+    async def seat_conflicts(self) -> int:
+        """Seats held by more than one passenger across the booking documents (must be 0)."""
+        seen: set[tuple[str, str]] = set()
+        conflicts = 0
+        for booking in await self.bookings():
+            if booking.status != "active":
+                continue
+            for leg in booking.legs:
+                for seat in leg.seats:
+                    key = (leg.flight_id, seat)
+                    if key in seen:
+                        conflicts += 1
+                    seen.add(key)
+        return conflicts
+
+    async def __aenter__(self) -> BookingStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def open_store(location: str) -> BookingStore:
+    """A store for ``location``: a ``postgresql://`` DSN, else an SQLite file path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("the PostgreSQL booking store is not in this version; use an SQLite path")
+    return SqliteStore(location)
+
+
+def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[Outcome, Booking | None]:
+    """What ``decision`` does to ``current``: the outcome and the new booking (None: rejected or unchanged).
+
+    Pure: both stores call it inside their transaction, then write the seats.
+    """
+    d = decision
+
+    def reject(reason: str, detail: str) -> tuple[Outcome, None]:
+        return (
+            RebookRejected(
+                decision_id=d.decision_id,
+                disruption=d.disruption,
+                booking_id=d.booking_id,
+                reason=reason,  # type: ignore[arg-type]
+                passenger_ids=d.passenger_ids,
+                detail=detail,
+                current=current,
+                attempt=d.attempt,
+            ),
+            None,
+        )
+
+    if current is None:
+        return reject("unknown_booking", f"no booking {d.booking_id}")
+    if d.action == "keep":
+        return _changed(d, current, current.legs, current.legs, current.version), None
+    if current.version != d.expected_version or current.status != "active":
+        return reject(
+            "stale", f"decided on version {d.expected_version}, booking is at {current.version} ({current.status})"
+        )
+    if sorted(d.passenger_ids) != sorted(p.passenger_id for p in current.passengers):
+        return reject("invalid", "passenger ids do not match the booking")
+    if d.action == "refund":
+        updated = Booking(
+            current.booking_id, current.passengers, current.legs, current.fare, "refunded", current.version + 1
+        )
+        return _changed(d, current, current.legs, [], updated.version), updated
+    replaced = [leg for leg in current.legs if leg.flight_id in set(d.replaces)]
+    if len(replaced) != len(d.replaces) or not d.new_legs:
+        return reject("invalid", f"legs {d.replaces} are not all in the booking, or no new legs")
+    n = len(current.passengers)
+    if any(len(leg.seats) != n for leg in d.new_legs):
+        return reject("invalid", f"every new leg needs {n} seats")
+    order = {p.passenger_id: i for i, p in enumerate(current.passengers)}
+    new_legs = [_reorder(leg, d.passenger_ids, order) for leg in d.new_legs]
+    kept = [leg for leg in current.legs if leg.flight_id not in set(d.replaces)]
+    legs = sorted([*kept, *new_legs], key=lambda leg: leg.departure)
+    updated = Booking(current.booking_id, current.passengers, legs, current.fare, "active", current.version + 1)
+    return _changed(d, current, replaced, new_legs, updated.version), updated
+
+
+def _reorder(leg: Leg, passenger_ids: list[str], order: dict[str, int]) -> Leg:
+    seats = [""] * len(leg.seats)
+    for pid, seat in zip(passenger_ids, leg.seats, strict=True):
+        seats[order[pid]] = seat
+    return msgspec.structs.replace(leg, seats=seats)
+
+
+def _changed(d: RebookPassenger, current: Booking, old: list[Leg], new: list[Leg], version: int) -> BookingChanged:
+    return BookingChanged(
+        decision_id=d.decision_id,
+        disruption_id=d.disruption.disruption_id,
+        booking_id=d.booking_id,
+        flight_id=d.disruption.flight_id,
+        action=d.action,
+        passengers=current.passengers,
+        old_legs=old,
+        new_legs=new,
+        cost=d.cost,
+        hotel=d.hotel,
+        rationale=d.rationale,
+        version=version,
+    )
+
+
+class SqliteStore(BookingStore):
+    """The booking store in an SQLite file (WAL); each apply is one ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open)
+
+    def _open(self) -> None:
+        conn = self._conn()
+        for statement in SCHEMA:
+            conn.execute(statement)
+
+    async def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+    async def load(self, bookings: Iterable[Booking]) -> None:
+        await asyncio.to_thread(self._load, list(bookings))
+
+    def _load(self, bookings: list[Booking]) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM bookings")
+            conn.execute("DELETE FROM seats")
+            conn.execute("DELETE FROM decisions")
+            conn.executemany(
+                "INSERT INTO bookings VALUES (?, ?, ?, ?)",
+                ((b.booking_id, b.version, b.status, _encode(b).decode()) for b in bookings),
+            )
+            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", _seat_rows(bookings))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def apply(self, decision: RebookPassenger) -> Outcome:
+        return await asyncio.to_thread(self._apply, decision)
+
+    def _apply(self, decision: RebookPassenger) -> Outcome:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT outcome FROM decisions WHERE decision_id = ?", (decision.decision_id,)
+            ).fetchone()
+            if row is not None:  # applied before: the same outcome again
+                conn.execute("COMMIT")
+                return decode_outcome(row[0])
+            row = conn.execute("SELECT doc FROM bookings WHERE booking_id = ?", (decision.booking_id,)).fetchone()
+            current = _decode_booking(row[0]) if row is not None else None
+            outcome, updated = decide_outcome(decision, current)
+            if updated is not None:
+                conflict = self._write(conn, decision, updated)
+                if conflict:
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                    outcome = RebookRejected(
+                        decision_id=decision.decision_id,
+                        disruption=decision.disruption,
+                        booking_id=decision.booking_id,
+                        reason="seat_taken",
+                        passenger_ids=decision.passenger_ids,
+                        detail=f"already sold: {', '.join(conflict)}",
+                        taken_seats=conflict,
+                        current=current,
+                        attempt=decision.attempt,
+                    )
+            conn.execute(
+                "INSERT INTO decisions VALUES (?, ?, ?)",
+                (decision.decision_id, decision.booking_id, encode_outcome(outcome)),
+            )
+            conn.execute("COMMIT")
+            return outcome
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _write(self, conn: sqlite3.Connection, decision: RebookPassenger, updated: Booking) -> list[str]:
+        """Move the seats and store the booking; the seats already sold to others (then nothing is kept)."""
+        booking_id = updated.booking_id
+        if decision.action == "refund":
+            conn.execute("DELETE FROM seats WHERE booking_id = ?", (booking_id,))
+        else:
+            conn.executemany(
+                "DELETE FROM seats WHERE booking_id = ? AND flight_id = ?", ((booking_id, f) for f in decision.replaces)
+            )
+            new = [(leg.flight_id, s) for leg in decision.new_legs for s in leg.seats]
+            conflict = [
+                f"{f}/{s}"
+                for f, s in new
+                if conn.execute("SELECT 1 FROM seats WHERE flight_id = ? AND seat = ?", (f, s)).fetchone() is not None
+            ]
+            if conflict:
+                return conflict
+            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", _seat_rows([updated], only=decision.new_legs))
+        conn.execute(
+            "UPDATE bookings SET version = ?, status = ?, doc = ? WHERE booking_id = ?",
+            (updated.version, updated.status, _encode(updated).decode(), booking_id),
+        )
+        return []
+
+    async def booking(self, booking_id: str) -> Booking | None:
+        row = self._conn().execute("SELECT doc FROM bookings WHERE booking_id = ?", (booking_id,)).fetchone()
+        return _decode_booking(row[0]) if row is not None else None
+
+    async def bookings(self) -> list[Booking]:
+        return [_decode_booking(r[0]) for r in self._conn().execute("SELECT doc FROM bookings ORDER BY booking_id")]
+
+
+def _seat_rows(bookings: list[Booking], only: list[Leg] | None = None) -> Iterable[tuple[str, str, str, str]]:
+    for b in bookings:
+        flights = {leg.flight_id for leg in only} if only is not None else None
+        for leg in b.legs:
+            if flights is not None and leg.flight_id not in flights:
+                continue
+            for p, seat in zip(b.passengers, leg.seats, strict=True):
+                yield (leg.flight_id, seat, b.booking_id, p.passenger_id)

@@ -1,0 +1,188 @@
+"""The live view of the airline day that reasoning needs: a materialised view fed from events.
+
+It starts from the day's snapshot (schedule, seat maps, bookings) and is kept
+current by ``FlightStatusUpdated`` (estimated times, cancellations) and
+``BookingChanged`` (seats released and taken, legs replaced). The context agent
+answers the typed queries from it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+from busagents_travel import (
+    AlternativeItinerary,
+    Booking,
+    BookingChanged,
+    Flight,
+    FlightStatusUpdated,
+    OnwardConnection,
+    Seat,
+)
+
+from .data import AirlineDay
+
+__all__ = ["LiveView"]
+
+_MAX_CONNECTION_WAIT = 6 * 3600
+
+
+class LiveView:
+    """Flights with estimated times, seats taken, bookings by flight; answers context queries."""
+
+    def __init__(self, day: AirlineDay) -> None:
+        self.flights: dict[str, Flight] = {f.flight_id: f for f in day.flights}
+        self.mct: dict[str, int] = {a.code: a.mct_minutes for a in day.airports}
+        self.seat_maps = day.seat_maps
+        self.estimated: dict[str, tuple[int, int]] = {}  # flight id -> (departure, arrival)
+        self.cancelled: set[str] = set()
+        self.last_seq: dict[str, int] = {}
+        self.bookings: dict[str, Booking] = {}
+        self.by_flight: dict[str, set[str]] = defaultdict(set)
+        self.taken: dict[str, set[str]] = defaultdict(set)  # flight id -> seat numbers
+        self._departures: dict[str, list[tuple[int, str]]] = defaultdict(list)  # origin -> (sched dep, id)
+        for f in day.flights:
+            self._departures[f.origin].append((f.departure, f.flight_id))
+        for deps in self._departures.values():
+            deps.sort()
+        for booking in day.bookings:
+            self._add(booking)
+
+    # Feeding
+
+    def _add(self, booking: Booking) -> None:
+        self.bookings[booking.booking_id] = booking
+        if booking.status != "active":
+            return
+        for leg in booking.legs:
+            self.by_flight[leg.flight_id].add(booking.booking_id)
+            self.taken[leg.flight_id].update(leg.seats)
+
+    def _remove(self, booking: Booking) -> None:
+        for leg in booking.legs:
+            self.by_flight[leg.flight_id].discard(booking.booking_id)
+            self.taken[leg.flight_id].difference_update(leg.seats)
+
+    def apply_status(self, update: FlightStatusUpdated) -> None:
+        if update.seq <= self.last_seq.get(update.flight_id, 0):
+            return  # repeated or stale
+        self.last_seq[update.flight_id] = update.seq
+        if update.status == "cancelled":
+            self.cancelled.add(update.flight_id)
+        elif update.estimated_departure is not None and update.estimated_arrival is not None:
+            self.estimated[update.flight_id] = (update.estimated_departure, update.estimated_arrival)
+
+    def apply_change(self, change: BookingChanged) -> None:
+        current = self.bookings.get(change.booking_id)
+        if current is None or current.version >= change.version:
+            return  # unknown or already applied
+        self._remove(current)
+        status = "refunded" if change.action == "refund" else current.status
+        legs = [leg for leg in current.legs if leg.flight_id not in {o.flight_id for o in change.old_legs}]
+        legs = sorted([*legs, *change.new_legs], key=lambda leg: leg.departure) if status == "active" else current.legs
+        self._add(Booking(change.booking_id, current.passengers, legs, current.fare, status, change.version))
+
+    # Answers
+
+    def times(self, flight_id: str) -> tuple[int, int]:
+        est = self.estimated.get(flight_id)
+        if est is not None:
+            return est
+        f = self.flights[flight_id]
+        return f.departure, f.arrival
+
+    def bookings_on(self, flight_id: str) -> list[Booking]:
+        ids = self.by_flight.get(flight_id, ())
+        return [self.bookings[b] for b in sorted(ids)]
+
+    def onward(self, flight_id: str) -> tuple[int, list[OnwardConnection]]:
+        """The arrival airport's MCT and the onward flights this flight's passengers connect to."""
+        flight = self.flights.get(flight_id)
+        if flight is None:
+            return 0, []
+        counts: dict[str, int] = defaultdict(int)
+        for booking in self.bookings_on(flight_id):
+            for i, leg in enumerate(booking.legs[:-1]):
+                if leg.flight_id == flight_id:
+                    counts[booking.legs[i + 1].flight_id] += len(booking.passengers)
+        connections = [
+            OnwardConnection(flight_id=fid, departure=self.times(fid)[0], passengers=n)
+            for fid, n in sorted(counts.items())
+            if fid not in self.cancelled
+        ]
+        return self.mct.get(flight.destination, 0), connections
+
+    def free_seats(self, flight_id: str) -> list[Seat]:
+        taken = self.taken.get(flight_id, set())
+        return [s for s in self.seat_maps[self.flights[flight_id].aircraft] if s.number not in taken]
+
+    def _free_count(self, flight_id: str, cabin: str | None) -> int:
+        seats = self.seat_maps[self.flights[flight_id].aircraft]
+        taken = self.taken.get(flight_id, set())
+        if cabin is None:
+            return len(seats) - len(taken)
+        return sum(1 for s in seats if s.cabin == cabin and s.number not in taken)
+
+    def _usable(self, flight_id: str, not_before: int, exclude: set[str]) -> bool:
+        return flight_id not in exclude and flight_id not in self.cancelled and self.times(flight_id)[0] >= not_before
+
+    def _leaving(self, origin: str, not_before: int, latest: int) -> list[str]:
+        deps = self._departures.get(origin, [])
+        # scheduled time may be earlier than estimated; look back 12 h to catch delayed flights
+        start = bisect.bisect_left(deps, (not_before - 12 * 3600, ""))
+        return [fid for dep, fid in deps[start:] if dep <= latest]
+
+    def alternatives(
+        self,
+        origin: str,
+        destination: str,
+        not_before: int,
+        *,
+        exclude: set[str] | None = None,
+        cabin: str | None = None,
+        min_free: int = 1,
+        limit: int = 8,
+    ) -> list[AlternativeItinerary]:
+        """Direct and one-stop itineraries, earliest arrival first, with seats free on every flight."""
+        exclude = exclude or set()
+        found: list[tuple[int, int, list[str]]] = []
+        horizon = not_before + 36 * 3600
+
+        def ok(fid: str, after: int) -> bool:
+            return self._usable(fid, after, exclude) and self._free_count(fid, cabin) >= min_free
+
+        for fid in self._leaving(origin, not_before, horizon):
+            first = self.flights[fid]
+            if not ok(fid, not_before):
+                continue
+            dep, arr = self.times(fid)
+            if first.destination == destination:
+                found.append((arr, dep, [fid]))
+                continue
+            if first.destination == origin:
+                continue
+            ready = arr + self.mct.get(first.destination, 60) * 60
+            for fid2 in self._leaving(first.destination, ready, ready + _MAX_CONNECTION_WAIT):
+                second = self.flights[fid2]
+                if second.destination != destination or not ok(fid2, ready):
+                    continue
+                found.append((self.times(fid2)[1], dep, [fid, fid2]))
+        found.sort(key=lambda t: (t[0], -t[1], len(t[2])))
+        out: list[AlternativeItinerary] = []
+        for arrival, _, ids in found[:limit]:
+            out.append(
+                AlternativeItinerary(
+                    flights=[self._estimated_flight(fid) for fid in ids],
+                    free_seats=[self.free_seats(fid) for fid in ids],
+                    arrival=arrival,
+                )
+            )
+        return out
+
+    def _estimated_flight(self, flight_id: str) -> Flight:
+        f = self.flights[flight_id]
+        est = self.estimated.get(flight_id)
+        if est is None:
+            return f
+        return Flight(f.flight_id, f.number, f.origin, f.destination, est[0], est[1], f.aircraft)

@@ -1,0 +1,302 @@
+"""The flight assistant's contracts: events, the rebooking command, and the context queries.
+
+Flow: a status feed publishes ``FlightStatusUpdated``; the monitor turns the ones
+that matter into ``FlightDelayed`` / ``FlightCancelled`` (disruptions); the
+reasoner asks the context agent (``BookingsOnFlight``, ``Alternatives``) and sends
+one ``RebookPassenger`` decision per affected booking; the rebooker applies it and
+publishes ``BookingChanged`` (or ``RebookRejected``, which the reasoner re-decides);
+the notifier tells every passenger (``PassengerNotified``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from busagents import command, event, query
+
+from .model import Booking, Flight, Leg, Passenger, Seat
+
+__all__ = [
+    "AlternativeItinerary",
+    "Alternatives",
+    "AlternativesReply",
+    "BookingChanged",
+    "BookingsOnFlight",
+    "BookingsOnFlightReply",
+    "Cost",
+    "Disruption",
+    "DisruptionAssessed",
+    "FlightCancelled",
+    "FlightDelayed",
+    "FlightStatus",
+    "FlightStatusUpdated",
+    "OnwardConnection",
+    "OnwardConnections",
+    "OnwardConnectionsReply",
+    "PassengerNotified",
+    "RebookAction",
+    "RebookPassenger",
+    "RebookRejected",
+]
+
+FlightStatus = Literal["scheduled", "boarding", "departed", "arrived", "delayed", "cancelled", "gate_changed"]
+RebookAction = Literal["rebook", "refund", "keep"]
+
+
+# Continuous awareness
+
+
+@event("travel.flight.status", key="flight_id")
+class FlightStatusUpdated(msgspec.Struct, kw_only=True):
+    """One update of the operational status feed; may repeat, arrive late or out of order."""
+
+    flight_id: str
+    number: str
+    origin: str
+    destination: str
+    scheduled_departure: int
+    scheduled_arrival: int
+    status: FlightStatus
+    seq: int  # per-flight sequence number of the feed: higher is newer
+    observed_at: int  # epoch seconds (simulated clock)
+    estimated_departure: int | None = None
+    estimated_arrival: int | None = None
+    gate: str | None = None
+    reason: str = ""
+
+
+@event("travel.flight.delayed", key="flight_id")
+class FlightDelayed(msgspec.Struct, kw_only=True):
+    """A delay that matters: beyond the rebooking threshold, or breaking onward connections."""
+
+    disruption_id: str
+    flight_id: str
+    number: str
+    origin: str
+    destination: str
+    delay_minutes: int
+    estimated_departure: int
+    estimated_arrival: int
+    missed_connections: list[str] = []  # onward flight ids that can no longer be made
+    long_delay: bool = False  # beyond the rebooking threshold: every passenger may be rebooked
+    observed_at: int = 0
+
+
+@event("travel.flight.cancelled", key="flight_id")
+class FlightCancelled(msgspec.Struct, kw_only=True):
+    """A cancelled flight: every passenger on it is affected."""
+
+    disruption_id: str
+    flight_id: str
+    number: str
+    origin: str
+    destination: str
+    reason: str = ""
+    observed_at: int = 0
+
+
+@event("travel.disruption.assessed", key="flight_id")
+class DisruptionAssessed(msgspec.Struct, kw_only=True):
+    """The reasoner's count of who a disruption affects: each of them will be notified."""
+
+    disruption_id: str
+    flight_id: str
+    affected_bookings: int
+    affected_passengers: int
+
+
+# Reasoning and acting
+
+
+class Disruption(msgspec.Struct, frozen=True, kw_only=True):
+    """A disruption in one shape for reasoning, whichever event reported it."""
+
+    disruption_id: str
+    kind: Literal["cancelled", "delayed"]
+    flight_id: str
+    number: str
+    origin: str
+    destination: str
+    observed_at: int
+    delay_minutes: int = 0
+    estimated_departure: int | None = None
+    estimated_arrival: int | None = None
+    missed_connections: list[str] = []
+    long_delay: bool = False
+    reason: str = ""
+
+    @classmethod
+    def of(cls, event: FlightDelayed | FlightCancelled) -> Disruption:
+        if isinstance(event, FlightCancelled):
+            return cls(
+                disruption_id=event.disruption_id,
+                kind="cancelled",
+                flight_id=event.flight_id,
+                number=event.number,
+                origin=event.origin,
+                destination=event.destination,
+                observed_at=event.observed_at,
+                reason=event.reason,
+            )
+        return cls(
+            disruption_id=event.disruption_id,
+            kind="delayed",
+            flight_id=event.flight_id,
+            number=event.number,
+            origin=event.origin,
+            destination=event.destination,
+            observed_at=event.observed_at,
+            delay_minutes=event.delay_minutes,
+            estimated_departure=event.estimated_departure,
+            estimated_arrival=event.estimated_arrival,
+            missed_connections=event.missed_connections,
+            long_delay=event.long_delay,
+        )
+
+
+class Cost(msgspec.Struct, frozen=True, kw_only=True):
+    """What a change costs the passengers under the fare's change policy (minor units, whole booking)."""
+
+    change_fee: int = 0
+    fare_difference: int = 0
+    refund: int = 0
+    waived: bool = False  # the airline caused the change: fees waived
+    currency: str = "EUR"
+
+    @property
+    def payable(self) -> int:
+        return 0 if self.waived else self.change_fee + self.fare_difference
+
+
+@command("travel.booking.rebook", key="booking_id")
+class RebookPassenger(msgspec.Struct, kw_only=True):
+    """The reasoner's decision for one booking's passengers, to be applied by the rebooker.
+
+    ``rebook`` replaces the legs ``replaces`` (flight ids) by ``new_legs`` (with the
+    chosen seats, in the order of ``passenger_ids``); ``refund`` cancels the booking;
+    ``keep`` changes nothing (the passengers stay on the delayed flight). The
+    decision is valid only against booking version ``expected_version``.
+    """
+
+    decision_id: str  # unique per decision: the rebooker is idempotent on it
+    disruption: Disruption
+    booking_id: str
+    action: RebookAction
+    passenger_ids: list[str]
+    replaces: list[str] = []
+    new_legs: list[Leg] = []
+    expected_version: int = 0
+    cost: Cost = Cost()
+    hotel: bool = False  # overnight: the airline provides a hotel
+    rationale: str = ""
+    attempt: int = 1
+    reasoner: str = ""
+
+
+@event("travel.booking.changed", key="booking_id")
+class BookingChanged(msgspec.Struct, kw_only=True):
+    """A decision was applied to the booking store (``keep`` included: nothing moved)."""
+
+    decision_id: str
+    disruption_id: str
+    booking_id: str
+    flight_id: str
+    action: RebookAction
+    passengers: list[Passenger]
+    old_legs: list[Leg]
+    new_legs: list[Leg]
+    cost: Cost = Cost()
+    hotel: bool = False
+    rationale: str = ""
+    version: int = 0
+
+
+@event("travel.booking.rejected", key="booking_id")
+class RebookRejected(msgspec.Struct, kw_only=True):
+    """A decision could not be applied (a seat was taken meanwhile, or the booking moved on)."""
+
+    decision_id: str
+    disruption: Disruption
+    booking_id: str
+    reason: Literal["seat_taken", "stale", "unknown_booking", "invalid"]
+    passenger_ids: list[str]
+    detail: str = ""
+    taken_seats: list[str] = []  # "<flight_id>/<seat>"
+    current: Booking | None = None  # the booking as the store has it now
+    attempt: int = 1
+
+
+@event("travel.passenger.notified", key="passenger_id")
+class PassengerNotified(msgspec.Struct, kw_only=True):
+    """A passenger was told what happened and what their itinerary is now."""
+
+    disruption_id: str
+    decision_id: str
+    booking_id: str
+    passenger_id: str
+    action: RebookAction
+    channel: str
+    text: str
+
+
+# Context queries (answered by the context agent)
+
+
+class BookingsOnFlightReply(msgspec.Struct, kw_only=True):
+    flight_id: str
+    flight: Flight | None
+    bookings: list[Booking]
+    mct_minutes: dict[str, int] = {}  # minimum connection time of every airport the bookings touch
+
+
+@query("travel.context.bookings-on-flight", reply=BookingsOnFlightReply, key="flight_id")
+class BookingsOnFlight(msgspec.Struct, kw_only=True):
+    """The active bookings with a leg on ``flight_id``, as the context view knows them now."""
+
+    flight_id: str
+
+
+class OnwardConnection(msgspec.Struct, frozen=True, kw_only=True):
+    flight_id: str
+    departure: int  # estimated departure as currently known
+    passengers: int
+
+
+class OnwardConnectionsReply(msgspec.Struct, kw_only=True):
+    flight_id: str
+    mct_minutes: int  # minimum connection time at the arrival airport
+    connections: list[OnwardConnection]
+
+
+@query("travel.context.onward-connections", reply=OnwardConnectionsReply, key="flight_id")
+class OnwardConnections(msgspec.Struct, kw_only=True):
+    """The onward flights that passengers of ``flight_id`` connect to."""
+
+    flight_id: str
+
+
+class AlternativeItinerary(msgspec.Struct, kw_only=True):
+    """One way to get there: one or two flights, with the seats still free on each."""
+
+    flights: list[Flight]
+    free_seats: list[list[Seat]]  # per flight, every cabin
+    arrival: int  # estimated arrival at the destination
+
+
+class AlternativesReply(msgspec.Struct, kw_only=True):
+    itineraries: list[AlternativeItinerary]
+
+
+@query("travel.context.alternatives", reply=AlternativesReply)
+class Alternatives(msgspec.Struct, kw_only=True):
+    """Itineraries from ``origin`` to ``destination`` departing at or after ``not_before``, earliest arrival first."""
+
+    origin: str
+    destination: str
+    not_before: int
+    exclude: list[str] = []  # flight ids not to use (the disrupted ones)
+    min_free: int = 1  # at least this many free seats in ``cabin`` on every flight
+    cabin: str | None = None
+    limit: int = 8

@@ -1,0 +1,43 @@
+"""The flight assistant end to end: the demo over a real (embedded) nats-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from busagents_flight.demo import run_demo
+
+REPORT_KEYS = {"disruptions", "affected", "rebooked", "notified", "dead_lettered", "latency_ms"}
+
+
+async def test_demo_notifies_every_affected_passenger_and_dead_letters_nothing() -> None:
+    report = await run_demo(flights=40, passengers=3000, seed=11, timeout=60)
+    assert report.disruptions > 0
+    assert report.affected > 0
+    assert report.notified == report.affected
+    assert report.dead_lettered == 0
+    assert report.seat_conflicts == 0
+    assert report.rebooked > 0
+    assert report.rebooked + report.refunded + report.kept >= report.affected
+    assert 0 < report.latency_ms["p50"] <= report.latency_ms["p99"]
+
+
+def test_busagents_demo_writes_the_report(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "busagents", "demo", "--quiet", "--report", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads(path.read_text())
+    assert report.keys() >= REPORT_KEYS
+    assert set(report["latency_ms"]) == {"p50", "p99"}
+    assert report["notified"] == report["affected"] > 0
+    assert report["dead_lettered"] == 0
+    assert report["seat_conflicts"] == 0
+    assert "summary" in done.stdout
