@@ -1,1 +1,1 @@
-pytest_plugins = ["busagents.testing"]
+pytest_plugins = ["busagents.testing", "busagents.llm.testing"]

@@ -1,0 +1,102 @@
+"""Settings of an LLM agent, from ``BUSAGENTS_LLM_*`` environment variables.
+
+Every field can be set for all LLM agents (``BUSAGENTS_LLM_MODEL``) and overridden for one
+agent by its name (``BUSAGENTS_LLM_REASONER_MODEL`` for the agent ``reasoner``)::
+
+    settings = LLMSettings.for_agent("reasoner")
+
+The API key and the endpoint are the SDK's own: ``ANTHROPIC_API_KEY`` (or
+``ANTHROPIC_AUTH_TOKEN``) and ``ANTHROPIC_BASE_URL``, so a gateway or proxy works unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["LLMSettings", "has_api_key"]
+
+_PREFIX = "BUSAGENTS_LLM_"
+
+
+class LLMSettings(BaseSettings):
+    """How one LLM agent calls the model, what it may spend, and what it does when it cannot."""
+
+    model_config = SettingsConfigDict(env_prefix=_PREFIX, extra="ignore")
+
+    #: Model name sent to the Messages API.
+    model: str = "claude-sonnet-4-6"
+    #: Output tokens per model call.
+    max_tokens: int = Field(default=1024, ge=1)
+    #: Sampling temperature; None leaves it to the model (some models accept none).
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: Seconds one HTTP attempt may take before it is abandoned (and retried).
+    timeout: float = Field(default=60.0, gt=0)
+    #: Retries of one model call on 408/409/429/5xx/connection errors/timeouts (the SDK's backoff).
+    max_retries: int = Field(default=2, ge=0)
+    #: A ``retry-after`` longer than this is not waited for: the call fails over at once.
+    max_retry_wait: float = Field(default=30.0, ge=0)
+    #: Seconds one whole decision (every model call and tool query) may take.
+    deadline: float = Field(default=180.0, gt=0)
+    #: Model calls in flight at once, per agent replica.
+    concurrency: int = Field(default=4, ge=1)
+    #: Tool calls (bus queries) the model may make for one decision before it must decide.
+    max_tool_calls: int = Field(default=12, ge=0)
+    #: Times an invalid decision is sent back to the model with the error before falling back.
+    max_corrections: int = Field(default=2, ge=0)
+    #: Seconds a bus query made for the model may take.
+    query_timeout: float = Field(default=5.0, gt=0)
+
+    #: Budgets per conversation (all decisions of one conversation id) and per rolling hour
+    #: (this replica). None: unlimited. When one is spent the agent degrades to ``fallback``.
+    conversation_max_tokens: int | None = Field(default=200_000, ge=0)
+    conversation_max_cost: float | None = Field(default=2.0, ge=0)
+    hourly_max_tokens: int | None = Field(default=2_000_000, ge=0)
+    hourly_max_cost: float | None = Field(default=20.0, ge=0)
+
+    #: Prices in USD per million tokens; cache writes and reads are priced relative to input.
+    price_input_per_mtok: float = Field(default=3.0, ge=0)
+    price_output_per_mtok: float = Field(default=15.0, ge=0)
+    cache_write_factor: float = Field(default=1.25, ge=0)
+    cache_read_factor: float = Field(default=0.1, ge=0)
+
+    #: What happens when the model cannot give a valid decision (budget, errors, corrections
+    #: exhausted): the agent's offline policy decides, or the case goes to the human-review
+    #: subject ``busagents.llm.review.<agent>``. Never dropped.
+    fallback: Literal["offline", "review"] = "offline"
+    #: Decisions costing more than this wait for a human approval message; None: off.
+    approval_threshold: float | None = Field(default=None, ge=0)
+    #: Seconds to wait for an approval before the case goes to human review.
+    approval_timeout: float = Field(default=300.0, gt=0)
+
+    @classmethod
+    def for_agent(cls, agent: str, **overrides: Any) -> LLMSettings:
+        """Settings of ``agent``: ``BUSAGENTS_LLM_*``, then ``BUSAGENTS_LLM_<AGENT>_*``, then ``overrides``."""
+        base = cls()
+        prefix = f"{_PREFIX}{re.sub(r'[^A-Za-z0-9]', '_', agent).upper()}_"
+        values = base.model_dump()
+        for name in cls.model_fields:
+            raw = os.environ.get(prefix + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update(overrides)
+        return cls.model_validate(values)
+
+    def cost(self, input_tokens: int, output_tokens: int, cache_write: int = 0, cache_read: int = 0) -> float:
+        """The price in USD of one call's usage."""
+        per_input = self.price_input_per_mtok / 1_000_000
+        return (
+            input_tokens * per_input
+            + cache_write * per_input * self.cache_write_factor
+            + cache_read * per_input * self.cache_read_factor
+            + output_tokens * self.price_output_per_mtok / 1_000_000
+        )
+
+
+def has_api_key() -> bool:
+    """True when the SDK will find a static credential (``ANTHROPIC_API_KEY`` or ``ANTHROPIC_AUTH_TOKEN``)."""
+    return bool(os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"))
