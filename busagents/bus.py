@@ -24,6 +24,7 @@ from .codec import codec_for, encode
 from .contract import ContractInfo, Kind, contract_info, subject_for
 from .envelope import Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
+from .headers import FastHeadersClient
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -133,7 +134,10 @@ class Bus:
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.5)
         try:
-            nc = await nats.connect(url, name=name, connect_timeout=connect_timeout, allow_reconnect=True, **options)
+            nc = FastHeadersClient()
+            await nc.connect(
+                url, **{"name": name, "connect_timeout": connect_timeout, "allow_reconnect": True, **options}
+            )
         except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
             raise NatsUnavailableError(
                 f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); "

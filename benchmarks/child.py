@@ -1,0 +1,223 @@
+"""Benchmark child processes: receivers and responders, one variant per process.
+
+``python -m benchmarks.child ROLE VARIANT --url URL ...`` prints ``READY`` once
+subscribed, then one ``RESULT {json}`` line, and exits. One process per variant
+and repetition keeps the variants from sharing imports, caches or garbage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats
+
+from busagents import Agent, Bus, Context, Worker, on
+
+from .contracts import FlightLookup, FlightStatus, LookupFlight, flight_status, status_fields
+
+STATUS_SUBJECT = "bench.flight.status.*"
+QUEUE = "bench-sink"
+#: The same client-side pending limits for every variant (busagents' Mailbox defaults).
+PENDING_MSGS = 512 * 1024
+PENDING_BYTES = 256 * 1024 * 1024
+
+
+class Clock:
+    """Counts handled messages; times the ``count`` that follow the ``warmup`` ones."""
+
+    def __init__(self, warmup: int, count: int) -> None:
+        if warmup < 1 or count < 1:
+            raise ValueError("warmup and count must be >= 1")
+        self.handled = 0
+        self._start_at = warmup
+        self._end_at = warmup + count
+        self.started = 0.0
+        self.ended = 0.0
+        self.done = asyncio.Event()
+
+    def tick(self) -> None:
+        self.handled += 1
+        if self.handled == self._start_at:
+            self.started = time.perf_counter()
+        elif self.handled == self._end_at:
+            self.ended = time.perf_counter()
+            self.done.set()
+
+
+class Sink(Agent):
+    """The typed receiver: one handler of FlightStatus, doing what the other variants do."""
+
+    name = QUEUE
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    @on(FlightStatus)
+    async def seen(self, status: FlightStatus, ctx: Context) -> None:
+        self.clock.tick()
+
+
+class Responder(Agent):
+    name = "bench-responder"
+
+    def __init__(self) -> None:
+        self.reply = FlightLookup(status=flight_status(0))
+
+    @on(LookupFlight)
+    async def lookup(self, q: LookupFlight, ctx: Context) -> FlightLookup:
+        return self.reply
+
+
+Stop = Callable[[], Awaitable[None]]
+
+
+async def _busagents_receiver(url: str, clock: Clock) -> Stop:
+    bus = await Bus.connect(url, name="bench-busagents")
+    worker = Worker([Sink(clock)], bus)
+    await worker.start()
+
+    async def stop() -> None:
+        await worker.drain()
+        await bus.close()
+
+    return stop
+
+
+async def _busagents_stock_headers_receiver(url: str, clock: Clock) -> Stop:
+    """As busagents, but on a plain nats-py client: its own header parser instead of busagents'."""
+    bus = Bus(await nats.connect(url, name="bench-busagents-stock"))
+    worker = Worker([Sink(clock)], bus)
+    await worker.start()
+
+    async def stop() -> None:
+        await worker.drain()
+        await bus.close()
+
+    return stop
+
+
+async def _natspy_receiver(url: str, clock: Clock) -> Stop:
+    nc = await nats.connect(url, name="bench-nats-py")
+    decode = msgspec.json.Decoder(FlightStatus).decode
+    tick = clock.tick
+
+    async def cb(msg: Any) -> None:
+        decode(msg.data)
+        tick()
+
+    await nc.subscribe(
+        STATUS_SUBJECT, queue=QUEUE, cb=cb, pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES
+    )
+    await nc.flush()
+    return nc.close
+
+
+async def _faststream_receiver(url: str, clock: Clock) -> Stop:
+    from faststream.nats import NatsBroker
+    from pydantic import create_model
+
+    model: Any = create_model("FlightStatusModel", **status_fields())
+    broker = NatsBroker(url, logger=None)
+    tick = clock.tick
+
+    @broker.subscriber(STATUS_SUBJECT, queue=QUEUE, pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
+    async def seen(status: model) -> None:
+        tick()
+
+    await broker.start()
+    await broker.connection.flush()
+    return broker.stop
+
+
+async def _busagents_responder(url: str) -> Stop:
+    bus = await Bus.connect(url, name="bench-busagents")
+    worker = Worker([Responder()], bus)
+    await worker.start()
+
+    async def stop() -> None:
+        await worker.drain()
+        await bus.close()
+
+    return stop
+
+
+async def _natspy_responder(url: str) -> Stop:
+    nc = await nats.connect(url, name="bench-nats-py")
+    decode = msgspec.json.Decoder(LookupFlight).decode
+    encode = msgspec.json.Encoder().encode
+    reply = FlightLookup(status=flight_status(0))
+
+    async def cb(msg: Any) -> None:
+        decode(msg.data)
+        await msg.respond(encode(reply))
+
+    await nc.subscribe("bench.flight.lookup", queue="bench-responder", cb=cb)
+    await nc.flush()
+    return nc.close
+
+
+RECEIVERS: dict[str, Callable[[str, Clock], Awaitable[Stop]]] = {
+    "busagents": _busagents_receiver,
+    "busagents-stock-headers": _busagents_stock_headers_receiver,
+    "nats-py": _natspy_receiver,
+    "faststream": _faststream_receiver,
+}
+RESPONDERS: dict[str, Callable[[str], Awaitable[Stop]]] = {
+    "busagents": _busagents_responder,
+    "nats-py": _natspy_responder,
+}
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def _receive(variant: str, url: str, warmup: int, count: int, timeout: float) -> dict[str, Any]:
+    clock = Clock(warmup, count)
+    stop = await RECEIVERS[variant](url, clock)
+    _say("READY")
+    try:
+        await asyncio.wait_for(clock.done.wait(), timeout)
+    except TimeoutError:
+        return {"error": f"received {clock.handled} of {warmup + count} within {timeout}s"}
+    finally:
+        await stop()
+    seconds = clock.ended - clock.started
+    return {"count": count, "seconds": seconds, "rate": count / seconds}
+
+
+async def _respond(variant: str, url: str) -> dict[str, Any]:
+    stop = await RESPONDERS[variant](url)
+    _say("READY")
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # the parent closes stdin to stop us
+    await stop()
+    return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.child")
+    parser.add_argument("role", choices=["receive", "respond"])
+    parser.add_argument("variant")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--count", type=int, default=10000)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    if args.role == "receive":
+        result = asyncio.run(_receive(args.variant, args.url, args.warmup, args.count, args.timeout))
+    else:
+        result = asyncio.run(_respond(args.variant, args.url))
+    _say("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
