@@ -23,9 +23,16 @@ from pathlib import Path
 import msgspec
 from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger, RebookRejected
 
-from busagents import ConfigError
-
-__all__ = ["BookingStore", "Outcome", "SqliteStore", "decide_outcome", "decode_outcome", "encode_outcome", "open_store"]
+__all__ = [
+    "BookingStore",
+    "Outcome",
+    "SqliteStore",
+    "decide_outcome",
+    "decode_outcome",
+    "encode_outcome",
+    "open_store",
+    "seat_rows",
+]
 
 Outcome = BookingChanged | RebookRejected
 
@@ -120,7 +127,9 @@ class BookingStore(abc.ABC):
 def open_store(location: str) -> BookingStore:
     """A store for ``location``: a ``postgresql://`` DSN, else an SQLite file path."""
     if location.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("the PostgreSQL booking store is not in this version; use an SQLite path")
+        from .store_pg import PostgresStore
+
+        return PostgresStore(location)
     return SqliteStore(location)
 
 
@@ -248,7 +257,7 @@ class SqliteStore(BookingStore):
                 "INSERT INTO bookings VALUES (?, ?, ?, ?)",
                 ((b.booking_id, b.version, b.status, _encode(b).decode()) for b in bookings),
             )
-            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", _seat_rows(bookings))
+            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", seat_rows(bookings))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -314,7 +323,7 @@ class SqliteStore(BookingStore):
             ]
             if conflict:
                 return conflict
-            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", _seat_rows([updated], only=decision.new_legs))
+            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", seat_rows([updated], only=decision.new_legs))
         conn.execute(
             "UPDATE bookings SET version = ?, status = ?, doc = ? WHERE booking_id = ?",
             (updated.version, updated.status, _encode(updated).decode(), booking_id),
@@ -329,7 +338,8 @@ class SqliteStore(BookingStore):
         return [_decode_booking(r[0]) for r in self._conn().execute("SELECT doc FROM bookings ORDER BY booking_id")]
 
 
-def _seat_rows(bookings: list[Booking], only: list[Leg] | None = None) -> Iterable[tuple[str, str, str, str]]:
+def seat_rows(bookings: list[Booking], only: list[Leg] | None = None) -> Iterable[tuple[str, str, str, str]]:
+    """Rows of the seats table (flight, seat, booking, passenger); ``only``: just these legs' flights."""
     for b in bookings:
         flights = {leg.flight_id for leg in only} if only is not None else None
         for leg in b.legs:

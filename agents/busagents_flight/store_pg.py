@@ -1,0 +1,192 @@
+"""The booking store on PostgreSQL (psycopg 3), used when the store is a ``postgresql://`` DSN.
+
+Same tables and the same rules as the SQLite store. Each apply is one transaction
+that first locks the booking row (``SELECT ... FOR UPDATE``), so decisions about
+one booking are serialised, and inserts the new seats with
+``ON CONFLICT DO NOTHING``: a seat another transaction sold (even one that commits
+while we wait) is reported as taken and the whole decision is rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterable
+
+import msgspec
+import psycopg
+from busagents_travel import Booking, RebookPassenger, RebookRejected
+
+from busagents import ConfigError
+
+from .store import SCHEMA, BookingStore, Outcome, decide_outcome, decode_outcome, encode_outcome, seat_rows
+
+__all__ = ["PostgresStore"]
+
+_encode = msgspec.json.Encoder().encode
+_decode_booking = msgspec.json.Decoder(Booking).decode
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class _Conflict(Exception):
+    def __init__(self, seats: list[str]) -> None:
+        super().__init__(", ".join(seats))
+        self.seats = seats
+
+
+class PostgresStore(BookingStore):
+    """Bookings in PostgreSQL schema ``schema``, with up to ``connections`` concurrent transactions."""
+
+    def __init__(self, dsn: str, *, schema: str = "busagents_flight", connections: int = 4) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ConfigError(f"invalid PostgreSQL schema name {schema!r}: lower-case letters, digits and '_'")
+        self.dsn = dsn
+        self.schema = schema
+        self.size = connections
+        self._idle: asyncio.Queue[psycopg.AsyncConnection[tuple[object, ...]]] | None = None
+        self._all: list[psycopg.AsyncConnection[tuple[object, ...]]] = []
+
+    async def open(self) -> None:
+        if self._idle is not None:
+            return
+        self._idle = asyncio.Queue()
+        try:
+            for _ in range(self.size):
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=5)
+                self._all.append(conn)
+                self._idle.put_nowait(conn)
+        except psycopg.OperationalError as exc:
+            await self.close()
+            raise ConfigError(f"cannot connect to PostgreSQL at {_redact(self.dsn)}: {exc}") from None
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            for statement in SCHEMA:
+                await conn.execute(statement)
+
+    async def close(self) -> None:
+        for conn in self._all:
+            await conn.close()
+        self._all = []
+        self._idle = None
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+        if self._idle is None:
+            await self.open()
+        assert self._idle is not None
+        conn = await self._idle.get()
+        try:
+            await conn.execute(f"SET search_path TO {self.schema}")
+            yield conn
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def load(self, bookings: Iterable[Booking]) -> None:
+        items = list(bookings)
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("TRUNCATE bookings, seats, decisions")
+            async with conn.cursor().copy("COPY bookings (booking_id, version, status, doc) FROM STDIN") as copy:
+                for b in items:
+                    await copy.write_row((b.booking_id, b.version, b.status, _encode(b).decode()))
+            async with conn.cursor().copy("COPY seats (flight_id, seat, booking_id, passenger_id) FROM STDIN") as copy:
+                for row in seat_rows(items):
+                    await copy.write_row(row)
+
+    async def apply(self, decision: RebookPassenger) -> Outcome:
+        async with self._connection() as conn:
+            try:
+                async with conn.transaction():
+                    return await self._apply(conn, decision)
+            except _Conflict as exc:
+                conflict = exc  # rolled back: record the rejection in a transaction of its own
+            async with conn.transaction():
+                row = await (
+                    await conn.execute("SELECT doc FROM bookings WHERE booking_id = %s", (decision.booking_id,))
+                ).fetchone()
+                outcome: Outcome = RebookRejected(
+                    decision_id=decision.decision_id,
+                    disruption=decision.disruption,
+                    booking_id=decision.booking_id,
+                    reason="seat_taken",
+                    passenger_ids=decision.passenger_ids,
+                    detail=f"already sold: {', '.join(conflict.seats)}",
+                    taken_seats=conflict.seats,
+                    current=_decode_booking(str(row[0])) if row is not None else None,
+                    attempt=decision.attempt,
+                )
+                return await self._record(conn, decision, outcome)
+
+    async def _apply(self, conn: psycopg.AsyncConnection[tuple[object, ...]], decision: RebookPassenger) -> Outcome:
+        cur = await conn.execute("SELECT doc FROM bookings WHERE booking_id = %s FOR UPDATE", (decision.booking_id,))
+        row = await cur.fetchone()
+        recorded = await (
+            await conn.execute("SELECT outcome FROM decisions WHERE decision_id = %s", (decision.decision_id,))
+        ).fetchone()
+        if recorded is not None:  # applied before: the same outcome again
+            return decode_outcome(str(recorded[0]))
+        current = _decode_booking(str(row[0])) if row is not None else None
+        outcome, updated = decide_outcome(decision, current)
+        if updated is not None:
+            booking_id = updated.booking_id
+            if decision.action == "refund":
+                await conn.execute("DELETE FROM seats WHERE booking_id = %s", (booking_id,))
+            else:
+                async with conn.cursor() as c:
+                    await c.executemany(
+                        "DELETE FROM seats WHERE booking_id = %s AND flight_id = %s",
+                        [(booking_id, f) for f in decision.replaces],
+                    )
+                wanted = list(seat_rows([updated], only=decision.new_legs))
+                sold: set[tuple[str, str]] = set()
+                for flight_id, seat, bid, pid in wanted:
+                    got = await (
+                        await conn.execute(
+                            "INSERT INTO seats VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING seat",
+                            (flight_id, seat, bid, pid),
+                        )
+                    ).fetchone()
+                    if got is not None:
+                        sold.add((flight_id, seat))
+                missing = [f"{f}/{s}" for f, s, _, _ in wanted if (f, s) not in sold]
+                if missing:
+                    raise _Conflict(missing)
+            await conn.execute(
+                "UPDATE bookings SET version = %s, status = %s, doc = %s WHERE booking_id = %s",
+                (updated.version, updated.status, _encode(updated).decode(), booking_id),
+            )
+        return await self._record(conn, decision, outcome)
+
+    async def _record(
+        self, conn: psycopg.AsyncConnection[tuple[object, ...]], decision: RebookPassenger, outcome: Outcome
+    ) -> Outcome:
+        cur = await conn.execute(
+            "INSERT INTO decisions VALUES (%s, %s, %s) ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id",
+            (decision.decision_id, decision.booking_id, encode_outcome(outcome)),
+        )
+        if await cur.fetchone() is None:  # a concurrent replay recorded it first: theirs stands
+            row = await (
+                await conn.execute("SELECT outcome FROM decisions WHERE decision_id = %s", (decision.decision_id,))
+            ).fetchone()
+            if row is not None:
+                return decode_outcome(str(row[0]))
+        return outcome
+
+    async def booking(self, booking_id: str) -> Booking | None:
+        async with self._connection() as conn:
+            row = await (await conn.execute("SELECT doc FROM bookings WHERE booking_id = %s", (booking_id,))).fetchone()
+        return _decode_booking(str(row[0])) if row is not None else None
+
+    async def bookings(self) -> list[Booking]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute("SELECT doc FROM bookings ORDER BY booking_id")).fetchall()
+        return [_decode_booking(str(r[0])) for r in rows]
+
+    async def drop(self) -> None:
+        """Remove the schema and everything in it (tests)."""
+        async with self._connection() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+def _redact(dsn: str) -> str:
+    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", dsn)

@@ -1,0 +1,91 @@
+"""The flight monitor over a real nats-server: noise does not duplicate disruptions; missed connections."""
+
+from __future__ import annotations
+
+from busagents_flight.context import ContextAgent
+from busagents_flight.data import generate
+from busagents_flight.monitor import FlightMonitor
+from busagents_flight.reasoner import affected_booking
+from busagents_travel import Disruption, Flight, FlightDelayed, FlightStatusUpdated
+
+from busagents import Bus
+from busagents.testing import run_agents
+
+DAY = generate(flights=24, passengers=1500, seed=9)
+
+
+def _update(f: Flight, seq: int, status: str, delay_minutes: int = 0, at: int = 0) -> FlightStatusUpdated:
+    shift = delay_minutes * 60
+    return FlightStatusUpdated(
+        flight_id=f.flight_id,
+        number=f.number,
+        origin=f.origin,
+        destination=f.destination,
+        scheduled_departure=f.departure,
+        scheduled_arrival=f.arrival,
+        status=status,  # type: ignore[arg-type]
+        seq=seq,
+        observed_at=at or f.departure - 3 * 3600 + seq * 60,
+        estimated_departure=f.departure + shift,
+        estimated_arrival=f.arrival + shift,
+    )
+
+
+async def test_repeated_stale_and_reduced_updates_do_not_duplicate_a_disruption(bus: Bus) -> None:
+    flight = DAY.flights[3]
+    monitor = FlightMonitor(rebook_threshold_minutes=180)
+    scheduled = _update(flight, 1, "scheduled")
+    delayed = _update(flight, 2, "delayed", 200)
+    noisy = [
+        scheduled,
+        delayed,
+        delayed,  # repeated
+        scheduled,  # stale: overtaken by the delay
+        _update(flight, 3, "delayed", 150),  # the delay is reduced
+        _update(flight, 4, "gate_changed", 150),
+        delayed,  # very late repeat
+        _update(flight, 5, "boarding", 150),
+    ]
+    async with run_agents(bus, ContextAgent(DAY), monitor):
+        async with bus.expect(FlightDelayed, where=lambda d: d.flight_id == flight.flight_id, timeout=5) as got:
+            for update in noisy:
+                await bus.publish(update)
+        await monitor.wait_handled(len(noisy), timeout=5)
+    assert monitor.disruptions == 1
+    assert got.message.body.delay_minutes == 200
+    assert got.message.body.long_delay
+    assert monitor.ignored == 3
+
+
+async def test_a_delay_on_the_first_leg_that_breaks_the_connection_is_a_disruption(bus: Bus) -> None:
+    booking = next(b for b in DAY.bookings if len(b.legs) == 2)
+    first, second = booking.legs
+    hub = DAY.airport(first.destination)
+    slack_minutes = (second.departure - first.arrival) // 60 - hub.mct_minutes
+    delay = max(10, slack_minutes + 5)  # arrival + MCT is now after the onward departure
+    flight = next(f for f in DAY.flights if f.flight_id == first.flight_id)
+    monitor = FlightMonitor(rebook_threshold_minutes=10_000)  # only the connection can make it matter
+    async with run_agents(bus, ContextAgent(DAY), monitor):
+        async with bus.expect(FlightDelayed, where=lambda d: d.flight_id == flight.flight_id, timeout=5) as got:
+            await bus.publish(_update(flight, 1, "scheduled"))
+            await bus.publish(_update(flight, 2, "delayed", delay))
+    event = got.message.body
+    assert second.flight_id in event.missed_connections
+    assert not event.long_delay
+    affected = affected_booking(Disruption.of(event), booking, {hub.code: hub.mct_minutes})
+    assert affected is not None
+    assert affected.why == "missed_connection"
+    assert affected.origin == hub.code
+    assert affected.replaces == [second.flight_id]
+
+
+async def test_a_small_delay_that_keeps_every_connection_is_not_a_disruption(bus: Bus) -> None:
+    flight = next(
+        f for f in DAY.flights if not any(b.legs[0].flight_id == f.flight_id and len(b.legs) > 1 for b in DAY.bookings)
+    )
+    monitor = FlightMonitor(rebook_threshold_minutes=180)
+    async with run_agents(bus, ContextAgent(DAY), monitor):
+        await bus.publish(_update(flight, 1, "scheduled"))
+        await bus.publish(_update(flight, 2, "delayed", 45))
+        await monitor.wait_handled(2, timeout=5)
+    assert monitor.disruptions == 0

@@ -1,0 +1,155 @@
+"""The offline rebooking policy: cabin, seat preference, groups, loyalty tier, fees and waivers."""
+
+from __future__ import annotations
+
+from busagents_flight.policy import OfflinePolicy
+from busagents_flight.reasoning import AffectedBooking, Case
+from busagents_travel import (
+    AlternativeItinerary,
+    Booking,
+    Disruption,
+    Fare,
+    Flight,
+    Leg,
+    Passenger,
+    RebookPassenger,
+    Seat,
+)
+
+H = 3600
+DISRUPTED = Flight("BX1-25NOV", "BX1", "LHR", "DUB", 10 * H, 11 * H, "A320")
+CANCELLED = Disruption(
+    disruption_id="BX1-25NOV#1", kind="cancelled", flight_id="BX1-25NOV", number="BX1", origin="LHR",
+    destination="DUB", observed_at=8 * H, reason="technical",
+)  # fmt: skip
+SAVER = Fare("Q", "Y", 9_000, 12_000, False)
+BUSINESS = Fare("J", "J", 120_000, 0, True)
+
+
+def _flight(n: int, dep_hour: int) -> Flight:
+    return Flight(f"BX{n}-25NOV", f"BX{n}", "LHR", "DUB", dep_hour * H, (dep_hour + 1) * H, "A320")
+
+
+def _seats(*specs: str) -> list[Seat]:
+    """'3A:J:window' -> Seat."""
+    out = []
+    for spec in specs:
+        number, cabin, position = spec.split(":")
+        out.append(Seat(number, cabin, position))  # type: ignore[arg-type]
+    return out
+
+
+def _booking(booking_id: str, *people: Passenger, fare: Fare = SAVER) -> Booking:
+    f = DISRUPTED
+    seats = [f"{20 + i}C" for i in range(len(people))]
+    leg = Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, fare.cabin, seats)
+    return Booking(booking_id, list(people), [leg], fare)
+
+
+def _pax(pid: str, tier: str = "none", pref: str = "any") -> Passenger:
+    return Passenger(pid, f"P {pid}", tier, pref)  # type: ignore[arg-type]
+
+
+def _case(bookings: list[Booking], itineraries: list[AlternativeItinerary], taken: list[str] = []) -> Case:  # noqa: B006
+    affected = [
+        AffectedBooking(
+            booking=b, why="cancelled", replaces=[DISRUPTED.flight_id], origin="LHR", destination="DUB",
+            not_before=9 * H, current_arrival=None,
+        ).with_search(CANCELLED)
+        for b in bookings
+    ]  # fmt: skip
+    return Case(
+        disruption=CANCELLED,
+        affected=affected,
+        alternatives={a.search: itineraries for a in affected},
+        taken_seats=taken,
+    )
+
+
+def _it(flight: Flight, seats: list[Seat]) -> AlternativeItinerary:
+    return AlternativeItinerary(flights=[flight], free_seats=[seats], arrival=flight.arrival)
+
+
+async def _decide(case: Case) -> dict[str, RebookPassenger]:
+    async def no_lookup(*args: object) -> list[AlternativeItinerary]:
+        return []
+
+    return {d.booking_id: d for d in await OfflinePolicy().decide(case, no_lookup)}
+
+
+async def test_earliest_arrival_in_the_booked_cabin_wins_over_a_downgrade() -> None:
+    early, later = _flight(2, 12), _flight(3, 15)
+    case = _case(
+        [_booking("J1", _pax("J1-1"), fare=BUSINESS)],
+        [_it(early, _seats("20A:Y:window")), _it(later, _seats("2A:J:window", "21A:Y:window"))],
+    )
+    decision = (await _decide(case))["J1"]
+    assert decision.action == "rebook"
+    leg = decision.new_legs[0]
+    assert (leg.flight_id, leg.cabin, leg.seats) == (later.flight_id, "J", ["2A"])
+
+
+async def test_a_downgrade_is_the_last_resort_and_refunds_half_the_fare() -> None:
+    case = _case([_booking("J1", _pax("J1-1"), fare=BUSINESS)], [_it(_flight(2, 12), _seats("20A:Y:window"))])
+    decision = (await _decide(case))["J1"]
+    assert decision.new_legs[0].cabin == "Y"
+    assert decision.cost.refund == BUSINESS.price // 2
+
+
+async def test_seat_preferences_are_met_where_seats_allow() -> None:
+    seats = _seats("20A:Y:window", "20B:Y:middle", "20C:Y:aisle")
+    case = _case(
+        [_booking("W", _pax("W-1", pref="window")), _booking("A", _pax("A-1", pref="aisle"))],
+        [_it(_flight(2, 12), seats)],
+    )
+    decisions = await _decide(case)
+    assert decisions["W"].new_legs[0].seats == ["20A"]
+    assert decisions["A"].new_legs[0].seats == ["20C"]
+
+
+async def test_a_family_travels_together_in_one_row() -> None:
+    scattered = _seats("5A:Y:window", "7C:Y:aisle", "9F:Y:window", "12A:Y:window", "12B:Y:middle", "12C:Y:aisle")
+    family = _booking("FAM", _pax("FAM-1", pref="window"), _pax("FAM-2"), _pax("FAM-3", pref="aisle"))
+    case = _case([family], [_it(_flight(2, 12), scattered)])
+    decision = (await _decide(case))["FAM"]
+    assert decision.new_legs[0].seats == ["12A", "12B", "12C"]
+    assert len(decision.new_legs) == 1
+
+
+async def test_a_family_is_not_split_across_flights() -> None:
+    family = _booking("FAM", _pax("FAM-1"), _pax("FAM-2"))
+    case = _case(
+        [family],
+        [_it(_flight(2, 12), _seats("5A:Y:window")), _it(_flight(3, 14), _seats("8A:Y:window", "8B:Y:middle"))],
+    )
+    decision = (await _decide(case))["FAM"]
+    assert decision.new_legs[0].flight_id == "BX3-25NOV"
+
+
+async def test_the_higher_loyalty_tier_gets_the_last_seat_on_the_earliest_flight() -> None:
+    early, later = _flight(2, 12), _flight(3, 16)
+    case = _case(
+        [_booking("AAA", _pax("AAA-1")), _booking("ZZZ", _pax("ZZZ-1", tier="gold"))],
+        [_it(early, _seats("20A:Y:window")), _it(later, _seats("30A:Y:window"))],
+    )
+    decisions = await _decide(case)
+    assert decisions["ZZZ"].new_legs[0].flight_id == early.flight_id
+    assert decisions["AAA"].new_legs[0].flight_id == later.flight_id
+
+
+async def test_a_seat_known_taken_is_never_assigned_and_nothing_left_means_a_refund() -> None:
+    early = _flight(2, 12)
+    case = _case([_booking("B1", _pax("B1-1"))], [_it(early, _seats("20A:Y:window"))], taken=[f"{early.flight_id}/20A"])
+    decision = (await _decide(case))["B1"]
+    assert decision.action == "refund"
+    assert decision.cost.refund == SAVER.price
+
+
+async def test_the_change_fee_is_waived_when_the_airline_caused_the_change() -> None:
+    pair = _booking("P2", _pax("P2-1"), _pax("P2-2"))
+    case = _case([pair], [_it(_flight(2, 12), _seats("20A:Y:window", "20B:Y:middle"))])
+    decision = (await _decide(case))["P2"]
+    cost = decision.cost
+    assert cost.change_fee == 2 * SAVER.change_fee
+    assert cost.waived and cost.payable == 0
+    assert "waived" in decision.rationale
