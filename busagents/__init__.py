@@ -3,7 +3,7 @@
 from .agent import Agent, on
 from .bus import Bus, Received
 from .context import Context
-from .contract import Kind, command, contract_info, event, json_schema, query
+from .contract import Durability, Kind, command, contract_info, event, json_schema, query
 from .envelope import Envelope
 from .errors import (
     BusagentsError,
@@ -11,6 +11,7 @@ from .errors import (
     ContractError,
     DecodeError,
     NatsUnavailableError,
+    PermanentError,
     QueryFailedError,
     UndeclaredContractError,
 )
@@ -25,10 +26,12 @@ __all__ = [
     "Context",
     "ContractError",
     "DecodeError",
+    "Durability",
     "Envelope",
     "Kind",
     "NatsServer",
     "NatsUnavailableError",
+    "PermanentError",
     "QueryFailedError",
     "Received",
     "UndeclaredContractError",

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from .contract import ContractInfo, contract_info
+from .contract import ContractInfo, Durability, Kind, contract_info
 from .errors import ContractError
 
 if TYPE_CHECKING:
@@ -45,20 +45,40 @@ class Handler:
     func: HandlerFunc
     attr: str
     subject: str | None = None  # narrower subject (e.g. one key), default: every key
+    durability: Durability | None = None  # JetStream delivery; None: core NATS
+
+    @property
+    def durable(self) -> bool:
+        return self.durability is not None
 
 
-def on(contract: type[Any], *, subject: str | None = None) -> Callable[[F], F]:
+def on(
+    contract: type[Any], *, subject: str | None = None, durable: bool | Durability | None = None
+) -> Callable[[F], F]:
     """Declare the decorated method as the handler of ``contract``.
 
     ``subject`` narrows the subscription, e.g. ``"travel.flight.delayed.BA117"`` to
     handle one key only; it must lie under the contract's subject.
+
+    ``durable`` overrides the contract's choice for this subscription: ``True`` (or a
+    :class:`Durability`) consumes it from a JetStream stream with a durable consumer
+    shared by the agent's replicas, ``False`` on core NATS. Default: as the contract says.
+    The handler code is the same either way.
     """
     info = contract_info(contract)
+    if durable and info.kind in (Kind.QUERY, Kind.REPLY):
+        raise ContractError(f"@on({info.name}, durable=...): queries are request/reply and cannot be durable")
+    if durable is None:
+        durability = info.durability
+    elif isinstance(durable, Durability):
+        durability = durable
+    else:
+        durability = (info.durability or Durability()) if durable else None
     if subject is not None and not (subject == info.subject or subject.startswith(info.subject + ".")):
         raise ContractError(f"@on({info.name}, subject={subject!r}): must start with {info.subject!r}")
 
     def mark(func: F) -> F:
-        func.__busagents_on__ = (info, subject)  # type: ignore[attr-defined]
+        func.__busagents_on__ = (info, subject, durability)  # type: ignore[attr-defined]
         return func
 
     return mark
@@ -90,13 +110,15 @@ class Agent:
                 mark = getattr(value, "__busagents_on__", None)
                 if mark is None:
                     continue
-                info, subject = mark
+                info, subject, durability = mark
                 previous = handlers.get(info.cls)
                 if previous is not None and previous.attr != attr and base is cls and previous.attr in vars(cls):
                     raise ContractError(
                         f"{cls.__qualname__}: {info.name} is handled twice ({previous.attr} and {attr})"
                     )
-                handlers[info.cls] = Handler(contract=info, func=value, attr=attr, subject=subject)
+                handlers[info.cls] = Handler(
+                    contract=info, func=value, attr=attr, subject=subject, durability=durability
+                )
         cls.handlers = handlers
         for produced in cls.produces:
             contract_info(produced)  # raises a clear error for a non-contract
@@ -124,7 +146,12 @@ class Agent:
         return {
             "agent": cls.name,
             "consumes": [
-                {"contract": h.contract.name, "kind": h.contract.kind.value, "subject": h.subject}
+                {
+                    "contract": h.contract.name,
+                    "kind": h.contract.kind.value,
+                    "subject": h.subject,
+                    "durable": h.durable,
+                }
                 for h in cls.handlers.values()
             ],
             "produces": [

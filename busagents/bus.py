@@ -2,13 +2,15 @@
 
 It publishes contracts with their envelope, sends typed queries, runs a
 subscription with a bounded number of concurrent handler lanes, and lets tests
-await typed messages (:meth:`Bus.expect`).
+await typed messages (:meth:`Bus.expect`). Durable contracts are published to
+JetStream and wait for the stream's acknowledgement (see :mod:`busagents.durable`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
@@ -16,13 +18,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .codec import codec_for, encode
-from .contract import ContractInfo, Kind, contract_info, subject_for
-from .envelope import Envelope
+from .contract import ContractInfo, Durability, Kind, contract_info, subject_for
+from .durable import ensure_stream
+from .envelope import MSG_ID, Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
 from .headers import FastHeadersClient
 
@@ -35,6 +39,8 @@ log = logging.getLogger("busagents.bus")
 
 #: Header of a query reply that carries the responder's failure instead of a body.
 ERROR_HEADER = "Ba-Error"
+
+_DEFAULT_DURABILITY = Durability()
 
 T = TypeVar("T")
 
@@ -108,12 +114,31 @@ class Mailbox:
 
 
 class Bus:
-    """A NATS connection that publishes and receives contracts."""
+    """A NATS connection that publishes and receives contracts.
 
-    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
+    ``replicas`` and ``ack_wait``, when given, override every durable contract's declaration
+    (a deployment choice: R3 on a 3-node cluster, a short ack wait in fault tests).
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        replicas: int | None = None,
+        ack_wait: float | None = None,
+        publish_timeout: float = 30.0,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.nc = nc
         #: OpenTelemetry spans and metrics for every publish and handled message (None: off, no cost).
         self.telemetry = telemetry
+        self.js = nc.jetstream(timeout=5.0)
+        self.replicas = replicas
+        self.ack_wait = ack_wait
+        #: Seconds a durable publish keeps retrying (same message id) before it fails.
+        self.publish_timeout = publish_timeout
+        self._durability: dict[Durability, Durability] = {}
+        self._reconnected: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     async def connect(
@@ -123,27 +148,65 @@ class Bus:
         name: str = "busagents",
         connect_timeout: float = 2.0,
         telemetry: Telemetry | None = None,
+        replicas: int | None = None,
+        ack_wait: float | None = None,
         **options: Any,
     ) -> Bus:
-        """Connect to NATS; reconnects are handled by nats-py for the life of the connection."""
+        """Connect to NATS; reconnects are handled by nats-py for the life of the connection.
+
+        ``url`` may list several servers separated by commas (a cluster).
+        """
+        bus: Bus | None = None
 
         async def _error_cb(exc: Exception) -> None:
             log.warning("nats: %s", exc)
 
+        async def _reconnected_cb() -> None:
+            log.info("nats: reconnected to %s", bus.url if bus else "?")
+            if bus is not None:
+                for listener in list(bus._reconnected):
+                    await listener()
+
         options.setdefault("error_cb", _error_cb)
+        options.setdefault("reconnected_cb", _reconnected_cb)
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.5)
+        servers = [u.strip() for u in url.split(",") if u.strip()]
         try:
             nc = FastHeadersClient()
             await nc.connect(
-                url, **{"name": name, "connect_timeout": connect_timeout, "allow_reconnect": True, **options}
+                servers, **{"name": name, "connect_timeout": connect_timeout, "allow_reconnect": True, **options}
             )
         except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
             raise NatsUnavailableError(
                 f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); "
                 "start a nats-server there, pass another --nats URL, or let busagents start an embedded one"
             ) from None
-        return cls(nc, telemetry=telemetry)
+        bus = cls(nc, replicas=replicas, ack_wait=ack_wait, telemetry=telemetry)
+        return bus
+
+    def on_reconnected(self, listener: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Call ``listener`` after each reconnect (connections made by :meth:`connect`); returns a remover."""
+        self._reconnected.append(listener)
+        return lambda: self._reconnected.remove(listener)
+
+    def durability(self, info: ContractInfo, declared: Durability | None = None) -> Durability:
+        """The effective durability of a contract (or of one subscription's ``declared`` one)."""
+        d = declared or info.durability or _DEFAULT_DURABILITY
+        effective = self._durability.get(d)
+        if effective is None:
+            changes: dict[str, Any] = {}
+            if self.replicas is not None:
+                changes["replicas"] = self.replicas
+            if self.ack_wait is not None:
+                changes["ack_wait"] = self.ack_wait
+            effective = self._durability[d] = dataclasses.replace(d, **changes) if changes else d
+        return effective
+
+    async def ensure_stream(self, contract: type[Any] | ContractInfo, declared: Durability | None = None) -> str:
+        """Create or update the JetStream stream of a durable contract; returns its name."""
+        info = contract if isinstance(contract, ContractInfo) else contract_info(contract)
+        return await ensure_stream(self.js, info, self.durability(info, declared))
 
     @property
     def url(self) -> str:
@@ -158,22 +221,70 @@ class Bus:
         cause: Envelope | None = None,
         conversation_id: str | None = None,
         envelope: Envelope | None = None,
+        msg_id: str | None = None,
     ) -> Envelope:
-        """Publish a contract instance; returns the envelope it travelled with."""
+        """Publish a contract instance; returns the envelope it travelled with.
+
+        A durable contract is stored in its stream before this returns (JetStream publish
+        ack), and a publish repeated with the same ``msg_id`` is stored once.
+        """
         info = contract_info(type(message))
         if info.kind is Kind.QUERY:
             raise ContractError(f"{info.name} is a query: send it with request(), not publish()")
         if envelope is None:
             envelope = Envelope.new(
-                info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id
+                info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id, msg_id=msg_id
             )
         subject = subject_for(info, message)
         if self.telemetry is not None:
             with self.telemetry.publish_span(subject, info.subscribe_subject, envelope):
-                await self.nc.publish(subject, encode(message), headers=envelope.to_headers())
+                await self._send(info, subject, encode(message), envelope.to_headers())
             return envelope
-        await self.nc.publish(subject, encode(message), headers=envelope.to_headers())
+        await self._send(info, subject, encode(message), envelope.to_headers())
         return envelope
+
+    async def _send(self, info: ContractInfo, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        if info.durable:
+            await self.publish_durable(info, subject, payload, headers)
+        else:
+            await self.nc.publish(subject, payload, headers=headers)
+
+    async def publish_durable(self, info: ContractInfo, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        """Store one message in the contract's stream, retrying with the same id until acknowledged.
+
+        Creates the stream on first use. Retries cover a server restart or a cluster leader
+        election; the ``Nats-Msg-Id`` header makes every retry land at most once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        ensured = False
+        delay = 0.05
+        while True:
+            try:
+                await self.js.publish(subject, payload, timeout=2.0, headers=headers)
+                return
+            except nats.js.errors.NoStreamResponseError:
+                if not ensured and self.nc.is_connected:
+                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                        await self.ensure_stream(info)
+                        ensured = True
+                        continue
+                error: Exception = QueryFailedError(f"no JetStream stream stores {subject}")
+            except (nats.errors.TimeoutError, nats.errors.ConnectionReconnectingError) as exc:
+                error = exc
+            except nats.js.errors.ServiceUnavailableError as exc:
+                error = exc
+            except nats.js.errors.APIError as exc:
+                if exc.code is None or exc.code < 500:
+                    raise ContractError(f"JetStream refused {info.name} on {subject}: {exc.description}") from None
+                error = exc
+            if loop.time() + delay > deadline:
+                raise NatsUnavailableError(
+                    f"could not store {info.name} (id {headers.get(MSG_ID)}) on {subject} within "
+                    f"{self.publish_timeout}s: {error!r}"
+                )
+            await asyncio.sleep(delay)  # back off while the server or the stream leader comes back
+            delay = min(delay * 2, 1.0)
 
     async def request(
         self,

@@ -6,7 +6,8 @@ import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .contract import contract_info
-from .envelope import Envelope
+from .durable import derived_id
+from .envelope import REPLAY_OF, Envelope
 from .errors import UndeclaredContractError
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class Context:
     unless ``conversation_id`` is given.
     """
 
-    __slots__ = ("_envelope", "_headers", "agent", "bus", "log", "subject")
+    __slots__ = ("_derive_ids", "_envelope", "_headers", "_published", "agent", "bus", "log", "subject")
 
     def __init__(
         self,
@@ -37,6 +38,8 @@ class Context:
         headers: dict[str, str] | None = None,
         subject: str = "",
         envelope: Envelope | None = None,
+        *,
+        derive_ids: bool = False,
     ) -> None:
         self.agent = agent
         self.bus = bus
@@ -44,6 +47,8 @@ class Context:
         self.subject = subject
         self._headers = headers
         self._envelope = envelope
+        self._derive_ids = derive_ids
+        self._published = 0
 
     @property
     def envelope(self) -> Envelope | None:
@@ -51,6 +56,19 @@ class Context:
         if self._envelope is None and self._headers is not None:
             self._envelope = Envelope.from_headers(self._headers)
         return self._envelope
+
+    @property
+    def message_id(self) -> str | None:
+        """The id of the message being handled, stable across redeliveries and DLQ replays.
+
+        The key for idempotent side effects (see :mod:`busagents.idempotency`).
+        """
+        if self._headers is not None:
+            replayed = self._headers.get(REPLAY_OF)
+            if replayed:
+                return replayed
+        env = self.envelope
+        return env.id if env is not None else None
 
     @property
     def conversation_id(self) -> str | None:
@@ -66,10 +84,20 @@ class Context:
             )
 
     async def publish(self, message: Any, *, conversation_id: str | None = None) -> Envelope:
-        """Publish a declared Event or Command, caused by the message being handled."""
+        """Publish a declared Event or Command, caused by the message being handled.
+
+        In a durable handler the n-th publish gets an id derived from the handled message's
+        id, so a redelivery republishes the same ids and the copies are dropped.
+        """
         self._check(message)
+        msg_id = None
+        if self._derive_ids:
+            cause_id = self.message_id
+            if cause_id is not None:
+                msg_id = derived_id(cause_id, self.agent.name, self._published)
+            self._published += 1
         return await self.bus.publish(
-            message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id
+            message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id, msg_id=msg_id
         )
 
     async def request(self, query: Any, *, timeout: float = 5.0) -> Any:

@@ -19,7 +19,7 @@ import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import pydantic
@@ -28,6 +28,7 @@ from .errors import ContractError
 
 __all__ = [
     "ContractInfo",
+    "Durability",
     "Kind",
     "command",
     "contract_info",
@@ -54,6 +55,48 @@ class Kind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Durability:
+    """How a durable contract is stored (its JetStream stream) and consumed (durable pull consumers).
+
+    ``durable=True`` on a contract means ``Durability()``: a file-backed stream per contract
+    kept 7 days, consumers that allow 5 deliveries. Deployment may override ``replicas`` and
+    ``ack_wait`` for every stream (``Bus(replicas=, ack_wait=)``, ``BUSAGENTS_REPLICAS``).
+    """
+
+    #: Stream name; default ``BA_<contract name>``.
+    stream: str | None = None
+    #: "limits" keeps messages until max_age/max_msgs (replayable, several agent types may
+    #: consume); "workqueue" deletes each message once acked (one consumer per subject);
+    #: "interest" keeps a message until every consumer acked it.
+    retention: Literal["limits", "interest", "workqueue"] = "limits"
+    #: Seconds a message is kept (0: forever).
+    max_age: float = 7 * 24 * 3600.0
+    #: Messages kept at most (-1: no limit); the oldest are discarded first.
+    max_msgs: int = -1
+    #: Stream replicas in a cluster (1 on a single server; 3 for R3).
+    replicas: int = 1
+    #: "file" survives a server restart; "memory" does not.
+    storage: Literal["file", "memory"] = "file"
+    #: Seconds within which a publish with an already seen ``Nats-Msg-Id`` is dropped.
+    duplicate_window: float = 120.0
+    #: Seconds a delivered message may stay unacknowledged before it is redelivered; a
+    #: running handler extends it with in-progress acks, so this bounds crash recovery time.
+    ack_wait: float = 30.0
+    #: Deliveries of one message before it is dead-lettered.
+    max_deliver: int = 5
+    #: Redelivery delays in seconds after a transient failure (nak), by attempt; the last repeats.
+    backoff: tuple[float, ...] = (1.0, 5.0, 30.0)
+    #: Unacknowledged messages one consumer (all replicas of an agent) may have at once.
+    max_ack_pending: int = 1000
+    #: Messages one replica asks for in one pull request (its local buffer).
+    batch: int = 256
+    #: Per-key ordering: >0 splits the keyed subjects into this many partitions with a stream
+    #: subject transform; each partition has its own consumer with one message in flight, so
+    #: messages of one key are handled in order even across replicas. 0: no ordering.
+    ordered_partitions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ContractInfo:
     """What the framework knows of one contract class."""
 
@@ -67,6 +110,7 @@ class ContractInfo:
     durable: bool = False
     description: str = ""
     is_struct: bool = field(default=True)
+    durability: Durability | None = None  # set when durable
 
     @property
     def subscribe_subject(self) -> str:
@@ -91,9 +135,12 @@ def _declare(
     version: int,
     key: str | None,
     reply: type[Any] | None,
-    durable: bool,
+    durable: bool | Durability,
 ) -> Callable[[type[T]], type[T]]:
     _validate_subject(subject)
+    durability = durable if isinstance(durable, Durability) else (Durability() if durable else None)
+    if durability is not None:
+        _validate_durability(subject, key, durability)
     if version < 1:
         raise ContractError(f"contract version must be >= 1, got {version}")
 
@@ -121,7 +168,8 @@ def _declare(
             subject=subject,
             key=key,
             reply=reply,
-            durable=durable,
+            durable=durability is not None,
+            durability=durability,
             description=(cls.__doc__ or "").strip(),
             is_struct=is_struct,
         )
@@ -131,6 +179,22 @@ def _declare(
     return decorate
 
 
+def _validate_durability(subject: str, key: str | None, d: Durability) -> None:
+    where = f"contract on {subject!r}"
+    if d.stream is not None and not _SUBJECT_TOKEN.match(d.stream):
+        raise ContractError(f"{where}: stream name {d.stream!r} must be letters, digits, '_' or '-'")
+    if d.replicas < 1 or d.replicas > 5:
+        raise ContractError(f"{where}: replicas must be 1..5, got {d.replicas}")
+    if d.max_deliver < 1 or d.ack_wait <= 0 or d.batch < 1 or d.max_ack_pending < 1:
+        raise ContractError(f"{where}: max_deliver, ack_wait, batch and max_ack_pending must be positive")
+    if any(b < 0 for b in d.backoff):
+        raise ContractError(f"{where}: backoff delays must be >= 0, got {d.backoff}")
+    if d.ordered_partitions < 0:
+        raise ContractError(f"{where}: ordered_partitions must be >= 0")
+    if d.ordered_partitions and key is None:
+        raise ContractError(f"{where}: ordered_partitions needs a keyed contract (key=...), order is per key")
+
+
 def _field_names(cls: type[Any], is_struct: bool) -> set[str]:
     if is_struct:
         return set(cls.__struct_fields__)
@@ -138,16 +202,33 @@ def _field_names(cls: type[Any], is_struct: bool) -> set[str]:
 
 
 def event(
-    subject: str, *, name: str | None = None, version: int = 1, key: str | None = None, durable: bool = False
+    subject: str,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    key: str | None = None,
+    durable: bool | Durability = False,
 ) -> Callable[[type[T]], type[T]]:
-    """Declare an Event: a fact, fanned out to every agent type that consumes it."""
+    """Declare an Event: a fact, fanned out to every agent type that consumes it.
+
+    ``durable=True`` (or a :class:`Durability`) sends it through JetStream: stored, acked,
+    redelivered after a crash. Default: core NATS, fast and ephemeral (at most once).
+    """
     return _declare(Kind.EVENT, subject, name=name, version=version, key=key, reply=None, durable=durable)
 
 
 def command(
-    subject: str, *, name: str | None = None, version: int = 1, key: str | None = None, durable: bool = False
+    subject: str,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    key: str | None = None,
+    durable: bool | Durability = False,
 ) -> Callable[[type[T]], type[T]]:
-    """Declare a Command: a request to act, handled by exactly one replica."""
+    """Declare a Command: a request to act, handled by exactly one replica.
+
+    ``durable=True`` (or a :class:`Durability`) sends it through JetStream (see :func:`event`).
+    """
     return _declare(Kind.COMMAND, subject, name=name, version=version, key=key, reply=None, durable=durable)
 
 

@@ -12,6 +12,7 @@ Header names (all plain ASCII strings, so an agent in any language can read them
 ``Ba-Sent-At``            send time, integer nanoseconds since the Unix epoch
 ``traceparent``           W3C trace context (filled by telemetry when enabled)
 ``tracestate``            W3C trace state
+``Ba-Replay-Of``          id of the dead letter's original message, on a replayed message
 ========================  ==============================================================
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "CONTRACT",
     "CONVERSATION_ID",
     "MSG_ID",
+    "REPLAY_OF",
     "SENDER",
     "SENT_AT",
     "TRACEPARENT",
@@ -46,6 +48,7 @@ SENDER = "Ba-Sender"
 SENT_AT = "Ba-Sent-At"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+REPLAY_OF = "Ba-Replay-Of"
 
 _nuid = NUID()
 
@@ -77,9 +80,13 @@ class Envelope(msgspec.Struct, kw_only=True):
         sender: str | None = None,
         cause: Envelope | None = None,
         conversation_id: str | None = None,
+        msg_id: str | None = None,
     ) -> Envelope:
-        """A fresh envelope; with a cause, it joins the cause's conversation."""
-        msg_id = new_id()
+        """A fresh envelope; with a cause, it joins the cause's conversation.
+
+        ``msg_id`` is for a publisher that must repeat an id (a retry, a redelivered handler).
+        """
+        msg_id = msg_id or new_id()
         if cause is not None:
             conversation = cause.conversation_id
             causation: str | None = cause.id

@@ -8,6 +8,7 @@ __all__ = [
     "ContractError",
     "DecodeError",
     "NatsUnavailableError",
+    "PermanentError",
     "QueryFailedError",
     "UndeclaredContractError",
 ]
@@ -39,3 +40,11 @@ class NatsUnavailableError(BusagentsError):
 
 class ConfigError(BusagentsError):
     """Configuration is missing or inconsistent."""
+
+
+class PermanentError(BusagentsError):
+    """Raised by a handler when retrying cannot help: a durable message is dead-lettered at once.
+
+    Any other exception from a handler of a durable subscription is treated as transient:
+    the message is redelivered with backoff until its contract's ``max_deliver``.
+    """

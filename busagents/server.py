@@ -50,7 +50,9 @@ def free_port() -> int:
 
 
 def is_reachable(url: str, timeout: float = 0.5) -> bool:
-    """True when something accepts TCP connections at the host:port of ``url``."""
+    """True when something accepts TCP connections at the host:port of ``url`` (any of a comma list)."""
+    if "," in url:
+        return any(is_reachable(u.strip(), timeout) for u in url.split(",") if u.strip())
     hostport = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
     host, _, port = hostport.rpartition(":")
     try:

@@ -19,3 +19,7 @@ class Settings(BaseSettings):
     #: Seconds between stats heartbeats on ``busagents.stats.<agent>`` (0: off).
     heartbeat_interval: float = 5.0
     log_level: str = "INFO"
+    #: Stream replicas for every durable contract (e.g. 3 on a 3-node cluster); unset: as declared.
+    replicas: int | None = None
+    #: Ack wait in seconds for every durable consumer; unset: as declared.
+    ack_wait: float | None = None

@@ -5,6 +5,13 @@ agent, so an event reaches every agent *type* once and the replicas of a type
 share the load. A message that cannot be decoded, has the wrong contract or
 version, or whose handler raises goes to ``busagents.dlq.<agent>`` with the
 reason, the original headers and the original bytes; the agent keeps serving.
+
+A handler of a durable contract (or ``@on(C, durable=True)``) runs the same code on a
+JetStream durable pull consumer instead (:mod:`busagents.durable`): the message is acked
+after the handler and its publishes succeeded; a transient failure is nak'ed with backoff
+and dead-lettered after ``max_deliver`` deliveries; a permanent one (undecodable, wrong
+contract or version, :class:`~busagents.errors.PermanentError`, an undeclared publish) is
+dead-lettered at once and terminated. Dead letters are kept in the ``BUSAGENTS_DLQ`` stream.
 """
 
 from __future__ import annotations
@@ -22,15 +29,29 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from .agent import Agent, Handler
 from .bus import ERROR_HEADER, Bus, Mailbox
 from .codec import codec_for, encode
 from .context import Context
-from .contract import Kind, contract_info
-from .envelope import CONTRACT, VERSION, Envelope
-from .errors import ContractError, DecodeError, UndeclaredContractError
+from .contract import Durability, Kind, contract_info
+from .durable import (
+    DurableConsumer,
+    ack,
+    backoff_delay,
+    consumer_config,
+    delivery_count,
+    ensure_dlq_stream,
+    nak,
+    partition_filters,
+    stream_sequence,
+    term,
+    unpartitioned,
+)
+from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
+from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
 
 __all__ = [
     "DLQ_AGENT",
@@ -49,8 +70,17 @@ DLQ_PREFIX = "busagents.dlq"
 DLQ_REASON = "Ba-Dlq-Reason"
 DLQ_SUBJECT = "Ba-Dlq-Subject"
 DLQ_AGENT = "Ba-Dlq-Agent"
-DLQ_STAGE = "Ba-Dlq-Stage"  # decode | contract | version | handler | reply
+DLQ_STAGE = "Ba-Dlq-Stage"  # decode | contract | version | handler | max-deliveries | reply
+DLQ_DELIVERIES = "Ba-Dlq-Deliveries"
 STATS_PREFIX = "busagents.stats"
+
+#: Handler exceptions that retrying cannot fix: a durable message is dead-lettered at once.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    PermanentError,
+    ContractError,
+    UndeclaredContractError,
+    DecodeError,
+)
 
 
 def dead_letter_subject(agent_name: str) -> str:
@@ -88,6 +118,8 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.stats = {a.name: AgentStats(a.name) for a in agents}
         self._mailboxes: list[Mailbox] = []
+        self._consumers: list[DurableConsumer] = []
+        self._dlq_stream = False
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = asyncio.Event()
@@ -101,18 +133,14 @@ class Worker:
         self._started = True
         for agent in self.agents:
             await agent.on_start(self._root_context(agent))
+        await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
         for agent in self.agents:
             for handler in type(agent).handlers.values():
+                if handler.durable:
+                    await self._start_durable(agent, handler)
+                    continue
                 subject = handler.subject or handler.contract.subscribe_subject
-                handle = self._handler(agent, handler)
-                if self.bus.telemetry is not None:
-                    handle = self.bus.telemetry.traced_handle(
-                        handle,
-                        agent=agent.name,
-                        contract=handler.contract.name,
-                        template=handler.contract.subscribe_subject,
-                        stats=self.stats[agent.name],
-                    )
+                handle = self._traced(agent, handler, self._handler(agent, handler))
                 self._mailboxes.append(
                     await self.bus.mailbox(subject, handle, queue=agent.name, lanes=agent.max_concurrency)
                 )
@@ -133,7 +161,10 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        results = await asyncio.gather(*(m.drain(self.drain_timeout) for m in self._mailboxes))
+        results = await asyncio.gather(
+            *(m.drain(self.drain_timeout) for m in self._mailboxes),
+            *(c.drain(self.drain_timeout) for c in self._consumers),
+        )
         for agent in self.agents:
             try:
                 await agent.on_stop(self._root_context(agent))
@@ -171,6 +202,161 @@ class Worker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.drain()
+
+    def _traced(
+        self, agent: Agent, handler: Handler, handle: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        if self.bus.telemetry is None:
+            return handle
+        return self.bus.telemetry.traced_handle(
+            handle,
+            agent=agent.name,
+            contract=handler.contract.name,
+            template=handler.contract.subscribe_subject,
+            stats=self.stats[agent.name],
+        )
+
+    # Durable subscriptions
+
+    async def _ensure_dlq_stream(self, *, required: bool) -> None:
+        """Keep dead letters in a stream when the server has JetStream (required by durable handlers)."""
+        try:
+            await ensure_dlq_stream(self.bus.js, replicas=self.bus.replicas or 1)
+            self._dlq_stream = True
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            if required:
+                raise
+            log.debug("no dead-letter stream (JetStream unavailable?): %r", exc)
+
+    async def _start_durable(self, agent: Agent, handler: Handler) -> None:
+        info = handler.contract
+        d = self.bus.durability(info, handler.durability)
+        js = self.bus.js
+        stream = await self.bus.ensure_stream(info, handler.durability)
+        if d.ordered_partitions:
+            narrow = (
+                handler.subject[len(info.subject) + 1 :] if handler.subject and handler.subject != info.subject else ""
+            )
+            strip = unpartitioned(info.subject)
+            handle = self._traced(agent, handler, self._durable_handler(agent, handler, d, strip))
+            for p, filter_subject in enumerate(partition_filters(info, d)):
+                if narrow:
+                    filter_subject = f"{info.subject}.{p}.{narrow}"
+                name = f"{agent.name}-p{p}"
+                await js.add_consumer(stream, consumer_config(name, filter_subject, d, max_ack_pending=1))
+                await self._consume(
+                    DurableConsumer(self.bus.nc, stream, name, handle, lanes=1, batch=1, ack_wait=d.ack_wait)
+                )
+            return
+        await js.add_consumer(stream, consumer_config(agent.name, handler.subject or info.subscribe_subject, d))
+        handle = self._traced(agent, handler, self._durable_handler(agent, handler, d, None))
+        await self._consume(
+            DurableConsumer(
+                self.bus.nc, stream, agent.name, handle, lanes=agent.max_concurrency, batch=d.batch, ack_wait=d.ack_wait
+            )
+        )
+
+    async def _consume(self, consumer: DurableConsumer) -> None:
+        await consumer.start()
+        self._consumers.append(consumer)
+        self.bus.on_reconnected(consumer.reconnected)
+
+    def _durable_handler(
+        self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """Like :meth:`_handler`, but settles each JetStream message: ack, nak with backoff, or term."""
+        info = handler.contract
+        decode = codec_for(info.cls).decode
+        func: Callable[[Any, Context], Awaitable[Any]] = getattr(agent, handler.attr)
+        name = info.name
+        version = str(info.version)
+        bus = self.bus
+        nc = bus.nc
+        logger = logging.getLogger(f"busagents.agent.{agent.name}")
+        stats = self.stats[agent.name]
+        dead_letter = self._dead_letter_durable
+        emit = self._emit
+        max_deliver = d.max_deliver
+
+        async def handle(msg: Msg) -> None:
+            headers = msg.headers
+            subject = strip(msg.subject) if strip is not None else msg.subject
+            if headers is not None:
+                sent_contract = headers.get(CONTRACT)
+                if sent_contract is not None and sent_contract != name:
+                    await dead_letter(agent, msg, subject, "contract", f"expected contract {name}, got {sent_contract}")
+                    return
+                sent_version = headers.get(VERSION)
+                if sent_version is not None and sent_version != version:
+                    reason = f"{name}: this agent handles version {version}, got {sent_version}"
+                    await dead_letter(agent, msg, subject, "version", reason)
+                    return
+            try:
+                body = decode(msg.data)
+            except DecodeError as exc:
+                await dead_letter(agent, msg, subject, "decode", str(exc))
+                return
+            ctx = Context(agent, bus, logger, headers, subject, derive_ids=True)
+            stats.in_flight += 1
+            try:
+                result = await func(body, ctx)
+                if result is not None:
+                    published = await emit(agent, ctx, result)
+                    stats.published += published
+            except PERMANENT_ERRORS as exc:
+                await dead_letter(agent, msg, subject, "handler", f"{type(exc).__name__}: {exc}")
+                return
+            except Exception as exc:
+                delivered = delivery_count(msg.reply)
+                if delivered >= max_deliver:
+                    reason = f"{type(exc).__name__}: {exc} (after {delivered} deliveries)"
+                    await dead_letter(agent, msg, subject, "max-deliveries", reason)
+                    return
+                delay = backoff_delay(d, delivered)
+                logger.warning(
+                    "handler %s failed on %s (delivery %d of %d, retry in %.1fs): %r",
+                    handler.attr,
+                    subject,
+                    delivered,
+                    max_deliver,
+                    delay,
+                    exc,
+                )
+                await nak(nc, msg, delay)
+                return
+            finally:
+                stats.in_flight -= 1
+            await ack(nc, msg)
+            stats.handled += 1
+
+        return handle
+
+    async def _dead_letter_durable(self, agent: Agent, msg: Msg, subject: str, stage: str, reason: str) -> None:
+        """Store the dead letter in the DLQ stream, then terminate the message; nak it if storing failed."""
+        self.stats[agent.name].dead_lettered += 1
+        reason = " ".join(reason.split())[:2000]
+        headers = dict(msg.headers or {})
+        headers[DLQ_REASON] = reason
+        headers[DLQ_SUBJECT] = subject
+        headers[DLQ_AGENT] = agent.name
+        headers[DLQ_STAGE] = stage
+        headers[DLQ_DELIVERIES] = str(delivery_count(msg.reply))
+        stream, seq = stream_sequence(msg.reply)
+        # one dead letter per stored message, however often this runs (crash before the term)
+        headers[MSG_ID] = f"dlq.{agent.name}.{stream}.{seq}"
+        log.warning("dead letter from %s (%s): %s", agent.name, stage, reason)
+        try:
+            await self.bus.js.publish(dead_letter_subject(agent.name), msg.data, timeout=5.0, headers=headers)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.error(
+                "could not store the dead letter of %s (%r); it will be redelivered. Reason was: %s",
+                agent.name,
+                exc,
+                reason,
+            )
+            await nak(self.bus.nc, msg, 1.0)
+            return
+        await term(self.bus.nc, msg)
 
     # Internals
 
@@ -236,7 +422,8 @@ class Worker:
                 if reply_cls is not None:
                     await _reply(bus, agent, msg, ctx, result, reply_cls)
                 elif result is not None:
-                    stats.published += await emit(agent, ctx, result)
+                    published = await emit(agent, ctx, result)
+                    stats.published += published
             except Exception as exc:
                 await dead_letter(agent, msg, "handler", f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, (UndeclaredContractError, ContractError)):
