@@ -17,12 +17,13 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 
 from .errors import ConfigError, NatsUnavailableError
 
-__all__ = ["NatsServer", "find_server_binary", "free_port", "is_reachable"]
+__all__ = ["NatsCluster", "NatsServer", "find_server_binary", "free_port", "is_reachable"]
 
 
 def find_server_binary() -> str:
@@ -88,6 +89,7 @@ class NatsServer:
         self.store_dir = Path(store_dir) if store_dir else None
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
+        self._log_offset = 0
 
     @property
     def url(self) -> str:
@@ -100,6 +102,7 @@ class NatsServer:
             self.store_dir = Path(tempfile.mkdtemp(prefix="busagents-nats-"))
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.store_dir / "nats-server.log"
+        self._log_offset = self._log.stat().st_size if self._log.exists() else 0  # a restart appends
         args = [find_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
         if self.config_file is not None:
             args += ["-c", str(self.config_file)]
@@ -128,7 +131,9 @@ class NatsServer:
         if not self.jetstream or self._log is None:
             return True
         try:
-            return "Server is ready" in self._log.read_text(errors="replace")
+            with self._log.open("rb") as f:
+                f.seek(self._log_offset)
+                return b"Server is ready" in f.read()
         except OSError:
             return False
 
@@ -154,6 +159,21 @@ class NatsServer:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
 
+    def restart(self, timeout: float = 10.0) -> NatsServer:
+        """Stop gracefully and start again on the same port with the same store (for fault tests)."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
+        self.process = None
+        return self.start(timeout)
+
     def kill(self) -> None:
         """Kill -9, keeping the store (for fault tests)."""
         if self.process is not None and self.process.poll() is None:
@@ -168,3 +188,84 @@ class NatsServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """``size`` nats-servers with JetStream, routed into one cluster on loopback ports.
+
+    For tests of replicated (R3) streams and node failures::
+
+        with NatsCluster(3) as cluster:
+            bus = await Bus.connect(cluster.url, replicas=3)
+            cluster.servers[0].kill()
+    """
+
+    def __init__(self, size: int = 3, *, name: str = "busagents", base_dir: str | Path | None = None) -> None:
+        if size < 1:
+            raise ConfigError(f"a cluster needs at least one server, got {size}")
+        self._own_dir = base_dir is None
+        self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="busagents-cluster-"))
+        route_ports = [free_port() for _ in range(size)]
+        self.monitor_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+        self.servers = [
+            NatsServer(
+                name=f"{name}-n{i + 1}",
+                store_dir=self.base_dir / f"n{i + 1}",
+                extra_args=[
+                    "--cluster_name",
+                    name,
+                    "--cluster",
+                    f"nats://127.0.0.1:{route_ports[i]}",
+                    "--routes",
+                    routes,
+                    "-m",
+                    str(self.monitor_ports[i]),
+                ],
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every server's URL, comma-separated (what ``Bus.connect`` and ``--nats`` accept)."""
+        return ",".join(s.url for s in self.servers)
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        for server in self.servers:
+            server.start(timeout)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every running server reports JetStream healthy (a meta leader is elected)."""
+        deadline = time.monotonic() + timeout
+        for server, port in zip(self.servers, self.monitor_ports, strict=True):
+            if server.process is None:
+                continue
+            while not _healthy(port):
+                if time.monotonic() > deadline:
+                    raise NatsUnavailableError(f"cluster not ready within {timeout}s: {server.log_tail()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _healthy(monitor_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/healthz", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except (OSError, ValueError):
+        return False
