@@ -55,6 +55,8 @@ from .errors import ContractError, DecodeError, PermanentError, UndeclaredContra
 
 __all__ = [
     "DLQ_AGENT",
+    "DLQ_DELIVERIES",
+    "DLQ_MSG_ID",
     "DLQ_PREFIX",
     "DLQ_REASON",
     "DLQ_STAGE",
@@ -72,6 +74,7 @@ DLQ_SUBJECT = "Ba-Dlq-Subject"
 DLQ_AGENT = "Ba-Dlq-Agent"
 DLQ_STAGE = "Ba-Dlq-Stage"  # decode | contract | version | handler | max-deliveries | reply
 DLQ_DELIVERIES = "Ba-Dlq-Deliveries"
+DLQ_MSG_ID = "Ba-Dlq-Msg-Id"  # the original Nats-Msg-Id (the dead letter has its own)
 STATS_PREFIX = "busagents.stats"
 
 #: Handler exceptions that retrying cannot fix: a durable message is dead-lettered at once.
@@ -342,6 +345,9 @@ class Worker:
         headers[DLQ_STAGE] = stage
         headers[DLQ_DELIVERIES] = str(delivery_count(msg.reply))
         stream, seq = stream_sequence(msg.reply)
+        original_id = headers.get(MSG_ID)
+        if original_id:
+            headers[DLQ_MSG_ID] = original_id
         # one dead letter per stored message, however often this runs (crash before the term)
         headers[MSG_ID] = f"dlq.{agent.name}.{stream}.{seq}"
         log.warning("dead letter from %s (%s): %s", agent.name, stage, reason)
@@ -453,6 +459,10 @@ class Worker:
         headers[DLQ_SUBJECT] = msg.subject
         headers[DLQ_AGENT] = agent.name
         headers[DLQ_STAGE] = stage
+        original_id = headers.get(MSG_ID)
+        if original_id:  # the DLQ stream de-duplicates per agent, not across agents
+            headers[DLQ_MSG_ID] = original_id
+            headers[MSG_ID] = f"dlq.{agent.name}.{original_id}"
         log.warning("dead letter from %s (%s): %s", agent.name, stage, reason)
         try:
             await self.bus.nc.publish(dead_letter_subject(agent.name), msg.data, headers=headers)

@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from busagents import Agent, Bus, Context, event, on
 from busagents.server import NatsServer
 from busagents.testing import run_agents
-from busagents.worker import DLQ_AGENT, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
+from busagents.worker import DLQ_AGENT, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
 
 from .drain_agent import Done, Job, Started
 
@@ -102,7 +102,7 @@ async def test_undecodable_payload_is_dead_lettered_and_agent_keeps_serving(
     assert dead.headers[DLQ_SUBJECT] == "test.worker.order.o1"
     assert dead.headers[DLQ_AGENT] == "shop"
     assert dead.headers["X-Custom"] == "kept"  # the original headers
-    assert dead.headers["Nats-Msg-Id"] == "m-1"
+    assert dead.headers[DLQ_MSG_ID] == "m-1"  # its own Nats-Msg-Id is per agent, for the DLQ stream
     assert worker.stats["shop"].dead_lettered == 1
     assert worker.stats["shop"].handled == 1
 

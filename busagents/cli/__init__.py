@@ -10,6 +10,7 @@ import click
 from ..errors import BusagentsError
 from .agents import agents_group, run_command
 from .demo import demo_command
+from .dlq import dlq_group
 from .new import new_command
 
 __all__ = ["cli", "main"]
@@ -26,6 +27,7 @@ def cli(log_level: str) -> None:
 cli.add_command(agents_group)
 cli.add_command(run_command)
 cli.add_command(demo_command)
+cli.add_command(dlq_group)
 cli.add_command(new_command)
 
 
