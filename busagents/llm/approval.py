@@ -73,7 +73,7 @@ class ApprovalGate:
                 ApprovalRequested(
                     request_id=request_id,
                     agent=ctx.agent.name,
-                    decision_contract=contract_info(type(decision)).name,
+                    decision_contract=type(decision).__name__,
                     decision=builtins(decision),
                     cost=cost,
                     threshold=self.threshold or 0.0,

@@ -35,7 +35,7 @@ from anthropic import AsyncAnthropic
 
 from ..agent import Agent
 from ..context import Context
-from ..contract import contract_info
+from ..contract import contract_info, is_contract
 from ..envelope import new_id
 from ..errors import BusagentsError, ConfigError, DecodeError
 from .budget import Budget
@@ -87,7 +87,8 @@ class Decider(Generic[D]):
         agent_cls = agent if isinstance(agent, type) else type(agent)
         self.agent_name = agent_cls.name
         self.settings = settings or LLMSettings.for_agent(agent_cls.name)
-        undeclared = [contract_info(c).name for c in (decision, *tools) if not agent_cls.may_produce(c)]
+        contracts = (decision, *tools) if is_contract(decision) else tools
+        undeclared = [contract_info(c).name for c in contracts if not agent_cls.may_produce(c)]
         if self.settings.fallback == "review" and not agent_cls.may_produce(ReviewRequested):
             undeclared.append(contract_info(ReviewRequested).name)
         if undeclared:
@@ -156,7 +157,7 @@ class Decider(Generic[D]):
                 await ctx.publish(
                     ReviewRequested(
                         agent=self.agent_name,
-                        decision_contract=contract_info(self.decision.contract).name,
+                        decision_contract=self.decision.codec.info.name,
                         reason=reason,
                         task=task,
                         case=builtins(case),
@@ -272,7 +273,7 @@ class Decider(Generic[D]):
         self, use: dict[str, Any], replies: Sequence[Any], check: Check[D] | None, outcome: Outcome[D]
     ) -> tuple[D | None, str]:
         started = time.perf_counter()
-        record = ToolCall(self.decision.name, contract_info(self.decision.contract).name)
+        record = ToolCall(self.decision.name, self.decision.codec.info.name)
         outcome.tool_calls.append(record)
         arguments = use.get("input")
         problem = ""

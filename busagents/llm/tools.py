@@ -12,9 +12,10 @@ import re
 from typing import Any
 
 import msgspec
+import pydantic
 
-from ..codec import codec_for, encode
-from ..contract import Kind, contract_info, json_schema
+from ..codec import Codec, codec_for, encode
+from ..contract import ContractInfo, Kind, contract_info, is_contract, json_schema
 from ..errors import ConfigError, DecodeError
 
 __all__ = ["DecisionTool", "QueryTool", "input_schema", "tool_name"]
@@ -29,12 +30,28 @@ def tool_name(contract_name: str) -> str:
     return _TOOL_NAME.sub("_", snake)[:64]
 
 
-def input_schema(cls: type[Any], *, closed: bool = False) -> dict[str, Any]:
-    """The contract's JSON Schema shaped as a tool ``input_schema`` (an object at the root).
+def _typed(cls: type[Any]) -> ContractInfo:
+    """The declaration of a contract, or a stand-in for a plain Struct / BaseModel (never published)."""
+    if is_contract(cls):
+        return contract_info(cls)
+    is_struct = isinstance(cls, type) and issubclass(cls, msgspec.Struct)
+    if not is_struct and not (isinstance(cls, type) and issubclass(cls, pydantic.BaseModel)):
+        raise ConfigError(f"{cls!r} cannot be a decision: use a contract, a msgspec.Struct or a pydantic.BaseModel")
+    doc = (cls.__doc__ or "").strip()
+    return ContractInfo(cls, Kind.REPLY, cls.__name__, 1, "", description=doc, is_struct=is_struct)
 
-    ``closed`` adds ``additionalProperties: false`` so the model is told no other field exists.
+
+def input_schema(cls: type[Any], *, closed: bool = False) -> dict[str, Any]:
+    """The JSON Schema of a contract (or Struct / BaseModel) shaped as a tool ``input_schema``.
+
+    The root is an object; ``closed`` adds ``additionalProperties: false`` so the model is
+    told no other field exists.
     """
-    schema = dict(json_schema(cls))
+    info = _typed(cls)
+    if is_contract(cls):
+        schema = dict(json_schema(cls))
+    else:
+        schema = dict(msgspec.json.schema(cls) if info.is_struct else cls.model_json_schema())
     schema.pop("x-busagents", None)
     ref = schema.pop("$ref", None)
     defs: dict[str, Any] = dict(schema.pop("$defs", {}))
@@ -44,7 +61,7 @@ def input_schema(cls: type[Any], *, closed: bool = False) -> dict[str, Any]:
     else:
         root = schema
     if root.get("type") != "object":
-        raise ConfigError(f"{contract_info(cls).name}: a tool input must be an object, its schema is {root!r}")
+        raise ConfigError(f"{info.name}: a tool input must be an object, its schema is {root!r}")
     if closed:
         root["additionalProperties"] = False
     root.pop("title", None)
@@ -54,8 +71,7 @@ def input_schema(cls: type[Any], *, closed: bool = False) -> dict[str, Any]:
 
 
 def _fields(cls: type[Any]) -> frozenset[str]:
-    info = contract_info(cls)
-    return frozenset(cls.__struct_fields__ if info.is_struct else cls.model_fields)
+    return frozenset(cls.__struct_fields__ if _typed(cls).is_struct else cls.model_fields)
 
 
 class QueryTool:
@@ -92,15 +108,20 @@ class QueryTool:
 
 
 class DecisionTool:
-    """The tool whose input is the decision contract; the model's only way to answer."""
+    """The tool whose input is the decision contract; the model's only way to answer.
 
-    __slots__ = ("contract", "definition", "fields", "name")
+    The decision is a contract (published as it is), or a plain Struct / BaseModel that the
+    agent turns into the contract it publishes (so the model never writes ids or prices).
+    """
+
+    __slots__ = ("codec", "contract", "definition", "fields", "name")
 
     def __init__(self, contract: type[Any], *, name: str = "decide", description: str | None = None) -> None:
-        info = contract_info(contract)
+        info = _typed(contract)
         if info.kind is Kind.QUERY:
             raise ConfigError(f"{info.name} is a query; a decision is an event or a command")
         self.contract = contract
+        self.codec = codec_for(contract) if is_contract(contract) else Codec(info)
         self.name = name
         self.fields = _fields(contract)
         text = description or (
@@ -119,7 +140,7 @@ class DecisionTool:
         unknown = sorted(set(arguments) - self.fields)
         if unknown:
             raise DecodeError(
-                f"{contract_info(self.contract).name}: unknown field(s) {', '.join(unknown)}; "
+                f"{self.codec.info.name}: unknown field(s) {', '.join(unknown)}; "
                 f"the only fields are {', '.join(sorted(self.fields))}"
             )
-        return codec_for(self.contract).decode(_json.encode(arguments))
+        return self.codec.decode(_json.encode(arguments))
