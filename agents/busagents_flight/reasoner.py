@@ -26,7 +26,9 @@ from busagents_travel import (
 )
 
 from busagents import Agent, Context, on
+from busagents.llm import ApprovalRequested, LLMSettings, ReviewRequested
 
+from .approval import Approvals
 from .policy import OfflinePolicy
 from .reasoning import AffectedBooking, Case, Lookup, Reasoner, load_reasoner, search_key
 from .settings import FlightSettings
@@ -42,7 +44,7 @@ class ReasonerAgent(Agent):
     """Turns ``FlightDelayed`` / ``FlightCancelled`` into one ``RebookPassenger`` per affected booking."""
 
     name = "flight-reasoner"
-    produces = (RebookPassenger, DisruptionAssessed, BookingsOnFlight, Alternatives)
+    produces = (RebookPassenger, DisruptionAssessed, BookingsOnFlight, Alternatives, ApprovalRequested, ReviewRequested)
     max_concurrency = 8
 
     def __init__(self, reasoner: Reasoner | str | None = None) -> None:
@@ -52,6 +54,7 @@ class ReasonerAgent(Agent):
         self.fallback = OfflinePolicy()
         self.held: dict[str, set[str]] = defaultdict(set)  # seats this replica gave out, by flight
         self.replaced = 0  # decisions of the backend that failed the check
+        self.approvals = Approvals(LLMSettings.for_agent(self.name))  # costly decisions wait for a human
 
     async def on_stop(self, ctx: Context) -> None:
         await self.reasoner.close()
@@ -136,13 +139,13 @@ class ReasonerAgent(Agent):
         taken = sorted(f"{fid}/{seat}" for fid in flights for seat in self.held.get(fid, ()))
         case = Case(disruption=d, affected=affected, alternatives=cache, taken_seats=taken, attempt=attempt)
         try:
-            decisions = await self.reasoner.decide(case, lookup)
+            decisions = await self.reasoner.decide_in(ctx, case, lookup)
         except Exception as exc:  # a backend failure must not leave passengers without a decision
             ctx.log.warning(
                 "reasoner %s failed on %s (%r); using the offline policy", self.reasoner.name, d.disruption_id, exc
             )
             decisions = []
-        checked = self._check(case, decisions, cache, lookup)
+        checked = await self.approvals.hold(self._check(case, decisions, cache, lookup), ctx)
         for decision in checked:
             for leg in decision.new_legs:
                 self.held[leg.flight_id].update(leg.seats)

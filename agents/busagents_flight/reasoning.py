@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 import msgspec
 from busagents_travel import AlternativeItinerary, Booking, Disruption, RebookPassenger
 
-from busagents import ConfigError
+from busagents import ConfigError, Context
 
 __all__ = [
     "REASONERS_GROUP",
@@ -92,6 +92,11 @@ class Reasoner(abc.ABC):
     @abc.abstractmethod
     async def decide(self, case: Case, lookup: Lookup) -> list[RebookPassenger]:
         """The decisions for ``case``."""
+
+    async def decide_in(self, ctx: Context, case: Case, lookup: Lookup) -> list[RebookPassenger]:
+        """``decide``, called from the reasoner agent's handler; backends that use the bus
+        themselves (the LLM backend's tools, budgets per conversation) override this."""
+        return await self.decide(case, lookup)
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients or connections (called when the reasoner agent stops)."""

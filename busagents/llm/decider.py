@@ -78,7 +78,7 @@ class Decider(Generic[D]):
         agent: Agent | type[Agent],
         decision: type[D],
         *,
-        tools: Sequence[type[Any]] = (),
+        tools: Sequence[type[Any] | QueryTool] = (),
         instructions: str,
         settings: LLMSettings | None = None,
         client: AsyncAnthropic | None = None,
@@ -87,7 +87,8 @@ class Decider(Generic[D]):
         agent_cls = agent if isinstance(agent, type) else type(agent)
         self.agent_name = agent_cls.name
         self.settings = settings or LLMSettings.for_agent(agent_cls.name)
-        contracts = (decision, *tools) if is_contract(decision) else tools
+        query_tools = [t if isinstance(t, QueryTool) else QueryTool(t) for t in tools]
+        contracts = [t.contract for t in query_tools] + ([decision] if is_contract(decision) else [])
         undeclared = [contract_info(c).name for c in contracts if not agent_cls.may_produce(c)]
         if self.settings.fallback == "review" and not agent_cls.may_produce(ReviewRequested):
             undeclared.append(contract_info(ReviewRequested).name)
@@ -97,7 +98,7 @@ class Decider(Generic[D]):
                 f"{agent_cls.__name__}.produces to use them in its Decider"
             )
         self.decision = DecisionTool(decision)
-        self.tools = {t.name: t for t in (QueryTool(c) for c in tools)}
+        self.tools = {t.name: t for t in query_tools}
         if len(self.tools) != len(tools) or {self.decision.name, _CASE_TOOL} & set(self.tools):
             raise ConfigError(f"tool names must be unique: {[*self.tools, self.decision.name, _CASE_TOOL]}")
         s = self.settings
@@ -187,7 +188,7 @@ class Decider(Generic[D]):
             {"role": "assistant", "content": [{"type": "tool_use", "id": _CASE_ID, "name": _CASE_TOOL, "input": {}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": _CASE_ID, "content": case_json}]},
         ]
-        replies: list[Any] = []
+        replies = outcome.replies
         queries = 0
         force = False
         last_attempt: Any = None

@@ -7,7 +7,7 @@ and every tool call (tool, contract, latency, error), so telemetry can export th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from .client import Attempt
 
@@ -69,6 +69,8 @@ class Outcome(Generic[D]):
     corrections: int = 0
     #: Tool names the model asked for that the agent does not declare (never executed).
     refused_tools: list[str] = field(default_factory=list)
+    #: The typed replies of the queries the model made, in order.
+    replies: list[Any] = field(default_factory=list)
     seconds: float = 0.0
 
     @property

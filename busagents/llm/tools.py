@@ -9,6 +9,7 @@ decoded it: nothing the model writes leaves the agent without passing that check
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -75,11 +76,21 @@ def _fields(cls: type[Any]) -> frozenset[str]:
 
 
 class QueryTool:
-    """A bus Query offered to the model as a tool."""
+    """A bus Query offered to the model as a tool.
 
-    __slots__ = ("contract", "definition", "name", "reply")
+    ``render`` turns the typed reply into the tool result's text (default: its JSON), e.g. to
+    leave out what the model does not need; it sees only what the query returned.
+    """
 
-    def __init__(self, contract: type[Any], *, description: str | None = None) -> None:
+    __slots__ = ("_render", "contract", "definition", "name", "reply")
+
+    def __init__(
+        self,
+        contract: type[Any],
+        *,
+        description: str | None = None,
+        render: Callable[[Any], str] | None = None,
+    ) -> None:
         info = contract_info(contract)
         if info.kind is not Kind.QUERY or info.reply is None:
             raise ConfigError(f"{info.name} is a {info.kind.value}: only queries can be tools the model calls")
@@ -96,14 +107,16 @@ class QueryTool:
             "description": text,
             "input_schema": input_schema(contract),
         }
+        self._render = render
 
     def parse(self, arguments: dict[str, Any]) -> Any:
         """The typed query from the model's tool input; raises DecodeError naming the field."""
         return codec_for(self.contract).decode(_json.encode(arguments))
 
-    @staticmethod
-    def render(reply: Any) -> str:
-        """The reply as the JSON text of a tool result."""
+    def render(self, reply: Any) -> str:
+        """The reply as the text of a tool result."""
+        if self._render is not None:
+            return self._render(reply)
         return encode(reply).decode()
 
 

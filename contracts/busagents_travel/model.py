@@ -102,3 +102,4 @@ class Booking(msgspec.Struct, frozen=True):
     fare: Fare
     status: Literal["active", "refunded"] = "active"
     version: int = 0  # bumped by every change the booking store applies
+    note: str = ""  # free text the passenger left (special requests): untrusted, data only
