@@ -7,6 +7,7 @@ tests are reproducible without any network or bundled data file.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,14 +146,14 @@ class _Inventory:
 
     free: dict[str, list[Seat]] = field(default_factory=dict)
 
-    def take(self, cabin: str, count: int, rng: random.Random) -> list[str] | None:
+    def take(self, cabin: str, count: int, rng: random.Random) -> list[Seat] | None:
         seats = self.free.get(cabin)
         if not seats or len(seats) < count:
             return None
         start = rng.randrange(0, len(seats) - count + 1)
         taken = seats[start : start + count]
         del seats[start : start + count]
-        return [s.number for s in taken]
+        return taken
 
 
 def generate(flights: int = 40, passengers: int = 3000, seed: int = 7) -> AirlineDay:
@@ -213,29 +214,29 @@ def _bookings(
 ) -> Iterator[Booking]:
     hubs = {h.code for h in _HUBS}
     by_origin: dict[str, list[Flight]] = {}
-    for f in schedule:
+    for f in schedule:  # the schedule is sorted by departure
         by_origin.setdefault(f.origin, []).append(f)
+    departures = {origin: [f.departure for f in flights] for origin, flights in by_origin.items()}
     made = 0
     attempts = 0
     seq = 0
     while made < target and attempts < target * 4:
         attempts += 1
-        size = min(rng.choices((1, 2, 3, 4), (70, 18, 7, 5))[0], target - made)
+        size = min(rng.choices((1, 2, 3, 4), cum_weights=(70, 88, 95, 100))[0], target - made)
         first = rng.choice(schedule)
         legs_flights = [first]
         if first.destination in hubs and rng.random() < 0.45:
-            window = [
-                f
-                for f in by_origin.get(first.destination, ())
-                if first.arrival + mct[f.origin] <= f.departure <= first.arrival + mct[f.origin] + 4 * _HOUR
-                and f.destination != first.origin
-            ]
+            onward = by_origin.get(first.destination, [])
+            times = departures.get(first.destination, [])
+            ready = first.arrival + mct[first.destination]
+            lo, hi = bisect.bisect_left(times, ready), bisect.bisect_right(times, ready + 4 * _HOUR)
+            window = [f for f in onward[lo:hi] if f.destination != first.origin]
             if window:
                 legs_flights.append(rng.choice(window))
         cabin = _pick_cabin(first.aircraft, rng)
         if any(cabin not in inventory[f.flight_id].free for f in legs_flights):
             cabin = "Y"
-        taken: list[list[str]] = []
+        taken: list[list[Seat]] = []
         for f in legs_flights:
             seats = inventory[f.flight_id].take(cabin, size, rng)
             if seats is None:
@@ -243,15 +244,23 @@ def _bookings(
             taken.append(seats)
         if len(taken) != len(legs_flights):
             for f, seats in zip(legs_flights, taken, strict=False):  # give them back
-                inv = inventory[f.flight_id].free[cabin]
-                inv.extend(s for s in seat_map(f.aircraft) if s.number in seats)
+                inventory[f.flight_id].free[cabin].extend(seats)
             continue
         seq += 1
         booking_id = _pnr(seq)
         people = [_passenger(booking_id, i, rng) for i in range(size)]
         fare = rng.choice(_FARES[cabin])
         legs = [
-            Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, cabin, seats)  # type: ignore[arg-type]
+            Leg(
+                f.flight_id,
+                f.number,
+                f.origin,
+                f.destination,
+                f.departure,
+                f.arrival,
+                cabin,  # type: ignore[arg-type]
+                [s.number for s in seats],
+            )
             for f, seats in zip(legs_flights, taken, strict=True)
         ]
         yield Booking(booking_id, people, legs, fare)
@@ -275,7 +284,7 @@ def _pnr(seq: int) -> str:
 
 
 def _passenger(booking_id: str, i: int, rng: random.Random) -> Passenger:
-    tier = rng.choices(("none", "silver", "gold", "platinum"), (70, 17, 9, 4))[0]
-    pref = rng.choices(("window", "aisle", "any"), (40, 35, 25))[0]
+    tier = rng.choices(("none", "silver", "gold", "platinum"), cum_weights=(70, 87, 96, 100))[0]
+    pref = rng.choices(("window", "aisle", "any"), cum_weights=(40, 75, 100))[0]
     name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
     return Passenger(f"{booking_id}-{i + 1}", name, tier, pref)  # type: ignore[arg-type]

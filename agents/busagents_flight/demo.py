@@ -9,9 +9,11 @@ when every disruption has been assessed and every affected passenger notified.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +26,16 @@ from busagents_travel import (
     DisruptionAssessed,
     FlightCancelled,
     FlightDelayed,
+    FlightStatusUpdated,
     PassengerNotified,
     RebookRejected,
 )
 from nats.aio.msg import Msg
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from busagents import Bus, NatsServer, Worker
 from busagents.envelope import SENT_AT
@@ -39,6 +46,7 @@ from .feed import publish_feed, status_feed
 from .monitor import FlightMonitor
 from .notifier import Notifier, OutboxChannel
 from .reasoner import ReasonerAgent
+from .rebooker import Rebooker
 from .settings import FlightSettings
 from .store import open_store
 
@@ -62,9 +70,10 @@ class DemoReport(msgspec.Struct, kw_only=True):
     passengers: int
     seed: int
     status_updates: int
-    messages: int
-    wall_seconds: float
-    msgs_per_second: float
+    messages: int  # travel.> messages seen on the bus (status feed, events, commands, query requests)
+    wall_seconds: float  # everything: generating the day, loading the store, the run, the audit
+    run_seconds: float  # first status update published -> last passenger notified
+    msgs_per_second: float  # messages / run_seconds
 
 
 @dataclass
@@ -72,7 +81,17 @@ class _Tally:
     """Counts what goes over the bus, from the demo's own subscriptions."""
 
     console: Console | None
+    live: bool = False  # lines go to the live view's recent-events panel instead of the console
     verbose_notices: int = 3
+    samples: list[str] = field(default_factory=list)  # a few notifications, shown in full at the end
+    max_lines: int = 60  # printed event lines when not live; the rest are only counted
+    lines: int = 0
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=14))
+    feed_total: int = 0
+    feed_published: int = 0
+    sim_clock: int = 0
+    started: float = field(default_factory=time.monotonic)
+    cancelled: int = 0
     messages: int = 0
     disruptions: int = 0
     assessed: int = 0
@@ -88,8 +107,43 @@ class _Tally:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def say(self, text: str) -> None:
-        if self.console is not None:
-            self.console.print(text, highlight=False)
+        if self.live:
+            self.recent.append(text)
+        elif self.console is not None:
+            self.lines += 1
+            if self.lines <= self.max_lines:
+                self.console.print(text, highlight=False)
+            elif self.lines == self.max_lines + 1:
+                self.console.print("  ... (further events counted, not printed; see the summary)")
+
+    def board(self) -> RenderableType:
+        """The live view: the day so far, as counts, rates and latencies, and the latest events."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        recent_latencies = self.latencies_ms[-5000:]
+        table = Table.grid(padding=(0, 2))
+        table.add_column(justify="right", style="bold")
+        table.add_column()
+        clock = _hm(self.sim_clock) if self.sim_clock else "--:--"
+        table.add_row("simulated clock", f"{clock}  ({self.feed_published}/{self.feed_total} status updates)")
+        table.add_row("flights disrupted", f"{self.disruptions} ({self.cancelled} cancelled)")
+        table.add_row("passengers affected", str(self.affected))
+        table.add_row("rebooked", f"[green]{self.rebooked}[/]")
+        table.add_row("refunded", f"[magenta]{self.refunded}[/]")
+        table.add_row("kept (delay only)", str(self.kept))
+        table.add_row("notified", f"[cyan]{len(self.notified)}[/] / {self.affected}")
+        table.add_row("re-decided (seat races)", str(self.rejected))
+        table.add_row("dead letters", f"[red]{self.dead_lettered}[/]" if self.dead_lettered else "0")
+        table.add_row("messages/s", f"{self.messages / elapsed:,.0f}  ({self.messages:,} in {elapsed:.1f}s)")
+        table.add_row(
+            "latency p50 / p99",
+            f"{_percentile(recent_latencies, 50):,.0f} / {_percentile(recent_latencies, 99):,.0f} ms "
+            "(disruption -> notified)",
+        )
+        events = Text.from_markup("\n".join(self.recent) or "waiting for the first disruption ...")
+        return Group(
+            Panel(table, title="busagents flight assistant", border_style="blue"),
+            Panel(events, title="latest events", border_style="dim"),
+        )
 
 
 _decode_delayed = msgspec.json.Decoder(FlightDelayed).decode
@@ -127,6 +181,7 @@ async def _subscribe(bus: Bus, tally: _Tally) -> list[Any]:
         e = _decode_cancelled(msg.data)
         t.disruptions += 1
         t.disrupted_at[e.disruption_id] = _sent_at(msg)
+        t.cancelled += 1
         t.say(f"[red]CANCELLED[/] {e.number} {e.origin}->{e.destination} ({e.reason})")
         t.changed.set()
 
@@ -166,8 +221,9 @@ async def _subscribe(bus: Bus, tally: _Tally) -> list[Any]:
             start = t.disrupted_at.get(e.disruption_id)
             if start:
                 t.latencies_ms.append((_sent_at(msg) - start) / 1e6)
-        if len(t.notified) <= t.verbose_notices:
-            t.say(f"  [cyan]notified[/]  {e.passenger_id}: {e.text}")
+        if len(t.samples) < t.verbose_notices and e.action != "keep":
+            t.samples.append(f"[cyan]{e.passenger_id}[/] ({e.channel}): {e.text}")
+        t.say(f"  [cyan]notified[/]  {e.passenger_id} ({e.action})")
         t.changed.set()
 
     async def dead(msg: Msg) -> None:
@@ -215,14 +271,21 @@ async def run_demo(
     reasoner: str = "offline",
     store: str | None = None,
     outbox: str | None = None,
-    speed: float = 0.0,
+    day_seconds: float = 0.0,
     timeout: float = 600.0,
     console: Console | None = None,
+    live: bool = False,
 ) -> DemoReport:
-    """Run the whole flight assistant once on a private nats-server and return the summary."""
+    """Run the whole flight assistant once on a private nats-server and return the summary.
+
+    ``day_seconds``: real seconds the simulated day's status feed takes (0: as fast as possible).
+    ``live``: show the rich live view on ``console`` instead of printing each event.
+    """
     started = time.monotonic()
     day = generate(flights, passengers, seed)
     feed = status_feed(day)
+    span = feed[-1].observed_at - feed[0].observed_at if feed else 0
+    speed = span / day_seconds if day_seconds > 0 and span > 0 else 0.0
     with tempfile.TemporaryDirectory(prefix="busagents-flight-") as tmp:
         store_location = store or str(Path(tmp) / "bookings.sqlite3")
         booking_store = open_store(store_location)
@@ -231,10 +294,10 @@ async def run_demo(
             ContextAgent(day),
             monitor,
             ReasonerAgent(reasoner),
-            _rebooker(booking_store, day),
+            Rebooker(booking_store, day, load=True),
             Notifier(OutboxChannel(outbox or Path(tmp) / "outbox.jsonl")),
         ]
-        tally = _Tally(console)
+        tally = _Tally(console, live=live and console is not None, feed_total=len(feed))
         if console is not None:
             console.print(
                 f"[bold]busagents flight assistant[/]: {len(day.flights)} flights, {day.passenger_count} passengers "
@@ -246,8 +309,20 @@ async def run_demo(
                 worker = Worker(agents, bus, drain_timeout=30)
                 await worker.start()
                 subs = await _subscribe(bus, tally)
+                board: contextlib.AbstractContextManager[object] = (
+                    Live(console=console, get_renderable=tally.board, refresh_per_second=4)
+                    if tally.live
+                    else contextlib.nullcontext()
+                )
+
+                def progress(update: FlightStatusUpdated) -> None:
+                    tally.feed_published += 1
+                    tally.sim_clock = max(tally.sim_clock, update.observed_at)
+
+                tally.started = run_started = time.monotonic()
                 try:
-                    await publish_feed(bus, feed, speed=speed)
+                    board.__enter__()
+                    await publish_feed(bus, feed, speed=speed, on_published=progress)
                     await monitor.wait_handled(len(feed), timeout)
                     await _until(
                         tally,
@@ -258,7 +333,9 @@ async def run_demo(
                         ),
                         timeout,
                     )
+                    run_seconds = time.monotonic() - run_started
                 finally:
+                    board.__exit__(None, None, None)
                     for sub in subs:
                         await sub.unsubscribe()
                     await worker.drain()
@@ -268,6 +345,10 @@ async def run_demo(
             finally:
                 await bus.close()
     wall = time.monotonic() - started
+    if console is not None and tally.samples:
+        console.rule("some of the messages sent to passengers")
+        for sample in tally.samples:
+            console.print(sample, highlight=False)
     report = DemoReport(
         disruptions=tally.disruptions,
         affected=tally.affected,
@@ -285,15 +366,14 @@ async def run_demo(
         status_updates=len(feed),
         messages=tally.messages,
         wall_seconds=round(wall, 2),
-        msgs_per_second=round(tally.messages / wall, 1) if wall else 0.0,
+        run_seconds=round(run_seconds, 2),
+        msgs_per_second=round(tally.messages / run_seconds, 1) if run_seconds else 0.0,
     )
     return report
 
 
-def _rebooker(store: Any, day: Any) -> Any:
-    from .rebooker import Rebooker
-
-    return Rebooker(store, day, load=True)
+def _hm(t: int) -> str:
+    return time.strftime("%H:%M", time.gmtime(t))
 
 
 @click.command("flight")
@@ -303,8 +383,14 @@ def _rebooker(store: Any, day: Any) -> Any:
 @click.option("--reasoner", default=None, help="Reasoner backend (default: offline).")
 @click.option("--store", default=None, help="Booking store: SQLite path or postgresql:// DSN (default: a temp file).")
 @click.option(
-    "--speed", type=float, default=0.0, show_default=True, help="Simulated seconds per real second (0: fast)."
+    "--day-seconds",
+    type=click.FloatRange(0),
+    default=8.0,
+    show_default=True,
+    help="Real seconds the simulated day takes (accelerated clock; 0: as fast as possible).",
 )
+@click.option("--outbox", default=None, help="Notification outbox file, JSON lines (default: a temp file).")
+@click.option("--live/--no-live", default=None, help="Rich live view (default: when the output is a terminal).")
 @click.option(
     "--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the summary as JSON."
 )
@@ -317,7 +403,9 @@ def flight_demo(
     seed: int | None,
     reasoner: str | None,
     store: str | None,
-    speed: float,
+    day_seconds: float,
+    outbox: str | None,
+    live: bool | None,
     report_path: str | None,
     timeout: float,
     quiet: bool,
@@ -333,9 +421,11 @@ def flight_demo(
                 seed=s.seed if seed is None else seed,
                 reasoner=reasoner or s.reasoner,
                 store=store,
-                speed=speed,
+                outbox=outbox,
+                day_seconds=day_seconds,
                 timeout=timeout,
                 console=None if quiet else console,
+                live=console.is_terminal if live is None else live,
             )
         )
     except TimeoutError:
@@ -359,7 +449,8 @@ def flight_demo(
         "(disruption -> notified)"
     )
     console.print(
-        f"{'throughput':>16}: {report.messages} messages in {report.wall_seconds}s ({report.msgs_per_second}/s)"
+        f"{'throughput':>16}: {report.messages} messages in {report.run_seconds}s ({report.msgs_per_second}/s); "
+        f"{report.wall_seconds}s in all"
     )
     if report_path:
         Path(report_path).write_text(json.dumps(summary, indent=2) + "\n")

@@ -25,7 +25,10 @@ class Rebooker(Agent):
     produces = (BookingChanged, RebookRejected)
     max_concurrency = 4
 
-    def __init__(self, store: BookingStore | None = None, day: AirlineDay | None = None, *, load: bool = False) -> None:
+    def __init__(
+        self, store: BookingStore | None = None, day: AirlineDay | None = None, *, load: bool | None = None
+    ) -> None:
+        """``load``: replace the store's content with the day's bookings (None: only when the store is empty)."""
         settings = FlightSettings()
         if day is None:
             day = generate(settings.flights, settings.passengers, settings.seed)
@@ -39,7 +42,7 @@ class Rebooker(Agent):
 
     async def on_start(self, ctx: Context) -> None:
         await self.store.open()
-        if self._load:
+        if self._load or (self._load is None and await self.store.is_empty()):
             await self.store.load(self.day.bookings)
 
     async def on_stop(self, ctx: Context) -> None:

@@ -40,6 +40,21 @@ _encode = msgspec.json.Encoder().encode
 _decode_booking = msgspec.json.Decoder(Booking).decode
 
 
+class _SeatedLeg(msgspec.Struct):
+    flight_id: str
+    seats: list[str]
+
+
+class _Seating(msgspec.Struct):
+    """The part of a booking document the seat audit reads."""
+
+    legs: list[_SeatedLeg]
+    status: str = "active"
+
+
+_decode_seating = msgspec.json.Decoder(_Seating).decode
+
+
 class _Recorded(msgspec.Struct, omit_defaults=True):
     """A decision's outcome as the decisions table keeps it."""
 
@@ -95,17 +110,23 @@ class BookingStore(abc.ABC):
         """Apply ``decision`` atomically and idempotently; the outcome to publish."""
 
     @abc.abstractmethod
-    async def booking(self, booking_id: str) -> Booking | None: ...
+    async def booking(self, booking_id: str) -> Booking | None:
+        """One booking as the store has it now."""
 
     @abc.abstractmethod
-    async def bookings(self) -> list[Booking]:
-        """Every booking (for audits and tests)."""
+    async def is_empty(self) -> bool:
+        """True before the day's bookings were loaded."""
 
     async def seat_conflicts(self) -> int:
-        """Seats held by more than one passenger across the booking documents (must be 0)."""
+        """Seats held by more than one passenger across the booking documents (must be 0).
+
+        An audit independent of the seats table's primary key: it reads what each
+        booking says its passengers hold.
+        """
         seen: set[tuple[str, str]] = set()
         conflicts = 0
-        for booking in await self.bookings():
+        for doc in await self.documents():
+            booking = _decode_seating(doc)
             if booking.status != "active":
                 continue
             for leg in booking.legs:
@@ -115,6 +136,14 @@ class BookingStore(abc.ABC):
                         conflicts += 1
                     seen.add(key)
         return conflicts
+
+    @abc.abstractmethod
+    async def documents(self) -> list[str]:
+        """Every booking as stored (JSON)."""
+
+    async def bookings(self) -> list[Booking]:
+        """Every booking (for audits and tests)."""
+        return [_decode_booking(doc) for doc in await self.documents()]
 
     async def __aenter__(self) -> BookingStore:
         await self.open()
@@ -334,8 +363,11 @@ class SqliteStore(BookingStore):
         row = self._conn().execute("SELECT doc FROM bookings WHERE booking_id = ?", (booking_id,)).fetchone()
         return _decode_booking(row[0]) if row is not None else None
 
-    async def bookings(self) -> list[Booking]:
-        return [_decode_booking(r[0]) for r in self._conn().execute("SELECT doc FROM bookings ORDER BY booking_id")]
+    async def is_empty(self) -> bool:
+        return self._conn().execute("SELECT 1 FROM bookings LIMIT 1").fetchone() is None
+
+    async def documents(self) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT doc FROM bookings ORDER BY booking_id")]
 
 
 def seat_rows(bookings: list[Booking], only: list[Leg] | None = None) -> Iterable[tuple[str, str, str, str]]:

@@ -177,10 +177,14 @@ class PostgresStore(BookingStore):
             row = await (await conn.execute("SELECT doc FROM bookings WHERE booking_id = %s", (booking_id,))).fetchone()
         return _decode_booking(str(row[0])) if row is not None else None
 
-    async def bookings(self) -> list[Booking]:
+    async def is_empty(self) -> bool:
+        async with self._connection() as conn:
+            return await (await conn.execute("SELECT 1 FROM bookings LIMIT 1")).fetchone() is None
+
+    async def documents(self) -> list[str]:
         async with self._connection() as conn:
             rows = await (await conn.execute("SELECT doc FROM bookings ORDER BY booking_id")).fetchall()
-        return [_decode_booking(str(r[0])) for r in rows]
+        return [str(r[0]) for r in rows]
 
     async def drop(self) -> None:
         """Remove the schema and everything in it (tests)."""

@@ -26,6 +26,7 @@ from .data import AirlineDay
 __all__ = ["LiveView"]
 
 _MAX_CONNECTION_WAIT = 6 * 3600
+_MAX_DELAY = 8 * 3600  # a flight scheduled this long before may still be waiting to leave
 
 
 class LiveView:
@@ -41,10 +42,12 @@ class LiveView:
         self.bookings: dict[str, Booking] = {}
         self.by_flight: dict[str, set[str]] = defaultdict(set)
         self.taken: dict[str, set[str]] = defaultdict(set)  # flight id -> seat numbers
-        self._departures: dict[str, list[tuple[int, str]]] = defaultdict(list)  # origin -> (sched dep, id)
+        self._routes: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # -> (sched dep, id)
+        self._served: dict[str, set[str]] = defaultdict(set)  # origin -> destinations flown to
         for f in day.flights:
-            self._departures[f.origin].append((f.departure, f.flight_id))
-        for deps in self._departures.values():
+            self._routes[f.origin, f.destination].append((f.departure, f.flight_id))
+            self._served[f.origin].add(f.destination)
+        for deps in self._routes.values():
             deps.sort()
         for booking in day.bookings:
             self._add(booking)
@@ -127,11 +130,14 @@ class LiveView:
     def _usable(self, flight_id: str, not_before: int, exclude: set[str]) -> bool:
         return flight_id not in exclude and flight_id not in self.cancelled and self.times(flight_id)[0] >= not_before
 
-    def _leaving(self, origin: str, not_before: int, latest: int) -> list[str]:
-        deps = self._departures.get(origin, [])
-        # scheduled time may be earlier than estimated; look back 12 h to catch delayed flights
-        start = bisect.bisect_left(deps, (not_before - 12 * 3600, ""))
-        return [fid for dep, fid in deps[start:] if dep <= latest]
+    def _flights(self, origin: str, destination: str, not_before: int, latest: int) -> list[str]:
+        """Flights on one route scheduled up to ``latest``, including earlier ones delayed past ``not_before``."""
+        deps = self._routes.get((origin, destination))
+        if not deps:
+            return []
+        start = bisect.bisect_left(deps, (not_before - _MAX_DELAY, ""))
+        end = bisect.bisect_right(deps, (latest, "\uffff"))
+        return [fid for _, fid in deps[start:end]]
 
     def alternatives(
         self,
@@ -152,33 +158,31 @@ class LiveView:
         def ok(fid: str, after: int) -> bool:
             return self._usable(fid, after, exclude) and self._free_count(fid, cabin) >= min_free
 
-        for fid in self._leaving(origin, not_before, horizon):
-            first = self.flights[fid]
-            if not ok(fid, not_before):
-                continue
-            dep, arr = self.times(fid)
-            if first.destination == destination:
+        for fid in self._flights(origin, destination, not_before, horizon):
+            if ok(fid, not_before):
+                dep, arr = self.times(fid)
                 found.append((arr, dep, [fid]))
+        for via in self._served.get(origin, ()):
+            if via in (origin, destination) or (via, destination) not in self._routes:
                 continue
-            if first.destination == origin:
-                continue
-            ready = arr + self.mct.get(first.destination, 60) * 60
-            for fid2 in self._leaving(first.destination, ready, ready + _MAX_CONNECTION_WAIT):
-                second = self.flights[fid2]
-                if second.destination != destination or not ok(fid2, ready):
+            ready_min = self.mct.get(via, 60) * 60
+            for fid in self._flights(origin, via, not_before, horizon):
+                if not ok(fid, not_before):
                     continue
-                found.append((self.times(fid2)[1], dep, [fid, fid2]))
+                dep, arr = self.times(fid)
+                ready = arr + ready_min
+                for fid2 in self._flights(via, destination, ready, ready + _MAX_CONNECTION_WAIT):
+                    if ok(fid2, ready):
+                        found.append((self.times(fid2)[1], dep, [fid, fid2]))
         found.sort(key=lambda t: (t[0], -t[1], len(t[2])))
-        out: list[AlternativeItinerary] = []
-        for arrival, _, ids in found[:limit]:
-            out.append(
-                AlternativeItinerary(
-                    flights=[self._estimated_flight(fid) for fid in ids],
-                    free_seats=[self.free_seats(fid) for fid in ids],
-                    arrival=arrival,
-                )
+        return [
+            AlternativeItinerary(
+                flights=[self._estimated_flight(fid) for fid in ids],
+                free_seats=[self.free_seats(fid) for fid in ids],
+                arrival=arrival,
             )
-        return out
+            for arrival, _, ids in found[:limit]
+        ]
 
     def _estimated_flight(self, flight_id: str) -> Flight:
         f = self.flights[flight_id]
