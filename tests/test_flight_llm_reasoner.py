@@ -164,8 +164,10 @@ async def test_injected_instruction_in_a_passenger_note_produces_no_action_outsi
         "travel.booking.changed.",
         "travel.passenger.notified.",
         "_INBOX.",
+        "$JS.",  # the worker's own dead-letter stream set-up
     )
     assert [s for s in subjects if not s.startswith(allowed)] == []
+    assert not any(s.startswith(("travel.booking.rejected", "busagents.dlq")) for s in subjects)
 
 
 async def test_costly_flight_decision_waits_for_approval_before_the_rebooker_acts(
@@ -220,3 +222,63 @@ async def test_demo_with_the_anthropic_reasoner_serves_every_affected_passenger(
     assert report.notified == report.affected
     assert report.seat_conflicts == 0 and report.dead_lettered == 0
     assert len(messages_server.requests) >= report.disruptions
+
+
+def _bad(kind: str, case: dict[str, Any]) -> dict[str, Any]:
+    good = choice_for(case)
+    if kind == "keep_after_cancellation":
+        return {**good, "action": "keep", "flights": [], "seats": []}
+    if kind == "unknown_flight":
+        return {**good, "flights": ["BX999-25NOV"]}
+    if kind == "seat_not_free":
+        return {**good, "seats": [["99Z"] * len(case["passengers"]) for _ in good["seats"]]}
+    assert kind == "other_booking"
+    return {**good, "booking_id": "SOMEONE-ELSE"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("keep_after_cancellation", "keep is not possible: the booking is cancelled; rebook or refund"),
+        ("unknown_flight", "flights ['BX999-25NOV'] are not an itinerary you were given from VIE to LHR"),
+        ("seat_not_free", "seat 99Z is not a free"),
+        ("other_booking", "booking_id must be"),
+    ],
+)
+async def test_choices_outside_the_policy_are_sent_back_with_the_rule_they_break(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path, kind: str, error: str
+) -> None:
+    day, bookings, _ = the_day()
+    target = bookings[-1]
+
+    def responder(request: RecordedRequest) -> Reply:
+        case = json.loads(request.messages[2]["content"][0]["content"])
+        if case["booking_id"] == target and len(request.messages) == 3:
+            return tool_use("decide", _bad(kind, case))
+        return tool_use("decide", choice_for(case))
+
+    messages_server.responder = responder
+    reasoner = reasoner_for(messages_server)
+    async with flight_agents(bus, tmp_path, day, reasoner):
+        async with bus.expect(RebookPassenger, where=lambda d: d.booking_id == target, timeout=30) as decided:
+            await bus.publish(cancel(day))
+    decision = decided.message.body
+    assert decision.action == "rebook" and decision.reasoner == "anthropic"
+    (correction,) = [r for r in messages_server.requests if len(r.messages) == 5]
+    assert error in correction.tool_results()[0]["content"]
+
+
+async def test_without_valid_choices_the_offline_policy_decides_and_says_why(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    day, bookings, _ = the_day()
+    messages_server.responder = lambda request: tool_use("decide", {"action": "upgrade everyone"})
+    reasoner = reasoner_for(messages_server, max_corrections=1)
+    async with flight_agents(bus, tmp_path, day, reasoner):
+        async with bus.expect(RebookPassenger, count=len(bookings), timeout=30) as decided:
+            await bus.publish(cancel(day))
+    decisions = [m.body for m in decided.messages]
+    assert {d.reasoner for d in decisions} == {"offline"}
+    assert {d.action for d in decisions} == {"rebook"}
+    assert all("[offline policy: invalid decision after 1 correction(s)" in d.rationale for d in decisions)
+    assert len(messages_server.requests) == 2 * len(bookings)
