@@ -183,21 +183,14 @@ class Worker:
         """Start, run until SIGTERM/SIGINT (or ``stop`` is set), then drain."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
-        installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            # Left installed until the loop closes: a second signal during or after the drain is harmless.
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread, or no signals
                 loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-                pass
-        try:
-            await self.start()
-            await stop.wait()
-            log.info("stop requested: draining")
-            return await self.drain()
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+        await self.start()
+        await stop.wait()
+        log.info("stop requested: draining")
+        return await self.drain()
 
     async def __aenter__(self) -> Worker:
         await self.start()

@@ -12,6 +12,7 @@ from .agents import agents_group, run_command
 from .demo import demo_command
 from .dlq import dlq_group
 from .new import new_command
+from .swarm import swarm_group
 
 __all__ = ["cli", "main"]
 
@@ -29,6 +30,7 @@ cli.add_command(run_command)
 cli.add_command(demo_command)
 cli.add_command(dlq_group)
 cli.add_command(new_command)
+cli.add_command(swarm_group)
 
 
 def main() -> None:

@@ -1,0 +1,196 @@
+"""The static graph of a swarm: who consumes and produces which contract.
+
+Because every agent declares what it consumes and what it may produce, a swarm can
+be checked before it runs (a consumer without a producer waits forever; a query
+without an answering agent fails every time), drawn (Mermaid), and exported as an
+AsyncAPI 3 document from which an agent in another language can join.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..agent import Agent
+from ..contract import ContractInfo, Kind, contract_info
+from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
+
+__all__ = ["Graph", "GraphProblem"]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphProblem:
+    severity: str  # "error" | "warning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+
+class Graph:
+    """Agents and the contracts between them."""
+
+    def __init__(self, agents: Sequence[type[Agent]]) -> None:
+        self.agents = list(agents)
+        self.consumers: dict[type[Any], list[str]] = {}
+        self.producers: dict[type[Any], list[str]] = {}
+        for agent in self.agents:
+            for contract in agent.consumes():
+                self.consumers.setdefault(contract, []).append(agent.name)
+            for contract in agent.produces:
+                self.producers.setdefault(contract, []).append(agent.name)
+
+    @property
+    def contracts(self) -> list[ContractInfo]:
+        seen = {**dict.fromkeys(self.consumers), **dict.fromkeys(self.producers)}
+        return sorted((contract_info(c) for c in seen), key=lambda i: i.subject)
+
+    def check(self, external: Iterable[str] = ()) -> list[GraphProblem]:
+        """Problems of the graph. ``external`` names contracts fed from outside the swarm."""
+        outside = set(external)
+        problems: list[GraphProblem] = []
+        for contract, consumers in self.consumers.items():
+            info = contract_info(contract)
+            if info.name in outside:
+                continue
+            if info.kind is Kind.QUERY:
+                if len(consumers) > 1:
+                    problems.append(
+                        GraphProblem("warning", f"query {info.name} is answered by several agents: {consumers}")
+                    )
+                continue
+            if contract not in self.producers:
+                problems.append(
+                    GraphProblem("warning", f"{info.name} is consumed by {consumers} but no agent produces it")
+                )
+            if info.kind is Kind.COMMAND and len(consumers) > 1:
+                problems.append(
+                    GraphProblem("error", f"command {info.name} is consumed by several agent types: {consumers}")
+                )
+        for contract, producers in self.producers.items():
+            info = contract_info(contract)
+            if info.kind is Kind.QUERY and contract not in self.consumers and info.name not in outside:
+                problems.append(GraphProblem("error", f"query {info.name} is sent by {producers} but nobody answers"))
+            elif info.kind is Kind.COMMAND and contract not in self.consumers and info.name not in outside:
+                problems.append(
+                    GraphProblem("error", f"command {info.name} is sent by {producers} but nobody handles it")
+                )
+        return problems
+
+    def mermaid(self) -> str:
+        """A Mermaid flowchart: agents as boxes, contracts on the arrows."""
+        lines = ["flowchart LR"]
+        for contract, producers in sorted(self.producers.items(), key=lambda kv: contract_info(kv[0]).name):
+            name = contract_info(contract).name
+            for producer in producers:
+                for consumer in self.consumers.get(contract, ["?unconsumed"]):
+                    lines.append(f"    {producer} -- {name} --> {consumer}")
+        return "\n".join(lines)
+
+    def permissions(self) -> dict[str, dict[str, list[str]]]:
+        """Least-privilege NATS permissions per agent (publish/subscribe allow lists)."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for agent in self.agents:
+            pub = {f"busagents.dlq.{agent.name}", f"busagents.stats.{agent.name}"}
+            sub: set[str] = set()
+            for contract in agent.consumes():
+                info = contract_info(contract)
+                sub.add(info.subscribe_subject)
+                if info.kind is Kind.QUERY:
+                    pub.add("_INBOX.>")
+            for contract in agent.produces:
+                info = contract_info(contract)
+                pub.add(info.subscribe_subject)
+                if info.kind is Kind.QUERY:
+                    sub.add("_INBOX.>")
+            out[agent.name] = {"publish": sorted(pub), "subscribe": sorted(sub)}
+        return out
+
+    def asyncapi(self, title: str = "busagents swarm", version: str = "1.0.0") -> dict[str, Any]:
+        """An AsyncAPI 3.0 document of every contract and every agent's operations."""
+        channels: dict[str, Any] = {}
+        messages: dict[str, Any] = {}
+        operations: dict[str, Any] = {}
+        headers_schema = {
+            "type": "object",
+            "properties": {
+                MSG_ID: {"type": "string", "description": "message id (JetStream de-duplication)"},
+                CONTRACT: {"type": "string"},
+                VERSION: {"type": "string", "description": "integer contract version"},
+                CONVERSATION_ID: {"type": "string"},
+                CAUSATION_ID: {"type": "string"},
+                SENDER: {"type": "string"},
+                SENT_AT: {"type": "string", "description": "ns since the Unix epoch"},
+                TRACEPARENT: {"type": "string", "description": "W3C trace context"},
+            },
+        }
+        schemas: dict[str, Any] = {}
+        for info in self.contracts:
+            schema = _component_schema(info, schemas)
+            messages[info.name] = {
+                "name": info.name,
+                "title": info.name,
+                "summary": info.description or info.name,
+                "contentType": "application/json",
+                "headers": headers_schema,
+                "payload": schema,
+            }
+            channel: dict[str, Any] = {
+                "address": f"{info.subject}.{{{info.key}}}" if info.key else info.subject,
+                "messages": {info.name: {"$ref": f"#/components/messages/{info.name}"}},
+                "x-busagents": {"kind": info.kind.value, "version": info.version, "durable": info.durable},
+            }
+            if info.key:
+                channel["parameters"] = {info.key: {"description": f"the message's {info.key} field"}}
+            if info.reply is not None:
+                reply = contract_info(info.reply)
+                messages[reply.name] = {
+                    "name": reply.name,
+                    "contentType": "application/json",
+                    "payload": _component_schema(reply, schemas),
+                }
+                channel["messages"][reply.name] = {"$ref": f"#/components/messages/{reply.name}"}
+            channels[info.name] = channel
+        for agent in self.agents:
+            for contract in agent.consumes():
+                info = contract_info(contract)
+                op: dict[str, Any] = {
+                    "action": "receive",
+                    "channel": {"$ref": f"#/channels/{info.name}"},
+                    "summary": f"{agent.name} handles {info.name} ({info.kind.value})",
+                    "bindings": {"nats": {"queue": agent.name}},
+                }
+                if info.reply is not None:
+                    op["reply"] = {"channel": {"$ref": f"#/channels/{info.name}"}}
+                operations[f"{agent.name}.receive.{info.name}"] = op
+            for contract in agent.produces:
+                info = contract_info(contract)
+                operations[f"{agent.name}.send.{info.name}"] = {
+                    "action": "send",
+                    "channel": {"$ref": f"#/channels/{info.name}"},
+                    "summary": f"{agent.name} sends {info.name} ({info.kind.value})",
+                }
+        return {
+            "asyncapi": "3.0.0",
+            "info": {"title": title, "version": version},
+            "defaultContentType": "application/json",
+            "channels": channels,
+            "operations": operations,
+            "components": {"messages": messages, "schemas": schemas},
+        }
+
+
+def _component_schema(info: ContractInfo, schemas: dict[str, Any]) -> dict[str, Any]:
+    """The payload schema with its definitions hoisted into ``components.schemas``."""
+    template = "#/components/schemas/{name}"
+    if info.is_struct:
+        (ref,), components = msgspec.json.schema_components([info.cls], ref_template=template)
+        schemas.update(components)
+        return dict(ref)
+    schema = info.cls.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas[info.cls.__name__] = schema
+    return {"$ref": template.format(name=info.cls.__name__)}

@@ -1,0 +1,148 @@
+"""Swarms: supervised replica processes, the static graph, AsyncAPI and permissions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from busagents import Agent, Bus, ConfigError, Context, command, event, on, query
+from busagents.server import NatsServer
+from busagents.swarm import Graph, load_swarm
+
+
+@event("test.graph.seen", key="item")
+class Seen(msgspec.Struct):
+    item: str
+
+
+@command("test.graph.act")
+class Act(msgspec.Struct):
+    item: str
+
+
+@event("test.graph.done")
+class Finished(msgspec.Struct):
+    item: str
+
+
+class Price(msgspec.Struct):
+    cents: int
+
+
+@query("test.graph.price", reply=Price)
+class PriceOf(msgspec.Struct):
+    item: str
+
+
+class Watcher(Agent):
+    produces = (Act, PriceOf)
+
+    @on(Seen)
+    async def seen(self, msg: Seen, ctx: Context) -> Act:
+        return Act(item=msg.item)
+
+
+class Actor(Agent):
+    produces = (Finished,)
+
+    @on(Act)
+    async def act(self, msg: Act, ctx: Context) -> Finished:
+        return Finished(item=msg.item)
+
+
+class Pricer(Agent):
+    @on(PriceOf)
+    async def price(self, q: PriceOf, ctx: Context) -> Price:
+        return Price(cents=100)
+
+
+def test_graph_check_finds_missing_producers_and_handlers() -> None:
+    problems = [str(p) for p in Graph([Watcher]).check()]
+    assert "warning: Seen is consumed by ['watcher'] but no agent produces it" in problems
+    assert "error: command Act is sent by ['watcher'] but nobody handles it" in problems
+    assert "error: query PriceOf is sent by ['watcher'] but nobody answers" in problems
+    assert [str(p) for p in Graph([Watcher, Actor, Pricer]).check(external=["Seen"])] == []
+
+
+def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
+    doc = Graph([Watcher, Actor, Pricer]).asyncapi(title="t")
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["channels"]["Seen"]["address"] == "test.graph.seen.{item}"
+    assert "item" in doc["channels"]["Seen"]["parameters"]
+    assert doc["operations"]["actor.receive.Act"]["bindings"]["nats"]["queue"] == "actor"
+    assert doc["operations"]["watcher.send.Act"]["action"] == "send"
+    assert "reply" in doc["operations"]["pricer.receive.PriceOf"]
+    schemas = doc["components"]["schemas"]
+    assert schemas["Seen"]["properties"]["item"]["type"] == "string"
+    assert doc["components"]["messages"]["Price"]["payload"] == {"$ref": "#/components/schemas/Price"}
+
+
+def test_permissions_are_least_privilege() -> None:
+    perms = Graph([Watcher, Actor, Pricer]).permissions()
+    assert perms["actor"]["subscribe"] == ["test.graph.act"]
+    assert "test.graph.done" in perms["actor"]["publish"]
+    assert "test.graph.act" not in perms["watcher"]["subscribe"]
+    assert "_INBOX.>" in perms["watcher"]["subscribe"]  # replies to its queries
+
+
+def test_swarm_file_errors_name_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "swarm.toml"
+    bad.write_text("[agents.a]\nreplicas = 0\n")
+    with pytest.raises(ConfigError, match=r"agents\.a\.replicas"):
+        load_swarm(bad)
+    bad.write_text("[agents\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_swarm(bad)
+
+
+async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(
+    tmp_path: Path, nats_server: NatsServer, bus: Bus
+) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text('[agents.slow]\nagent = "drain_agent:Slow"\nreplicas = 2\n')
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
+    }
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", "swarm", "up", str(swarm), "--nats", nats_server.url),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    pids: list[int] = []
+
+    async def instances_until(count: int) -> list[int]:
+        while len(pids) < count:
+            beat = await stats.next_msg(timeout=20)
+            pid = int(msgspec.json.decode(beat.data)["instance"].rsplit(":", 1)[1])
+            if pid not in pids:
+                pids.append(pid)
+        return list(pids)
+
+    try:
+        first_two = await instances_until(2)
+        os.kill(first_two[0], signal.SIGKILL)
+        all_three = await instances_until(3)  # a new pid: the killed replica was restarted
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    text = err.decode()
+    assert set(first_two) < set(all_three)
+    assert "slow[0] exited with -9; restarting" in text or "slow[1] exited with -9; restarting" in text
+    assert proc.returncode == 0, text
+    assert text.count("stopped (exit 0)") == 2
