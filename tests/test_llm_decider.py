@@ -372,3 +372,28 @@ def test_undeclared_tools_are_a_configuration_error(messages_server: MessagesSer
         Decider(Narrow, Rebook, tools=[FindFlights, GetNote], instructions="x", client=messages_server.client())
     with pytest.raises(ConfigError, match=r"only queries can be tools"):
         Decider(Narrow, Rebook, tools=[Rebook], instructions="x", client=messages_server.client())
+
+
+async def test_a_decision_past_the_deadline_falls_back(bus: Bus, messages_server: MessagesServer) -> None:
+    messages_server.script(slow(find(), 10))
+    reasoner = LLMReasoner(settings(deadline=0.5, timeout=30), messages_server)
+    decision = await decide_one(bus, reasoner)
+    assert decision.decided_by == "offline"
+    assert "no valid decision within the deadline of 0.5s" in decision.rationale
+
+
+async def test_a_refusal_falls_back_at_once(bus: Bus, messages_server: MessagesServer) -> None:
+    messages_server.script(text("I can't help with that.", stop_reason="refusal"))
+    reasoner = LLMReasoner(settings(), messages_server)
+    decision = await decide_one(bus, reasoner)
+    assert decision.decided_by == "offline" and "the model refused to decide" in decision.rationale
+    assert len(messages_server.requests) == 1
+
+
+async def test_a_decision_cut_at_max_tokens_is_asked_again(bus: Bus, messages_server: MessagesServer) -> None:
+    cut = tool_use("decide", {"booking_id": "B1"})
+    cut.body["stop_reason"] = "max_tokens"
+    messages_server.script(find(), cut, tool_use("decide", GOOD))
+    reasoner = LLMReasoner(settings(max_tokens=64), messages_server)
+    assert (await decide_one(bus, reasoner)).decided_by == "model"
+    assert "cut at max_tokens=64" in messages_server.requests[2].tool_results()[0]["content"]

@@ -145,10 +145,13 @@ class Decider(Generic[D]):
         case_json = msgspec.json.encode(builtins(case)).decode()
         reason: str | None = None
         last_attempt: Any = None
+        deadline = asyncio.timeout(self.settings.deadline)
         try:
-            async with asyncio.timeout(self.settings.deadline):
+            async with deadline:
                 reason, last_attempt = await self._loop(ctx, outcome, conversation, task, case_json, check)
         except TimeoutError:
+            if not deadline.expired():
+                raise
             reason = f"no valid decision within the deadline of {self.settings.deadline}s"
         if reason is not None:
             outcome.reason = reason
