@@ -116,8 +116,9 @@ class Mailbox:
 class Bus:
     """A NATS connection that publishes and receives contracts.
 
-    ``replicas`` and ``ack_wait``, when given, override every durable contract's declaration
-    (a deployment choice: R3 on a 3-node cluster, a short ack wait in fault tests).
+    ``replicas``, ``ack_wait``, ``max_deliver`` and ``backoff``, when given, override every
+    durable contract's declaration (deployment choices: R3 on a 3-node cluster, short waits
+    in fault tests).
     """
 
     def __init__(
@@ -126,6 +127,8 @@ class Bus:
         *,
         replicas: int | None = None,
         ack_wait: float | None = None,
+        max_deliver: int | None = None,
+        backoff: tuple[float, ...] | None = None,
         publish_timeout: float = 30.0,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -135,6 +138,8 @@ class Bus:
         self.js = nc.jetstream(timeout=5.0)
         self.replicas = replicas
         self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.backoff = backoff
         #: Seconds a durable publish keeps retrying (same message id) before it fails.
         self.publish_timeout = publish_timeout
         self._durability: dict[Durability, Durability] = {}
@@ -150,6 +155,8 @@ class Bus:
         telemetry: Telemetry | None = None,
         replicas: int | None = None,
         ack_wait: float | None = None,
+        max_deliver: int | None = None,
+        backoff: tuple[float, ...] | None = None,
         **options: Any,
     ) -> Bus:
         """Connect to NATS; reconnects are handled by nats-py for the life of the connection.
@@ -182,7 +189,9 @@ class Bus:
                 f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); "
                 "start a nats-server there, pass another --nats URL, or let busagents start an embedded one"
             ) from None
-        bus = cls(nc, replicas=replicas, ack_wait=ack_wait, telemetry=telemetry)
+        bus = cls(
+            nc, replicas=replicas, ack_wait=ack_wait, max_deliver=max_deliver, backoff=backoff, telemetry=telemetry
+        )
         return bus
 
     def on_reconnected(self, listener: Callable[[], Awaitable[None]]) -> Callable[[], None]:
@@ -200,6 +209,10 @@ class Bus:
                 changes["replicas"] = self.replicas
             if self.ack_wait is not None:
                 changes["ack_wait"] = self.ack_wait
+            if self.max_deliver is not None:
+                changes["max_deliver"] = self.max_deliver
+            if self.backoff is not None:
+                changes["backoff"] = tuple(self.backoff)
             effective = self._durability[d] = dataclasses.replace(d, **changes) if changes else d
         return effective
 

@@ -1,54 +1,64 @@
 """Fault: a poison message (its handler always raises) among 10,000 good ones.
 
-It is redelivered with backoff until the contract's ``max_deliver`` (3 here), then stored in
-the dead-letter stream with its reason and terminated, while the other 9,999 flow through.
+One booking's row in the rebooker's store is corrupt, so applying its decision raises every
+time. The decision is redelivered with backoff until ``max_deliver`` (3 here), then stored
+in the dead-letter stream with its reason and terminated, while the 9,999 others flow.
 """
 
 from __future__ import annotations
 
-import asyncio
+import sqlite3
 import time
 from pathlib import Path
+
+from busagents_flight.rebooker import Rebooker
+from busagents_flight.store import SqliteStore
 
 from busagents import Bus, NatsServer, Worker
 from busagents.dlq import dead_letters
 
-from .fault_ledger import FAST, Credit, Ledger, count_effects, publish_credits, wait_for, wait_settled
+from .fault_flight import CONSUMER, STREAM, count_changes, day, decisions, load_store, publish_decisions
+from .fault_ledger import wait_for, wait_settled
 
 N = 10_000
-POISON = 4_321
+MAX_DELIVER = 3
 
 
 async def test_poison_message_is_dead_lettered_after_max_deliveries_while_the_rest_flows(tmp_path: Path) -> None:
-    db = str(tmp_path / "ledger.db")
+    store = str(tmp_path / "bookings.sqlite3")
+    batch = decisions(N)
+    await load_store(store)
+    poison = batch[N // 3]
+    db = sqlite3.connect(store)
+    db.execute("UPDATE bookings SET doc = '{\"corrupt' WHERE booking_id = ?", (poison.booking_id,))
+    db.commit()
+    db.close()
     started = time.perf_counter()
     with NatsServer() as server:
-        bus = await Bus.connect(server.url)
-        worker = Worker([Ledger(db)], bus)
+        bus = await Bus.connect(server.url, max_deliver=MAX_DELIVER, backoff=(0.05, 0.1))
+        rebooker = Rebooker(SqliteStore(store), day())
+        worker = Worker([rebooker], bus)
         await worker.start()
         try:
-            await asyncio.gather(
-                publish_credits(bus, (n for n in range(N) if n != POISON)),
-                bus.publish(Credit(account="acct-poison", n=POISON, poison=True)),
-            )
-            await wait_for(lambda: count_effects(db)[1] >= N - 1, 60, f"{N - 1} good effects")
-            await wait_settled(bus, "BA_Credit", "ledger", 30)
-            letters = await dead_letters(bus, agent="ledger")
-            rows, distinct = count_effects(db)
+            await publish_decisions(bus, batch)
+            await wait_for(lambda: count_changes(store)[2] >= N - 1, 60, f"{N - 1} decisions applied")
+            await wait_settled(bus, STREAM, CONSUMER, 30)
+            letters = await dead_letters(bus, agent=CONSUMER)
+            once, more, recorded = count_changes(store)
         finally:
             await worker.drain()
             await bus.close()
     elapsed = time.perf_counter() - started
     print(
-        f"\npoison: {N} messages, {elapsed:.1f}s; store rows={rows} distinct={distinct}; "
-        f"dead letters={[(d.stage, d.deliveries, d.reason) for d in letters]}"
+        f"\npoison: {N} RebookPassenger, {elapsed:.1f}s; bookings changed once={once}, more than once={more}, "
+        f"decisions recorded={recorded}; dead letters={[(d.stage, d.deliveries, d.reason) for d in letters]}"
     )
-    assert distinct == N - 1 and rows == N - 1, "good messages were lost or applied twice"
-    assert len(letters) == 1, f"expected the poison message alone in the DLQ, got {len(letters)}"
+    assert once == N - 1 and more == 0 and recorded == N - 1, "good decisions were lost or applied twice"
+    assert len(letters) == 1, f"expected the poison decision alone in the DLQ, got {len(letters)}"
     (letter,) = letters
     assert letter.stage == "max-deliveries"
-    assert letter.deliveries == FAST.max_deliver
-    assert f"poison credit {POISON}" in letter.reason
-    assert letter.subject == "faults.credit.acct-poison"
-    assert b'"poison":true' in letter.data  # the original bytes
-    assert worker.stats["ledger"].dead_lettered == 1
+    assert letter.deliveries == MAX_DELIVER
+    assert "DecodeError" in letter.reason
+    assert letter.subject == f"travel.booking.rebook.{poison.booking_id}"
+    assert poison.decision_id.encode() in letter.data  # the original bytes
+    assert worker.stats[CONSUMER].dead_lettered == 1

@@ -170,7 +170,7 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
         return 0 if self.waived else self.change_fee + self.fare_difference
 
 
-@command("travel.booking.rebook", key="booking_id")
+@command("travel.booking.rebook", key="booking_id", durable=True)
 class RebookPassenger(msgspec.Struct, kw_only=True):
     """The reasoner's decision for one booking's passengers, to be applied by the rebooker.
 
