@@ -260,7 +260,7 @@ class DurableConsumer:
         self._low = self._batch // 2
         self._ack_wait = ack_wait
         self._expires = expires
-        self._heartbeat = min(5.0, max(0.5, expires / 6))
+        self._heartbeat = min(1.0, expires / 6)
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._outstanding = 0  # asked for and not yet handled (on the way, buffered or in a lane)
         self._current: list[str | None] = [None] * lanes  # ack subject of the message in each lane
