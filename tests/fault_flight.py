@@ -68,12 +68,14 @@ def decisions(n: int) -> list[RebookPassenger]:
                     new_leg = Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, leg.cabin,
                                   [seat.number])  # fmt: skip
                     break
-        common = {"disruption": disruption, "booking_id": booking.booking_id, "passenger_ids": pids}
+        decision_id = f"fault/{booking.booking_id}"
         if new_leg is not None:
-            out.append(RebookPassenger(decision_id=f"fault/{booking.booking_id}", action="rebook",
-                                       replaces=[leg.flight_id], new_legs=[new_leg], **common))  # fmt: skip
+            out.append(RebookPassenger(decision_id=decision_id, disruption=disruption, booking_id=booking.booking_id,
+                                       action="rebook", passenger_ids=pids, replaces=[leg.flight_id],
+                                       new_legs=[new_leg]))  # fmt: skip
         else:
-            out.append(RebookPassenger(decision_id=f"fault/{booking.booking_id}", action="refund", **common))
+            out.append(RebookPassenger(decision_id=decision_id, disruption=disruption, booking_id=booking.booking_id,
+                                       action="refund", passenger_ids=pids))  # fmt: skip
     return out
 
 
