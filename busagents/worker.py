@@ -122,6 +122,7 @@ class Worker:
         self.stats = {a.name: AgentStats(a.name) for a in agents}
         self._mailboxes: list[Mailbox] = []
         self._consumers: list[DurableConsumer] = []
+        self._unlisten: list[Callable[[], None]] = []
         self._dlq_stream = False
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -164,6 +165,8 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for unlisten in self._unlisten:
+            unlisten()
         results = await asyncio.gather(
             *(m.drain(self.drain_timeout) for m in self._mailboxes),
             *(c.drain(self.drain_timeout) for c in self._consumers),
@@ -255,7 +258,7 @@ class Worker:
     async def _consume(self, consumer: DurableConsumer) -> None:
         await consumer.start()
         self._consumers.append(consumer)
-        self.bus.on_reconnected(consumer.reconnected)
+        self._unlisten.append(self.bus.on_reconnected(consumer.reconnected))
 
     def _durable_handler(
         self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None
