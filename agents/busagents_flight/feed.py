@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import msgspec
 from busagents_travel import Flight, FlightStatusUpdated
 
-from busagents import Bus
+from busagents import Agent, Bus, Context
 
-from .data import AirlineDay
+from .data import AirlineDay, generate
+from .settings import FlightSettings
 
-__all__ = ["FeedProfile", "publish_feed", "status_feed"]
+__all__ = ["FeedProfile", "StatusFeed", "publish_feed", "status_feed"]
 
 _MIN = 60
 
@@ -154,3 +155,27 @@ async def publish_feed(
             await asyncio.sleep(0)  # let the agents in this process run
     await bus.flush()
     return len(updates)
+
+
+class StatusFeed(Agent):
+    """Plays the seeded day's status feed once (``busagents run flight-feed``), then idles.
+
+    The day and the pace come from ``BUSAGENTS_FLIGHT_*`` (``flights``, ``passengers``,
+    ``seed``, ``day_seconds``), so it matches the other agents' view of the day.
+    """
+
+    name = "flight-feed"
+    produces = (FlightStatusUpdated,)
+
+    def __init__(self, day: AirlineDay | None = None, day_seconds: float | None = None) -> None:
+        settings = FlightSettings()
+        self.day = day if day is not None else generate(settings.flights, settings.passengers, settings.seed)
+        self.day_seconds = settings.day_seconds if day_seconds is None else day_seconds
+        self.published = 0
+
+    async def run(self, ctx: Context) -> None:
+        updates = status_feed(self.day)
+        span = updates[-1].observed_at - updates[0].observed_at if updates else 0
+        speed = span / self.day_seconds if self.day_seconds > 0 and span > 0 else 0.0
+        self.published = await publish_feed(ctx.bus, updates, speed=speed, sender=self.name)
+        ctx.log.info("status feed played: %d updates", self.published)

@@ -23,7 +23,7 @@ class Rebooker(Agent):
 
     name = "flight-rebooker"
     produces = (BookingChanged, RebookRejected)
-    max_concurrency = 4
+    max_concurrency = 32  # decisions handled together share a store transaction
 
     def __init__(
         self, store: BookingStore | None = None, day: AirlineDay | None = None, *, load: bool | None = None

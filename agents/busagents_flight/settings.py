@@ -18,6 +18,8 @@ class FlightSettings(BaseSettings):
     flights: int = 40
     passengers: int = 3000
     seed: int = 7
+    #: Real seconds the status feed takes to play the day (0: as fast as possible).
+    day_seconds: float = 8.0
     #: Delay (minutes) from which every passenger of the flight may be rebooked.
     rebook_threshold_minutes: int = 180
     #: Reasoner backend by name (entry-point group ``busagents_flight.reasoners``).

@@ -16,9 +16,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import sqlite3
-import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger, RebookRejected
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 Outcome = BookingChanged | RebookRejected
+T = TypeVar("T")
 
 _encode = msgspec.json.Encoder().encode
 _decode_booking = msgspec.json.Decoder(Booking).decode
@@ -78,13 +80,14 @@ def decode_outcome(data: str | bytes) -> Outcome:
     return outcome
 
 
+SEATS_INDEX = "CREATE INDEX IF NOT EXISTS seats_by_booking ON seats (booking_id)"
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS bookings (
         booking_id TEXT PRIMARY KEY, version INTEGER NOT NULL, status TEXT NOT NULL, doc TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS seats (
         flight_id TEXT NOT NULL, seat TEXT NOT NULL, booking_id TEXT NOT NULL, passenger_id TEXT NOT NULL,
         PRIMARY KEY (flight_id, seat))""",
-    "CREATE INDEX IF NOT EXISTS seats_by_booking ON seats (booking_id)",
+    SEATS_INDEX,
     """CREATE TABLE IF NOT EXISTS decisions (
         decision_id TEXT PRIMARY KEY, booking_id TEXT NOT NULL, outcome TEXT NOT NULL)""",
 )
@@ -238,27 +241,36 @@ def _changed(d: RebookPassenger, current: Booking, old: list[Leg], new: list[Leg
 
 
 class SqliteStore(BookingStore):
-    """The booking store in an SQLite file (WAL); each apply is one ``BEGIN IMMEDIATE`` transaction."""
+    """The booking store in an SQLite file (WAL); each apply is one ``BEGIN IMMEDIATE`` transaction.
+
+    One connection on one thread of its own per store: the event loop never blocks
+    on the file, and the transactions of one store queue up instead of spinning in
+    SQLite's busy handler. Several stores on one file (replicas) lock each other out
+    through SQLite.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._connection: sqlite3.Connection | None = None
+        self._pending: list[tuple[RebookPassenger, asyncio.Future[Outcome]]] = []
+        self._batch = asyncio.Lock()
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        if self._connection is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
-        return conn
+            self._connection = conn
+        return self._connection
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open)
+        await self._run(self._open)
 
     def _open(self) -> None:
         conn = self._conn()
@@ -266,14 +278,18 @@ class SqliteStore(BookingStore):
             conn.execute(statement)
 
     async def close(self) -> None:
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
+        if self._executor is not None:
+            await self._run(self._close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     async def load(self, bookings: Iterable[Booking]) -> None:
-        await asyncio.to_thread(self._load, list(bookings))
+        await self._run(self._load, list(bookings))
 
     def _load(self, bookings: list[Booking]) -> None:
         conn = self._conn()
@@ -282,58 +298,92 @@ class SqliteStore(BookingStore):
             conn.execute("DELETE FROM bookings")
             conn.execute("DELETE FROM seats")
             conn.execute("DELETE FROM decisions")
+            conn.execute("DROP INDEX IF EXISTS seats_by_booking")  # faster to build once, after the rows
             conn.executemany(
                 "INSERT INTO bookings VALUES (?, ?, ?, ?)",
                 ((b.booking_id, b.version, b.status, _encode(b).decode()) for b in bookings),
             )
             conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", seat_rows(bookings))
+            conn.execute(SEATS_INDEX)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
     async def apply(self, decision: RebookPassenger) -> Outcome:
-        return await asyncio.to_thread(self._apply, decision)
+        """Apply ``decision``; decisions arriving together share one transaction (group commit).
 
-    def _apply(self, decision: RebookPassenger) -> Outcome:
+        Each decision keeps its own atomicity (a savepoint), and no outcome is
+        returned before the transaction holding it committed.
+        """
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._pending.append((decision, done))
+        async with self._batch:
+            if not done.done():  # nobody took it into their batch: lead one
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._run(self._apply_many, [d for d, _ in batch])
+                except BaseException as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    raise
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+        return done.result()
+
+    def _apply_many(self, decisions: list[RebookPassenger]) -> list[Outcome | Exception]:
         conn = self._conn()
+        results: list[Outcome | Exception] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
-                "SELECT outcome FROM decisions WHERE decision_id = ?", (decision.decision_id,)
-            ).fetchone()
-            if row is not None:  # applied before: the same outcome again
-                conn.execute("COMMIT")
-                return decode_outcome(row[0])
-            row = conn.execute("SELECT doc FROM bookings WHERE booking_id = ?", (decision.booking_id,)).fetchone()
-            current = _decode_booking(row[0]) if row is not None else None
-            outcome, updated = decide_outcome(decision, current)
-            if updated is not None:
-                conflict = self._write(conn, decision, updated)
-                if conflict:
-                    conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
-                    outcome = RebookRejected(
-                        decision_id=decision.decision_id,
-                        disruption=decision.disruption,
-                        booking_id=decision.booking_id,
-                        reason="seat_taken",
-                        passenger_ids=decision.passenger_ids,
-                        detail=f"already sold: {', '.join(conflict)}",
-                        taken_seats=conflict,
-                        current=current,
-                        attempt=decision.attempt,
-                    )
-            conn.execute(
-                "INSERT INTO decisions VALUES (?, ?, ?)",
-                (decision.decision_id, decision.booking_id, encode_outcome(outcome)),
-            )
+            for decision in decisions:
+                conn.execute("SAVEPOINT one")
+                try:
+                    results.append(self._apply_one(conn, decision))
+                except Exception as exc:  # this decision fails alone
+                    conn.execute("ROLLBACK TO one")
+                    results.append(exc)
+                conn.execute("RELEASE one")
             conn.execute("COMMIT")
-            return outcome
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return results
+
+    def _apply_one(self, conn: sqlite3.Connection, decision: RebookPassenger) -> Outcome:
+        row = conn.execute("SELECT outcome FROM decisions WHERE decision_id = ?", (decision.decision_id,)).fetchone()
+        if row is not None:  # applied before: the same outcome again
+            return decode_outcome(row[0])
+        row = conn.execute("SELECT doc FROM bookings WHERE booking_id = ?", (decision.booking_id,)).fetchone()
+        current = _decode_booking(row[0]) if row is not None else None
+        outcome, updated = decide_outcome(decision, current)
+        if updated is not None:
+            conn.execute("SAVEPOINT write")
+            conflict = self._write(conn, decision, updated)
+            if conflict:
+                conn.execute("ROLLBACK TO write")
+                outcome = RebookRejected(
+                    decision_id=decision.decision_id,
+                    disruption=decision.disruption,
+                    booking_id=decision.booking_id,
+                    reason="seat_taken",
+                    passenger_ids=decision.passenger_ids,
+                    detail=f"already sold: {', '.join(conflict)}",
+                    taken_seats=conflict,
+                    current=current,
+                    attempt=decision.attempt,
+                )
+            conn.execute("RELEASE write")
+        conn.execute(
+            "INSERT INTO decisions VALUES (?, ?, ?)",
+            (decision.decision_id, decision.booking_id, encode_outcome(outcome)),
+        )
+        return outcome
 
     def _write(self, conn: sqlite3.Connection, decision: RebookPassenger, updated: Booking) -> list[str]:
         """Move the seats and store the booking; the seats already sold to others (then nothing is kept)."""
@@ -360,14 +410,21 @@ class SqliteStore(BookingStore):
         return []
 
     async def booking(self, booking_id: str) -> Booking | None:
-        row = self._conn().execute("SELECT doc FROM bookings WHERE booking_id = ?", (booking_id,)).fetchone()
+        row = await self._run(self._one, "SELECT doc FROM bookings WHERE booking_id = ?", (booking_id,))
         return _decode_booking(row[0]) if row is not None else None
 
     async def is_empty(self) -> bool:
-        return self._conn().execute("SELECT 1 FROM bookings LIMIT 1").fetchone() is None
+        return await self._run(self._one, "SELECT 1 FROM bookings LIMIT 1", ()) is None
 
     async def documents(self) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT doc FROM bookings ORDER BY booking_id")]
+        rows = await self._run(self._all, "SELECT doc FROM bookings ORDER BY booking_id", ())
+        return [r[0] for r in rows]
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+        return self._conn().execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        return self._conn().execute(sql, args).fetchall()
 
 
 def seat_rows(bookings: list[Booking], only: list[Leg] | None = None) -> Iterable[tuple[str, str, str, str]]:
