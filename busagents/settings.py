@@ -23,3 +23,5 @@ class Settings(BaseSettings):
     replicas: int | None = None
     #: Ack wait in seconds for every durable consumer; unset: as declared.
     ack_wait: float | None = None
+    #: Deliveries of a durable message before it is dead-lettered; unset: as declared.
+    max_deliver: int | None = None

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
 import signal
@@ -244,7 +246,7 @@ class Worker:
                 name = f"{agent.name}-p{p}"
                 await js.add_consumer(stream, consumer_config(name, filter_subject, d, max_ack_pending=1))
                 await self._consume(
-                    DurableConsumer(self.bus.nc, stream, name, handle, lanes=1, batch=1, ack_wait=d.ack_wait)
+                    DurableConsumer(self.bus.nc, stream, name, handle, lanes=1, batch=1, ack_wait=d.ack_wait), agent
                 )
             return
         await js.add_consumer(stream, consumer_config(agent.name, handler.subject or info.subscribe_subject, d))
@@ -252,13 +254,51 @@ class Worker:
         await self._consume(
             DurableConsumer(
                 self.bus.nc, stream, agent.name, handle, lanes=agent.max_concurrency, batch=d.batch, ack_wait=d.ack_wait
-            )
+            ),
+            agent,
         )
 
-    async def _consume(self, consumer: DurableConsumer) -> None:
+    async def _consume(self, consumer: DurableConsumer, agent: Agent) -> None:
         await consumer.start()
         self._consumers.append(consumer)
         self._unlisten.append(self.bus.on_reconnected(consumer.reconnected))
+        # A message whose handler never settles it (its process dies or hangs each time) is
+        # not redelivered after max_deliver; JetStream says so in an advisory: dead-letter it.
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{consumer.stream}.{consumer.consumer}"
+        handle = functools.partial(self._on_max_deliveries, agent)
+        self._mailboxes.append(await self.bus.mailbox(subject, handle, queue=agent.name))
+
+    async def _on_max_deliveries(self, agent: Agent, advisory: Msg) -> None:
+        try:
+            info = json.loads(advisory.data)
+            stream, seq, deliveries = info["stream"], int(info["stream_seq"]), int(info["deliveries"])
+            raw = await self.bus.js.get_msg(stream, seq=seq)
+        except (ValueError, KeyError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.error(
+                "%s: could not dead-letter after a max-deliveries advisory (%r): %r", agent.name, advisory.data, exc
+            )
+            return
+        headers = dict(raw.headers or {})
+        original_id = headers.get(MSG_ID)
+        if original_id:
+            headers[DLQ_MSG_ID] = original_id
+        reason = f"delivered {deliveries} times and never settled: the handler's process died or hung each time"
+        headers.update(
+            {
+                DLQ_REASON: reason,
+                DLQ_SUBJECT: raw.subject or "",
+                DLQ_AGENT: agent.name,
+                DLQ_STAGE: "max-deliveries",
+                DLQ_DELIVERIES: str(deliveries),
+                MSG_ID: f"dlq.{agent.name}.{stream}.{seq}",
+            }
+        )
+        self.stats[agent.name].dead_lettered += 1
+        log.warning("dead letter from %s (max-deliveries): %s", agent.name, reason)
+        try:
+            await self.bus.js.publish(dead_letter_subject(agent.name), raw.data or b"", timeout=5.0, headers=headers)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.error("could not store the dead letter of %s (%r); reason was: %s", agent.name, exc, reason)
 
     def _durable_handler(
         self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None

@@ -33,6 +33,7 @@ class Credit(msgspec.Struct):
     amount: int = 1
     poison: bool = False
     slow: float = 0.0
+    crash: bool = False  # the handler kills its own process (a segfault in a native library, say)
 
 
 @event("faults.credited", key="account", durable=Durability(ack_wait=2.0))
@@ -92,6 +93,8 @@ class Ledger(Agent):
     async def credit(self, cmd: Credit, ctx: Context) -> Credited:
         if cmd.poison:
             raise RuntimeError(f"poison credit {cmd.n}")
+        if cmd.crash:
+            os._exit(3)
         if cmd.slow:
             self.db.execute("INSERT INTO attempts (n, by) VALUES (?, ?)", (cmd.n, self.replica))
             await asyncio.sleep(cmd.slow)  # a long LLM call, say

@@ -7,6 +7,7 @@ in the dead-letter stream with its reason and terminated, while the 9,999 others
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -15,10 +16,10 @@ from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SqliteStore
 
 from busagents import Bus, NatsServer, Worker
-from busagents.dlq import dead_letters
+from busagents.dlq import DeadLetter, dead_letters
 
 from .fault_flight import CONSUMER, STREAM, count_changes, day, decisions, load_store, publish_decisions
-from .fault_ledger import wait_for, wait_settled
+from .fault_ledger import Credit, count_effects, publish_credits, spawn_ledger, wait_for, wait_settled
 
 N = 10_000
 MAX_DELIVER = 3
@@ -62,3 +63,44 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries_while_the_re
     assert letter.subject == f"travel.booking.rebook.{poison.booking_id}"
     assert poison.decision_id.encode() in letter.data  # the original bytes
     assert worker.stats[CONSUMER].dead_lettered == 1
+
+
+async def test_poison_message_that_kills_its_process_each_time_is_dead_lettered_from_the_advisory(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "ledger.db")
+    started = time.perf_counter()
+    env = {"BUSAGENTS_ACK_WAIT": "1", "BUSAGENTS_MAX_DELIVER": "2"}
+    with NatsServer() as server:
+        bus = await Bus.connect(server.url)
+        agents = [spawn_ledger(server.url, db, **env)]
+        try:
+            await publish_credits(bus, range(N))
+            await wait_for(lambda: count_effects(db)[1] >= N, 60, f"{N} effects")
+            await bus.publish(Credit(account="acct-crash", n=N, crash=True))
+            deadline = asyncio.get_running_loop().time() + 60
+            letters: list[DeadLetter] = []
+            while not letters:  # a supervisor: restart the agent each time the poison kills it
+                assert asyncio.get_running_loop().time() < deadline, "the poison was never dead-lettered"
+                if agents[-1].poll() is not None:
+                    agents.append(spawn_ledger(server.url, db, **env))
+                letters = await dead_letters(bus, agent="ledger")
+                await asyncio.sleep(0.05)
+            rows, distinct = count_effects(db)
+        finally:
+            agents[-1].terminate()
+            await asyncio.to_thread(agents[-1].wait, 10)
+            await bus.close()
+    elapsed = time.perf_counter() - started
+    crashes = sum(1 for a in agents if a.returncode == 3)
+    print(
+        f"\npoison (crash): {N} messages then one that kills its process, {elapsed:.1f}s; "
+        f"store rows={rows} distinct={distinct}; process deaths={crashes}; "
+        f"dead letters={[(d.stage, d.deliveries, d.reason) for d in letters]}"
+    )
+    assert rows == distinct == N
+    assert crashes == 2  # max_deliver deliveries, then JetStream stops and says so
+    (letter,) = letters
+    assert letter.stage == "max-deliveries" and letter.deliveries == 2
+    assert "never settled" in letter.reason
+    assert letter.subject == "faults.credit.acct-crash"

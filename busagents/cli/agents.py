@@ -66,7 +66,12 @@ def run_command(name: str, nats: str | None, replicas: int) -> None:
 async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
     telemetry = configure_from_env(service_name=agent_cls.name)
     bus = await Bus.connect(
-        url, name=agent_cls.name, telemetry=telemetry, replicas=settings.replicas, ack_wait=settings.ack_wait
+        url,
+        name=agent_cls.name,
+        telemetry=telemetry,
+        replicas=settings.replicas,
+        ack_wait=settings.ack_wait,
+        max_deliver=settings.max_deliver,
     )
     try:
         worker = Worker(
