@@ -49,6 +49,7 @@ __all__ = [
     "derived_id",
     "ensure_dlq_stream",
     "ensure_stream",
+    "jetstream_permissions",
     "partition_filters",
     "stream_config",
     "stream_name",
@@ -135,6 +136,26 @@ async def _ensure(js: JetStreamContext, config: api.StreamConfig) -> str:
                 f"declared one ({upd.description}); delete it or change the declaration"
             ) from None
     return config.name
+
+
+def jetstream_permissions(info: ContractInfo, d: Durability, *, consumer: str | None) -> tuple[set[str], set[str]]:
+    """NATS (publish, subscribe) permissions for a durable contract, as publisher or as ``consumer``."""
+    stream = stream_name(info, d)
+    pub = {f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}"}
+    sub = {"_INBOX.>"}  # publish acks; pulled messages
+    if consumer is not None:
+        pub |= {
+            f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.ACK.*.*.{stream}.>",
+            f"$JS.API.STREAM.CREATE.{DLQ_STREAM}",
+            f"$JS.API.STREAM.UPDATE.{DLQ_STREAM}",
+        }
+        sub.add(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>")
+    return pub, sub
 
 
 # Consumers

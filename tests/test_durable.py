@@ -324,3 +324,14 @@ def test_idempotency_records_the_id_with_the_effect_and_rolls_both_back_together
 def test_idempotency_needs_an_autocommit_connection() -> None:
     with pytest.raises(Exception, match="autocommit"):
         Idempotency(sqlite3.connect(":memory:"))
+
+
+def test_swarm_permissions_let_a_durable_agent_pull_ack_and_publish_to_its_streams() -> None:
+    from busagents.swarm.graph import Graph
+
+    perms = Graph([Doer]).permissions()["doer"]
+    assert "$JS.API.CONSUMER.MSG.NEXT.BA_Task.>" in perms["publish"]  # pull from its consumer
+    assert "$JS.ACK.BA_Task.>" in perms["publish"]  # ack, nak, in-progress, term
+    assert "$JS.API.STREAM.CREATE.BA_Done" in perms["publish"]  # its durable output's stream
+    assert "$JS.API.CONSUMER.MSG.NEXT.BA_Done.>" not in perms["publish"]  # it does not consume Done
+    assert "_INBOX.>" in perms["subscribe"]  # pulled messages and publish acks

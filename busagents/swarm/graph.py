@@ -16,6 +16,7 @@ import msgspec
 
 from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
+from ..durable import jetstream_permissions
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
 
 __all__ = ["Graph", "GraphProblem"]
@@ -96,16 +97,20 @@ class Graph:
         for agent in self.agents:
             pub = {f"busagents.dlq.{agent.name}", f"busagents.stats.{agent.name}"}
             sub: set[str] = set()
-            for contract in agent.consumes():
-                info = contract_info(contract)
+            for handler in agent.handlers.values():
+                info = handler.contract
                 sub.add(info.subscribe_subject)
                 if info.kind is Kind.QUERY:
                     pub.add("_INBOX.>")
+                if handler.durability is not None:
+                    _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=agent.name))
             for contract in agent.produces:
                 info = contract_info(contract)
                 pub.add(info.subscribe_subject)
                 if info.kind is Kind.QUERY:
                     sub.add("_INBOX.>")
+                if info.durability is not None:
+                    _add(pub, sub, jetstream_permissions(info, info.durability, consumer=None))
             out[agent.name] = {"publish": sorted(pub), "subscribe": sorted(sub)}
         return out
 
@@ -194,3 +199,8 @@ def _component_schema(info: ContractInfo, schemas: dict[str, Any]) -> dict[str, 
     schemas.update(schema.pop("$defs", {}))
     schemas[info.cls.__name__] = schema
     return {"$ref": template.format(name=info.cls.__name__)}
+
+
+def _add(pub: set[str], sub: set[str], more: tuple[set[str], set[str]]) -> None:
+    pub |= more[0]
+    sub |= more[1]
