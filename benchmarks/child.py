@@ -24,6 +24,8 @@ from .contracts import FlightLookup, FlightStatus, LookupFlight, flight_status, 
 
 STATUS_SUBJECT = "bench.flight.status.*"
 QUEUE = "bench-sink"
+#: The raw responder's subject: both responders run at once, so requests can alternate.
+RAW_LOOKUP_SUBJECT = "bench.raw.lookup"
 #: The same client-side pending limits for every variant (busagents' Mailbox defaults).
 PENDING_MSGS = 512 * 1024
 PENDING_BYTES = 256 * 1024 * 1024
@@ -158,7 +160,7 @@ async def _natspy_responder(url: str) -> Stop:
         decode(msg.data)
         await msg.respond(encode(reply))
 
-    await nc.subscribe("bench.flight.lookup", queue="bench-responder", cb=cb)
+    await nc.subscribe(RAW_LOOKUP_SUBJECT, queue="bench-responder", cb=cb)
     await nc.flush()
     return nc.close
 

@@ -1,23 +1,27 @@
-"""NATS header blocks -> dicts, on the receive hot path.
+"""NATS header blocks <-> dicts, on the hot paths of sending and receiving.
 
 nats-py parses every header block line by line with a per-character whitespace
-check, which costs several microseconds a message: with busagents' envelope (six
-headers) it was 42% of a receiver's time. :func:`parse_headers` takes a fast path
-for the common block (ASCII, plain names, no inline status) and returns
-exactly what nats-py would; anything else is left to nats-py's own parser.
+check (about 6 us a message with busagents' six envelope headers: 42% of a
+receiver's time) and builds one with a regex and four copies per header (about
+12 us a publish). :func:`parse_headers` and :func:`encode_headers` take a fast
+path for the common case (plain names, single-line values, no inline status)
+and give exactly what nats-py would; anything else is left to nats-py.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from nats.aio.client import Client
+from nats.protocol.command import hpub_cmd
 
-__all__ = ["FastHeadersClient", "parse_headers"]
+__all__ = ["FastHeadersClient", "encode_headers", "parse_headers"]
 
 _PREFIX = b"NATS/1.0\r\n"
 _PREFIX_LEN = len(_PREFIX)
 _WS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips, as nats-py does
+_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # header name characters, as nats-py checks them
 
 
 def parse_headers(block: bytes) -> dict[str, str] | None:
@@ -43,8 +47,39 @@ def parse_headers(block: bytes) -> dict[str, str] | None:
     return out
 
 
+def encode_headers(headers: dict[str, str]) -> bytes | None:
+    """The header block nats-py would send for ``headers``, or None when nats-py must build it.
+
+    None when a name is empty or not a token, or a value is not a string or has a
+    line break (nats-py skips, rejects or rewrites those).
+    """
+    if "" in headers or not _NAMES.fullmatch("".join(headers)):
+        return None
+    parts = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if type(value) is not str or "\n" in value or "\r" in value:
+            return None
+        parts.append(f"{name}: {value.strip()}\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode()
+
+
 class FastHeadersClient(Client):
-    """A nats-py client that parses plain header blocks with :func:`parse_headers`."""
+    """A nats-py client that builds and parses plain header blocks itself, faster."""
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> None:
+        block = encode_headers(headers) if headers and subject else None
+        if block is None:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        # What nats-py's _send_publish does once the header block is built.
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(hpub_cmd(subject, reply, block, payload))
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     async def _process_headers(self, headers: Any) -> dict[str, str] | None:
         if headers:

@@ -1,4 +1,4 @@
-"""The fast header parser gives exactly what nats-py's own parser gives, or steps aside."""
+"""The fast header block parser and builder give exactly what nats-py's own give, or step aside."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from busagents import Bus
-from busagents.headers import FastHeadersClient, parse_headers
+from busagents.headers import FastHeadersClient, encode_headers, parse_headers
 from busagents.server import NatsServer
 
 PLAIN_BLOCKS = [
@@ -81,4 +81,50 @@ async def test_a_bus_receives_the_headers_a_plain_nats_py_client_receives(nats_s
             assert from_bus == from_plain == headers
     finally:
         for nc in (sender, bus.nc, plain):
+            await nc.close()
+
+
+SENT_HEADERS: list[dict[str, str]] = [
+    {"Nats-Msg-Id": "abc", "Ba-Contract": "FlightDelayed", "Ba-Version": "2"},
+    {"Padded": "  value with spaces  ", "Colon": "a: b", "City": "Zürich"},
+    {"Multi": "line one\nline two", "Ok": "yes"},  # nats-py replaces line breaks by spaces
+    {"": "empty names are skipped", "Ok": "yes"},
+]
+
+
+@pytest.mark.parametrize("headers", SENT_HEADERS[:2])
+def test_plain_headers_are_built_into_a_block_nats_py_reads_back(headers: dict[str, str]) -> None:
+    block = encode_headers(headers)
+    assert block is not None
+    assert Client._parse_header_lines(block[len(b"NATS/1.0\r\n") :]) == {k: v.strip() for k, v in headers.items()}
+
+
+@pytest.mark.parametrize("headers", [*SENT_HEADERS[2:], {"Bad Name": "x"}, {"N": 1}])
+def test_line_breaks_empty_or_bad_names_and_non_strings_are_left_to_nats_py(headers: dict[str, object]) -> None:
+    assert encode_headers(headers) is None  # type: ignore[arg-type]
+
+
+async def test_a_bus_sends_the_headers_a_plain_nats_py_client_sends(nats_server: NatsServer) -> None:
+    bus = await Bus.connect(nats_server.url)
+    plain = await nats.connect(nats_server.url)
+    receiver = await nats.connect(nats_server.url)
+    try:
+        got: asyncio.Queue[tuple[str, dict[str, str] | None]] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            await got.put((msg.subject, msg.headers))
+
+        await receiver.subscribe("test.sent.*", cb=on_msg)
+        await receiver.flush()
+        for headers in SENT_HEADERS:
+            await bus.nc.publish("test.sent.bus", b"{}", headers=headers)
+            await plain.publish("test.sent.plain", b"{}", headers=headers)
+            await bus.nc.flush()
+            await plain.flush()
+            received = dict([await asyncio.wait_for(got.get(), 5), await asyncio.wait_for(got.get(), 5)])
+            assert received["test.sent.bus"] == received["test.sent.plain"], headers
+        with pytest.raises(nats.errors.Error):
+            await bus.nc.publish("test.sent.bus", b"{}", headers={"Bad Name": "x"})
+    finally:
+        for nc in (bus.nc, plain, receiver):
             await nc.close()
