@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -19,11 +20,16 @@ import msgspec
 import nats
 
 from busagents import Agent, Bus, Context, Worker, on
+from busagents.contract import Durability, contract_info
+from busagents.durable import consumer_config, stream_name
 
-from .contracts import FlightLookup, FlightStatus, LookupFlight, flight_status, status_fields
+from .contracts import DurableStatus, FlightLookup, FlightStatus, LookupFlight, flight_status, status_fields
 
 STATUS_SUBJECT = "bench.flight.status.*"
 QUEUE = "bench-sink"
+#: Durable consumers (deleted by the benchmark after each run, so each run reads the whole stream).
+DURABLE_CONSUMER = "bench-durable-sink"
+RAW_DURABLE_CONSUMER = "bench-durable-raw"
 #: The raw responder's subject: both responders run at once, so requests can alternate.
 RAW_LOOKUP_SUBJECT = "bench.raw.lookup"
 #: The same client-side pending limits for every variant (busagents' Mailbox defaults).
@@ -63,6 +69,19 @@ class Sink(Agent):
 
     @on(FlightStatus)
     async def seen(self, status: FlightStatus, ctx: Context) -> None:
+        self.clock.tick()
+
+
+class DurableSink(Agent):
+    """The typed durable receiver: the worker pulls, decodes, handles and acks."""
+
+    name = DURABLE_CONSUMER
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    @on(DurableStatus)
+    async def seen(self, status: DurableStatus, ctx: Context) -> None:
         self.clock.tick()
 
 
@@ -138,6 +157,52 @@ async def _faststream_receiver(url: str, clock: Clock) -> Stop:
     return broker.stop
 
 
+async def _busagents_durable(url: str, clock: Clock) -> Stop:
+    bus = await Bus.connect(url, name="bench-busagents")
+    worker = Worker([DurableSink(clock)], bus)
+    await worker.start()
+
+    async def stop() -> None:
+        await worker.drain()
+        await bus.close()
+
+    return stop
+
+
+async def _natspy_durable(url: str, clock: Clock) -> Stop:
+    """The raw pull loop: fetch a batch, decode, ack each, with the same consumer config as busagents'."""
+    nc = await nats.connect(url, name="bench-nats-py")
+    js = nc.jetstream()
+    info = contract_info(DurableStatus)
+    d = info.durability or Durability()
+    stream = stream_name(info, d)
+    await js.add_consumer(stream, consumer_config(RAW_DURABLE_CONSUMER, info.subscribe_subject, d))
+    psub = await js.pull_subscribe_bind(durable=RAW_DURABLE_CONSUMER, stream=stream)
+    decode = msgspec.json.Decoder(DurableStatus).decode
+    tick = clock.tick
+
+    async def loop() -> None:
+        while True:
+            try:
+                msgs = await psub.fetch(d.batch, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                decode(msg.data)
+                tick()
+                await msg.ack()
+
+    task = asyncio.create_task(loop())
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await nc.close()
+
+    return stop
+
+
 async def _busagents_responder(url: str) -> Stop:
     bus = await Bus.connect(url, name="bench-busagents")
     worker = Worker([Responder()], bus)
@@ -171,6 +236,10 @@ RECEIVERS: dict[str, Callable[[str, Clock], Awaitable[Stop]]] = {
     "nats-py": _natspy_receiver,
     "faststream": _faststream_receiver,
 }
+DURABLE_RECEIVERS: dict[str, Callable[[str, Clock], Awaitable[Stop]]] = {
+    "busagents": _busagents_durable,
+    "nats-py": _natspy_durable,
+}
 RESPONDERS: dict[str, Callable[[str], Awaitable[Stop]]] = {
     "busagents": _busagents_responder,
     "nats-py": _natspy_responder,
@@ -182,9 +251,16 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-async def _receive(variant: str, url: str, warmup: int, count: int, timeout: float) -> dict[str, Any]:
+async def _receive(
+    receivers: dict[str, Callable[[str, Clock], Awaitable[Stop]]],
+    variant: str,
+    url: str,
+    warmup: int,
+    count: int,
+    timeout: float,
+) -> dict[str, Any]:
     clock = Clock(warmup, count)
-    stop = await RECEIVERS[variant](url, clock)
+    stop = await receivers[variant](url, clock)
     _say("READY")
     try:
         await asyncio.wait_for(clock.done.wait(), timeout)
@@ -207,15 +283,16 @@ async def _respond(variant: str, url: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.child")
-    parser.add_argument("role", choices=["receive", "respond"])
+    parser.add_argument("role", choices=["receive", "consume", "respond"])
     parser.add_argument("variant")
     parser.add_argument("--url", required=True)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
-    if args.role == "receive":
-        result = asyncio.run(_receive(args.variant, args.url, args.warmup, args.count, args.timeout))
+    if args.role in ("receive", "consume"):
+        receivers = RECEIVERS if args.role == "receive" else DURABLE_RECEIVERS
+        result = asyncio.run(_receive(receivers, args.variant, args.url, args.warmup, args.count, args.timeout))
     else:
         result = asyncio.run(_respond(args.variant, args.url))
     _say("RESULT " + json.dumps(result))

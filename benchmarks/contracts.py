@@ -50,6 +50,15 @@ def flight_status(i: int) -> FlightStatus:
     )
 
 
+@event("bench.durable.status", key="flight_id", durable=True)
+class DurableStatus(FlightStatus):
+    """The same status on a JetStream stream (``BA_DurableStatus``)."""
+
+
+def durable_status(i: int) -> DurableStatus:
+    return DurableStatus(**msgspec.structs.asdict(flight_status(i)))
+
+
 def status_fields() -> dict[str, Any]:
     """The fields of FlightStatus, to build the equivalent pydantic model for FastStream."""
     return {name: (tp, ...) for name, tp in FlightStatus.__annotations__.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from busagents.server import NatsServer
 
-from . import memory, replicas, reqreply, throughput
+from . import durable, memory, replicas, reqreply, throughput
 from .report import Check, LoadMeter, Machine, Result, checks_table, render, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -30,6 +30,8 @@ class Sizes:
 
     events: int = 100_000
     events_warmup: int = 5_000
+    durable: int = 50_000
+    durable_warmup: int = 2_000
     requests: int = 5_000
     requests_warmup: int = 500
     jobs: int = 600
@@ -39,7 +41,16 @@ class Sizes:
 
 
 QUICK = Sizes(
-    events=2_000, events_warmup=200, requests=200, requests_warmup=20, jobs=20, jobs_warmup=2, work=2_000, settle=0.5
+    events=2_000,
+    events_warmup=200,
+    durable=1_000,
+    durable_warmup=100,
+    requests=200,
+    requests_warmup=20,
+    jobs=20,
+    jobs_warmup=2,
+    work=2_000,
+    settle=0.5,
 )
 
 BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
@@ -47,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
         url, count=s.events, warmup=s.events_warmup, reps=reps, faststream=throughput.faststream_installed()
     ),
     "request": lambda url, s, reps: reqreply.run(url, count=s.requests, warmup=s.requests_warmup, reps=reps),
+    "durable": lambda url, s, reps: durable.run(url, count=s.durable, warmup=s.durable_warmup, reps=reps),
     "replicas": lambda url, s, reps: replicas.run(
         url, jobs=s.jobs, work=s.work, warmup=s.jobs_warmup, reps=reps, cores=_cores()
     ),
