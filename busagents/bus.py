@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -373,6 +373,36 @@ class Bus:
             print(got.message.body)
         """
         return Expectation(self, contract, where=where, timeout=timeout, count=count, subject=subject)
+
+    async def wait_for_agents(self, names: Iterable[str], *, timeout: float = 30.0) -> None:
+        """Wait until every named agent type has at least one replica serving.
+
+        Serving is seen from the stats heartbeats (``busagents.stats.<agent>``, sent when a
+        worker has subscribed, then every ``BUSAGENTS_HEARTBEAT_INTERVAL`` seconds). Use it
+        before feeding a swarm from outside, so that no core-NATS event is published before
+        its consumers listen. Raises TimeoutError naming the agents not seen.
+        """
+        missing = set(names)
+        if not missing:
+            return
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_beat(msg: Msg) -> None:
+            missing.discard(msg.subject.rsplit(".", 1)[-1])
+            if not missing and not done.done():
+                done.set_result(None)
+
+        sub = await self.nc.subscribe("busagents.stats.*", cb=on_beat)
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no heartbeat within {timeout}s from: {', '.join(sorted(missing))} "
+                "(are they running, with BUSAGENTS_HEARTBEAT_INTERVAL > 0?)"
+            ) from None
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def flush(self, timeout: float = 5.0) -> None:
         await self.nc.flush(timeout=int(max(1, timeout)))

@@ -122,3 +122,25 @@ async def test_query_failure_is_reported_to_the_requester(bus: Bus) -> None:
 async def test_query_without_responder_fails_fast(bus: Bus) -> None:
     with pytest.raises(QueryFailedError, match="no agent answers"):
         await asyncio.wait_for(bus.request(Sum(numbers=[1]), timeout=5), 3)
+
+
+async def test_wait_for_agents_returns_once_each_type_is_serving(bus: Bus, nats_server: NatsServer) -> None:
+    from busagents import Worker
+
+    waiting = asyncio.create_task(bus.wait_for_agents(["doer", "adder"], timeout=10))
+    other = await Bus.connect(nats_server.url)
+    worker = Worker([Doer("r1"), Adder()], other, heartbeat_interval=0.2)
+    try:
+        await worker.start()
+        await waiting
+        async with bus.expect(Worked) as got:  # and they do serve
+            await bus.publish(Work(job=5))
+        assert got.message.body.job == 5
+    finally:
+        await worker.drain()
+        await other.close()
+
+
+async def test_wait_for_agents_names_the_missing_ones(bus: Bus) -> None:
+    with pytest.raises(TimeoutError, match=r"no heartbeat within 0\.3s from: ghost"):
+        await bus.wait_for_agents(["ghost"], timeout=0.3)

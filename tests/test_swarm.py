@@ -146,3 +146,11 @@ async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(
     assert "slow[0] exited with -9; restarting" in text or "slow[1] exited with -9; restarting" in text
     assert proc.returncode == 0, text
     assert text.count("stopped (exit 0)") == 2
+
+
+def test_mermaid_names_every_edge_with_safe_node_ids() -> None:
+    text = Graph([Watcher, Actor, Pricer]).mermaid()
+    assert text.splitlines()[0] == "flowchart LR"
+    assert 'watcher["watcher"] -->|Act| actor["actor"]' in text
+    assert 'watcher["watcher"] -->|PriceOf| pricer["pricer"]' in text
+    assert 'actor["actor"] -->|Finished| outside((outside))' in text

@@ -166,6 +166,9 @@ class StatusFeed(Agent):
 
     name = "flight-feed"
     produces = (FlightStatusUpdated,)
+    #: Agent types that must be serving before the first update is published (core NATS keeps
+    #: no message for a consumer that is not listening yet).
+    waits_for: tuple[str, ...] = ("flight-monitor", "flight-context")
 
     def __init__(self, day: AirlineDay | None = None, day_seconds: float | None = None) -> None:
         settings = FlightSettings()
@@ -174,6 +177,10 @@ class StatusFeed(Agent):
         self.published = 0
 
     async def run(self, ctx: Context) -> None:
+        try:
+            await ctx.bus.wait_for_agents(self.waits_for, timeout=60)
+        except TimeoutError as exc:
+            ctx.log.warning("playing the feed anyway: %s", exc)
         updates = status_feed(self.day)
         span = updates[-1].observed_at - updates[0].observed_at if updates else 0
         speed = span / self.day_seconds if self.day_seconds > 0 and span > 0 else 0.0

@@ -8,6 +8,7 @@ AsyncAPI 3 document from which an agent in another language can join.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,12 +84,18 @@ class Graph:
 
     def mermaid(self) -> str:
         """A Mermaid flowchart: agents as boxes, contracts on the arrows."""
+
+        def node(name: str) -> str:
+            return f'{re.sub(r"[^A-Za-z0-9_]", "_", name)}["{name}"]'
+
         lines = ["flowchart LR"]
         for contract, producers in sorted(self.producers.items(), key=lambda kv: contract_info(kv[0]).name):
             name = contract_info(contract).name
             for producer in producers:
-                for consumer in self.consumers.get(contract, ["?unconsumed"]):
-                    lines.append(f"    {producer} -- {name} --> {consumer}")
+                consumers = self.consumers.get(contract)
+                targets = [node(c) for c in consumers] if consumers else ["outside((outside))"]
+                for target in targets:
+                    lines.append(f"    {node(producer)} -->|{name}| {target}")
         return "\n".join(lines)
 
     def permissions(self) -> dict[str, dict[str, list[str]]]:
