@@ -18,11 +18,14 @@ Header names (all plain ASCII strings, so an agent in any language can read them
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
+import string
 import time
 from typing import Any
 
 import msgspec
-from nats.nuid import NUID
 
 __all__ = [
     "CAUSATION_ID",
@@ -50,12 +53,36 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 REPLAY_OF = "Ba-Replay-Of"
 
-_nuid = NUID()
+_ALPHABET = string.digits + string.ascii_letters
+_COUNTER_LIMIT = 16**10
+
+
+class _Ids:
+    """The NUID scheme (a random prefix, then a counter) without NUID's per-id base-62 loop (3-5 us)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = "".join(secrets.choice(_ALPHABET) for _ in range(12))
+        self.counter = itertools.count(secrets.randbelow(1 << 32))
+
+    def next(self) -> str:
+        n = next(self.counter)
+        if n >= _COUNTER_LIMIT:
+            self.reset()
+            n = next(self.counter)
+        return f"{self.prefix}{n:010x}"
+
+
+_ids = _Ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.reset)  # a forked child must not repeat its parent's ids
 
 
 def new_id() -> str:
-    """A new unique message id (a 22-character NUID: fast, random, URL-safe)."""
-    return _nuid.next().decode()
+    """A new unique message id: 22 letters and digits, a random per-process prefix and a counter."""
+    return _ids.next()
 
 
 class Envelope(msgspec.Struct, kw_only=True):

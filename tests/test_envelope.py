@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import msgspec
+import pytest
 
 from busagents import Agent, Bus, Context, Envelope, event, on
+from busagents.envelope import new_id
 from busagents.testing import run_agents
 
 
@@ -97,3 +101,25 @@ def test_headers_round_trip() -> None:
     assert back.conversation_id == "c1"
     assert back.causation_id == cause.id
     assert env.to_headers()["Nats-Msg-Id"] == env.id
+
+
+def test_message_ids_are_unique_22_character_letters_and_digits() -> None:
+    ids = [new_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 22 and i.isalnum() and i.isascii() for i in ids)
+
+
+def test_a_forked_process_does_not_repeat_its_parents_message_ids() -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send one id and leave at once
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 64).decode()
+    os.close(read)
+    parent_ids = {new_id() for _ in range(10)}
+    assert len(child_id) == 22 and child_id[:12] != next(iter(parent_ids))[:12]
