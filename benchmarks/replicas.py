@@ -74,13 +74,13 @@ async def run(
     url: str, *, jobs: int, work: int, warmup: int, reps: int, cores: int
 ) -> tuple[list[Result], list[Check], str]:
     samples: dict[int, list[float]] = {1: [], 2: []}
-    cores: dict[int, list[float]] = {1: [], 2: []}
+    got: dict[int, list[float]] = {1: [], 2: []}
     shares: list[float] = []
     for rep in range(reps):
         for replicas in (1, 2) if rep % 2 == 0 else (2, 1):
             rate, split, used = await _one(url, replicas, jobs, work, warmup)
             samples[replicas].append(rate)
-            cores[replicas].append(used)
+            got[replicas].append(used)
             if replicas == 2:
                 shares.append(max(split.values()) / jobs)
     scale = median(ratios(samples[2], samples[1]))
@@ -91,7 +91,7 @@ async def run(
             "jobs/s",
             samples[1],
             ratio=1.0,
-            note=f"it got {median(cores[1]):.2f} cores",
+            note=f"it got {median(got[1]):.2f} cores",
         ),
         Result(
             NAME,
@@ -99,11 +99,11 @@ async def run(
             "jobs/s",
             samples[2],
             ratio=scale,
-            note=f"they got {median(cores[2]):.2f} cores; the busiest took {median(shares):.0%} of the jobs",
+            note=f"they got {median(got[2]):.2f} cores; the busiest took {median(shares):.0%} of the jobs",
         ),
     ]
     detail = (
-        f"the 2 replicas got {median(cores[2]):.2f} cores of CPU time between them (1 replica: {median(cores[1]):.2f})"
+        f"the 2 replicas got {median(got[2]):.2f} cores of CPU time between them (1 replica: {median(got[1]):.2f})"
     )
     checks = [Check("2 replicas / 1 replica, CPU-bound", scale, 1.7, at_least=True, detail=detail)]
     ms = 1000 / median(samples[1])
