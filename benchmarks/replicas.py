@@ -102,9 +102,7 @@ async def run(
             note=f"they got {median(got[2]):.2f} cores; the busiest took {median(shares):.0%} of the jobs",
         ),
     ]
-    detail = (
-        f"the 2 replicas got {median(got[2]):.2f} cores of CPU time between them (1 replica: {median(got[1]):.2f})"
-    )
+    detail = f"the 2 replicas got {median(got[2]):.2f} cores of CPU time between them (1 replica: {median(got[1]):.2f})"
     checks = [Check("2 replicas / 1 replica, CPU-bound", scale, 1.7, at_least=True, detail=detail)]
     ms = 1000 / median(samples[1])
     return results, checks, METHOD.format(agent=AGENT, work=work, ms=ms, warmup=warmup, jobs=jobs, cores=cores)
