@@ -335,3 +335,46 @@ def test_swarm_permissions_let_a_durable_agent_pull_ack_and_publish_to_its_strea
     assert "$JS.API.STREAM.CREATE.BA_Done" in perms["publish"]  # its durable output's stream
     assert "$JS.API.CONSUMER.MSG.NEXT.BA_Done.>" not in perms["publish"]  # it does not consume Done
     assert "_INBOX.>" in perms["subscribe"]  # pulled messages and publish acks
+
+
+@command("test.durable.chore", durable=Durability(ack_wait=30.0, batch=64))
+class Chore(msgspec.Struct):
+    n: int
+
+
+class Chores(Agent):
+    name = "chores"
+    max_concurrency = 1
+
+    def __init__(self, done: list[int], started: asyncio.Event) -> None:
+        self.done = done
+        self.started = started
+
+    @on(Chore)
+    async def chore(self, chore: Chore, ctx: Context) -> None:
+        self.started.set()
+        await asyncio.sleep(0.05)  # work in progress when the drain starts
+        self.done.append(chore.n)
+
+
+async def test_drain_finishes_the_message_in_hand_and_gives_back_the_buffered_ones_at_once(bus: Bus) -> None:
+    done: list[int] = []
+    first_started = asyncio.Event()
+    for n in range(20):
+        await bus.publish(Chore(n=n))
+    first = Worker([Chores(done, first_started)], bus)
+    await first.start()
+    await asyncio.wait_for(first_started.wait(), 5)
+    assert await first.drain()  # one chore in hand, the rest buffered in this replica
+    in_hand = len(done)
+    assert in_hand >= 1
+    second_bus = await Bus.connect(bus.url)
+    try:
+        async with run_agents(second_bus, Chores(done, asyncio.Event())):
+            deadline = asyncio.get_running_loop().time() + 10  # far below the 30 s ack wait
+            while len(done) < 20:
+                assert asyncio.get_running_loop().time() < deadline, f"only {len(done)} chores done"
+                await asyncio.sleep(0.05)
+    finally:
+        await second_bus.close()
+    assert sorted(done) == list(range(20))  # none lost, none done twice
