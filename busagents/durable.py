@@ -385,8 +385,8 @@ class DurableConsumer:
     async def _keeper(self) -> None:
         """Sends in-progress acks for what this replica holds; asks again when pulls went silent."""
         loop = asyncio.get_running_loop()
-        tick = min(self._ack_wait / 3, self._heartbeat)
-        progress_every = self._ack_wait / 3
+        tick = min(self._ack_wait / 4, self._heartbeat)
+        progress_every = self._ack_wait / 3 - tick / 2  # a tick late is still in time
         last_progress = loop.time()
         while True:
             await asyncio.sleep(tick)

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import nats.errors
+import nats.js.errors
 import pytest
 import pytest_asyncio
 
@@ -44,12 +46,25 @@ def nats_server() -> Iterator[NatsServer]:
 
 @pytest_asyncio.fixture
 async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    """A bus connected to the session's nats-server, closed after the test."""
+    """A bus connected to the session's nats-server, closed after the test.
+
+    JetStream streams (durable contracts, dead letters, KV buckets) are deleted after the
+    test, so stored messages never leak into the next test's durable consumers.
+    """
     connected = await Bus.connect(nats_server.url, name="busagents-test")
     try:
         yield connected
     finally:
+        await _delete_streams(connected)
         await connected.close()
+
+
+async def _delete_streams(bus: Bus) -> None:
+    try:
+        for name in await bus.js.streams_info():
+            await bus.js.delete_stream(name.config.name or "")
+    except (nats.errors.Error, nats.js.errors.Error):
+        pass  # no JetStream, or the connection is gone: nothing to clean
 
 
 @asynccontextmanager

@@ -1,7 +1,7 @@
 """Fault: a handler runs far longer than the ack wait (an LLM call, a slow booking system).
 
-Two rebooker replicas share the durable consumer with a 1 s ack wait, and the booking system
-takes 3.5 s for one decision. The replica working on it keeps it with in-progress acks, so
+Two rebooker replicas share the durable consumer with a 2 s ack wait, and the booking system
+takes 5 s for one decision. The replica working on it keeps it with in-progress acks, so
 it is applied once, by one replica, while the two replicas share the 10,000 others.
 """
 
@@ -21,8 +21,8 @@ from .fault_flight import CONSUMER, STREAM, count_changes, day, decisions, load_
 from .fault_ledger import wait_for, wait_settled
 
 N = 10_000
-ACK_WAIT = 1.0
-SLOW_SECONDS = 3.5
+ACK_WAIT = 2.0
+SLOW_SECONDS = 5.0
 
 
 class SlowStore(SqliteStore):
