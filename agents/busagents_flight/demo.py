@@ -154,6 +154,17 @@ _decode_rejected = msgspec.json.Decoder(RebookRejected).decode
 _decode_notified = msgspec.json.Decoder(PassengerNotified).decode
 
 
+class _Notified(msgspec.Struct):
+    """What the tally needs of a PassengerNotified (skips decoding the text)."""
+
+    disruption_id: str
+    passenger_id: str
+    action: str
+
+
+_decode_notified_briefly = msgspec.json.Decoder(_Notified).decode
+
+
 def _sent_at(msg: Msg) -> int:
     return int((msg.headers or {}).get(SENT_AT, "0"))
 
@@ -214,7 +225,7 @@ async def _subscribe(bus: Bus, tally: _Tally) -> list[Any]:
         t.say(f"  [red]rejected[/]  {e.booking_id}: {e.reason} {e.detail} -> re-deciding")
 
     async def notified(msg: Msg) -> None:
-        e = _decode_notified(msg.data)
+        e = _decode_notified_briefly(msg.data)
         key = (e.disruption_id, e.passenger_id)
         if key not in t.notified:
             t.notified.add(key)
@@ -222,7 +233,8 @@ async def _subscribe(bus: Bus, tally: _Tally) -> list[Any]:
             if start:
                 t.latencies_ms.append((_sent_at(msg) - start) / 1e6)
         if len(t.samples) < t.verbose_notices and e.action != "keep":
-            t.samples.append(f"[cyan]{e.passenger_id}[/] ({e.channel}): {e.text}")
+            full = _decode_notified(msg.data)
+            t.samples.append(f"[cyan]{full.passenger_id}[/] ({full.channel}): {full.text}")
         t.say(f"  [cyan]notified[/]  {e.passenger_id} ({e.action})")
         t.changed.set()
 
