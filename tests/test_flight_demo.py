@@ -19,6 +19,7 @@ async def test_demo_notifies_every_affected_passenger_and_dead_letters_nothing()
     assert report.notified == report.affected
     assert report.dead_lettered == 0
     assert report.seat_conflicts == 0
+    assert report.stranded == 0
     assert report.rebooked > 0
     assert report.rebooked + report.refunded + report.kept >= report.affected
     assert 0 < report.latency_ms["p50"] <= report.latency_ms["p99"]

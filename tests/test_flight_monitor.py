@@ -6,7 +6,15 @@ from busagents_flight.context import ContextAgent
 from busagents_flight.data import generate
 from busagents_flight.monitor import FlightMonitor
 from busagents_flight.reasoner import affected_booking
-from busagents_travel import Disruption, Flight, FlightDelayed, FlightStatusUpdated
+from busagents_travel import (
+    BookingChanged,
+    Disruption,
+    Flight,
+    FlightCancelled,
+    FlightDelayed,
+    FlightStatusUpdated,
+    Leg,
+)
 
 from busagents import Bus
 from busagents.testing import run_agents
@@ -89,3 +97,26 @@ async def test_a_small_delay_that_keeps_every_connection_is_not_a_disruption(bus
         await bus.publish(_update(flight, 2, "delayed", 45))
         await monitor.wait_handled(2, timeout=5)
     assert monitor.disruptions == 0
+
+
+async def test_a_rebooking_onto_a_flight_cancelled_meanwhile_is_a_disruption_for_that_booking(bus: Bus) -> None:
+    flight = DAY.flights[5]
+    booking = next(b for b in DAY.bookings if all(leg.flight_id != flight.flight_id for leg in b.legs))
+    moved_leg = Leg(
+        flight.flight_id, flight.number, flight.origin, flight.destination, flight.departure, flight.arrival,
+        booking.legs[0].cabin, ["99Z"] * len(booking.passengers),
+    )  # fmt: skip
+    change = BookingChanged(
+        decision_id="d-1", disruption_id="OTHER#1", booking_id=booking.booking_id, flight_id="OTHER",
+        action="rebook", passengers=booking.passengers, old_legs=booking.legs[:1], new_legs=[moved_leg], version=1,
+    )  # fmt: skip
+    monitor = FlightMonitor()
+    async with run_agents(bus, ContextAgent(DAY), monitor):
+        async with bus.expect(FlightCancelled, where=lambda c: c.flight_id == flight.flight_id, count=2) as got:
+            await bus.publish(_update(flight, 1, "cancelled"))
+            await monitor.wait_handled(1, timeout=5)
+            await bus.publish(change)
+    first, again = (m.body for m in got.messages)
+    assert first.bookings == []  # everyone on the flight
+    assert again.bookings == [booking.booking_id]  # only the booking that landed on it
+    assert again.disruption_id != first.disruption_id

@@ -64,6 +64,7 @@ class DemoReport(msgspec.Struct, kw_only=True):
     notified: int
     dead_lettered: int
     seat_conflicts: int
+    stranded: int  # active bookings still holding a leg on a cancelled flight (should be 0)
     redecided: int
     latency_ms: dict[str, float]
     flights: int
@@ -352,7 +353,7 @@ async def run_demo(
                         await sub.unsubscribe()
                     await worker.drain()
                 await booking_store.open()
-                conflicts = await booking_store.seat_conflicts()
+                audit = await booking_store.audit(u.flight_id for u in feed if u.status == "cancelled")
                 await booking_store.close()
             finally:
                 await bus.close()
@@ -369,7 +370,8 @@ async def run_demo(
         kept=tally.kept,
         notified=len(tally.notified),
         dead_lettered=tally.dead_lettered,
-        seat_conflicts=conflicts,
+        seat_conflicts=audit.seat_conflicts,
+        stranded=audit.stranded_bookings,
         redecided=tally.rejected,
         latency_ms={"p50": _percentile(tally.latencies_ms, 50), "p99": _percentile(tally.latencies_ms, 99)},
         flights=len(day.flights),
@@ -453,6 +455,7 @@ def flight_demo(
         "notified",
         "dead_lettered",
         "seat_conflicts",
+        "stranded",
         "redecided",
     ):
         console.print(f"{key:>16}: {summary[key]}")

@@ -5,6 +5,8 @@ delay that breaks a passenger's connection (arrival + the airport's minimum
 connection time after the onward flight's departure). Repeated and stale
 updates (``seq`` not newer than the last seen) change nothing, so they never
 create a second disruption; a delay that is later reduced does not either.
+A rebooking that lands on a flight cancelled meanwhile (the decision raced the
+cancellation) is reported as a cancellation for that booking only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from busagents_travel import FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
+from busagents_travel import BookingChanged, FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
 
 from busagents import Agent, Context, on
 
@@ -29,7 +31,7 @@ _REPORT_AGAIN_MINUTES = 120
 @dataclass(slots=True)
 class _FlightState:
     seq: int = 0
-    cancelled: bool = False
+    cancelled: FlightStatusUpdated | None = None  # the update that cancelled the flight
     delay_minutes: int = 0
     reported_delay: int = 0  # largest delay reported as a long delay
     missed: set[str] = field(default_factory=set)  # onward flights already reported as missed
@@ -68,12 +70,12 @@ class FlightMonitor(Agent):
                 self._progress.notify_all()
 
     async def _update(self, state: _FlightState, u: FlightStatusUpdated, ctx: Context) -> None:
-        if u.seq <= state.seq or state.cancelled:
+        if u.seq <= state.seq or state.cancelled is not None:
             self.ignored += 1
             return
         state.seq = u.seq
         if u.status == "cancelled":
-            state.cancelled = True
+            state.cancelled = u
             await self._emit(state, ctx, FlightCancelled, u, reason=u.reason)
             return
         if u.estimated_departure is None or u.status in ("departed", "arrived"):
@@ -103,6 +105,17 @@ class FlightMonitor(Agent):
             missed_connections=new_missed,
             long_delay=long_delay,
         )
+
+    @on(BookingChanged)
+    async def moved(self, change: BookingChanged, ctx: Context) -> None:
+        """A rebooking that lands on a flight cancelled meanwhile is a disruption for that booking."""
+        for leg in change.new_legs:
+            state = self.flights.get(leg.flight_id)
+            if state is None or state.cancelled is None:
+                continue
+            async with state.lock:
+                u = state.cancelled
+                await self._emit(state, ctx, FlightCancelled, u, reason=u.reason, bookings=[change.booking_id])
 
     async def _missed_connections(self, u: FlightStatusUpdated, ctx: Context) -> set[str]:
         reply = await ctx.request(OnwardConnections(flight_id=u.flight_id))

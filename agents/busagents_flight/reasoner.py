@@ -104,7 +104,8 @@ class ReasonerAgent(Agent):
 
     async def _assess(self, d: Disruption, ctx: Context) -> None:
         reply = await ctx.request(BookingsOnFlight(flight_id=d.flight_id))
-        affected = [a for b in reply.bookings if (a := affected_booking(d, b, reply.mct_minutes)) is not None]
+        bookings = [b for b in reply.bookings if b.booking_id in d.bookings] if d.bookings else reply.bookings
+        affected = [a for b in bookings if (a := affected_booking(d, b, reply.mct_minutes)) is not None]
         decisions = await self._decide(d, affected, ctx, 1) if affected else []
         await ctx.publish(
             DisruptionAssessed(

@@ -25,6 +25,7 @@ import msgspec
 from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger, RebookRejected
 
 __all__ = [
+    "Audit",
     "BookingStore",
     "Outcome",
     "SqliteStore",
@@ -55,6 +56,13 @@ class _Seating(msgspec.Struct):
 
 
 _decode_seating = msgspec.json.Decoder(_Seating).decode
+
+
+class Audit(msgspec.Struct, frozen=True):
+    """What :meth:`BookingStore.audit` found."""
+
+    seat_conflicts: int
+    stranded_bookings: int
 
 
 class _Recorded(msgspec.Struct, omit_defaults=True):
@@ -121,24 +129,28 @@ class BookingStore(abc.ABC):
         """True before the day's bookings were loaded."""
 
     async def seat_conflicts(self) -> int:
-        """Seats held by more than one passenger across the booking documents (must be 0).
+        """Seats held by more than one passenger across the booking documents (must be 0)."""
+        return (await self.audit()).seat_conflicts
 
-        An audit independent of the seats table's primary key: it reads what each
-        booking says its passengers hold.
-        """
+    async def audit(self, cancelled: Iterable[str] = ()) -> Audit:
+        """Check the booking documents themselves, independently of the seats table's primary key:
+        seats held twice, and active bookings still holding a leg on a ``cancelled`` flight."""
+        cancelled = set(cancelled)
         seen: set[tuple[str, str]] = set()
-        conflicts = 0
+        conflicts = stranded = 0
         for doc in await self.documents():
             booking = _decode_seating(doc)
             if booking.status != "active":
                 continue
+            if any(leg.flight_id in cancelled for leg in booking.legs):
+                stranded += 1
             for leg in booking.legs:
                 for seat in leg.seats:
                     key = (leg.flight_id, seat)
                     if key in seen:
                         conflicts += 1
                     seen.add(key)
-        return conflicts
+        return Audit(seat_conflicts=conflicts, stranded_bookings=stranded)
 
     @abc.abstractmethod
     async def documents(self) -> list[str]:

@@ -86,7 +86,7 @@ class FlightDelayed(msgspec.Struct, kw_only=True):
 
 @event("travel.flight.cancelled", key="flight_id")
 class FlightCancelled(msgspec.Struct, kw_only=True):
-    """A cancelled flight: every passenger on it is affected."""
+    """A cancelled flight: every passenger on it is affected (or only ``bookings``, when given)."""
 
     disruption_id: str
     flight_id: str
@@ -95,6 +95,8 @@ class FlightCancelled(msgspec.Struct, kw_only=True):
     destination: str
     reason: str = ""
     observed_at: int = 0
+    #: Only these bookings: they were moved onto the flight after it was cancelled.
+    bookings: list[str] = []
 
 
 @event("travel.disruption.assessed", key="flight_id")
@@ -126,6 +128,7 @@ class Disruption(msgspec.Struct, frozen=True, kw_only=True):
     missed_connections: list[str] = []
     long_delay: bool = False
     reason: str = ""
+    bookings: list[str] = []  # only these bookings are affected (empty: every booking on the flight)
 
     @classmethod
     def of(cls, event: FlightDelayed | FlightCancelled) -> Disruption:
@@ -139,6 +142,7 @@ class Disruption(msgspec.Struct, frozen=True, kw_only=True):
                 destination=event.destination,
                 observed_at=event.observed_at,
                 reason=event.reason,
+                bookings=event.bookings,
             )
         return cls(
             disruption_id=event.disruption_id,
