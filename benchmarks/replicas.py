@@ -70,6 +70,11 @@ async def _one(url: str, replicas: int, jobs: int, work: int, warmup: int) -> tu
     return jobs / wall, split, cores
 
 
+def _per_cpu(rates: list[float], cores: list[float]) -> list[float]:
+    """Jobs per CPU-second of the replicas (0 when too short to measure CPU time)."""
+    return [r / c if c > 0 else 0.0 for r, c in zip(rates, cores, strict=True)]
+
+
 async def run(
     url: str, *, jobs: int, work: int, warmup: int, reps: int, cores: int
 ) -> tuple[list[Result], list[Check], str]:
@@ -102,7 +107,11 @@ async def run(
             note=f"they got {median(got[2]):.2f} cores; the busiest took {median(shares):.0%} of the jobs",
         ),
     ]
-    detail = f"the 2 replicas got {median(got[2]):.2f} cores of CPU time between them (1 replica: {median(got[1]):.2f})"
+    per_core = median(ratios(_per_cpu(samples[2], got[2]), _per_cpu(samples[1], got[1])) or [0.0])
+    detail = (
+        f"the 2 replicas got {median(got[2]):.2f} cores of CPU time between them, 1 replica "
+        f"{median(got[1]):.2f}; jobs per CPU-second, 2 replicas / 1: {per_core:.2f}"
+    )
     checks = [Check("2 replicas / 1 replica, CPU-bound", scale, 1.7, at_least=True, detail=detail)]
     ms = 1000 / median(samples[1])
     return results, checks, METHOD.format(agent=AGENT, work=work, ms=ms, warmup=warmup, jobs=jobs, cores=cores)

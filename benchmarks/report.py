@@ -22,7 +22,7 @@ __all__ = ["Check", "LoadMeter", "Machine", "Result", "render", "table", "write_
 
 #: Sections of RESULTS.md this runner writes; any other ``## `` section (e.g. another
 #: engineer's "Flight assistant at scale") is kept, verbatim, when the file is rewritten.
-OWN_SECTIONS = ("Machine", "Results", "Targets", "What is measured")
+OWN_SECTIONS = ("Machine", "Targets", "Results", "What is measured")
 
 
 @dataclass(slots=True)
@@ -218,13 +218,13 @@ def render(machine: Machine, results: list[Result], checks: list[Check], method:
             "",
             machine_table(machine),
             "",
-            "## Results",
-            "",
-            table(results),
-            "",
             "## Targets",
             "",
             checks_table(checks),
+            "",
+            "## Results",
+            "",
+            table(results),
             "",
             "## What is measured",
             "",
