@@ -12,7 +12,7 @@ import click
 from ..bus import Bus
 from ..dlq import DeadLetter, dead_letters, get_dead_letter, replay_dead_letter
 from ..errors import ConfigError
-from ._nats import nats_url
+from ._nats import DEFAULT_URL, nats_url
 
 T = TypeVar("T")
 
@@ -86,7 +86,7 @@ def replay_command(nats: str | None, seqs: tuple[int, ...], replay_all: bool, ag
 
 
 def _run(nats: str | None, action: Callable[[Bus], Awaitable[T]]) -> T:
-    with nats_url(nats, quiet=True) as url:
+    with nats_url(nats or DEFAULT_URL, quiet=True) as url:  # dead letters live on a real server, never embedded
 
         async def main() -> T:
             bus = await Bus.connect(url, name="busagents-dlq")
