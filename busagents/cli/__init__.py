@@ -11,6 +11,7 @@ from ..errors import BusagentsError
 from .agents import agents_group, run_command
 from .demo import demo_command
 from .dlq import dlq_group
+from .llm import llm_group
 from .new import new_command
 from .swarm import swarm_group
 
@@ -29,6 +30,7 @@ cli.add_command(agents_group)
 cli.add_command(run_command)
 cli.add_command(demo_command)
 cli.add_command(dlq_group)
+cli.add_command(llm_group)
 cli.add_command(new_command)
 cli.add_command(swarm_group)
 

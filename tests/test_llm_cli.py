@@ -1,0 +1,59 @@
+"""``busagents llm watch|approve|reject`` against a held decision, over a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from busagents import Bus, Context, NatsServer
+from busagents.llm import ApprovalGate, ApprovalRequested
+
+from .llm_agents import LLMReasoner, Rebook
+
+
+async def cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "busagents", "llm", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def context(bus: Bus) -> Context:
+    agent = LLMReasoner.__new__(LLMReasoner)  # only its name and declarations are needed here
+    return Context(agent, bus, logging.getLogger("test"))
+
+
+async def test_a_held_decision_is_approved_from_the_command_line(bus: Bus, nats_server: NatsServer) -> None:
+    gate = ApprovalGate(100.0, timeout=30)
+    decision = Rebook("B7", "F2", 250.0, "the only seat left")
+    async with bus.expect(ApprovalRequested, subject="busagents.llm.approval.requested.*") as asked:
+        held = asyncio.create_task(gate.ask(context(bus), decision, cost=250.0, summary="rebook B7"))
+    request = asked.message.body
+    assert not held.done()
+    said = await cli("approve", request.request_id, "--nats", nats_server.url, "--by", "ops-lead", "--note", "ok")
+    answer = await asyncio.wait_for(held, 10)
+    assert answer is not None and answer.approved and (answer.by, answer.note) == ("ops-lead", "ok")
+    assert said.strip() == f"approved {request.request_id} as ops-lead"
+
+
+async def test_watch_shows_the_request_and_reject_refuses_it(bus: Bus, nats_server: NatsServer) -> None:
+    gate = ApprovalGate(100.0, timeout=30)
+    watcher = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "busagents", "llm", "watch", "--count", "1", "--nats", nats_server.url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert watcher.stderr is not None
+    ready = await asyncio.wait_for(watcher.stderr.readline(), 60)  # subscribed
+    assert ready.startswith(b"watching")
+    held = asyncio.create_task(gate.ask(context(bus), Rebook("B8", "F3", 900.0, "business"), cost=900.0))
+    out, _ = await asyncio.wait_for(watcher.communicate(), 60)
+    shown = out.decode()
+    request_id = shown.split()[1]
+    assert f"approval {request_id} from test_llm_reasoner" in shown and '"flight_id": "F3"' in shown
+    await cli("reject", request_id, "--nats", nats_server.url, "--by", "ops-lead", "--note", "too dear")
+    answer = await asyncio.wait_for(held, 10)
+    assert answer is not None and not answer.approved and answer.note == "too dear"
