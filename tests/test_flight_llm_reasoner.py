@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import pytest_asyncio
 from busagents_flight import ContextAgent
 from busagents_flight.approval import airline_cost
 from busagents_flight.data import AirlineDay, generate
@@ -73,6 +75,22 @@ def model(request: RecordedRequest) -> Reply:
     return tool_use("decide", choice_for(case))
 
 
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    """A nats-server of this module's own: the durable RebookPassenger stream starts empty here."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    connected = await Bus.connect(nats_server.url, name="flight-llm-test")
+    try:
+        yield connected
+    finally:
+        await connected.close()
+
+
 @asynccontextmanager
 async def flight_agents(
     bus: Bus, tmp_path: Path, day: AirlineDay, reasoner: AnthropicReasoner
@@ -91,7 +109,7 @@ async def flight_agents(
 def cancel(day: AirlineDay) -> FlightCancelled:
     f = next(f for f in day.flights if f.flight_id == FLIGHT)
     return FlightCancelled(
-        disruption_id=f"cx-{FLIGHT}",
+        disruption_id=f"cx-{FLIGHT}-{uuid.uuid4().hex[:8]}",
         flight_id=FLIGHT,
         number=f.number,
         origin=f.origin,
@@ -102,6 +120,7 @@ def cancel(day: AirlineDay) -> FlightCancelled:
 
 
 def reasoner_for(messages_server: MessagesServer, **overrides: Any) -> AnthropicReasoner:
+    overrides.setdefault("timeout", 10)
     settings = LLMSettings.for_agent("flight-reasoner", max_retries=0, concurrency=1, **overrides)
     client = make_client(settings, base_url=messages_server.url, api_key="sk-test-not-a-real-key")
     return AnthropicReasoner(settings, client)
@@ -260,8 +279,9 @@ async def test_choices_outside_the_policy_are_sent_back_with_the_rule_they_break
     messages_server.responder = responder
     reasoner = reasoner_for(messages_server)
     async with flight_agents(bus, tmp_path, day, reasoner):
-        async with bus.expect(RebookPassenger, where=lambda d: d.booking_id == target, timeout=30) as decided:
-            await bus.publish(cancel(day))
+        async with bus.expect(BookingChanged, count=len(bookings), timeout=30):  # all applied before the next test
+            async with bus.expect(RebookPassenger, where=lambda d: d.booking_id == target, timeout=30) as decided:
+                await bus.publish(cancel(day))
     decision = decided.message.body
     assert decision.action == "rebook" and decision.reasoner == "anthropic"
     (correction,) = [r for r in messages_server.requests if len(r.messages) == 5]
@@ -275,8 +295,9 @@ async def test_without_valid_choices_the_offline_policy_decides_and_says_why(
     messages_server.responder = lambda request: tool_use("decide", {"action": "upgrade everyone"})
     reasoner = reasoner_for(messages_server, max_corrections=1)
     async with flight_agents(bus, tmp_path, day, reasoner):
-        async with bus.expect(RebookPassenger, count=len(bookings), timeout=30) as decided:
-            await bus.publish(cancel(day))
+        async with bus.expect(BookingChanged, count=len(bookings), timeout=30):  # all applied before the next test
+            async with bus.expect(RebookPassenger, count=len(bookings), timeout=30) as decided:
+                await bus.publish(cancel(day))
     decisions = [m.body for m in decided.messages]
     assert {d.reasoner for d in decisions} == {"offline"}
     assert {d.action for d in decisions} == {"rebook"}
