@@ -42,3 +42,11 @@ def test_busagents_demo_writes_the_report(tmp_path: Path) -> None:
     assert report["dead_lettered"] == 0
     assert report["seat_conflicts"] == 0
     assert "summary" in done.stdout
+
+
+async def test_demo_with_agents_in_their_own_processes_serves_every_affected_passenger() -> None:
+    report = await run_demo(flights=24, passengers=1500, seed=3, processes=True, timeout=90)
+    assert report.affected > 0
+    assert report.notified == report.affected
+    assert report.dead_lettered == 0
+    assert report.seat_conflicts == 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import msgspec
 from busagents_travel import Airport, Booking, Fare, Flight, Leg, Passenger, Seat
 
-__all__ = ["DAY_START", "AirlineDay", "generate", "seat_map"]
+__all__ = ["DAY_START", "AirlineDay", "generate", "schedule", "seat_map"]
 
 #: Midnight UTC of the simulated day (2026-11-25).
 DAY_START = 1_795_564_800
@@ -168,6 +168,13 @@ def generate(flights: int = 40, passengers: int = 3000, seed: int = 7) -> Airlin
     mct = {a.code: a.mct_minutes * _MIN for a in airports}
     bookings = list(_bookings(schedule, inventory, mct, passengers, rng))
     return AirlineDay(seed=seed, airports=airports, flights=schedule, bookings=bookings, seat_maps=maps)
+
+
+def schedule(flights: int = 40, seed: int = 7) -> tuple[list[Flight], dict[str, list[Seat]]]:
+    """Only the day's flights and seat maps: the same as :func:`generate` gives, without the bookings."""
+    if flights < 4:
+        raise ValueError("an airline day needs at least 4 flights")
+    return _schedule(flights, random.Random(seed)), {name: seat_map(name) for name in _AIRCRAFT}
 
 
 def _inventory(seats: list[Seat]) -> _Inventory:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -37,7 +41,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from busagents import Bus, NatsServer, Worker
+from busagents import Agent, Bus, NatsServer, Worker
 from busagents.envelope import SENT_AT
 
 from .context import ContextAgent
@@ -288,11 +292,14 @@ async def run_demo(
     timeout: float = 600.0,
     console: Console | None = None,
     live: bool = False,
+    processes: bool = False,
 ) -> DemoReport:
     """Run the whole flight assistant once on a private nats-server and return the summary.
 
     ``day_seconds``: real seconds the simulated day's status feed takes (0: as fast as possible).
     ``live``: show the rich live view on ``console`` instead of printing each event.
+    ``processes``: run the reasoner, rebooker and notifier as OS processes (``busagents run``),
+    so they use other cores; the context agent and the monitor stay in this process.
     """
     started = time.monotonic()
     day = generate(flights, passengers, seed)
@@ -302,25 +309,42 @@ async def run_demo(
     with tempfile.TemporaryDirectory(prefix="busagents-flight-") as tmp:
         store_location = store or str(Path(tmp) / "bookings.sqlite3")
         booking_store = open_store(store_location)
+        outbox_path = str(outbox or Path(tmp) / "outbox.jsonl")
         monitor = FlightMonitor()
-        agents = [
-            ContextAgent(day),
-            monitor,
-            ReasonerAgent(reasoner),
-            Rebooker(booking_store, day, load=True),
-            Notifier(OutboxChannel(outbox or Path(tmp) / "outbox.jsonl")),
-        ]
+        agents: list[Agent] = [ContextAgent(day), monitor]
+        if processes:
+            async with booking_store:
+                await booking_store.load(day.bookings)
+        else:
+            agents += [
+                ReasonerAgent(reasoner),
+                Rebooker(booking_store, day, load=True),
+                Notifier(OutboxChannel(outbox_path)),
+            ]
+        child_env = {
+            "BUSAGENTS_FLIGHT_FLIGHTS": str(flights),
+            "BUSAGENTS_FLIGHT_PASSENGERS": str(passengers),
+            "BUSAGENTS_FLIGHT_SEED": str(seed),
+            "BUSAGENTS_FLIGHT_REASONER": reasoner,
+            "BUSAGENTS_FLIGHT_STORE": store_location,
+            "BUSAGENTS_FLIGHT_OUTBOX": outbox_path,
+            "BUSAGENTS_HEARTBEAT_INTERVAL": "1",
+        }
         tally = _Tally(console, live=live and console is not None, feed_total=len(feed))
         if console is not None:
             console.print(
                 f"[bold]busagents flight assistant[/]: {len(day.flights)} flights, {day.passenger_count} passengers "
                 f"in {len(day.bookings)} bookings, {len(feed)} status updates (seed {seed}), reasoner {reasoner!r}"
             )
-        with NatsServer() as server:
+        with (
+            NatsServer() as server,
+            _AgentProcesses(_CHILD_AGENTS if processes else (), server.url, child_env, tmp) as kids,
+        ):
             bus = await Bus.connect(server.url, name="flight-demo")
             try:
                 worker = Worker(agents, bus, drain_timeout=30)
                 await worker.start()
+                await kids.serving(bus, timeout)
                 subs = await _subscribe(bus, tally)
                 board: contextlib.AbstractContextManager[object] = (
                     Live(console=console, get_renderable=tally.board, refresh_per_second=4)
@@ -352,6 +376,7 @@ async def run_demo(
                     for sub in subs:
                         await sub.unsubscribe()
                     await worker.drain()
+                    await kids.stop()
                 await booking_store.open()
                 audit = await booking_store.audit(u.flight_id for u in feed if u.status == "cancelled")
                 await booking_store.close()
@@ -386,6 +411,67 @@ async def run_demo(
     return report
 
 
+_CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier")
+
+
+class _AgentProcesses:
+    """Agents run as ``busagents run NAME`` child processes; stopped with SIGTERM (drain)."""
+
+    def __init__(self, names: tuple[str, ...], url: str, env: dict[str, str], logs: str) -> None:
+        self.names = names
+        self.url = url
+        self.env = {**os.environ, **env}
+        self.logs = Path(logs)
+        self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def __enter__(self) -> _AgentProcesses:
+        for name in self.names:
+            log = self.logs / f"{name}-{len(self.children)}.log"
+            with log.open("wb") as out:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "busagents", "run", name, "--nats", self.url],
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            self.children.append((name, child, log))
+        return self
+
+    async def serving(self, bus: Bus, timeout: float) -> None:
+        """Wait until every child agent is subscribed (its first heartbeat)."""
+        if not self.children:
+            return
+        try:
+            await bus.wait_for_agents(self.names, timeout=timeout)
+        except TimeoutError as exc:
+            raise click.ClickException(f"{exc}\n{self._tails()}") from None
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        for _, child, _ in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, child, _ in self.children:
+            try:
+                await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _tails(self) -> str:
+        return "\n".join(
+            f"--- {name} (exit {child.poll()}):\n" + "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+            for name, child, log in self.children
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for _, child, _ in self.children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
 def _hm(t: int) -> str:
     return time.strftime("%H:%M", time.gmtime(t))
 
@@ -406,6 +492,12 @@ def _hm(t: int) -> str:
 @click.option("--outbox", default=None, help="Notification outbox file, JSON lines (default: a temp file).")
 @click.option("--live/--no-live", default=None, help="Rich live view (default: when the output is a terminal).")
 @click.option(
+    "--processes/--in-process",
+    default=False,
+    show_default=True,
+    help="Reasoner, rebooker and notifier as OS processes (busagents run), to use more cores.",
+)
+@click.option(
     "--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the summary as JSON."
 )
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
@@ -420,6 +512,7 @@ def flight_demo(
     day_seconds: float,
     outbox: str | None,
     live: bool | None,
+    processes: bool,
     report_path: str | None,
     timeout: float,
     quiet: bool,
@@ -440,6 +533,7 @@ def flight_demo(
                 timeout=timeout,
                 console=None if quiet else console,
                 live=console.is_terminal if live is None else live,
+                processes=processes,
             )
         )
     except TimeoutError:

@@ -11,7 +11,7 @@ from busagents_travel import BookingChanged, RebookPassenger, RebookRejected
 
 from busagents import Agent, Context, on
 
-from .data import AirlineDay, generate
+from .data import AirlineDay, generate, schedule
 from .settings import FlightSettings
 from .store import BookingStore, Outcome, open_store
 
@@ -29,20 +29,22 @@ class Rebooker(Agent):
         self, store: BookingStore | None = None, day: AirlineDay | None = None, *, load: bool | None = None
     ) -> None:
         """``load``: replace the store's content with the day's bookings (None: only when the store is empty)."""
-        settings = FlightSettings()
-        if day is None:
-            day = generate(settings.flights, settings.passengers, settings.seed)
+        self.settings = settings = FlightSettings()
         self.day = day
         self.store = store if store is not None else open_store(settings.store)
         self._load = load
-        self._aircraft = {f.flight_id: f.aircraft for f in day.flights}
-        self._cabins = {name: {s.number: s.cabin for s in seats} for name, seats in day.seat_maps.items()}
+        flights, seat_maps = (day.flights, day.seat_maps) if day else schedule(settings.flights, settings.seed)
+        self._aircraft = {f.flight_id: f.aircraft for f in flights}
+        self._cabins = {name: {s.number: s.cabin for s in seats} for name, seats in seat_maps.items()}
         self.applied = 0
         self.rejected = 0
 
     async def on_start(self, ctx: Context) -> None:
         await self.store.open()
         if self._load or (self._load is None and await self.store.is_empty()):
+            if self.day is None:  # generated only when the store needs the day's bookings
+                s = self.settings
+                self.day = generate(s.flights, s.passengers, s.seed)
             await self.store.load(self.day.bookings)
 
     async def on_stop(self, ctx: Context) -> None:
