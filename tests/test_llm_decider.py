@@ -397,3 +397,22 @@ async def test_a_decision_cut_at_max_tokens_is_asked_again(bus: Bus, messages_se
     reasoner = LLMReasoner(settings(max_tokens=64), messages_server)
     assert (await decide_one(bus, reasoner)).decided_by == "model"
     assert "cut at max_tokens=64" in messages_server.requests[2].tool_results()[0]["content"]
+
+
+async def test_a_failing_model_is_not_called_again_until_the_cooldown(
+    bus: Bus, messages_server: MessagesServer
+) -> None:
+    messages_server.script(error(529), error(529), find(), tool_use("decide", GOOD))
+    reasoner = LLMReasoner(settings(breaker_failures=2, breaker_cooldown=60), messages_server)
+    async with run_agents(bus, reasoner, ContextAgent()):
+        for _ in range(3):
+            async with bus.expect(Rebook, where=lambda r: r.booking_id == "B1", timeout=15) as got:
+                await bus.publish(CASE)
+            assert got.message.body.decided_by == "offline"
+    assert len(messages_server.requests) == 2  # the third decision did not wait on the model
+    assert "not called for 60s after 2 failed calls in a row (last: HTTP 529" in got.message.body.rationale
+    reasoner.decider.breaker._until = 0.0  # the cooldown is over: the model is asked again
+    async with run_agents(bus, reasoner, ContextAgent()):
+        async with bus.expect(Rebook, where=lambda r: r.booking_id == "B1", timeout=15) as got:
+            await bus.publish(CASE)
+    assert got.message.body.decided_by == "model" and reasoner.decider.breaker.in_a_row == 0

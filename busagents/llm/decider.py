@@ -110,6 +110,7 @@ class Decider(Generic[D]):
             hourly_max_cost=s.hourly_max_cost,
         )
         self._slots = asyncio.Semaphore(s.concurrency)
+        self.breaker = _Breaker(s.breaker_failures, s.breaker_cooldown)
         self.in_flight = 0  # model calls running now (bounded by settings.concurrency)
         rules = _RULES.format(agent=self.agent_name, decide=self.decision.name)
         # The stable prefix (tools, then system) is marked for prompt caching.
@@ -200,11 +201,15 @@ class Decider(Generic[D]):
             spent = self.budget.spent(conversation)
             if spent is not None:
                 return f"LLM budget: {spent}", last_attempt
+            if self.breaker.is_open():
+                return f"model unavailable: {self.breaker.why}", last_attempt
             choice: dict[str, Any] = {"type": "tool", "name": self.decision.name} if force else {"type": "any"}
             try:
                 message = await self._call(messages, choice, outcome, conversation)
             except ModelUnavailableError as exc:
+                self.breaker.failed(str(exc))
                 return f"model unavailable: {exc}", last_attempt
+            self.breaker.succeeded()
             if message.stop_reason == "refusal":
                 return "the model refused to decide", last_attempt
             blocks = [b.model_dump(mode="json", exclude_none=True) for b in message.content]
@@ -367,6 +372,38 @@ class Decider(Generic[D]):
         )
         self.budget.record(conversation, record.tokens, record.cost)
         return message
+
+
+class _Breaker:
+    """Stops calling a model that keeps failing, for a cooldown, then tries it again."""
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self.failures = failures
+        self.cooldown = cooldown
+        self.in_a_row = 0
+        self.last_error = ""
+        self._until = 0.0
+
+    @property
+    def why(self) -> str:
+        return (
+            f"not called for {self.cooldown:.0f}s after {self.in_a_row} failed calls in a row (last: {self.last_error})"
+        )
+
+    def is_open(self) -> bool:
+        return self.failures > 0 and time.monotonic() < self._until
+
+    def failed(self, error: str) -> None:
+        self.in_a_row += 1
+        self.last_error = error
+        if self.failures and self.in_a_row >= self.failures:
+            if not self.is_open():
+                log.warning("model calls failed %d times in a row: leaving it for %.0fs", self.in_a_row, self.cooldown)
+            self._until = time.monotonic() + self.cooldown
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+        self._until = 0.0
 
 
 def _error(use: dict[str, Any], text: str) -> dict[str, Any]:

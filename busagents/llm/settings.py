@@ -40,6 +40,11 @@ class LLMSettings(BaseSettings):
     max_retries: int = Field(default=2, ge=0)
     #: A ``retry-after`` longer than this is not waited for: the call fails over at once.
     max_retry_wait: float = Field(default=30.0, ge=0)
+    #: After this many model calls failed in a row (retries included), stop calling the model for
+    #: ``breaker_cooldown`` seconds: decisions fall back at once instead of each waiting out the
+    #: retries. 0: never.
+    breaker_failures: int = Field(default=3, ge=0)
+    breaker_cooldown: float = Field(default=30.0, ge=0)
     #: Seconds one whole decision (every model call and tool query) may take.
     deadline: float = Field(default=180.0, gt=0)
     #: Model calls in flight at once, per agent replica.
