@@ -42,6 +42,16 @@ def test_unreachable_nats_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_the_cli_does_not_import_the_anthropic_sdk_until_a_model_is_used() -> None:
+    # Every agent process is started by this CLI; the SDK would add ~45 MB to each of them.
+    probe = "import sys, busagents.cli, busagents.llm; print('anthropic' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
+    loaded = "import sys, busagents.llm as l; l.Decider; print('anthropic' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr
+
+
 def test_bad_option_is_a_usage_error() -> None:
     result = busagents("run", "x", "--replicas", "0")
     assert result.returncode == 2
