@@ -193,10 +193,14 @@ class Stepper(Agent):
     name = "stepper"
     max_concurrency = 8
 
-    def __init__(self, seen: dict[str, list[int]], replica: str, replicas: list[str]) -> None:
+    def __init__(
+        self, seen: dict[str, list[int]], replica: str, replicas: list[str], total: int, all_seen: asyncio.Event
+    ) -> None:
         self.seen = seen
         self.replica = replica
         self.replicas = replicas
+        self.total = total
+        self.all_seen = all_seen
 
     @on(Step)
     async def step(self, msg: Step, ctx: Context) -> None:
@@ -204,6 +208,8 @@ class Stepper(Agent):
         await asyncio.sleep(0.001 * (msg.seq % 3))  # uneven work: without ordering, replicas would overtake
         self.seen[msg.flight_id].append(msg.seq)
         self.replicas.append(self.replica)
+        if len(self.replicas) == self.total:
+            self.all_seen.set()
 
 
 async def test_messages_of_one_key_are_handled_in_order_across_replicas(nats_server: NatsServer) -> None:
@@ -214,13 +220,14 @@ async def test_messages_of_one_key_are_handled_in_order_across_replicas(nats_ser
     try:
         for seq in range(per_key):  # all stored first, so each replica pulls many steps of a key at once
             await asyncio.gather(*(buses[2].publish(Step(flight_id=f"F{k}", seq=seq)) for k in range(keys)))
-        workers = [Worker([Stepper(seen, name, replicas)], bus) for name, bus in zip("ab", buses, strict=False)]
+        all_seen = asyncio.Event()
+        workers = [
+            Worker([Stepper(seen, name, replicas, keys * per_key, all_seen)], bus)
+            for name, bus in zip("ab", buses, strict=False)
+        ]
         await asyncio.gather(*(w.start() for w in workers))
         try:
-            deadline = asyncio.get_running_loop().time() + 20
-            while sum(len(v) for v in seen.values()) < keys * per_key:
-                assert asyncio.get_running_loop().time() < deadline, f"handled {sum(map(len, seen.values()))}"
-                await asyncio.sleep(0.02)
+            await asyncio.wait_for(all_seen.wait(), 20)
         finally:
             await asyncio.gather(*(w.drain() for w in workers))
     finally:
@@ -241,12 +248,14 @@ class Fragile(Agent):
     def __init__(self) -> None:
         self.broken = True
         self.handled: list[str | None] = []
+        self.handled_once = asyncio.Event()
 
     @on(Task, durable=QUICK)
     async def do(self, task: Task, ctx: Context) -> None:
         if self.broken:
             raise PermanentError(f"backend down for {task.task_id}")
         self.handled.append(ctx.message_id)
+        self.handled_once.set()
 
 
 def busagents_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -262,11 +271,10 @@ async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_
         fragile = Fragile()
         try:
             async with run_agents(bus, fragile):
+                arrivals = await bus.nc.subscribe("busagents.dlq.fragile")
                 envelope = await bus.publish(Task(task_id="t-1"))
-                deadline = asyncio.get_running_loop().time() + 10
-                while not await dead_letters(bus, agent="fragile"):
-                    assert asyncio.get_running_loop().time() < deadline, "no dead letter"
-                    await asyncio.sleep(0.05)
+                await arrivals.next_msg(timeout=10)  # the dead letter, as it is stored
+                await arrivals.unsubscribe()
                 (letter,) = await dead_letters(bus, agent="fragile")
 
                 listed = await asyncio.to_thread(busagents_cli, "dlq", "list", "--nats", server.url)
@@ -276,10 +284,7 @@ async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_
                     busagents_cli, "dlq", "replay", str(letter.seq), "--nats", server.url
                 )
                 again = await asyncio.to_thread(busagents_cli, "dlq", "replay", str(letter.seq), "--nats", server.url)
-                deadline = asyncio.get_running_loop().time() + 10
-                while not fragile.handled:
-                    assert asyncio.get_running_loop().time() < deadline, "the replay was not handled"
-                    await asyncio.sleep(0.05)
+                await asyncio.wait_for(fragile.handled_once.wait(), 10)  # the replay
                 stored = (await bus.js.stream_info("BA_Task")).state.messages
         finally:
             await bus.close()
@@ -346,15 +351,18 @@ class Chores(Agent):
     name = "chores"
     max_concurrency = 1
 
-    def __init__(self, done: list[int], started: asyncio.Event) -> None:
+    def __init__(self, done: list[int], started: asyncio.Event, all_done: asyncio.Event | None = None) -> None:
         self.done = done
         self.started = started
+        self.all_done = all_done
 
     @on(Chore)
     async def chore(self, chore: Chore, ctx: Context) -> None:
         self.started.set()
         await asyncio.sleep(0.05)  # work in progress when the drain starts
         self.done.append(chore.n)
+        if self.all_done is not None and len(self.done) == 20:
+            self.all_done.set()
 
 
 async def test_drain_finishes_the_message_in_hand_and_gives_back_the_buffered_ones_at_once(bus: Bus) -> None:
@@ -370,11 +378,9 @@ async def test_drain_finishes_the_message_in_hand_and_gives_back_the_buffered_on
     assert in_hand >= 1
     second_bus = await Bus.connect(bus.url)
     try:
-        async with run_agents(second_bus, Chores(done, asyncio.Event())):
-            deadline = asyncio.get_running_loop().time() + 10  # far below the 30 s ack wait
-            while len(done) < 20:
-                assert asyncio.get_running_loop().time() < deadline, f"only {len(done)} chores done"
-                await asyncio.sleep(0.05)
+        all_done = asyncio.Event()
+        async with run_agents(second_bus, Chores(done, asyncio.Event(), all_done)):
+            await asyncio.wait_for(all_done.wait(), 10)  # far below the 30 s ack wait: no redelivery needed
     finally:
         await second_bus.close()
     assert sorted(done) == list(range(20))  # none lost, none done twice
