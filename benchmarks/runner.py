@@ -34,7 +34,7 @@ class Sizes:
     durable_warmup: int = 2_000
     requests: int = 5_000
     requests_warmup: int = 500
-    jobs: int = 1_000
+    jobs: int = 2_000
     jobs_warmup: int = 20
     work: int = 40_000
     settle: float = 3.0
