@@ -44,6 +44,19 @@ def test_busagents_demo_writes_the_report(tmp_path: Path) -> None:
     assert "summary" in done.stdout
 
 
+def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "bookings.sqlite3"
+    done = subprocess.run(
+        [sys.executable, "-m", "busagents", "demo", "--quiet", "--store", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert f"cannot open the SQLite booking store {missing}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 async def test_demo_with_agents_in_their_own_processes_serves_every_affected_passenger() -> None:
     report = await run_demo(flights=24, passengers=1500, seed=3, processes=True, timeout=90)
     assert report.affected > 0

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import msgspec
 from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger, RebookRejected
 
+from busagents import ConfigError
+
 __all__ = [
     "Audit",
     "BookingStore",
@@ -270,8 +272,11 @@ class SqliteStore(BookingStore):
 
     def _conn(self) -> sqlite3.Connection:
         if self._connection is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise ConfigError(f"cannot open the SQLite booking store {self.path}: {exc}") from None
             conn.execute("PRAGMA synchronous=NORMAL")
             self._connection = conn
         return self._connection
