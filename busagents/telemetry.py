@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
 from .envelope import TRACEPARENT, TRACESTATE, Envelope
 
@@ -83,6 +84,14 @@ class Telemetry:
             envelope.traceparent = carrier.get(TRACEPARENT)
             envelope.tracestate = carrier.get(TRACESTATE)
             self.sent.add(1, {"messaging.destination.name": template, "busagents.contract": envelope.contract})
+            yield span
+
+    @contextmanager
+    def span(
+        self, name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, AttributeValue] | None = None
+    ) -> Iterator[Span]:
+        """A span of the current trace (an LLM call, a tool call...): raised errors mark it failed."""
+        with self.tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
             yield span
 
     def traced_handle(

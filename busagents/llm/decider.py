@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anthropic
 import msgspec
 from anthropic import AsyncAnthropic
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..agent import Agent
 from ..context import Context
@@ -44,6 +46,9 @@ from .contracts import ReviewRequested, builtins
 from .outcome import ModelCall, Outcome, ToolCall
 from .settings import LLMSettings
 from .tools import DecisionTool, QueryTool
+
+if TYPE_CHECKING:
+    from ..telemetry import Telemetry
 
 __all__ = ["Check", "Decider", "Fallback"]
 
@@ -140,16 +145,48 @@ class Decider(Generic[D]):
         ``task`` is the instruction, written by the agent's author (never user text);
         ``case`` is the data (a contract or builtins) and reaches the model as a tool result.
         """
+        conversation = ctx.conversation_id or new_id()
+        telemetry = ctx.bus.telemetry
+        attributes = {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": self.agent_name,
+            "gen_ai.conversation.id": conversation,
+            "openinference.span.kind": "AGENT",
+        }
+        with _span(telemetry, f"invoke_agent {self.agent_name}", attributes) as span:
+            outcome = await self._decide(ctx, telemetry, conversation, task, case, fallback, check)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "busagents.llm.source": outcome.source,
+                        "busagents.llm.reason": outcome.reason or "",
+                        "busagents.llm.corrections": outcome.corrections,
+                        "busagents.llm.cost": outcome.cost,
+                        "gen_ai.usage.input_tokens": outcome.input_tokens,
+                        "gen_ai.usage.output_tokens": outcome.output_tokens,
+                    }
+                )
+        return outcome
+
+    async def _decide(
+        self,
+        ctx: Context,
+        telemetry: Telemetry | None,
+        conversation: str,
+        task: str,
+        case: Any,
+        fallback: Fallback[D],
+        check: Check[D] | None,
+    ) -> Outcome[D]:
         outcome: Outcome[D] = Outcome()
         started = time.perf_counter()
-        conversation = ctx.conversation_id or new_id()
         case_json = msgspec.json.encode(builtins(case)).decode()
         reason: str | None = None
         last_attempt: Any = None
         deadline = asyncio.timeout(self.settings.deadline)
         try:
             async with deadline:
-                reason, last_attempt = await self._loop(ctx, outcome, conversation, task, case_json, check)
+                reason, last_attempt = await self._loop(ctx, telemetry, outcome, conversation, task, case_json, check)
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -179,6 +216,7 @@ class Decider(Generic[D]):
     async def _loop(
         self,
         ctx: Context,
+        telemetry: Telemetry | None,
         outcome: Outcome[D],
         conversation: str,
         task: str,
@@ -205,7 +243,7 @@ class Decider(Generic[D]):
                 return f"model unavailable: {self.breaker.why}", last_attempt
             choice: dict[str, Any] = {"type": "tool", "name": self.decision.name} if force else {"type": "any"}
             try:
-                message = await self._call(messages, choice, outcome, conversation)
+                message = await self._call(telemetry, messages, choice, outcome, conversation)
             except ModelUnavailableError as exc:
                 self.breaker.failed(str(exc))
                 return f"model unavailable: {exc}", last_attempt
@@ -258,7 +296,9 @@ class Decider(Generic[D]):
                     outcome.tool_calls.append(ToolCall(name, None, error="not a declared tool"))
                     log.warning("%s: the model asked for the undeclared tool %r; refused", self.agent_name, name)
                     results.append(_error(use, f"there is no tool {name!r}; the tools are {', '.join(self._names())}"))
-            answered = iter(await asyncio.gather(*(self._query(ctx, u, tool, outcome) for u, tool in pending)))
+            answered = iter(
+                await asyncio.gather(*(self._query(ctx, telemetry, u, tool, outcome) for u, tool in pending))
+            )
             content: list[dict[str, Any]] = []
             for result in results:
                 if result is None:
@@ -305,23 +345,80 @@ class Decider(Generic[D]):
         return decision, problem
 
     async def _query(
-        self, ctx: Context, use: dict[str, Any], tool: QueryTool, outcome: Outcome[D]
+        self, ctx: Context, telemetry: Telemetry | None, use: dict[str, Any], tool: QueryTool, outcome: Outcome[D]
     ) -> tuple[dict[str, Any], Any]:
         started = time.perf_counter()
         record = ToolCall(tool.name, contract_info(tool.contract).name)
         outcome.tool_calls.append(record)
         reply: Any = None
-        try:
-            query = tool.parse(use.get("input") or {})
-            reply = await ctx.request(query, timeout=self.settings.query_timeout)
-            block: dict[str, Any] = {"type": "tool_result", "tool_use_id": use["id"], "content": tool.render(reply)}
-        except BusagentsError as exc:  # invalid input, no responder, timeout, responder failed
-            record.error = str(exc)
-            block = _error(use, str(exc))
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": tool.name,
+            "gen_ai.tool.call.id": str(use.get("id", "")),
+            "gen_ai.tool.type": "function",
+            "busagents.contract": record.contract or "",
+            "openinference.span.kind": "TOOL",
+            "tool.name": tool.name,
+        }
+        with _span(telemetry, f"execute_tool {tool.name}", attributes) as span:
+            try:
+                query = tool.parse(use.get("input") or {})
+                reply = await ctx.request(query, timeout=self.settings.query_timeout)
+                block: dict[str, Any] = {"type": "tool_result", "tool_use_id": use["id"], "content": tool.render(reply)}
+            except BusagentsError as exc:  # invalid input, no responder, timeout, responder failed
+                record.error = str(exc)
+                block = _error(use, str(exc))
+                if span is not None:
+                    span.set_status(Status(StatusCode.ERROR, record.error))
+                    span.set_attribute("error.type", type(exc).__name__)
         record.seconds = time.perf_counter() - started
         return block, reply
 
     async def _call(
+        self,
+        telemetry: Telemetry | None,
+        messages: list[dict[str, Any]],
+        choice: dict[str, Any],
+        outcome: Outcome[D],
+        conversation: str,
+    ) -> anthropic.types.Message:
+        s = self.settings
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "anthropic",
+            "gen_ai.system": "anthropic",
+            "gen_ai.request.model": s.model,
+            "gen_ai.request.max_tokens": s.max_tokens,
+            "gen_ai.conversation.id": conversation,
+            "openinference.span.kind": "LLM",
+            "llm.provider": "anthropic",
+            "llm.model_name": s.model,
+        }
+        if s.temperature is not None:
+            attributes["gen_ai.request.temperature"] = s.temperature
+        with _span(telemetry, f"chat {s.model}", attributes, client=True) as span:
+            message = await self._call_model(messages, choice, outcome, conversation)
+            if span is not None:
+                record = outcome.calls[-1]
+                span.set_attributes(
+                    {
+                        "gen_ai.response.model": record.model,
+                        "gen_ai.response.id": record.request_id or "",
+                        "gen_ai.response.finish_reasons": [record.stop_reason or ""],
+                        "gen_ai.usage.input_tokens": record.input_tokens,
+                        "gen_ai.usage.output_tokens": record.output_tokens,
+                        "gen_ai.usage.cache_read.input_tokens": record.cache_read_input_tokens,
+                        "gen_ai.usage.cache_creation.input_tokens": record.cache_creation_input_tokens,
+                        "llm.token_count.prompt": record.input_tokens,
+                        "llm.token_count.completion": record.output_tokens,
+                        "llm.token_count.total": record.tokens,
+                        "busagents.llm.cost": record.cost,
+                        "busagents.llm.attempts": len(record.attempts),
+                    }
+                )
+        return message
+
+    async def _call_model(
         self, messages: list[dict[str, Any]], choice: dict[str, Any], outcome: Outcome[D], conversation: str
     ) -> anthropic.types.Message:
         s = self.settings
@@ -404,6 +501,15 @@ class _Breaker:
     def succeeded(self) -> None:
         self.in_a_row = 0
         self._until = 0.0
+
+
+def _span(
+    telemetry: Telemetry | None, name: str, attributes: Mapping[str, Any], *, client: bool = False
+) -> AbstractContextManager[Span | None]:
+    """A span when the bus has telemetry; nothing (and no cost) otherwise."""
+    if telemetry is None:
+        return nullcontext()
+    return telemetry.span(name, kind=SpanKind.CLIENT if client else SpanKind.INTERNAL, attributes=attributes)
 
 
 def _error(use: dict[str, Any], text: str) -> dict[str, Any]:
