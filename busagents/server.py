@@ -144,23 +144,17 @@ class NatsServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM, then SIGKILL after ``timeout``)."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
-        self.process = None
+        self._terminate(timeout)
         if self._own_store and self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
 
     def restart(self, timeout: float = 10.0) -> NatsServer:
         """Stop gracefully and start again on the same port with the same store (for fault tests)."""
+        self._terminate(timeout)
+        return self.start(timeout)
+
+    def _terminate(self, timeout: float) -> None:
         proc = self.process
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -172,7 +166,6 @@ class NatsServer:
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
         self.process = None
-        return self.start(timeout)
 
     def kill(self) -> None:
         """Kill -9, keeping the store (for fault tests)."""
