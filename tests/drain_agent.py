@@ -1,8 +1,10 @@
-"""An agent run as a real OS process by test_worker's drain test (``busagents run drain_agent:Slow``)."""
+"""An agent run as a real OS process by the drain, replicas and swarm tests (``busagents run drain_agent:Slow``)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import msgspec
 
@@ -33,3 +35,12 @@ class Slow(Agent):
         await ctx.publish(Started(n=job.n))
         await asyncio.sleep(1.0)  # simulated work that SIGTERM arrives in the middle of
         return Done(n=job.n)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a ``busagents`` child process that imports ``drain_agent`` and heartbeats fast."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
+    }

@@ -14,6 +14,8 @@ import msgspec
 from busagents import Bus
 from busagents.server import NatsServer
 
+from .drain_agent import child_env
+
 
 def busagents(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -61,11 +63,7 @@ def test_bad_option_is_a_usage_error() -> None:
 async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_group(
     nats_server: NatsServer, bus: Bus
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
-    }
+    env = child_env()
     stats = await bus.nc.subscribe("busagents.stats.slow")
     await bus.flush()
     proc = await asyncio.create_subprocess_exec(

@@ -15,6 +15,8 @@ from busagents import Agent, Bus, ConfigError, Context, command, event, on, quer
 from busagents.server import NatsServer
 from busagents.swarm import Graph, load_swarm
 
+from .drain_agent import child_env
+
 
 @event("test.graph.seen", key="item")
 class Seen(msgspec.Struct):
@@ -106,11 +108,7 @@ async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(
 ) -> None:
     swarm = tmp_path / "swarm.toml"
     swarm.write_text('[agents.slow]\nagent = "drain_agent:Slow"\nreplicas = 2\n')
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
-    }
+    env = child_env()
     stats = await bus.nc.subscribe("busagents.stats.slow")
     await bus.flush()
     proc = await asyncio.create_subprocess_exec(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
-from pathlib import Path
 
 import msgspec
 import pydantic
@@ -18,7 +16,7 @@ from busagents.server import NatsServer
 from busagents.testing import run_agents
 from busagents.worker import DLQ_AGENT, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
 
-from .drain_agent import Done, Job, Started
+from .drain_agent import Done, Job, Started, child_env
 
 
 @event("test.worker.order", key="order_id")
@@ -214,11 +212,7 @@ async def test_pydantic_contracts_work_and_invalid_ones_are_dead_lettered(bus: B
 
 
 async def test_drain_on_sigterm_finishes_the_message_in_flight(bus: Bus, nats_server: NatsServer) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
-    }
+    env = child_env()
     stats = await bus.nc.subscribe("busagents.stats.slow")
     await bus.flush()
     proc = await asyncio.create_subprocess_exec(
