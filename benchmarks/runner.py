@@ -14,7 +14,7 @@ from pathlib import Path
 
 from busagents.server import NatsServer
 
-from . import durable, memory, replicas, reqreply, throughput
+from . import durable, memory, replicas, reqreply, scale, throughput
 from .report import Check, LoadMeter, Machine, Result, checks_table, render, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -38,6 +38,9 @@ class Sizes:
     jobs_warmup: int = 20
     work: int = 40_000
     settle: float = 3.0
+    flights: int = 2_000
+    passengers: int = 200_000
+    day_seconds: float = 8.0  # the demo's default
 
 
 QUICK = Sizes(
@@ -51,6 +54,9 @@ QUICK = Sizes(
     jobs_warmup=2,
     work=2_000,
     settle=0.5,
+    flights=20,
+    passengers=600,
+    day_seconds=0.0,
 )
 
 BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
@@ -63,6 +69,8 @@ BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
         url, jobs=s.jobs, work=s.work, warmup=s.jobs_warmup, reps=reps, cores=_cores()
     ),
     "memory": lambda url, s, reps: memory.run(url, settle=s.settle, reps=reps),
+    # The demo starts its own embedded nats-server, as a user's run does.
+    "scale": lambda url, s, reps: scale.run(flights=s.flights, passengers=s.passengers, day=s.day_seconds, reps=reps),
 }
 
 
