@@ -50,14 +50,15 @@ def parse_headers(block: bytes) -> dict[str, str] | None:
 def encode_headers(headers: dict[str, str]) -> bytes | None:
     """The header block nats-py would send for ``headers``, or None when nats-py must build it.
 
-    None when a name is empty or not a token, or a value is not a string or has a
-    line break (nats-py skips, rejects or rewrites those).
+    None when a name is empty or not a token, a name or value is not a plain ``str``
+    (nats-py's own JetStream and KV headers are ``str`` enums, which format as
+    ``Header.X``), or a value has a line break (nats-py skips, rejects or rewrites those).
     """
     if "" in headers or not _NAMES.fullmatch("".join(headers)):
         return None
     parts = ["NATS/1.0\r\n"]
     for name, value in headers.items():
-        if type(value) is not str or "\n" in value or "\r" in value:
+        if type(name) is not str or type(value) is not str or "\n" in value or "\r" in value:
             return None
         parts.append(f"{name}: {value.strip()}\r\n")
     parts.append("\r\n")

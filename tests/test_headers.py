@@ -8,6 +8,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import api
 
 from busagents import Bus
 from busagents.headers import FastHeadersClient, encode_headers, parse_headers
@@ -89,6 +90,8 @@ SENT_HEADERS: list[dict[str, str]] = [
     {"Padded": "  value with spaces  ", "Colon": "a: b", "City": "Zürich"},
     {"Multi": "line one\nline two", "Ok": "yes"},  # nats-py replaces line breaks by spaces
     {"": "empty names are skipped", "Ok": "yes"},
+    # nats-py's own JetStream and KV headers: str enums, sent by their value
+    {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0", api.Header.MSG_ID: "m-1"},
 ]
 
 
