@@ -16,6 +16,7 @@ from .errors import (
     UndeclaredContractError,
 )
 from .server import NatsServer
+from .state import State, StateConflictError, StateEntry
 from .worker import Worker
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "PermanentError",
     "QueryFailedError",
     "Received",
+    "State",
+    "StateConflictError",
+    "StateEntry",
     "UndeclaredContractError",
     "Worker",
     "command",

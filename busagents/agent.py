@@ -93,6 +93,8 @@ class Agent:
     produces: ClassVar[tuple[type[Any], ...]] = ()
     #: How many messages one replica handles at once.
     max_concurrency: ClassVar[int] = 8
+    #: JetStream key-value buckets this agent keeps state in (``ctx.state(bucket, Type)``).
+    state_buckets: ClassVar[tuple[str, ...]] = ()
 
     handlers: ClassVar[dict[type[Any], Handler]] = {}
 
@@ -104,6 +106,13 @@ class Agent:
             raise ContractError(f"agent name {cls.name!r} of {cls.__qualname__} must be letters, digits, '_' or '-'")
         if cls.max_concurrency < 1:
             raise ContractError(f"{cls.__qualname__}.max_concurrency must be >= 1")
+        if isinstance(cls.state_buckets, str) or not all(
+            isinstance(b, str) and _NAME.match(b) for b in cls.state_buckets
+        ):
+            raise ContractError(
+                f"{cls.__qualname__}.state_buckets must be a tuple of bucket names (letters, digits, '_' or '-'), "
+                f"not {cls.state_buckets!r}"
+            )
         handlers: dict[type[Any], Handler] = {}
         for base in reversed(cls.__mro__):
             for attr, value in vars(base).items():
@@ -157,6 +166,7 @@ class Agent:
             "produces": [
                 {"contract": contract_info(c).name, "kind": contract_info(c).kind.value} for c in cls.produces
             ],
+            "state": list(cls.state_buckets),
         }
 
     # Lifecycle hooks: override as needed.

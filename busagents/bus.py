@@ -29,6 +29,7 @@ from .durable import ensure_stream
 from .envelope import MSG_ID, Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
 from .headers import FastHeadersClient
+from .state import State, open_state
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -144,6 +145,7 @@ class Bus:
         self.publish_timeout = publish_timeout
         self._durability: dict[Durability, Durability] = {}
         self._reconnected: list[Callable[[], Awaitable[None]]] = []
+        self._states: dict[tuple[str, Any], State[Any]] = {}
 
     @classmethod
     async def connect(
@@ -198,6 +200,19 @@ class Bus:
         """Call ``listener`` after each reconnect (connections made by :meth:`connect`); returns a remover."""
         self._reconnected.append(listener)
         return lambda: self._reconnected.remove(listener)
+
+    async def state(self, bucket: str, type_: type[T]) -> State[T]:
+        """The JetStream key-value bucket ``bucket`` with values of ``type_`` (created on first use).
+
+        See :mod:`busagents.state`; in a handler, use :meth:`Context.state` (it checks the
+        agent declared the bucket).
+        """
+        state = self._states.get((bucket, type_))
+        if state is None:
+            state = self._states[(bucket, type_)] = await open_state(
+                self.js, bucket, type_, replicas=self.replicas or 1
+            )
+        return state
 
     def durability(self, info: ContractInfo, declared: Durability | None = None) -> Durability:
         """The effective durability of a contract (or of one subscription's ``declared`` one)."""

@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .contract import contract_info
 from .durable import derived_id
 from .envelope import REPLAY_OF, Envelope
-from .errors import UndeclaredContractError
+from .errors import ConfigError, UndeclaredContractError
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from .agent import Agent
     from .bus import Bus
+    from .state import State
 
 __all__ = ["Context"]
 
@@ -99,6 +102,22 @@ class Context:
         return await self.bus.publish(
             message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id, msg_id=msg_id
         )
+
+    async def state(self, bucket: str, type_: type[T]) -> State[T]:
+        """The agent's key-value state ``bucket`` (declared in ``state_buckets``), values of ``type_``."""
+        if bucket not in self.agent.state_buckets:
+            raise ConfigError(
+                f"agent {self.agent.name!r} may not use the state bucket {bucket!r}: "
+                f"add it to {type(self.agent).__name__}.state_buckets"
+            )
+        return await self.bus.state(bucket, type_)
+
+    @property
+    def span(self) -> Span:
+        """The OpenTelemetry span of the message being handled (a no-op span when telemetry is off)."""
+        from opentelemetry import trace  # imported on first use: most agents never ask
+
+        return trace.get_current_span()
 
     async def request(self, query: Any, *, timeout: float = 5.0) -> Any:
         """Send a declared Query and return its typed reply."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -28,3 +29,19 @@ async def test_readme_tour_agents_work_as_shown(bus: Bus) -> None:
     assert got.message.body.flight_id == "BA118"
     assert got.message.envelope.causation_id is not None
     assert got.message.envelope.sender == "rebooker"
+
+
+async def test_readme_state_example_counts_every_delay(bus: Bus) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (state_block,) = [b for b in blocks if "state_buckets" in b]
+    ns = tour_namespace()
+    exec(state_block, ns)
+    async with run_agents(bus, ns["DelayCounter"]()):  # 8 handlers at once: they race for the key
+        for minutes in (10, 20, 30, 40):
+            await bus.publish(ns["FlightDelayed"](flight_id="BA117", delay_minutes=minutes))
+        delays = await bus.state("delays", ns["Delays"])
+        async with asyncio.timeout(10), delays.watch("BA117") as changes:
+            async for entry in changes:
+                if entry.value.count == 4:
+                    break
+    assert entry.value == ns["Delays"](4, 100)

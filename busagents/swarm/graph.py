@@ -19,6 +19,7 @@ from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
 from ..durable import jetstream_permissions
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
+from ..state import state_permissions
 
 __all__ = ["Graph", "GraphProblem"]
 
@@ -111,6 +112,8 @@ class Graph:
                     pub.add("_INBOX.>")
                 if handler.durability is not None:
                     _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=agent.name))
+            for bucket in agent.state_buckets:
+                _add(pub, sub, state_permissions(bucket))
             for contract in agent.produces:
                 info = contract_info(contract)
                 pub.add(info.subscribe_subject)
