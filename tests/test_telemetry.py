@@ -94,6 +94,39 @@ async def test_a_dead_lettered_message_has_an_error_span(nats_server: NatsServer
     assert process[0].attributes["busagents.outcome"] == "dead_lettered"
 
 
+async def test_a_handler_sees_its_consumer_span_as_ctx_span(nats_server: NatsServer) -> None:
+    from busagents import Agent, Context, on
+
+    from .test_envelope import HopA
+
+    class Marker(Agent):
+        name = "span-marker"
+
+        def __init__(self) -> None:
+            self.span_ids: list[int] = []
+
+        @on(HopA)
+        async def hop(self, msg: HopA, ctx: Context) -> None:
+            ctx.span.set_attribute("app.marked", msg.n)
+            self.span_ids.append(ctx.span.get_span_context().span_id)
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = await Bus.connect(nats_server.url, telemetry=Telemetry(provider))
+    marker = Marker()
+    try:
+        async with run_agents(bus, marker):
+            await bus.publish(HopA(n=7))
+            await bus.flush()
+        # leaving run_agents drained the worker: the handler ran and its span finished
+    finally:
+        await bus.close()
+    (process,) = [s for s in exporter.get_finished_spans() if s.name == "process test.hops.a"]
+    assert marker.span_ids == [process.context.span_id]
+    assert process.attributes is not None and process.attributes["app.marked"] == 7
+
+
 class _Collector(BaseHTTPRequestHandler):
     received: list[tuple[str, bytes]] = []
     event = threading.Event()
