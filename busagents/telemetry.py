@@ -60,6 +60,13 @@ class Telemetry:
         self.duration = meter.create_histogram(
             "messaging.process.duration", unit="s", description="Time to handle one message"
         )
+        # GenAI semantic conventions, recorded by busagents.llm for every model call.
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens per model call, by gen_ai.token.type"
+        )
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Time of one model call, retries included"
+        )
 
     @contextmanager
     def publish_span(self, subject: str, template: str, envelope: Envelope, *, request: bool = False) -> Iterator[Span]:

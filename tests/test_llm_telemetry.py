@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -41,7 +43,8 @@ async def test_model_and_tool_calls_are_spans_of_the_conversation_trace(
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    bus = await Bus.connect(nats_server.url, telemetry=Telemetry(provider))
+    reader = InMemoryMetricReader()
+    bus = await Bus.connect(nats_server.url, telemetry=Telemetry(provider, MeterProvider(metric_readers=[reader])))
     settings = LLMSettings.for_agent("test_llm_reasoner", max_retries=0)
     try:
         async with run_agents(bus, LLMReasoner(settings, messages_server), ContextAgent()):
@@ -86,3 +89,16 @@ async def test_model_and_tool_calls_are_spans_of_the_conversation_trace(
     assert agent_attrs["busagents.llm.source"] == "model"
     per_call = [(c.attributes or {})["gen_ai.usage.input_tokens"] for c in calls]
     assert agent_attrs["gen_ai.usage.input_tokens"] == sum(int(str(n)) for n in per_call)
+
+    data = reader.get_metrics_data()
+    assert data is not None
+    metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    tokens: dict[str, float] = {}
+    for point in metrics["gen_ai.client.token.usage"].data.data_points:
+        assert isinstance(point, HistogramDataPoint) and point.attributes is not None
+        assert point.attributes["gen_ai.response.model"] == "claude-test"
+        tokens[str(point.attributes["gen_ai.token.type"])] = point.sum
+    assert tokens["input"] == agent_attrs["gen_ai.usage.input_tokens"]
+    assert tokens["output"] == agent_attrs["gen_ai.usage.output_tokens"]
+    (duration,) = metrics["gen_ai.client.operation.duration"].data.data_points
+    assert isinstance(duration, HistogramDataPoint) and duration.count == 3

@@ -397,7 +397,12 @@ class Decider(Generic[D]):
         if s.temperature is not None:
             attributes["gen_ai.request.temperature"] = s.temperature
         with _span(telemetry, f"chat {s.model}", attributes, client=True) as span:
-            message = await self._call_model(messages, choice, outcome, conversation)
+            calls = len(outcome.calls)
+            try:
+                message = await self._call_model(messages, choice, outcome, conversation)
+            finally:
+                if telemetry is not None and len(outcome.calls) > calls:  # the call was made
+                    _record_metrics(telemetry, outcome.calls[-1], s.model)
             if span is not None:
                 record = outcome.calls[-1]
                 span.set_attributes(
@@ -501,6 +506,17 @@ class _Breaker:
     def succeeded(self) -> None:
         self.in_a_row = 0
         self._until = 0.0
+
+
+def _record_metrics(telemetry: Telemetry, record: ModelCall, requested: str) -> None:
+    base = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": requested}
+    if record.error:
+        base["error.type"] = record.error.split(":", 1)[0]
+    else:
+        base["gen_ai.response.model"] = record.model
+        telemetry.token_usage.record(record.input_tokens, {**base, "gen_ai.token.type": "input"})
+        telemetry.token_usage.record(record.output_tokens, {**base, "gen_ai.token.type": "output"})
+    telemetry.operation_duration.record(record.seconds, base)
 
 
 def _span(
