@@ -29,6 +29,7 @@ from .durable import ensure_stream
 from .envelope import MSG_ID, Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
 from .headers import FastHeadersClient
+from .server import check_nats_url
 from .state import State, open_state
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class Bus:
         options.setdefault("reconnected_cb", _reconnected_cb)
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.5)
-        servers = [u.strip() for u in url.split(",") if u.strip()]
+        servers = check_nats_url(url)
         try:
             nc = FastHeadersClient()
             await nc.connect(

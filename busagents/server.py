@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +49,28 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_nats_url(url: str) -> list[str]:
+    """The server URLs of ``url`` (a comma list), or a :class:`ConfigError` saying what is wrong."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ConfigError("empty NATS URL: give one like nats://127.0.0.1:4222")
+    for server in servers:
+        parts = urllib.parse.urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in _SCHEMES or not parts.hostname or port == -1:
+            raise ConfigError(
+                f"invalid NATS URL {server!r}: expected nats://HOST:PORT (or tls://, ws://, wss://), "
+                "several separated by commas"
+            )
+    return servers
 
 
 def is_reachable(url: str, timeout: float = 0.5) -> bool:

@@ -44,6 +44,14 @@ def test_unreachable_nats_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_url_that_is_not_a_nats_url_is_a_clear_error() -> None:
+    for url in ("http://127.0.0.1:4222", "nats://127.0.0.1:port", "nats://:4222"):
+        result = busagents("run", "busagents.agent:Agent", "--nats", url)
+        assert result.returncode == 1, url
+        assert f"invalid NATS URL '{url}'" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_the_cli_does_not_import_the_anthropic_sdk_until_a_model_is_used() -> None:
     # Every agent process is started by this CLI; the SDK would add ~45 MB to each of them.
     probe = "import sys, busagents.cli, busagents.llm; print('anthropic' in sys.modules)"

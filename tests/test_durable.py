@@ -299,10 +299,18 @@ async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_
     assert stored == 2  # the original and one replay
 
 
-def test_dlq_replay_without_sequences_is_a_usage_error() -> None:
-    result = busagents_cli("dlq", "replay", "--nats", "nats://127.0.0.1:1")
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((), "give the sequence numbers"),
+        (("1", "--all"), "either sequence numbers or --all, not both"),
+        (("1", "--agent", "fragile"), "--agent narrows --all"),
+    ],
+)
+def test_dlq_replay_needs_exactly_one_selection(args: tuple[str, ...], error: str) -> None:
+    result = busagents_cli("dlq", "replay", *args, "--nats", "nats://127.0.0.1:1")
     assert result.returncode == 2
-    assert "give the sequence numbers" in result.stderr
+    assert error in result.stderr
 
 
 # The idempotency helper

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import click
 
 from ..errors import NatsUnavailableError
-from ..server import NatsServer, is_reachable
+from ..server import NatsServer, check_nats_url, is_reachable
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -17,6 +17,7 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 def nats_url(configured: str | None, *, embedded: bool = False, quiet: bool = False) -> Iterator[str]:
     """Yield a NATS URL: ``configured`` (must be reachable), else embedded or the local default."""
     if configured:
+        check_nats_url(configured)
         if not is_reachable(configured):
             raise NatsUnavailableError(f"no NATS reachable at {configured}")
         yield configured

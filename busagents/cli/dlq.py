@@ -71,6 +71,10 @@ def replay_command(nats: str | None, seqs: tuple[int, ...], replay_all: bool, ag
     """Publish dead letters again on their original subjects (by sequence, or --all)."""
     if not seqs and not replay_all:
         raise click.UsageError("give the sequence numbers to replay (see 'busagents dlq list'), or --all")
+    if seqs and replay_all:
+        raise click.UsageError("give either sequence numbers or --all, not both")
+    if agent and not replay_all:
+        raise click.UsageError("--agent narrows --all; with sequence numbers, replay exactly those")
 
     async def replay(bus: Bus) -> list[tuple[DeadLetter, str]]:
         if replay_all:
