@@ -408,7 +408,8 @@ class Bus:
             if not missing and not done.done():
                 done.set_result(None)
 
-        sub = await self.nc.subscribe("busagents.stats.*", cb=on_beat)
+        # one subscription per agent type: a connection allowed to read only those heartbeats can wait
+        subs = [await self.nc.subscribe(f"busagents.stats.{name}", cb=on_beat) for name in sorted(missing)]
         try:
             await asyncio.wait_for(done, timeout)
         except TimeoutError:
@@ -417,8 +418,9 @@ class Bus:
                 "(are they running, with BUSAGENTS_HEARTBEAT_INTERVAL > 0?)"
             ) from None
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
 
     async def flush(self, timeout: float = 5.0) -> None:
         await self.nc.flush(timeout=int(max(1, timeout)))

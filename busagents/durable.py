@@ -47,6 +47,7 @@ __all__ = [
     "consumer_config",
     "delivery_count",
     "derived_id",
+    "dlq_permissions",
     "ensure_dlq_stream",
     "ensure_stream",
     "jetstream_permissions",
@@ -139,23 +140,35 @@ async def _ensure(js: JetStreamContext, config: api.StreamConfig) -> str:
 
 
 def jetstream_permissions(info: ContractInfo, d: Durability, *, consumer: str | None) -> tuple[set[str], set[str]]:
-    """NATS (publish, subscribe) permissions for a durable contract, as publisher or as ``consumer``."""
+    """NATS (publish, subscribe) permissions for a durable contract, as publisher or as ``consumer``.
+
+    Besides these, the connection needs a subscription on its own inbox (publish acks, API
+    replies, pulled messages) and the dead-letter permissions (:func:`dlq_permissions`).
+    """
     stream = stream_name(info, d)
-    pub = {f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}"}
-    sub = {"_INBOX.>"}  # publish acks; pulled messages
+    pub = {f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"}  # ensure_stream
+    sub: set[str] = set()
     if consumer is not None:
-        pub |= {
-            f"$JS.API.CONSUMER.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.INFO.{stream}.>",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
-            f"$JS.API.STREAM.MSG.GET.{stream}",
-            f"$JS.ACK.{stream}.>",
-            f"$JS.ACK.*.*.{stream}.>",
-            f"$JS.API.STREAM.CREATE.{DLQ_STREAM}",
-            f"$JS.API.STREAM.UPDATE.{DLQ_STREAM}",
-        }
-        sub.add(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>")
+        names = [f"{consumer}-p{p}" for p in range(d.ordered_partitions)] if d.ordered_partitions else [consumer]
+        pub.add(f"$JS.API.STREAM.MSG.GET.{stream}")  # the message of a max-deliveries advisory
+        for name in names:
+            pub |= {
+                f"$JS.API.CONSUMER.CREATE.{stream}.{name}.>",  # <name>.<filter subject>
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                f"$JS.ACK.{stream}.{name}.>",  # ack, nak, in-progress, term
+                f"$JS.ACK.*.*.{stream}.{name}.>",  # the same, v2 ack subjects
+            }
+            sub.add(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{name}")
     return pub, sub
+
+
+def dlq_permissions(agent: str) -> set[str]:
+    """NATS publish permissions an agent needs to keep its dead letters in :data:`DLQ_STREAM`."""
+    return {
+        f"$JS.API.STREAM.CREATE.{DLQ_STREAM}",  # every worker ensures the stream
+        f"$JS.API.STREAM.UPDATE.{DLQ_STREAM}",
+        f"{DLQ_SUBJECTS[:-1]}{agent}",  # busagents.dlq.<agent> (stored with an ack when durable)
+    }
 
 
 # Consumers

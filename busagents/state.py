@@ -146,7 +146,10 @@ class State(Generic[T]):
 
 
 def state_permissions(bucket: str) -> tuple[set[str], set[str]]:
-    """NATS (publish, subscribe) permissions to open, read, write and list the keys of ``bucket``."""
+    """NATS (publish, subscribe) permissions to open, read, write and list the keys of ``bucket``.
+
+    Replies, values and watched keys arrive on the connection's inbox: subscribe it too.
+    """
     stream = f"KV_{bucket}"
     pub = {
         f"$KV.{bucket}.>",  # put, create, update, delete
@@ -160,7 +163,7 @@ def state_permissions(bucket: str) -> tuple[set[str], set[str]]:
         f"$JS.API.CONSUMER.INFO.{stream}.>",
         f"$JS.FC.{stream}.>",
     }
-    return pub, {"_INBOX.>"}
+    return pub, set()
 
 
 class StateWatch(Generic[T]):

@@ -343,11 +343,13 @@ def test_swarm_permissions_let_a_durable_agent_pull_ack_and_publish_to_its_strea
     from busagents.swarm.graph import Graph
 
     perms = Graph([Doer]).permissions()["doer"]
-    assert "$JS.API.CONSUMER.MSG.NEXT.BA_Task.>" in perms["publish"]  # pull from its consumer
-    assert "$JS.ACK.BA_Task.>" in perms["publish"]  # ack, nak, in-progress, term
+    assert "$JS.API.CONSUMER.MSG.NEXT.BA_Task.doer" in perms["publish"]  # pull from its own consumer only
+    assert "$JS.ACK.BA_Task.doer.>" in perms["publish"]  # ack, nak, in-progress, term
     assert "$JS.API.STREAM.CREATE.BA_Done" in perms["publish"]  # its durable output's stream
-    assert "$JS.API.CONSUMER.MSG.NEXT.BA_Done.>" not in perms["publish"]  # it does not consume Done
-    assert "_INBOX.>" in perms["subscribe"]  # pulled messages and publish acks
+    assert "$JS.API.STREAM.CREATE.BUSAGENTS_DLQ" in perms["publish"]  # its dead letters
+    assert not any(".BA_Done." in s or s.endswith("BA_Task.>") for s in perms["publish"])  # nothing more
+    assert "_INBOX.doer.>" in perms["subscribe"]  # pulled messages and publish acks, on its own inbox
+    assert "test.durable.task.*" not in perms["subscribe"]  # a pull consumer: no core subscription
 
 
 @command("test.durable.chore", durable=Durability(ack_wait=30.0, batch=64))

@@ -25,6 +25,7 @@ from busagents import (
     on,
 )
 from busagents.swarm import Graph
+from busagents.swarm.graph import inbox_prefix
 from busagents.testing import run_agents
 
 
@@ -182,13 +183,16 @@ async def test_the_swarm_permissions_of_a_stateful_agent_are_enough_to_use_its_b
     config.write_text("authorization { users = " + json.dumps(users) + " }\n")
     with NatsServer(config_file=config) as server:
         admin = await Bus.connect(server.url.replace("nats://", "nats://admin:pw@"))
-        counter = await Bus.connect(server.url.replace("nats://", "nats://counter:pw@"))
+        inbox = inbox_prefix("state-counter")  # as `busagents run` connects it
+        counter = await Bus.connect(server.url.replace("nats://", "nats://counter:pw@"), inbox_prefix=inbox)
         denied: list[str] = []
 
         async def note(exc: Exception) -> None:
             denied.append(str(exc))
 
-        other = await Bus.connect(server.url.replace("nats://", "nats://counter:pw@"), error_cb=note)
+        other = await Bus.connect(
+            server.url.replace("nats://", "nats://counter:pw@"), inbox_prefix=inbox, error_cb=note
+        )
         try:
             await (await admin.state("other", Tally)).put("x", Tally())
             tallies = await counter.state("tallies", Tally)  # creates the bucket

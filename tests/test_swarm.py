@@ -87,10 +87,13 @@ def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
 
 def test_permissions_are_least_privilege() -> None:
     perms = Graph([Watcher, Actor, Pricer]).permissions()
-    assert perms["actor"]["subscribe"] == ["test.graph.act"]
+    assert perms["actor"]["subscribe"] == ["_INBOX.actor.>", "test.graph.act"]  # inbox: the DLQ stream set-up
     assert "test.graph.done" in perms["actor"]["publish"]
     assert "test.graph.act" not in perms["watcher"]["subscribe"]
-    assert "_INBOX.>" in perms["watcher"]["subscribe"]  # replies to its queries
+    assert "_INBOX.watcher.>" in perms["watcher"]["subscribe"]  # replies to its queries, on its own inbox
+    assert not any(s.startswith("_INBOX") for s in perms["pricer"]["publish"])  # it answers with...
+    assert perms["pricer"]["allow_responses"] is True  # ...a reply to each request it received only
+    assert "allow_responses" not in perms["watcher"]
 
 
 def test_swarm_file_errors_name_the_field(tmp_path: Path) -> None:

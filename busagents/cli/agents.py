@@ -15,6 +15,7 @@ from ..bus import Bus
 from ..contract import contract_info
 from ..plugins import available_agents, load_agent
 from ..settings import Settings
+from ..swarm.graph import inbox_prefix
 from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker
@@ -68,6 +69,7 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
     bus = await Bus.connect(
         url,
         name=agent_cls.name,
+        inbox_prefix=inbox_prefix(agent_cls.name),  # what ``busagents swarm permissions`` allows it
         telemetry=telemetry,
         replicas=settings.replicas,
         ack_wait=settings.ack_wait,

@@ -17,11 +17,16 @@ import msgspec
 
 from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
-from ..durable import jetstream_permissions
+from ..durable import dlq_permissions, jetstream_permissions
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
+from ..llm.contracts import ApprovalDecided, ApprovalRequested
 from ..state import state_permissions
+from ..worker import STATS_PREFIX
 
-__all__ = ["Graph", "GraphProblem"]
+__all__ = ["Graph", "GraphProblem", "inbox_prefix"]
+
+_APPROVAL_REQUESTED = contract_info(ApprovalRequested)
+_APPROVAL_DECIDED = contract_info(ApprovalDecided)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,29 +104,45 @@ class Graph:
                     lines.append(f"    {node(producer)} -->|{name}| {target}")
         return "\n".join(lines)
 
-    def permissions(self) -> dict[str, dict[str, list[str]]]:
-        """Least-privilege NATS permissions per agent (publish/subscribe allow lists)."""
-        out: dict[str, dict[str, list[str]]] = {}
+    def permissions(self) -> dict[str, dict[str, Any]]:
+        """Least-privilege NATS permissions per agent: publish/subscribe allow lists, ``allow_responses``.
+
+        Derived from each agent's declarations (handlers, ``produces``, durability,
+        ``state_buckets``, ``waits_for``) plus what every worker does: heartbeats, dead letters
+        (:data:`~busagents.durable.DLQ_STREAM`) and requests answered on the agent's own inbox
+        (:func:`inbox_prefix`; ``busagents run`` connects with it). An agent answering queries
+        gets ``allow_responses`` (one reply to each request it received) instead of a publish
+        right on other connections' inboxes. The dicts are nats-server ``permissions`` blocks.
+        """
+        out: dict[str, dict[str, Any]] = {}
         for agent in self.agents:
-            pub = {f"busagents.dlq.{agent.name}", f"busagents.stats.{agent.name}"}
-            sub: set[str] = set()
+            pub = {f"{STATS_PREFIX}.{agent.name}"} | dlq_permissions(agent.name)
+            # JetStream API replies (the dead-letter stream at start), publish acks, query replies,
+            # pulled messages and watched keys all come to the agent's inbox
+            sub = {f"{inbox_prefix(agent.name)}.>"}
+            answers = False
             for handler in agent.handlers.values():
                 info = handler.contract
-                sub.add(info.subscribe_subject)
-                if info.kind is Kind.QUERY:
-                    pub.add("_INBOX.>")
-                if handler.durability is not None:
+                if handler.durability is not None:  # a pull consumer, no core subscription
                     _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=agent.name))
+                else:
+                    sub.add(handler.subject or info.subscribe_subject)
+                answers = answers or info.kind is Kind.QUERY
             for bucket in agent.state_buckets:
                 _add(pub, sub, state_permissions(bucket))
             for contract in agent.produces:
                 info = contract_info(contract)
                 pub.add(info.subscribe_subject)
-                if info.kind is Kind.QUERY:
-                    sub.add("_INBOX.>")
                 if info.durability is not None:
                     _add(pub, sub, jetstream_permissions(info, info.durability, consumer=None))
-            out[agent.name] = {"publish": sorted(pub), "subscribe": sorted(sub)}
+                if info.name == _APPROVAL_REQUESTED.name:  # ApprovalGate.ask waits for the answer
+                    sub.add(_APPROVAL_DECIDED.subscribe_subject)
+            for name in _waits_for(agent):  # Bus.wait_for_agents: their heartbeats
+                sub.add(f"{STATS_PREFIX}.{name}")
+            perms: dict[str, Any] = {"publish": sorted(pub), "subscribe": sorted(sub)}
+            if answers:
+                perms["allow_responses"] = True
+            out[agent.name] = perms
         return out
 
     def asyncapi(self, title: str = "busagents swarm", version: str = "1.0.0") -> dict[str, Any]:
@@ -209,6 +230,17 @@ def _component_schema(info: ContractInfo, schemas: dict[str, Any]) -> dict[str, 
     schemas.update(schema.pop("$defs", {}))
     schemas[info.cls.__name__] = schema
     return {"$ref": template.format(name=info.cls.__name__)}
+
+
+def inbox_prefix(agent_name: str) -> str:
+    """The inbox prefix of an agent's connection (``_INBOX.<agent>``): only it may read its replies."""
+    return f"_INBOX.{agent_name}"
+
+
+def _waits_for(agent: type[Agent]) -> tuple[str, ...]:
+    """Agent types ``agent`` waits for before it starts (an optional ``waits_for`` declaration)."""
+    names = getattr(agent, "waits_for", ())
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, (tuple, list)) else ()
 
 
 def _add(pub: set[str], sub: set[str], more: tuple[set[str], set[str]]) -> None:
