@@ -4,6 +4,9 @@ Started on a free loopback port with JetStream and a temporary store, stopped on
 
     with NatsServer() as server:
         bus = await Bus.connect(server.url)
+
+On Linux the server gets SIGTERM when the process that started it dies, even by SIGKILL.
+A temporary store left behind by such a death is removed by the next ``NatsServer`` start.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from ._proc import die_with_parent, pid_alive
 from .errors import ConfigError, NatsUnavailableError
 
 __all__ = ["NatsCluster", "NatsServer", "find_server_binary", "free_port", "is_reachable"]
+
+_STORE_PREFIX = "busagents-nats-"
+_OWNER_FILE = "busagents-owner"  # "<owner pid> [<nats-server pid>]": the store is stale once both are gone
 
 
 def find_server_binary() -> str:
@@ -122,7 +129,9 @@ class NatsServer:
         if self.process is not None and self.process.poll() is None:
             return self
         if self.store_dir is None:
-            self.store_dir = Path(tempfile.mkdtemp(prefix="busagents-nats-"))
+            _remove_stale_stores()
+            self.store_dir = Path(tempfile.mkdtemp(prefix=_STORE_PREFIX))
+            (self.store_dir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.store_dir / "nats-server.log"
         self._log_offset = self._log.stat().st_size if self._log.exists() else 0  # a restart appends
@@ -135,8 +144,14 @@ class NatsServer:
             args += ["-n", self.name]
         args += ["-l", str(self._log), *self.extra_args]
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent(),
         )
+        if self._own_store:
+            (self.store_dir / _OWNER_FILE).write_text(f"{os.getpid()} {self.process.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -204,6 +219,17 @@ class NatsServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _remove_stale_stores() -> None:
+    """Remove temporary stores whose owner and nats-server are both gone (left by a SIGKILLed owner)."""
+    for store in Path(tempfile.gettempdir()).glob(f"{_STORE_PREFIX}*"):
+        try:
+            pids = [int(p) for p in (store / _OWNER_FILE).read_text().split()]
+        except (OSError, ValueError):
+            continue  # not ours, being created, or not readable: leave it
+        if pids and not any(pid_alive(pid) for pid in pids):
+            shutil.rmtree(store, ignore_errors=True)
 
 
 class NatsCluster:

@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     drain_timeout: float = 30.0
     #: Seconds between stats heartbeats on ``busagents.stats.<agent>`` (0: off).
     heartbeat_interval: float = 5.0
-    log_level: str = "INFO"
+    #: Logging level of the ``busagents`` CLI and the replicas it starts (``--log-level`` wins).
+    log_level: str = "WARNING"
     #: Stream replicas for every durable contract (e.g. 3 on a 3-node cluster); unset: as declared.
     replicas: int | None = None
     #: Ack wait in seconds for every durable consumer; unset: as declared.

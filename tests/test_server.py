@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
 from busagents import Bus
+from busagents._proc import pid_alive
 from busagents.server import NatsServer, find_server_binary, is_reachable
 
 
@@ -42,3 +50,28 @@ async def test_kill_keeps_the_store_and_restart_serves_again(tmp_path: object) -
         assert is_reachable(server.url)
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_store_left_by_a_sigkilled_owner_is_removed_by_the_next_start_and_a_live_ones_is_kept() -> None:
+    code = (
+        "import sys; from busagents.server import NatsServer; s = NatsServer().start(); "
+        "assert s.process is not None; print(s.store_dir, s.process.pid, flush=True); sys.stdin.read()"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None and owner.stdin is not None
+    store, server_pid = owner.stdout.readline().split()
+    owner.kill()
+    owner.wait()
+    owner.stdin.close()
+    owner.stdout.close()
+    deadline = time.monotonic() + 20
+    while pid_alive(int(server_pid)) and time.monotonic() < deadline:  # SIGTERMed by the kernel as its owner died
+        time.sleep(0.05)
+    assert not pid_alive(int(server_pid)), "the embedded nats-server outlived its SIGKILLed owner"
+    assert Path(store).exists()  # nats-server cannot remove its own store
+    with NatsServer() as live:
+        assert not Path(store).exists()
+        assert live.store_dir is not None
+        with NatsServer():
+            assert live.store_dir.exists()  # its owner (this process) runs: not stale

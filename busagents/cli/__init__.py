@@ -17,9 +17,19 @@ from .swarm import swarm_group
 
 __all__ = ["cli", "main"]
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
+@click.option(
+    "--log-level",
+    envvar="BUSAGENTS_LOG_LEVEL",
+    show_envvar=True,
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    help="Python logging level; replicas started by 'run --replicas' and 'swarm up' get it too.",
+)
 @click.version_option(package_name="busagents")
 def cli(log_level: str) -> None:
     """busagents: event-driven AI agents over NATS with typed contracts."""

@@ -10,6 +10,7 @@ from types import FrameType
 
 import click
 
+from .._proc import die_with_parent
 from ..agent import Agent
 from ..bus import Bus
 from ..contract import contract_info
@@ -50,7 +51,8 @@ def list_agents() -> None:
 @click.argument("name")
 @click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: local, else embedded).")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64), help="OS processes.")
-def run_command(name: str, nats: str | None, replicas: int) -> None:
+@click.pass_context
+def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int) -> None:
     """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT."""
     agent_cls = load_agent(name)
     settings = Settings()
@@ -61,7 +63,7 @@ def run_command(name: str, nats: str | None, replicas: int) -> None:
             if not ok:
                 raise SystemExit(3)
             return
-        _run_replicas(name, url, replicas)
+        _run_replicas(name, url, replicas, ctx.find_root().params.get("log_level"))
 
 
 async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
@@ -89,9 +91,10 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
             shutdown_telemetry()
 
 
-def _run_replicas(name: str, url: str, replicas: int) -> None:
-    cmd = [sys.executable, "-m", "busagents", "run", name, "--nats", url, "--replicas", "1"]
-    children = [subprocess.Popen(cmd) for _ in range(replicas)]
+def _run_replicas(name: str, url: str, replicas: int, log_level: str | None) -> None:
+    level = ["--log-level", log_level] if log_level else []
+    cmd = [sys.executable, "-m", "busagents", *level, "run", name, "--nats", url, "--replicas", "1"]
+    children = [subprocess.Popen(cmd, preexec_fn=die_with_parent()) for _ in range(replicas)]
     click.echo(f"started {replicas} replicas of {name}: pids {[c.pid for c in children]}", err=True)
 
     def forward(signum: int, frame: FrameType | None) -> None:

@@ -30,14 +30,17 @@ def _graph(path: Path) -> Graph:
 @swarm_group.command("up")
 @swarm_file
 @click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: the file's, else embedded).")
-def up(path: Path, nats: str | None) -> None:
+@click.pass_context
+def up(ctx: click.Context, path: Path, nats: str | None) -> None:
     """Start every agent as supervised OS processes until SIGTERM/SIGINT."""
     config = load_swarm(path)
     graph = _graph(path)
     for problem in graph.check():
         click.echo(f"graph {problem}", err=True)
     with nats_url(nats or config.nats_url, embedded=not (nats or config.nats_url)) as url:
-        failed = asyncio.run(_up(Supervisor(config, url, on_event=lambda t: click.echo(t, err=True))))
+        level = ctx.find_root().params.get("log_level")
+        supervisor = Supervisor(config, url, on_event=lambda t: click.echo(t, err=True), log_level=level)
+        failed = asyncio.run(_up(supervisor))
     if failed:
         raise SystemExit(1)
 

@@ -3,7 +3,8 @@
 Each replica runs ``python -m busagents run TARGET --nats URL``. A replica that exits
 while the swarm is up is restarted with backoff, at most ``max_restarts`` times within
 ``restart_window`` seconds; stopping the swarm sends SIGTERM to every replica, so each
-drains (finishes what is in flight) before it exits.
+drains (finishes what is in flight) before it exits. On Linux a replica also gets SIGTERM
+when the supervisor itself dies, even by SIGKILL (see ``busagents._proc``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .._proc import die_with_parent
 from .config import SwarmConfig
 
 __all__ = ["Replica", "Supervisor"]
@@ -52,9 +54,12 @@ class Supervisor:
         *,
         on_event: Callable[[str], None] | None = None,
         stop_timeout: float = 40.0,
+        log_level: str | None = None,
     ) -> None:
+        """``log_level`` becomes each replica's BUSAGENTS_LOG_LEVEL unless its ``env`` sets one."""
         self.config = config
         self.nats_url = nats_url
+        self.log_level = log_level
         self.stop_timeout = stop_timeout
         self._say = on_event or (lambda text: log.info("%s", text))
         self._stopping = False
@@ -66,12 +71,14 @@ class Supervisor:
         ]
 
     async def _spawn(self, replica: Replica) -> None:
-        env = {**os.environ, **replica.env, "BUSAGENTS_NATS_URL": self.nats_url}
+        level = {"BUSAGENTS_LOG_LEVEL": self.log_level} if self.log_level else {}
+        env = {**os.environ, **level, **replica.env, "BUSAGENTS_NATS_URL": self.nats_url}
         replica.process = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "busagents", "run", replica.target, "--nats", self.nats_url),
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only; it forwards SIGTERM once
+            preexec_fn=die_with_parent(),  # spawned on the loop's thread: SIGTERM when the supervisor dies
         )
         self._say(f"started {replica.label} pid {replica.process.pid}")
 

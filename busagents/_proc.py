@@ -1,0 +1,70 @@
+"""Child processes that do not outlive the busagents process that started them.
+
+On Linux a child is asked to receive SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``),
+so a SIGKILLed ``swarm up`` or ``run --replicas`` does not leave its replicas and embedded
+nats-server running under PID 1; SIGTERM lets replicas drain as on a normal stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+__all__ = ["die_with_parent", "pid_alive"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    prctl: Callable[..., int] | None = getattr(libc, "prctl", None)
+    return prctl
+
+
+_PRCTL = _prctl()
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when this process dies, or None.
+
+    Linux only: elsewhere (macOS, Windows) it returns None and children may outlive a killed
+    parent. The kernel sends ``sig`` when the *thread* that forked exits, so it also returns None
+    when called off the main thread (a child would otherwise die with a short-lived worker thread).
+    """
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = _PRCTL
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec; the setting survives exec.
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will send sig, so exit now
+            os._exit(128 + int(sig))
+
+    return preexec
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid runs (one we may not signal counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"  # exited, not yet reaped
+    except (OSError, IndexError):
+        return True  # no procfs (not Linux) or it vanished just now: assume it runs
