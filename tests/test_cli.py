@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from busagents import Bus
 from busagents.server import NatsServer
@@ -95,6 +96,85 @@ async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_g
     assert len(instances) == 2  # two processes, each with its own pid
     assert proc.returncode == 0, err.decode()
     assert "started 2 replicas" in err.decode()
+
+
+async def test_run_with_replicas_passes_the_log_level_to_the_replicas(nats_server: NatsServer, bus: Bus) -> None:
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", "--log-level", "info", "run", "drain_agent:Slow", "--replicas", "2"),
+        *("--nats", nats_server.url),
+        env=child_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    instances: set[str] = set()
+    try:
+        while len(instances) < 2:
+            beat = await stats.next_msg(timeout=20)
+            instances.add(msgspec.json.decode(beat.data)["instance"])
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    text = err.decode()
+    assert proc.returncode == 0, text
+    # Only replicas run a worker: each of the two logs its start and its drain at INFO.
+    assert text.count("INFO busagents.worker: worker started: slow") == 2, text
+    assert text.count("INFO busagents.worker: worker drained") == 2, text
+
+
+@pytest.mark.parametrize(
+    ("env_level", "flag", "info", "debug"),
+    [
+        ("DEBUG", None, True, True),
+        ("info", None, True, False),
+        (None, None, False, False),
+        ("INFO", "WARNING", False, False),
+    ],
+    ids=["env-debug", "env-info", "default-warning", "flag-wins"],
+)
+async def test_log_level_comes_from_the_flag_else_busagents_log_level_else_warning(
+    nats_server: NatsServer, bus: Bus, env_level: str | None, flag: str | None, info: bool, debug: bool
+) -> None:
+    env = child_env()
+    env.pop("BUSAGENTS_LOG_LEVEL", None)
+    if env_level is not None:
+        env["BUSAGENTS_LOG_LEVEL"] = env_level
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    level = ["--log-level", flag] if flag else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", *level, "run", "drain_agent:Slow", "--nats", nats_server.url),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await stats.next_msg(timeout=20)  # started
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert ("INFO busagents.worker: worker started: slow" in text) is info, text
+    assert ("DEBUG asyncio: Using selector" in text) is debug, text
+
+
+@pytest.mark.parametrize(("args", "env_level"), [(("--log-level", "loud"), "INFO"), ((), "loud")], ids=["flag", "env"])
+def test_an_invalid_log_level_is_a_usage_error(args: tuple[str, ...], env_level: str) -> None:
+    result = busagents(*args, "agents", "list", env={**os.environ, "BUSAGENTS_LOG_LEVEL": env_level})
+    assert result.returncode == 2
+    assert "Invalid value for '--log-level'" in result.stderr
+    assert "'loud' is not one of" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_new_scaffolds_a_plugin_whose_test_passes(tmp_path: Path) -> None:

@@ -149,6 +149,40 @@ async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(
     assert text.count("stopped (exit 0)") == 2
 
 
+async def test_swarm_up_passes_its_log_level_to_replicas_unless_an_agent_env_overrides_it(
+    tmp_path: Path, nats_server: NatsServer, bus: Bus
+) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text(
+        '[agents.loud]\nagent = "drain_agent:Slow"\n'
+        '[agents.quiet]\nagent = "drain_agent:Slow"\nenv = { BUSAGENTS_LOG_LEVEL = "WARNING" }\n'
+    )
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", "--log-level", "INFO", "swarm", "up", str(swarm), "--nats", nats_server.url),
+        env=child_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    instances: set[str] = set()
+    try:
+        while len(instances) < 2:  # both replicas started
+            beat = await stats.next_msg(timeout=20)
+            instances.add(msgspec.json.decode(beat.data)["instance"])
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert text.count("INFO busagents.worker: worker started: slow") == 1, text  # loud's, not quiet's
+    assert text.count("INFO busagents.worker: worker drained") == 1, text
+
+
 def test_mermaid_names_every_edge_with_safe_node_ids() -> None:
     text = Graph([Watcher, Actor, Pricer]).mermaid()
     assert text.splitlines()[0] == "flowchart LR"
