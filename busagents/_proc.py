@@ -8,7 +8,6 @@ nats-server running under PID 1; SIGTERM lets replicas drain as on a normal stop
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ def _prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the running program's symbols, libc's among them
     except OSError:
         return None
     prctl: Callable[..., int] | None = getattr(libc, "prctl", None)
