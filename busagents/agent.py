@@ -18,12 +18,14 @@ lists the queries it sends), so a swarm forms a static graph that can be checked
 
 from __future__ import annotations
 
+import inspect
 import re
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
-from .contract import ContractInfo, Durability, Kind, contract_info
+from .contract import ContractInfo, Durability, Kind, contract_info, is_contract
 from .errors import ContractError
 
 if TYPE_CHECKING:
@@ -78,6 +80,14 @@ def on(
         raise ContractError(f"@on({info.name}, subject={subject!r}): must start with {info.subject!r}")
 
     def mark(func: F) -> F:
+        where = f"@on({info.name}) {getattr(func, '__qualname__', func)!s}"
+        if not inspect.iscoroutinefunction(cast(Any, func)):  # cast: keep F, not the guard type
+            raise ContractError(f"{where}: a handler must be 'async def'")
+        declared = _message_annotation(func)
+        if isinstance(declared, type) and is_contract(declared) and declared is not contract:
+            raise ContractError(
+                f"{where}: its message is annotated {declared.__name__}, but it handles {contract.__name__}"
+            )
         func.__busagents_on__ = (info, subject, durability)  # type: ignore[attr-defined]
         return func
 
@@ -104,6 +114,11 @@ class Agent:
             cls.name = _snake(cls.__name__)
         if not _NAME.match(cls.name):
             raise ContractError(f"agent name {cls.name!r} of {cls.__qualname__} must be letters, digits, '_' or '-'")
+        if not isinstance(cls.produces, tuple | list) or not all(isinstance(c, type) for c in cls.produces):
+            raise ContractError(
+                f"{cls.__qualname__}.produces must be a tuple of contract classes, e.g. produces = (BookingChanged,) "
+                f"(note the comma), not {cls.produces!r}"
+            )
         if cls.max_concurrency < 1:
             raise ContractError(f"{cls.__qualname__}.max_concurrency must be >= 1")
         if isinstance(cls.state_buckets, str) or not all(
@@ -179,6 +194,18 @@ class Agent:
 
     async def on_stop(self, ctx: Context) -> None:
         """Called once after the last in-flight message was handled."""
+
+
+def _message_annotation(func: Callable[..., Any]) -> Any:
+    """The annotation of a handler's message parameter (after ``self``), resolved if it can be; else None."""
+    params = list(inspect.signature(func).parameters.values())
+    if len(params) < 2:
+        return None
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:
+        return None
+    return hints.get(params[1].name)
 
 
 def _snake(name: str) -> str:

@@ -118,7 +118,19 @@ class ContractInfo:
         return f"{self.subject}.*" if self.key else self.subject
 
 
-def _validate_subject(subject: str) -> None:
+#: Subjects the framework itself uses for every agent: a contract there would be read as a dead letter or stats.
+_RESERVED = ("busagents.dlq", "busagents.stats")
+
+
+def _validate_subject(subject: str, kind: Kind) -> None:
+    if not isinstance(subject, str):
+        decorator = kind.value if kind is not Kind.REPLY else "event"
+        raise ContractError(
+            f'@{decorator} needs the subject first: @{decorator}("travel.flight.delayed") above the class '
+            f"(got {subject!r})"
+        )
+    if any(subject == r or subject.startswith(r + ".") for r in _RESERVED):
+        raise ContractError(f"subject {subject!r} is reserved for busagents ({', '.join(_RESERVED)})")
     tokens = subject.split(".")
     if not subject or not all(_SUBJECT_TOKEN.match(t) for t in tokens):
         raise ContractError(
@@ -137,7 +149,7 @@ def _declare(
     reply: type[Any] | None,
     durable: bool | Durability,
 ) -> Callable[[type[T]], type[T]]:
-    _validate_subject(subject)
+    _validate_subject(subject, kind)
     durability = durable if isinstance(durable, Durability) else (Durability() if durable else None)
     if durability is not None:
         _validate_durability(subject, key, durability)

@@ -6,7 +6,7 @@ import msgspec
 import pydantic
 import pytest
 
-from busagents import ContractError, Kind, command, contract_info, event, json_schema, query
+from busagents import Agent, Context, ContractError, Kind, command, contract_info, event, json_schema, on, query
 from busagents.contract import subject_for
 
 
@@ -62,3 +62,37 @@ def test_bad_declarations_are_clear_errors() -> None:
         command("test.y")(dict)
     with pytest.raises(ContractError, match="not a contract"):
         contract_info(Count.__mro__[1])
+
+
+def test_a_decorator_without_its_subject_or_on_a_reserved_subject_is_a_clear_error() -> None:
+    with pytest.raises(ContractError, match=r'@event needs the subject first: @event\("travel.flight.delayed"\)'):
+
+        @event  # type: ignore[arg-type]
+        class Forgot(msgspec.Struct):
+            n: int
+
+    with pytest.raises(ContractError, match="@command needs the subject first"):
+        command(Delayed)  # type: ignore[arg-type]
+    with pytest.raises(ContractError, match=r"'busagents\.dlq\.mine' is reserved"):
+        event("busagents.dlq.mine")
+
+
+def test_agent_declaration_mistakes_are_caught_when_the_class_is_defined() -> None:
+    with pytest.raises(ContractError, match=r"@on\(Delayed\) .*sync_handler: a handler must be 'async def'"):
+
+        class Sync(Agent):
+            @on(Delayed)  # type: ignore[type-var]
+            def sync_handler(self, msg: Delayed, ctx: Context) -> None:
+                pass
+
+    with pytest.raises(ContractError, match="its message is annotated Count, but it handles Delayed"):
+
+        class Mismatch(Agent):
+            @on(Delayed)
+            async def handle(self, msg: Count, ctx: Context) -> None:
+                pass
+
+    with pytest.raises(ContractError, match=r"produces must be a tuple of contract classes.*\(note the comma\)"):
+
+        class NoComma(Agent):
+            produces = Delayed  # type: ignore[assignment]
