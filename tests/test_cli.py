@@ -197,3 +197,7 @@ def test_new_scaffolds_a_plugin_whose_test_passes(tmp_path: Path) -> None:
     again = busagents("new", "heat-watch", "--dir", str(target))
     assert again.returncode == 1
     assert "not empty" in again.stderr
+    for taken in ("json", "busagents", "msgspec"):
+        clash = busagents("new", taken, "--dir", str(tmp_path / taken))
+        assert clash.returncode == 1, taken
+        assert f"would be imported as {taken!r}, which is already a module here" in clash.stderr

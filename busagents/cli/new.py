@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import keyword
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -130,6 +132,10 @@ def new_command(name: str, directory: Path | None) -> None:
     package = name.replace("-", "_").lower()
     if keyword.iskeyword(package):
         raise ConfigError(f"{name!r} is a Python keyword; choose another name")
+    if package in sys.stdlib_module_names or _importable(package):
+        raise ConfigError(
+            f"{name!r} would be imported as {package!r}, which is already a module here; choose another name"
+        )
     cls = "".join(part.capitalize() for part in re.split(r"[-_]", name)) + "Agent"
     target = directory or Path(name)
     if target.exists() and any(target.iterdir()):
@@ -156,3 +162,12 @@ def new_command(name: str, directory: Path | None) -> None:
         path.write_text(template.format(**values))
     click.echo(f"created {target}/ with agent {values['agent_name']} ({package}.agent:{cls})")
     click.echo(f"next: cd {target} && pip install -e '.[test]' && pytest")
+
+
+def _importable(package: str) -> bool:
+    """True when ``import package`` already finds a module (a bare directory, a namespace, does not count)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None
