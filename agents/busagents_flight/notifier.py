@@ -66,6 +66,7 @@ class OutboxChannel(Channel):
             await self.open()
         assert self._file is not None
         self._file.write(self._encode(notice) + b"\n")
+        self._file.flush()  # in the file before PassengerNotified says so, even if the process is killed next
 
     async def close(self) -> None:
         if self._file is not None:
