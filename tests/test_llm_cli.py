@@ -12,13 +12,14 @@ from busagents.llm import ApprovalGate, ApprovalRequested
 from .llm_agents import LLMReasoner, Rebook
 
 
-async def cli(*args: str) -> str:
+async def cli(*args: str, returncode: int = 0) -> str:
+    """Run ``busagents llm ARGS``; its stdout (its stderr when a failure is expected)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "busagents", "llm", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    assert proc.returncode == returncode, err.decode()
+    return out.decode() if returncode == 0 else err.decode()
 
 
 def context(bus: Bus) -> Context:
@@ -37,6 +38,12 @@ async def test_a_held_decision_is_approved_from_the_command_line(bus: Bus, nats_
     answer = await asyncio.wait_for(held, 10)
     assert answer is not None and answer.approved and (answer.by, answer.note) == ("ops-lead", "ok")
     assert said.strip() == f"approved {request.request_id} as ops-lead"
+    # the gate took its answer and stopped waiting: a second answer, or a typo, reaches nobody
+    again = await cli("reject", request.request_id, "--note", "late", "--nats", nats_server.url, returncode=1)
+    assert f"no agent is waiting for approval {request.request_id}" in again
+    typo = await cli("approve", "no-such-request", "--nats", nats_server.url, returncode=1)
+    assert "no agent is waiting for approval no-such-request: unknown, expired or already answered" in typo
+    assert "Traceback" not in typo
 
 
 async def test_watch_shows_the_request_and_reject_refuses_it(bus: Bus, nats_server: NatsServer) -> None:

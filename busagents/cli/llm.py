@@ -13,10 +13,14 @@ import json
 
 import click
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from ..bus import Bus
-from ..codec import codec_for
-from ..errors import DecodeError
+from ..codec import codec_for, encode
+from ..contract import contract_info, subject_for
+from ..envelope import Envelope
+from ..errors import ConfigError, DecodeError
 from ..llm.contracts import ApprovalDecided, ApprovalRequested, ReviewRequested
 from ._nats import nats_url
 
@@ -82,8 +86,18 @@ def watch_command(nats: str | None, count: int | None) -> None:
 def _answer(nats: str | None, request_id: str, approved: bool, by: str, note: str) -> None:
     async def send(url: str) -> None:
         bus = await Bus.connect(url, name="busagents-llm-approval")
-        try:
-            await bus.publish(ApprovalDecided(request_id=request_id, approved=approved, by=by, note=note))
+        answer = ApprovalDecided(request_id=request_id, approved=approved, by=by, note=note)
+        info = contract_info(ApprovalDecided)
+        envelope = Envelope.new(info.name, info.version, sender="busagents-llm-cli")
+        try:  # a request: the agent holding the decision confirms it got the answer
+            await bus.nc.request(subject_for(info, answer), encode(answer), timeout=10, headers=envelope.to_headers())
+        except NoRespondersError:
+            raise ConfigError(
+                f"no agent is waiting for approval {request_id}: unknown, expired or already answered "
+                "(see 'busagents llm watch')"
+            ) from None
+        except NatsTimeoutError:
+            raise ConfigError(f"no agent confirmed approval {request_id} within 10s") from None
         finally:
             await bus.close()
 

@@ -12,6 +12,8 @@ The request is published as :class:`ApprovalRequested` on
 ``busagents.llm.approval.requested.<agent>``; the answer is the first
 :class:`ApprovalDecided` on ``busagents.llm.approval.decided.<request_id>``. The
 agent's handler waits for it, so nothing downstream acts before a human said yes.
+An answer sent as a request (as ``busagents llm approve|reject`` does) gets an empty
+reply once the gate took it; an answer nobody waits for gets no responder.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class ApprovalGate:
                 return
             if answer.request_id == request_id and not answered.done():
                 answered.set_result(answer)
+                if msg.reply:  # `busagents llm approve|reject` waits for this confirmation
+                    with contextlib.suppress(nats.errors.Error):
+                        await ctx.bus.nc.publish(msg.reply, b"")
 
         sub = await ctx.bus.nc.subscribe(subject, cb=on_answer)
         try:

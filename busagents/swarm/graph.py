@@ -137,6 +137,7 @@ class Graph:
                     _add(pub, sub, jetstream_permissions(info, info.durability, consumer=None))
                 if info.name == _APPROVAL_REQUESTED.name:  # ApprovalGate.ask waits for the answer
                     sub.add(_APPROVAL_DECIDED.subscribe_subject)
+                    answers = True  # and confirms it to `busagents llm approve|reject`
             for name in _waits_for(agent):  # Bus.wait_for_agents: their heartbeats
                 sub.add(f"{STATS_PREFIX}.{name}")
             perms: dict[str, Any] = {"publish": sorted(pub), "subscribe": sorted(sub)}
