@@ -27,6 +27,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from .envelope import TRACEPARENT, TRACESTATE, Envelope
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -153,33 +154,50 @@ def configure_from_env(service_name: str) -> Telemetry | None:
 
     Returns None (telemetry off, zero cost) unless ``OTEL_EXPORTER_OTLP_ENDPOINT``,
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER=otlp`` is set, or
-    ``BUSAGENTS_TELEMETRY=1``; ``OTEL_SDK_DISABLED=true`` turns it off.
+    ``BUSAGENTS_TELEMETRY=1``; ``OTEL_TRACES_EXPORTER=console`` prints spans on stdout
+    instead; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turns it off.
+    OTLP goes over HTTP (``http/protobuf``): another protocol is a :class:`ConfigError`.
     """
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
         return None
     wanted = (
         env.get("BUSAGENTS_TELEMETRY", "") in {"1", "true", "yes"}
         or "OTEL_EXPORTER_OTLP_ENDPOINT" in env
         or "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in env
-        or env.get("OTEL_TRACES_EXPORTER", "") == "otlp"
+        or exporter in {"otlp", "console"}
     )
     if not wanted:
         return None
+    if exporter not in {"", "otlp", "console"}:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: busagents exports 'otlp' (over HTTP) or 'console'")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if exporter != "console" and protocol.strip() not in {"", "http/protobuf"}:
+        raise ConfigError(
+            f"OTLP protocol {protocol!r}: busagents exports OTLP over HTTP (http/protobuf); point "
+            "OTEL_EXPORTER_OTLP_ENDPOINT at the collector's HTTP port (usually 4318) and unset the protocol"
+        )
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
     resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME", service_name)})
     tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    meter_provider = MeterProvider(
-        resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
-    )
+    if exporter == "console":  # spans as JSON on stdout: a look without a backend
+        span_exporter: SpanExporter = ConsoleSpanExporter()
+        readers = []
+    else:
+        span_exporter = OTLPSpanExporter()
+        readers = [PeriodicExportingMetricReader(OTLPMetricExporter())]
+    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     return Telemetry(tracer_provider, meter_provider)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -186,3 +187,33 @@ async def test_busagents_run_exports_spans_over_otlp(nats_server: NatsServer, bu
     traces = b"".join(body for path, body in _Collector.received if path == "/v1/traces")
     assert b"process test.drain.job" in traces  # span names travel as plain strings in the protobuf
     assert b"slow-under-test" in traces  # the service name from OTEL_SERVICE_NAME
+
+
+def test_console_exporter_prints_spans_and_other_otlp_protocols_are_clear_errors(nats_server: NatsServer) -> None:
+    probe = (
+        "from busagents.telemetry import configure_from_env, shutdown\n"
+        "t = configure_from_env('probe')\n"
+        "with t.span('probe span'):\n"
+        "    pass\n"
+        "shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    console = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "OTEL_TRACES_EXPORTER": "console"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert console.returncode == 0, console.stderr
+    assert '"name": "probe span"' in console.stdout and '"service.name": "probe"' in console.stdout
+    grpc = subprocess.run(
+        [sys.executable, "-m", "busagents", "run", "busagents.agent:Agent", "--nats", nats_server.url],
+        env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert grpc.returncode == 1
+    assert "OTLP protocol 'grpc': busagents exports OTLP over HTTP" in grpc.stderr
+    assert "Traceback" not in grpc.stderr
