@@ -104,6 +104,11 @@ def test_swarm_file_errors_name_the_field(tmp_path: Path) -> None:
     bad.write_text("[agents\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_swarm(bad)
+    bad.write_text("[agents.rebookr]\n")
+    from busagents.cli.swarm import _graph
+
+    with pytest.raises(ConfigError, match=r"swarm\.toml: agents\.rebookr: no agent plugin named 'rebookr'"):
+        _graph(bad)
 
 
 async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(

@@ -24,7 +24,13 @@ def swarm_group() -> None:
 
 def _graph(path: Path) -> Graph:
     config = load_swarm(path)
-    return Graph([load_agent(target) for target in config.targets().values()])
+    agents = []
+    for key, target in config.targets().items():
+        try:
+            agents.append(load_agent(target))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: agents.{key}: {exc}") from None
+    return Graph(agents)
 
 
 @swarm_group.command("up")
