@@ -36,9 +36,13 @@ def list_command(nats: str | None, agent: str | None, limit: int) -> None:
     if not letters:
         click.echo("no dead letters")
         return
+    widths = [max(len(getattr(d, column)) for d in letters) for column in ("agent", "stage", "subject")]
     for d in letters:
         when = d.time.strftime("%Y-%m-%d %H:%M:%S") if d.time else "-"
-        click.echo(f"{d.seq:>6}  {when}  {d.agent:<16} {d.stage:<15} {d.subject:<32} {_short(d.reason, 80)}")
+        cells = "  ".join(
+            f"{value:<{width}}" for value, width in zip((d.agent, d.stage, d.subject), widths, strict=True)
+        )
+        click.echo(f"{d.seq:>6}  {when}  {cells}  {_short(d.reason, 80)}")
 
 
 @dlq_group.command("show")
