@@ -42,6 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 from busagents import Agent, Bus, NatsServer, Worker
+from busagents._proc import die_with_parent
 from busagents.envelope import SENT_AT
 
 from .context import ContextAgent
@@ -434,6 +435,7 @@ class _AgentProcesses:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent(),  # gone with the demo, even if it is killed
                 )
             self.children.append((name, child, log))
         return self
