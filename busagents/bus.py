@@ -147,6 +147,7 @@ class Bus:
         self._durability: dict[Durability, Durability] = {}
         self._reconnected: list[Callable[[], Awaitable[None]]] = []
         self._states: dict[tuple[str, Any], State[Any]] = {}
+        self._streams: set[str] = set()  # durable contracts whose stream this bus made sure of
 
     @classmethod
     async def connect(
@@ -287,6 +288,13 @@ class Bus:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
         ensured = False
+        if info.name not in self._streams:
+            # Before the first publish: with no stream, a core subscriber on the subject (an agent that
+            # consumes it on core NATS, a test's expect) gets the message and nobody answers the publish.
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.ensure_stream(info)
+                self._streams.add(info.name)
+                ensured = True
         delay = 0.05
         while True:
             try:

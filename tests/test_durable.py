@@ -112,6 +112,21 @@ async def test_a_publish_repeated_with_the_same_message_id_is_stored_once(bus: B
     assert after - before == 1
 
 
+async def test_the_first_durable_publish_makes_its_stream_even_with_a_core_subscriber_listening(bus: Bus) -> None:
+    # the subject has a listener but no stream yet: nobody answers a JetStream publish, so the
+    # stream must exist before the first one (not only after a "no responders")
+    listener = await bus.nc.subscribe("test.durable.task.>")
+    await bus.flush()
+    started = asyncio.get_running_loop().time()
+    await bus.publish(Task(task_id="first"))
+    took = asyncio.get_running_loop().time() - started
+    stored = (await bus.js.stream_info("BA_Task")).state.messages
+    heard = await listener.next_msg(timeout=5)
+    await listener.unsubscribe()
+    assert stored == 1 and b'"first"' in heard.data
+    assert took < 2.0, f"the publish waited {took:.1f}s: it timed out before the stream was made"
+
+
 def test_output_ids_are_derived_from_the_input_so_a_redelivery_republishes_the_same_ids() -> None:
     assert derived_id("m1", "doer", 0) == derived_id("m1", "doer", 0)
     assert len({derived_id("m1", "doer", 0), derived_id("m1", "doer", 1), derived_id("m1", "other", 0)}) == 3
