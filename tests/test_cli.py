@@ -69,42 +69,16 @@ def test_bad_option_is_a_usage_error() -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_group(
-    nats_server: NatsServer, bus: Bus
-) -> None:
-    env = child_env()
+async def run_two_replicas(bus: Bus, url: str, *options: str) -> tuple[int, str, set[str]]:
+    """``busagents [OPTIONS] run drain_agent:Slow --replicas 2`` until both serve, then SIGTERM.
+
+    Returns its exit code, its stderr and the instances seen in the replicas' heartbeats.
+    """
     stats = await bus.nc.subscribe("busagents.stats.slow")
     await bus.flush()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "busagents", "run", "drain_agent:Slow", "--replicas", "2", "--nats", nats_server.url),
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    instances: set[str] = set()
-    try:
-        while len(instances) < 2:
-            beat = await stats.next_msg(timeout=20)
-            instances.add(msgspec.json.decode(beat.data)["instance"])
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await stats.unsubscribe()
-    assert len(instances) == 2  # two processes, each with its own pid
-    assert proc.returncode == 0, err.decode()
-    assert "started 2 replicas" in err.decode()
-
-
-async def test_run_with_replicas_passes_the_log_level_to_the_replicas(nats_server: NatsServer, bus: Bus) -> None:
-    stats = await bus.nc.subscribe("busagents.stats.slow")
-    await bus.flush()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "busagents", "--log-level", "info", "run", "drain_agent:Slow", "--replicas", "2"),
-        *("--nats", nats_server.url),
+        *("-m", "busagents", *options, "run", "drain_agent:Slow", "--replicas", "2", "--nats", url),
         env=child_env(),
         stderr=asyncio.subprocess.PIPE,
     )
@@ -120,8 +94,22 @@ async def test_run_with_replicas_passes_the_log_level_to_the_replicas(nats_serve
             proc.kill()
             await proc.wait()
         await stats.unsubscribe()
-    text = err.decode()
-    assert proc.returncode == 0, text
+    assert proc.returncode is not None
+    return proc.returncode, err.decode(), instances
+
+
+async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_group(
+    nats_server: NatsServer, bus: Bus
+) -> None:
+    code, err, instances = await run_two_replicas(bus, nats_server.url)
+    assert len(instances) == 2  # two processes, each with its own pid
+    assert code == 0, err
+    assert "started 2 replicas" in err
+
+
+async def test_run_with_replicas_passes_the_log_level_to_the_replicas(nats_server: NatsServer, bus: Bus) -> None:
+    code, text, _ = await run_two_replicas(bus, nats_server.url, "--log-level", "info")
+    assert code == 0, text
     # Only replicas run a worker: each of the two logs its start and its drain at INFO.
     assert text.count("INFO busagents.worker: worker started: slow") == 2, text
     assert text.count("INFO busagents.worker: worker drained") == 2, text
