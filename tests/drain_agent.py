@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from pathlib import Path
 
 import msgspec
 
-from busagents import Agent, Context, event, on
+from busagents import Agent, Bus, Context, event, on
 
 
 @event("test.drain.job")
@@ -44,3 +46,29 @@ def child_env() -> dict[str, str]:
         "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2",
     }
+
+
+async def run_until_serving(bus: Bus, *args: str, replicas: int, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``python -m busagents ARGS`` until ``replicas`` processes of ``slow`` heartbeat, then SIGTERM.
+
+    Returns its exit code and its stderr (it must exit within 30 s of the signal).
+    """
+    stats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "busagents", *args, env=env or child_env(), stderr=asyncio.subprocess.PIPE
+    )
+    instances: set[str] = set()
+    try:
+        while len(instances) < replicas:
+            beat = await stats.next_msg(timeout=20)
+            instances.add(msgspec.json.decode(beat.data)["instance"])
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()

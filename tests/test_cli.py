@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from busagents import Bus
 from busagents.server import NatsServer
 
-from .drain_agent import child_env
+from .drain_agent import child_env, run_until_serving
+
+
+def nats(server: NatsServer) -> tuple[str, str]:
+    return ("--nats", server.url)
 
 
 def busagents(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -69,46 +70,21 @@ def test_bad_option_is_a_usage_error() -> None:
     assert "Traceback" not in result.stderr
 
 
-async def run_two_replicas(bus: Bus, url: str, *options: str) -> tuple[int, str, set[str]]:
-    """``busagents [OPTIONS] run drain_agent:Slow --replicas 2`` until both serve, then SIGTERM.
-
-    Returns its exit code, its stderr and the instances seen in the replicas' heartbeats.
-    """
-    stats = await bus.nc.subscribe("busagents.stats.slow")
-    await bus.flush()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "busagents", *options, "run", "drain_agent:Slow", "--replicas", "2", "--nats", url),
-        env=child_env(),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    instances: set[str] = set()
-    try:
-        while len(instances) < 2:
-            beat = await stats.next_msg(timeout=20)
-            instances.add(msgspec.json.decode(beat.data)["instance"])
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await stats.unsubscribe()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode(), instances
-
-
 async def test_run_with_replicas_starts_that_many_processes_that_share_a_queue_group(
     nats_server: NatsServer, bus: Bus
 ) -> None:
-    code, err, instances = await run_two_replicas(bus, nats_server.url)
-    assert len(instances) == 2  # two processes, each with its own pid
+    # two heartbeating instances (each is agent@host:pid): two processes
+    code, err = await run_until_serving(
+        bus, "run", "drain_agent:Slow", "--replicas", "2", *nats(nats_server), replicas=2
+    )
     assert code == 0, err
     assert "started 2 replicas" in err
 
 
 async def test_run_with_replicas_passes_the_log_level_to_the_replicas(nats_server: NatsServer, bus: Bus) -> None:
-    code, text, _ = await run_two_replicas(bus, nats_server.url, "--log-level", "info")
+    code, text = await run_until_serving(
+        bus, "--log-level", "info", "run", "drain_agent:Slow", "--replicas", "2", *nats(nats_server), replicas=2
+    )
     assert code == 0, text
     # Only replicas run a worker: each of the two logs its start and its drain at INFO.
     assert text.count("INFO busagents.worker: worker started: slow") == 2, text
@@ -132,26 +108,11 @@ async def test_log_level_comes_from_the_flag_else_busagents_log_level_else_warni
     env.pop("BUSAGENTS_LOG_LEVEL", None)
     if env_level is not None:
         env["BUSAGENTS_LOG_LEVEL"] = env_level
-    stats = await bus.nc.subscribe("busagents.stats.slow")
-    await bus.flush()
     level = ["--log-level", flag] if flag else []
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "busagents", *level, "run", "drain_agent:Slow", "--nats", nats_server.url),
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
+    code, text = await run_until_serving(
+        bus, *level, "run", "drain_agent:Slow", *nats(nats_server), replicas=1, env=env
     )
-    try:
-        await stats.next_msg(timeout=20)  # started
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await stats.unsubscribe()
-    text = err.decode()
-    assert proc.returncode == 0, text
+    assert code == 0, text
     assert ("INFO busagents.worker: worker started: slow" in text) is info, text
     assert ("DEBUG asyncio: Using selector" in text) is debug, text
 

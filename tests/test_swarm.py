@@ -15,7 +15,7 @@ from busagents import Agent, Bus, ConfigError, Context, command, event, on, quer
 from busagents.server import NatsServer
 from busagents.swarm import Graph, load_swarm
 
-from .drain_agent import child_env
+from .drain_agent import child_env, run_until_serving
 
 
 @event("test.graph.seen", key="item")
@@ -162,28 +162,9 @@ async def test_swarm_up_passes_its_log_level_to_replicas_unless_an_agent_env_ove
         '[agents.loud]\nagent = "drain_agent:Slow"\n'
         '[agents.quiet]\nagent = "drain_agent:Slow"\nenv = { BUSAGENTS_LOG_LEVEL = "WARNING" }\n'
     )
-    stats = await bus.nc.subscribe("busagents.stats.slow")
-    await bus.flush()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "busagents", "--log-level", "INFO", "swarm", "up", str(swarm), "--nats", nats_server.url),
-        env=child_env(),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    instances: set[str] = set()
-    try:
-        while len(instances) < 2:  # both replicas started
-            beat = await stats.next_msg(timeout=20)
-            instances.add(msgspec.json.decode(beat.data)["instance"])
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await stats.unsubscribe()
-    text = err.decode()
-    assert proc.returncode == 0, text
+    args = ("--log-level", "INFO", "swarm", "up", str(swarm), "--nats", nats_server.url)
+    code, text = await run_until_serving(bus, *args, replicas=2)  # both agents' replicas started
+    assert code == 0, text
     assert text.count("INFO busagents.worker: worker started: slow") == 1, text  # loud's, not quiet's
     assert text.count("INFO busagents.worker: worker drained") == 1, text
 
