@@ -85,6 +85,21 @@ def test_asyncapi_document_describes_channels_messages_and_operations() -> None:
     assert doc["components"]["messages"]["Price"]["payload"] == {"$ref": "#/components/schemas/Price"}
 
 
+def test_two_contracts_on_one_subject_are_an_error() -> None:
+    @event("test.graph.seen", key="item")
+    class SeenToo(msgspec.Struct):
+        item: str
+
+    class Echo(Agent):
+        produces = (SeenToo,)
+
+    problems = Graph([Watcher, Echo]).check()
+    assert any(
+        p.severity == "error" and "share the subject test.graph.seen" in p.message and "SeenToo" in p.message
+        for p in problems
+    ), problems
+
+
 def test_permissions_are_least_privilege() -> None:
     perms = Graph([Watcher, Actor, Pricer]).permissions()
     assert perms["actor"]["subscribe"] == ["_INBOX.actor.>", "test.graph.act"]  # inbox: the DLQ stream set-up

@@ -86,6 +86,12 @@ class Graph:
                 problems.append(
                     GraphProblem("error", f"command {info.name} is sent by {producers} but nobody handles it")
                 )
+        by_subject: dict[str, list[str]] = {}
+        for info in self.contracts:
+            by_subject.setdefault(info.subject, []).append(info.name)
+        for subject, names in sorted(by_subject.items()):
+            if len(names) > 1:  # each consumer would get the others' messages and dead-letter them
+                problems.append(GraphProblem("error", f"contracts {sorted(names)} share the subject {subject}"))
         return problems
 
     def mermaid(self) -> str:
