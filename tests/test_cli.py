@@ -150,3 +150,23 @@ def test_new_scaffolds_a_plugin_whose_test_passes(tmp_path: Path) -> None:
         clash = busagents("new", taken, "--dir", str(tmp_path / taken))
         assert clash.returncode == 1, taken
         assert f"would be imported as {taken!r}, which is already a module here" in clash.stderr
+
+
+def test_agents_list_says_when_a_plugin_runs_under_another_agent_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    from click.testing import CliRunner
+
+    from busagents import plugins
+    from busagents.cli import agents, cli
+
+    found = {
+        "seatkeeper": EntryPoint("seatkeeper", "tests.drain_agent:Slow", plugins.AGENTS_GROUP),  # Slow.name == "slow"
+        "slow": EntryPoint("slow", "tests.drain_agent:Slow", plugins.AGENTS_GROUP),
+    }
+    monkeypatch.setattr(plugins, "available_agents", lambda: found)  # real entry points, not installed ones
+    monkeypatch.setattr(agents, "available_agents", lambda: found)
+    result = CliRunner().invoke(cli, ["agents", "list"])
+    assert result.exit_code == 0, result.output
+    assert "runs as agent 'slow' (set name = 'seatkeeper' on Slow to match)" in result.output
+    assert result.output.count("runs as agent") == 1  # not for the plugin whose name matches

@@ -45,6 +45,8 @@ def list_agents() -> None:
         produces = ", ".join(contract_info(c).name for c in cls.produces) or "-"
         click.echo(f"{name:<20} consumes: {consumes}")
         click.echo(f"{'':<20} produces: {produces}")
+        if cls.name != name:  # queue group, dead letters, stats and permissions go by the agent's name
+            click.echo(f"{'':<20} runs as agent {cls.name!r} (set name = {name!r} on {cls.__name__} to match)")
 
 
 @click.command("run")
