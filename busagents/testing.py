@@ -31,7 +31,7 @@ from .bus import Bus
 from .server import NatsServer
 from .worker import Worker
 
-__all__ = ["bus", "nats_server", "run_agents"]
+__all__ = ["bus", "delete_streams", "nats_server", "run_agents"]
 
 
 @pytest.fixture(scope="session")
@@ -55,11 +55,12 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     try:
         yield connected
     finally:
-        await _delete_streams(connected)
+        await delete_streams(connected)
         await connected.close()
 
 
-async def _delete_streams(bus: Bus) -> None:
+async def delete_streams(bus: Bus) -> None:
+    """Delete every JetStream stream (and so its consumers) on the bus's server: a clean slate between tests."""
     try:
         for name in await bus.js.streams_info():
             await bus.js.delete_stream(name.config.name or "")

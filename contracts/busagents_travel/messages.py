@@ -67,7 +67,7 @@ class FlightStatusUpdated(msgspec.Struct, kw_only=True):
     reason: str = ""
 
 
-@event("travel.flight.delayed", key="flight_id")
+@event("travel.flight.delayed", key="flight_id", durable=True)
 class FlightDelayed(msgspec.Struct, kw_only=True):
     """A delay that matters: beyond the rebooking threshold, or breaking onward connections."""
 
@@ -84,7 +84,7 @@ class FlightDelayed(msgspec.Struct, kw_only=True):
     observed_at: int = 0
 
 
-@event("travel.flight.cancelled", key="flight_id")
+@event("travel.flight.cancelled", key="flight_id", durable=True)
 class FlightCancelled(msgspec.Struct, kw_only=True):
     """A cancelled flight: every passenger on it is affected (or only ``bookings``, when given)."""
 
@@ -199,7 +199,7 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
     reasoner: str = ""
 
 
-@event("travel.booking.changed", key="booking_id")
+@event("travel.booking.changed", key="booking_id", durable=True)
 class BookingChanged(msgspec.Struct, kw_only=True):
     """A decision was applied to the booking store (``keep`` included: nothing moved)."""
 
@@ -217,7 +217,7 @@ class BookingChanged(msgspec.Struct, kw_only=True):
     version: int = 0
 
 
-@event("travel.booking.rejected", key="booking_id")
+@event("travel.booking.rejected", key="booking_id", durable=True)
 class RebookRejected(msgspec.Struct, kw_only=True):
     """A decision could not be applied (a seat was taken meanwhile, or the booking moved on)."""
 
