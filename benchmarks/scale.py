@@ -84,8 +84,9 @@ async def _one(
             except psutil.Error:
                 tree = []
             for proc in tree:
-                key = (_role(proc, child.pid), proc.pid)
-                peaks[key] = max(peaks[key], _peak_kib(proc))
+                role, kib = _role(proc, child.pid), _peak_kib(proc)
+                if role != "?" and kib > 0:  # not a process that ended while it was being read
+                    peaks[(role, proc.pid)] = max(peaks[(role, proc.pid)], kib)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.proc.wait(), 0.25)
         wall = time.perf_counter() - started
