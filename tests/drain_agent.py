@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import signal
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -72,3 +75,27 @@ async def run_until_serving(bus: Bus, *args: str, replicas: int, env: dict[str, 
         await stats.unsubscribe()
     assert proc.returncode is not None
     return proc.returncode, err.decode()
+
+
+def exited(pids: list[int], timeout: float = 20.0) -> list[int]:
+    """Wait until every pid has ended or ``timeout`` passed; return the pids still running.
+
+    Event-driven on Linux: a pidfd becomes readable the moment its process ends (zombie or
+    not), so this blocks in ``select`` instead of polling. These are not our children (their
+    parent was killed), so ``waitpid`` cannot wait for them.
+    """
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                fds[os.pidfd_open(pid)] = pid
+        deadline = time.monotonic() + timeout
+        while fds and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)

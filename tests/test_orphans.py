@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import msgspec
@@ -17,7 +16,7 @@ import pytest
 from busagents import Bus
 from busagents.server import NatsServer
 
-from .drain_agent import child_env
+from .drain_agent import child_env, exited
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 
@@ -29,14 +28,6 @@ def running(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
     return bool(status != psutil.STATUS_ZOMBIE)
-
-
-def exited(pids: list[int], timeout: float = 20.0) -> list[int]:
-    """Poll until every pid has exited or ``timeout`` passes; return the ones still running."""
-    deadline = time.monotonic() + timeout
-    while (alive := [p for p in pids if running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
 
 
 def left_then_swept(store: Path) -> tuple[bool, bool]:
