@@ -105,6 +105,9 @@ class Agent:
     max_concurrency: ClassVar[int] = 8
     #: JetStream key-value buckets this agent keeps state in (``ctx.state(bucket, Type)``).
     state_buckets: ClassVar[tuple[str, ...]] = ()
+    #: True for an agent that must run as exactly one instance (it keeps state no replica could
+    #: share): ``swarm check`` warns when a swarm gives it replicas and ``swarm up`` refuses.
+    singleton: ClassVar[bool] = False
 
     handlers: ClassVar[dict[type[Any], Handler]] = {}
 
@@ -182,6 +185,7 @@ class Agent:
                 {"contract": contract_info(c).name, "kind": contract_info(c).kind.value} for c in cls.produces
             ],
             "state": list(cls.state_buckets),
+            "singleton": cls.singleton,
         }
 
     # Lifecycle hooks: override as needed.
