@@ -48,14 +48,19 @@ class Handler:
     attr: str
     subject: str | None = None  # narrower subject (e.g. one key), default: every key
     durability: Durability | None = None  # JetStream delivery; None: core NATS
+    view: bool = False  # every replica reads the whole stream, replayed from its start
 
     @property
     def durable(self) -> bool:
-        return self.durability is not None
+        return self.durability is not None and not self.view
 
 
 def on(
-    contract: type[Any], *, subject: str | None = None, durable: bool | Durability | None = None
+    contract: type[Any],
+    *,
+    subject: str | None = None,
+    durable: bool | Durability | None = None,
+    view: bool = False,
 ) -> Callable[[F], F]:
     """Declare the decorated method as the handler of ``contract``.
 
@@ -66,10 +71,22 @@ def on(
     :class:`Durability`) consumes it from a JetStream stream with a durable consumer
     shared by the agent's replicas, ``False`` on core NATS. Default: as the contract says.
     The handler code is the same either way.
+
+    ``view=True`` is for agents that keep a materialised view (see :mod:`busagents.view`):
+    *every* replica reads *every* message of the contract's stream, replayed from the
+    stream's start when the replica starts, in order; the agent's query handlers serve
+    only once these replays caught up. The contract must be durable (it has a stream).
     """
     info = contract_info(contract)
     if durable and info.kind in (Kind.QUERY, Kind.REPLY):
         raise ContractError(f"@on({info.name}, durable=...): queries are request/reply and cannot be durable")
+    if view and info.durability is None:
+        raise ContractError(
+            f"@on({info.name}, view=True): a view replays the contract's stream, but {info.name} is not durable; "
+            "declare it durable=True (or a Durability) so that a stream keeps it"
+        )
+    if view and durable is not None:
+        raise ContractError(f"@on({info.name}, view=True): a view reads the contract's own stream; drop durable=")
     if durable is None:
         durability = info.durability
     elif isinstance(durable, Durability):
@@ -88,7 +105,7 @@ def on(
             raise ContractError(
                 f"{where}: its message is annotated {declared.__name__}, but it handles {contract.__name__}"
             )
-        func.__busagents_on__ = (info, subject, durability)  # type: ignore[attr-defined]
+        func.__busagents_on__ = (info, subject, durability, view)  # type: ignore[attr-defined]
         return func
 
     return mark
@@ -137,14 +154,14 @@ class Agent:
                 mark = getattr(value, "__busagents_on__", None)
                 if mark is None:
                     continue
-                info, subject, durability = mark
+                info, subject, durability, view = mark
                 previous = handlers.get(info.cls)
                 if previous is not None and previous.attr != attr and base is cls and previous.attr in vars(cls):
                     raise ContractError(
                         f"{cls.__qualname__}: {info.name} is handled twice ({previous.attr} and {attr})"
                     )
                 handlers[info.cls] = Handler(
-                    contract=info, func=value, attr=attr, subject=subject, durability=durability
+                    contract=info, func=value, attr=attr, subject=subject, durability=durability, view=view
                 )
         cls.handlers = handlers
         for produced in cls.produces:
@@ -178,6 +195,7 @@ class Agent:
                     "kind": h.contract.kind.value,
                     "subject": h.subject,
                     "durable": h.durable,
+                    "view": h.view,
                 }
                 for h in cls.handlers.values()
             ],

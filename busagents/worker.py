@@ -54,6 +54,7 @@ from .durable import (
 )
 from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
 from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
+from .view import ViewConsumer
 
 __all__ = [
     "DLQ_AGENT",
@@ -124,6 +125,9 @@ class Worker:
         self.stats = {a.name: AgentStats(a.name) for a in agents}
         self._mailboxes: list[Mailbox] = []
         self._consumers: list[DurableConsumer] = []
+        self._views: list[ViewConsumer] = []
+        #: Seconds the views of each agent took to replay their streams before its queries were served.
+        self.view_ready_seconds: dict[str, float] = {}
         self._unlisten: list[Callable[[], None]] = []
         self._dlq_stream = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,21 +145,60 @@ class Worker:
             await agent.on_start(self._root_context(agent))
         await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
         for agent in self.agents:
-            for handler in type(agent).handlers.values():
+            handlers = type(agent).handlers.values()
+            views = [h for h in handlers if h.view]
+            for handler in handlers:
+                if handler.view or (views and handler.contract.kind is Kind.QUERY):
+                    continue  # queries wait for the views below
                 if handler.durable:
                     await self._start_durable(agent, handler)
                     continue
-                subject = handler.subject or handler.contract.subscribe_subject
-                handle = self._traced(agent, handler, self._handler(agent, handler))
-                self._mailboxes.append(
-                    await self.bus.mailbox(subject, handle, queue=agent.name, lanes=agent.max_concurrency)
-                )
+                await self._subscribe(agent, handler)
+            if views:
+                await self._start_views(agent, views)
+                for handler in handlers:
+                    if handler.contract.kind is Kind.QUERY:
+                        await self._subscribe(agent, handler)
             if type(agent).run is not Agent.run:
                 self._tasks.append(asyncio.create_task(self._run_loop(agent), name=f"run:{agent.name}"))
         if self.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         await self.bus.flush()
         log.info("worker started: %s", ", ".join(a.name for a in self.agents))
+
+    async def _subscribe(self, agent: Agent, handler: Handler) -> None:
+        subject = handler.subject or handler.contract.subscribe_subject
+        handle = self._traced(agent, handler, self._handler(agent, handler))
+        self._mailboxes.append(await self.bus.mailbox(subject, handle, queue=agent.name, lanes=agent.max_concurrency))
+
+    async def _start_views(self, agent: Agent, views: list[Handler]) -> None:
+        """Replay every view's stream, then return: the agent's queries are subscribed only after this."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        consumers = []
+        for handler in views:
+            info = handler.contract
+            d = self.bus.durability(info, handler.durability)
+            stream = await self.bus.ensure_stream(info, handler.durability)
+            if d.ordered_partitions:  # stored as <subject>.<partition>.<key>
+                narrow = handler.subject[len(info.subject) + 1 :] if handler.subject else "*"
+                filter_subject = f"{info.subject}.*.{narrow}"
+            else:
+                filter_subject = handler.subject or info.subscribe_subject
+            handle = self._traced(agent, handler, self._handler(agent, handler))
+            consumer = ViewConsumer(self.bus.js, stream, filter_subject, handle, label=f"{agent.name}:{info.name}")
+            await consumer.start()
+            self._views.append(consumer)
+            consumers.append(consumer)
+        for consumer in consumers:
+            await consumer.ready()
+        self.view_ready_seconds[agent.name] = loop.time() - started
+        log.info(
+            "%s: views replayed in %.2fs (%s); serving queries",
+            agent.name,
+            self.view_ready_seconds[agent.name],
+            ", ".join(f"{c.label} {c.handled}" for c in consumers),
+        )
 
     async def drain(self) -> bool:
         """Stop taking new work, finish what is in flight, then stop the agents.
@@ -169,6 +212,8 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for unlisten in self._unlisten:
             unlisten()
+        for view in self._views:
+            await view.stop()
         results = await asyncio.gather(
             *(m.drain(self.drain_timeout) for m in self._mailboxes),
             *(c.drain(self.drain_timeout) for c in self._consumers),
@@ -433,7 +478,8 @@ class Worker:
         bus = self.bus
         logger = logging.getLogger(f"busagents.agent.{agent.name}")
         stats = self.stats[agent.name]
-        dead_letter = self._dead_letter
+        # only a query's requester waits for an answer; any other reply subject is not ours to write to
+        dead_letter = functools.partial(self._dead_letter, answer=reply_cls is not None)
         emit = self._emit
 
         async def handle(msg: Msg) -> None:
@@ -487,7 +533,7 @@ class Worker:
             await ctx.publish(message)
         return len(messages)
 
-    async def _dead_letter(self, agent: Agent, msg: Msg, stage: str, reason: str) -> None:
+    async def _dead_letter(self, agent: Agent, msg: Msg, stage: str, reason: str, *, answer: bool = False) -> None:
         self.stats[agent.name].dead_lettered += 1
         reason = " ".join(reason.split())[:2000]  # one header line
         headers = dict(msg.headers or {})
@@ -502,7 +548,7 @@ class Worker:
         log.warning("dead letter from %s (%s): %s", agent.name, stage, reason)
         try:
             await self.bus.nc.publish(dead_letter_subject(agent.name), msg.data, headers=headers)
-            if msg.reply:
+            if answer and msg.reply:
                 await self.bus.nc.publish(msg.reply, b"", headers={ERROR_HEADER: reason})
         except nats.errors.Error:
             log.exception("could not publish the dead letter of %s; reason was: %s", agent.name, reason)

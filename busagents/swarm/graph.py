@@ -17,10 +17,11 @@ import msgspec
 
 from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
-from ..durable import dlq_permissions, jetstream_permissions
+from ..durable import dlq_permissions, jetstream_permissions, stream_name
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
 from ..llm.contracts import ApprovalDecided, ApprovalRequested
 from ..state import state_permissions
+from ..view import view_permissions
 from ..worker import STATS_PREFIX
 
 __all__ = ["Graph", "GraphProblem", "inbox_prefix"]
@@ -129,7 +130,10 @@ class Graph:
             answers = False
             for handler in agent.handlers.values():
                 info = handler.contract
-                if handler.durability is not None:  # a pull consumer, no core subscription
+                if handler.view and handler.durability is not None:  # an ordered consumer per replica
+                    pub |= view_permissions(stream_name(info, handler.durability))
+                    _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=None))
+                elif handler.durability is not None:  # a pull consumer, no core subscription
                     _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=agent.name))
                 else:
                     sub.add(handler.subject or info.subscribe_subject)

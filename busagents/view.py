@@ -1,0 +1,144 @@
+"""Views: every replica of an agent reads every message of a stream, from its start, in order.
+
+``@on(C, view=True)`` is for an agent that keeps a materialised view (the state of the
+world as a stream of events made it) and answers queries from it. A queue group would
+split the events between replicas, so each would know only part of the world; a view
+subscription instead gives each replica its own JetStream *ordered consumer* over the
+contract's stream, starting at the first message kept. A replica that starts late (a
+restart, a new replica) therefore rebuilds the same view as the others by replaying the
+stream, and then follows it live.
+
+Until every view subscription of an agent has caught up with what its stream held when
+the replica started, the worker does not subscribe the agent's query handlers: a
+replica that would answer from a half-built view is not in the queue group, so queries
+go to replicas that are ready (and fail fast with "no responders" when none is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+__all__ = ["ViewConsumer", "view_permissions"]
+
+log = logging.getLogger("busagents.view")
+
+
+class ViewConsumer:
+    """One replica's ordered, ack-less replay of a stream, then its live tail.
+
+    ``handle`` is called for each message in stream order, one at a time. :meth:`ready`
+    completes once every message the stream held at :meth:`start` has been handled.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        filter_subject: str,
+        handle: Callable[[Msg], Awaitable[None]],
+        *,
+        label: str = "",
+    ) -> None:
+        self._js = js
+        self.stream = stream
+        self.filter_subject = filter_subject
+        self._handle = handle
+        self.label = label or f"{stream}:{filter_subject}"
+        self._sub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._backlog = 0  # messages the stream held at start: handled before we are ready
+        self.handled = 0
+        self.replay_seconds = 0.0
+
+    async def start(self) -> None:
+        """Create the ordered consumer and start handling; returns before the replay is done."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._sub = await self._js.subscribe(
+            self.filter_subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+            idle_heartbeat=5.0,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        info = await self._sub.consumer_info()
+        self._backlog = int(info.num_pending or 0) + int(info.delivered.consumer_seq or 0)
+        if self._backlog == 0:
+            self._mark_ready(started)
+        self._task = asyncio.create_task(self._loop(started), name=f"view:{self.label}")
+
+    def _mark_ready(self, started: float) -> None:
+        if not self._ready.is_set():
+            self.replay_seconds = asyncio.get_running_loop().time() - started
+            self._ready.set()
+            log.info("view %s ready: %d message(s) replayed in %.2fs", self.label, self.handled, self.replay_seconds)
+
+    async def _loop(self, started: float) -> None:
+        sub = self._sub
+        handle = self._handle
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=None)
+            except nats.errors.TimeoutError:
+                continue
+            try:
+                await handle(msg)
+            except Exception:
+                log.exception("view %s: unhandled error on %s", self.label, msg.subject)
+            self.handled += 1
+            if not self._ready.is_set():
+                pending = None
+                with contextlib.suppress(Exception):
+                    pending = msg.metadata.num_pending
+                if self.handled >= self._backlog or pending == 0:
+                    self._mark_ready(started)
+
+    async def ready(self, timeout: float | None = None) -> None:
+        """Wait until the replay of what the stream held at start is handled."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def stop(self) -> None:
+        """Stop after the message in hand (if any); the ordered consumer is ephemeral and goes with us."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+def view_permissions(stream: str) -> set[str]:
+    """NATS publish permissions of a view subscription on ``stream`` (its messages come to the agent's inbox).
+
+    An ordered consumer is ephemeral: created (again after a gap or a reconnect), asked for its
+    info, and answered on flow control.
+    """
+    return {
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    }

@@ -1,0 +1,146 @@
+"""View subscriptions over a real nats-server: every replica reads every message, replayed from the stream's start."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import msgspec
+import pytest
+
+from busagents import Agent, Bus, Context, ContractError, Worker, event, on, query
+from busagents.errors import QueryFailedError
+from busagents.server import NatsServer
+from busagents.swarm.graph import Graph
+from busagents.testing import run_agents
+
+
+@event("test.view.price", key="item", durable=True)
+class PriceSet(msgspec.Struct):
+    item: str
+    cents: int
+
+
+class Total(msgspec.Struct):
+    items: int
+    cents: int
+    replica: str
+
+
+@query("test.view.total", reply=Total)
+class AskTotal(msgspec.Struct):
+    pass
+
+
+class PriceBook(Agent):
+    """A materialised view of the latest price of every item."""
+
+    name = "price-book"
+
+    def __init__(self, replica: str, gate: asyncio.Event | None = None) -> None:
+        self.replica = replica
+        self.prices: dict[str, int] = {}
+        self.gate = gate
+        self.at_gate = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    @on(PriceSet, view=True)
+    async def price(self, msg: PriceSet, ctx: Context) -> None:
+        if self.gate is not None:
+            self.at_gate.set()
+            await self.gate.wait()
+        self.prices[msg.item] = msg.cents
+        self.changed.set()
+
+    @on(AskTotal)
+    async def total(self, q: AskTotal, ctx: Context) -> Total:
+        return Total(items=len(self.prices), cents=sum(self.prices.values()), replica=self.replica)
+
+
+async def _second_bus(nats_server: NatsServer) -> Bus:
+    return await Bus.connect(nats_server.url, name="view-replica")
+
+
+async def _until(books: tuple[PriceBook, ...], done: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def wait() -> None:
+        while not done():
+            for book in books:
+                book.changed.clear()
+            waits = [asyncio.ensure_future(b.changed.wait()) for b in books]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+async def test_every_replica_of_a_view_sees_every_message(bus: Bus, nats_server: NatsServer) -> None:
+    other = await _second_bus(nats_server)
+    a, b = PriceBook("a"), PriceBook("b")
+    try:
+        async with run_agents(bus, a), run_agents(other, b):
+            for i in range(200):
+                await bus.publish(PriceSet(item=f"i{i % 50}", cents=i))
+            await _until((a, b), lambda: a.prices.get("i49") == 199 and b.prices.get("i49") == 199)
+    finally:
+        await other.close()
+    expected = {f"i{k}": 150 + k for k in range(50)}  # the last price of each item, in stream order
+    assert a.prices == expected
+    assert b.prices == expected
+
+
+async def test_a_late_replica_rebuilds_the_view_from_the_stream(bus: Bus) -> None:
+    for i in range(300):
+        await bus.publish(PriceSet(item=f"i{i % 30}", cents=i))
+    late = PriceBook("late")
+    async with run_agents(bus, late) as worker:
+        # start() returned: the replay of the 300 stored messages is done before queries are served
+        assert len(late.prices) == 30
+        reply = await bus.request(AskTotal())
+    assert reply.items == 30
+    assert reply.cents == sum(270 + k for k in range(30))
+    assert worker.view_ready_seconds["price-book"] >= 0
+
+
+async def test_queries_are_not_served_until_the_view_caught_up(bus: Bus) -> None:
+    for i in range(20):
+        await bus.publish(PriceSet(item=f"i{i}", cents=1))
+    gate = asyncio.Event()
+    book = PriceBook("gated", gate)
+    worker = Worker([book], bus, drain_timeout=5)
+    starting = asyncio.create_task(worker.start())
+    try:
+        await asyncio.wait_for(book.at_gate.wait(), 5.0)  # replaying, held at the gate
+        assert not starting.done()
+        assert not worker._views[0].is_ready
+        with pytest.raises(QueryFailedError, match="no agent answers"):
+            await bus.request(AskTotal(), timeout=1.0)  # not half an answer: no answer at all
+        gate.set()
+        await asyncio.wait_for(starting, 5.0)
+        reply = await bus.request(AskTotal())
+        assert reply.items == 20
+    finally:
+        gate.set()
+        if not starting.done():
+            await starting
+        await worker.drain()
+
+
+def test_a_view_of_a_core_contract_is_a_clear_error() -> None:
+    @event("test.view.core")
+    class Core(msgspec.Struct):
+        x: int
+
+    with pytest.raises(ContractError, match="not durable"):
+
+        class Bad(Agent):
+            @on(Core, view=True)
+            async def seen(self, msg: Core, ctx: Context) -> None: ...
+
+
+def test_view_permissions_allow_an_ordered_consumer_and_no_shared_one() -> None:
+    perms = Graph([PriceBook]).permissions()["price-book"]
+    assert "$JS.API.CONSUMER.CREATE.BA_PriceSet" in perms["publish"]
+    assert not any(p.startswith("$JS.API.CONSUMER.MSG.NEXT.") for p in perms["publish"])
