@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from click.testing import CliRunner, Result
 
 from busagents import Agent, Bus, ConfigError, Context, command, event, on, query
 from busagents.server import NatsServer
@@ -124,6 +125,74 @@ def test_swarm_file_errors_name_the_field(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"swarm\.toml: agents\.rebookr: no agent plugin named 'rebookr'"):
         _graph(bad)
+
+
+class Ledger(Agent):
+    """Keeps a running total in memory: a second instance would keep a second, different total."""
+
+    singleton = True
+
+
+LEDGER = f"{__name__}:Ledger"
+
+
+def swarm_cli(*args: str) -> Result:
+    from busagents.cli import cli
+
+    return CliRunner().invoke(cli, ["swarm", *args])
+
+
+def test_swarm_check_names_a_singleton_agent_given_replicas(tmp_path: Path) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text(f'[agents.ledger]\nagent = "{LEDGER}"\nreplicas = 2\n')
+    result = swarm_cli("check", str(swarm))
+    assert result.exit_code == 1, result.output
+    assert (
+        f"error: ledger ({LEDGER}) declares singleton = True (it must run as one instance) "
+        "but the swarm gives it replicas = 2; set replicas = 1"
+    ) in result.output
+    assert "the swarm has errors" in str(result.exception)
+
+    swarm.write_text(f'[agents.ledger]\nagent = "{LEDGER}"\nreplicas = 1\n')
+    result = swarm_cli("check", str(swarm))
+    assert result.exit_code == 0, result.output
+    assert result.output == "ok (0 warning(s))\n"
+
+
+def test_swarm_up_refuses_a_singleton_agent_given_replicas_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from busagents.cli import swarm as swarm_module
+
+    def must_not_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError("swarm up started NATS or replicas")
+
+    monkeypatch.setattr(swarm_module, "nats_url", must_not_start)
+    monkeypatch.setattr(swarm_module, "Supervisor", must_not_start)
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text(f'[agents.ledger]\nagent = "{LEDGER}"\nreplicas = 2\n[agents.actor]\nagent = "{__name__}:Actor"\n')
+    result = swarm_cli("up", str(swarm))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert str(result.exception) == (
+        f"{swarm}: ledger ({LEDGER}) declares singleton = True (it must run as one instance) "
+        "but the swarm gives it replicas = 2; set replicas = 1"
+    )
+
+
+def test_a_singleton_agent_in_two_swarm_entries_is_an_error_too(tmp_path: Path) -> None:
+    from busagents.cli.swarm import _load
+
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text(f'[agents.a]\nagent = "{LEDGER}"\n[agents.b]\nagent = "{LEDGER}"\n')
+    config, agents = _load(swarm)
+    assert [str(p) for p in config.check(agents)] == [
+        "error: agents ['a', 'b'] all run Ledger, which declares singleton = True (it must run as one instance), "
+        "as 2 instances; keep one of them, with replicas = 1"
+    ]
+    swarm.write_text(f'[agents.a]\nagent = "{LEDGER}"\n[agents.b]\nagent = "{__name__}:Actor"\nreplicas = 3\n')
+    config, agents = _load(swarm)
+    assert config.check(agents) == []
 
 
 async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
+from ..agent import Agent
 from ..errors import ConfigError
 from ..plugins import load_agent
-from ..swarm import Graph, Supervisor, load_swarm
+from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from ._nats import nats_url
 
 swarm_file = click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
@@ -22,15 +23,20 @@ def swarm_group() -> None:
     """Run and inspect a swarm of agents described by a swarm.toml."""
 
 
-def _graph(path: Path) -> Graph:
+def _load(path: Path) -> tuple[SwarmConfig, dict[str, type[Agent]]]:
+    """The swarm file and its agent classes by swarm key."""
     config = load_swarm(path)
-    agents = []
+    agents = {}
     for key, target in config.targets().items():
         try:
-            agents.append(load_agent(target))
+            agents[key] = load_agent(target)
         except ConfigError as exc:
             raise ConfigError(f"{path}: agents.{key}: {exc}") from None
-    return Graph(agents)
+    return config, agents
+
+
+def _graph(path: Path) -> Graph:
+    return Graph(list(_load(path)[1].values()))
 
 
 @swarm_group.command("up")
@@ -39,9 +45,11 @@ def _graph(path: Path) -> Graph:
 @click.pass_context
 def up(ctx: click.Context, path: Path, nats: str | None) -> None:
     """Start every agent as supervised OS processes until SIGTERM/SIGINT."""
-    config = load_swarm(path)
-    graph = _graph(path)
-    for problem in graph.check():
+    config, agents = _load(path)
+    refused = config.check(agents)
+    if refused:  # graph problems only warn: contracts may be fed or answered from outside the swarm
+        raise ConfigError(f"{path}: " + "; ".join(p.message for p in refused))
+    for problem in Graph(list(agents.values())).check():
         click.echo(f"graph {problem}", err=True)
     with nats_url(nats or config.nats_url, embedded=not (nats or config.nats_url)) as url:
         level = ctx.find_root().params.get("log_level")
@@ -63,12 +71,13 @@ async def _up(supervisor: Supervisor) -> int:
 @swarm_file
 @click.option("--external", multiple=True, help="A contract fed from outside the swarm (repeatable).")
 def check(path: Path, external: tuple[str, ...]) -> None:
-    """Check the swarm's graph: consumers without producers, commands nobody handles..."""
-    problems = _graph(path).check(external)
+    """Check the swarm: consumers without producers, commands nobody handles, singletons with replicas..."""
+    config, agents = _load(path)
+    problems = Graph(list(agents.values())).check(external) + config.check(agents)
     for problem in problems:
         click.echo(str(problem))
     if any(p.severity == "error" for p in problems):
-        raise ConfigError(f"{path}: the swarm graph has errors")
+        raise ConfigError(f"{path}: the swarm has errors")
     click.echo(f"ok ({len(problems)} warning(s))")
 
 

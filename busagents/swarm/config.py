@@ -18,11 +18,14 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..agent import Agent
 from ..errors import ConfigError
+from .graph import GraphProblem
 
 __all__ = ["AgentSpec", "SwarmConfig", "load_swarm"]
 
@@ -49,6 +52,35 @@ class SwarmConfig(BaseModel):
     def targets(self) -> dict[str, str]:
         """Swarm key -> what `busagents run` is given."""
         return {key: spec.agent or key for key, spec in self.agents.items()}
+
+    def check(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
+        """Errors in running these ``agents`` (swarm key -> class) as configured; ``swarm up`` refuses each.
+
+        A ``singleton`` agent must run as one instance: one entry with ``replicas = 1``.
+        """
+        targets = self.targets()
+        entries: dict[type[Agent], list[str]] = {}
+        for key, cls in agents.items():
+            if cls.singleton:
+                entries.setdefault(cls, []).append(key)
+        problems = []
+        for cls, keys in entries.items():
+            why = "declares singleton = True (it must run as one instance)"
+            if len(keys) == 1:
+                key = keys[0]
+                replicas = self.agents[key].replicas
+                if replicas > 1:
+                    who = key if targets[key] == key else f"{key} ({targets[key]})"
+                    message = f"{who} {why} but the swarm gives it replicas = {replicas}; set replicas = 1"
+                    problems.append(GraphProblem("error", message))
+            else:
+                total = sum(self.agents[key].replicas for key in keys)
+                message = (
+                    f"agents {keys} all run {cls.__qualname__}, which {why}, as {total} instances; "
+                    "keep one of them, with replicas = 1"
+                )
+                problems.append(GraphProblem("error", message))
+        return problems
 
 
 def load_swarm(path: str | Path) -> SwarmConfig:
