@@ -170,3 +170,20 @@ def test_agents_list_says_when_a_plugin_runs_under_another_agent_name(monkeypatc
     assert result.exit_code == 0, result.output
     assert "runs as agent 'slow' (set name = 'seatkeeper' on Slow to match)" in result.output
     assert result.output.count("runs as agent") == 1  # not for the plugin whose name matches
+
+
+def test_run_refuses_replicas_of_a_singleton_agent() -> None:
+    from click.testing import CliRunner
+
+    from busagents import ConfigError
+    from busagents.cli import cli
+
+    # the refusal comes before NATS: with the check missing, this unreachable URL would be the error
+    args = ["run", "tests.test_swarm:Ledger", "--replicas", "2", "--nats", "nats://127.0.0.1:1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert str(result.exception) == (
+        "tests.test_swarm:Ledger declares singleton = True (it must run as one instance) "
+        "but --replicas 2 was given; run it with --replicas 1"
+    )

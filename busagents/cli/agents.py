@@ -14,6 +14,7 @@ from .._proc import die_with_parent
 from ..agent import Agent
 from ..bus import Bus
 from ..contract import contract_info
+from ..errors import ConfigError
 from ..plugins import available_agents, load_agent
 from ..settings import Settings
 from ..swarm.graph import inbox_prefix
@@ -57,6 +58,11 @@ def list_agents() -> None:
 def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int) -> None:
     """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT."""
     agent_cls = load_agent(name)
+    if agent_cls.singleton and replicas > 1:
+        raise ConfigError(
+            f"{name} declares singleton = True (it must run as one instance) "
+            f"but --replicas {replicas} was given; run it with --replicas 1"
+        )
     settings = Settings()
     with nats_url(nats) as url:
         if replicas == 1:
