@@ -1,4 +1,11 @@
-"""The context agent: keeps the live view of the day and answers the reasoner's queries."""
+"""The context agent: keeps the live view of the day and answers the reasoner's queries.
+
+Replicable: every replica builds the same view. It starts from the day's snapshot and
+replays the status feed's and the booking changes' streams from their start (view
+subscriptions, :mod:`busagents.view`), then follows them live; a replica joins the
+queue group of the queries only once it has caught up, so a fresh replica never
+answers from a half-built view (queries go to the replicas that are ready).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ class ContextAgent(Agent):
     """Materialised view of flights, seats, bookings and policies, fed from events."""
 
     name = "flight-context"
-    max_concurrency = 1  # the view is updated in order; answers are pure reads
+    max_concurrency = 1  # answers are pure reads without an await: more lanes would not add any
 
     def __init__(self, day: AirlineDay | None = None) -> None:
         if day is None:
@@ -34,11 +41,11 @@ class ContextAgent(Agent):
             day = generate(s.flights, s.passengers, s.seed)
         self.view = LiveView(day)
 
-    @on(FlightStatusUpdated)
+    @on(FlightStatusUpdated, view=True)
     async def status(self, update: FlightStatusUpdated, ctx: Context) -> None:
         self.view.apply_status(update)
 
-    @on(BookingChanged)
+    @on(BookingChanged, view=True)
     async def changed(self, change: BookingChanged, ctx: Context) -> None:
         self.view.apply_change(change)
 

@@ -134,27 +134,52 @@ async def publish_feed(
     speed: float = 0.0,
     sender: str = "status-feed",
     on_published: Callable[[FlightStatusUpdated], Awaitable[None] | None] | None = None,
+    ids: str | None = None,
+    window: int = 128,
 ) -> int:
-    """Publish ``updates`` in order; ``speed`` simulated seconds per real second (0: as fast as possible)."""
+    """Publish ``updates`` in order; ``speed`` simulated seconds per real second (0: as fast as possible).
+
+    The feed is stored in a stream: up to ``window`` publishes wait for their acknowledgement
+    at once (in order on the connection). ``ids``: message ids ``<ids>.<index>``, so a feed
+    played again (a restarted feed process) is stored once (JetStream de-duplication).
+    """
     if not updates:
         return 0
     start_sim = updates[0].observed_at
     start_real = time.monotonic()
-    for i, update in enumerate(updates):
-        if speed > 0:
-            due = start_real + (update.observed_at - start_sim) / speed
-            delay = due - time.monotonic()
-            if delay > 0.002:
-                await asyncio.sleep(delay)  # pacing of the simulated clock, not synchronisation
-        await bus.publish(update, sender=sender)
-        if on_published is not None:
-            result = on_published(update)
-            if result is not None:
-                await result
-        if i % 512 == 511:
-            await asyncio.sleep(0)  # let the agents in this process run
+    in_flight: set[asyncio.Task[object]] = set()
+    try:
+        for i, update in enumerate(updates):
+            if speed > 0:
+                due = start_real + (update.observed_at - start_sim) / speed
+                delay = due - time.monotonic()
+                if delay > 0.002:
+                    await asyncio.sleep(delay)  # pacing of the simulated clock, not synchronisation
+            msg_id = f"{ids}.{i}" if ids else None
+            if i == 0 or len(in_flight) >= window:  # the first one alone: it makes sure of the stream
+                await bus.publish(update, sender=sender, msg_id=msg_id)
+                if in_flight:
+                    await _settle(in_flight)
+            else:
+                in_flight.add(asyncio.ensure_future(bus.publish(update, sender=sender, msg_id=msg_id)))
+            if on_published is not None:
+                result = on_published(update)
+                if result is not None:
+                    await result
+            if i % 512 == 511:
+                await asyncio.sleep(0)  # let the agents in this process run
+        await _settle(in_flight)
+    finally:
+        for task in in_flight:
+            task.cancel()
     await bus.flush()
     return len(updates)
+
+
+async def _settle(tasks: set[asyncio.Task[object]]) -> None:
+    """Wait for every publish in ``tasks``; the first failure is raised."""
+    await asyncio.gather(*tasks)
+    tasks.clear()
 
 
 class StatusFeed(Agent):
@@ -184,5 +209,6 @@ class StatusFeed(Agent):
         updates = status_feed(self.day)
         span = updates[-1].observed_at - updates[0].observed_at if updates else 0
         speed = span / self.day_seconds if self.day_seconds > 0 and span > 0 else 0.0
-        self.published = await publish_feed(ctx.bus, updates, speed=speed, sender=self.name)
+        ids = f"feed.{len(self.day.flights)}.{self.day.passenger_count}.{self.day.seed}"
+        self.published = await publish_feed(ctx.bus, updates, speed=speed, sender=self.name, ids=ids)
         ctx.log.info("status feed played: %d updates", self.published)

@@ -7,36 +7,48 @@ updates (``seq`` not newer than the last seen) change nothing, so they never
 create a second disruption; a delay that is later reduced does not either.
 A rebooking that lands on a flight cancelled meanwhile (the decision raced the
 cancellation) is reported as a cancellation for that booking only.
+
+Replicable and restartable: the per-flight state lives in the agent-state bucket
+``flight-monitor`` (JetStream KV), not in the process. The status feed's stream is
+partitioned by flight and each partition has one update in flight across all
+replicas, so one flight's updates are handled one at a time, in feed order, by
+whichever replica pulls them; each reads the flight's state, publishes what the
+update means, then writes the state back with compare-and-set. A disruption's id
+is derived from the update that caused it (``<flight>#<seq>``) and its message id
+from that update's id, so a replica that dies between the publish and the state
+write republishes the same message on redelivery and JetStream drops the copy: no
+disruption is announced twice, none is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
+import msgspec
 from busagents_travel import BookingChanged, FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
 
-from busagents import Agent, Context, on
+from busagents import Agent, Context, StateConflictError, on
 
 from .settings import FlightSettings
 
-__all__ = ["FlightMonitor"]
+__all__ = ["BUCKET", "FlightMonitor", "FlightWatch"]
 
+#: The agent-state bucket of the monitor's per-flight state.
+BUCKET = "flight-monitor"
 #: Below this delay no connection can break, so the monitor does not even ask.
 _CONNECTION_CHECK_MINUTES = 10
 #: A flight already reported as long-delayed is reported again only when the delay grows this much.
 _REPORT_AGAIN_MINUTES = 120
 
 
-@dataclass(slots=True)
-class _FlightState:
-    seq: int = 0
+class FlightWatch(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the monitor knows of one flight (the value of its key in the state bucket)."""
+
+    seq: int = 0  # the newest update applied
     cancelled: FlightStatusUpdated | None = None  # the update that cancelled the flight
     delay_minutes: int = 0
     reported_delay: int = 0  # largest delay reported as a long delay
-    missed: set[str] = field(default_factory=set)  # onward flights already reported as missed
-    disruptions: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    missed: list[str] = []  # onward flights already reported as missed
 
 
 class FlightMonitor(Agent):
@@ -44,61 +56,77 @@ class FlightMonitor(Agent):
 
     name = "flight-monitor"
     produces = (FlightDelayed, FlightCancelled, OnwardConnections)
+    state_buckets = (BUCKET,)
     max_concurrency = 8
 
     def __init__(self, rebook_threshold_minutes: int | None = None) -> None:
         if rebook_threshold_minutes is None:
             rebook_threshold_minutes = FlightSettings().rebook_threshold_minutes
         self.threshold = rebook_threshold_minutes
-        self.flights: dict[str, _FlightState] = {}
-        self.updates = 0  # updates handled, stale ones included
+        self.updates = 0  # updates handled by this replica, stale ones included
         self.ignored = 0  # repeated or out-of-order updates
-        self.disruptions = 0
+        self.disruptions = 0  # disruptions this replica published
+        self.conflicts = 0  # state writes that lost a compare-and-set (another replica wrote first)
         self._progress = asyncio.Condition()
 
     @on(FlightStatusUpdated)
     async def watch(self, update: FlightStatusUpdated, ctx: Context) -> None:
-        state = self.flights.get(update.flight_id)
-        if state is None:
-            state = self.flights[update.flight_id] = _FlightState()
+        watches = await ctx.state(BUCKET, FlightWatch)
         try:
-            async with state.lock:  # one update of a flight at a time, in arrival order
-                await self._update(state, update, ctx)
+            while True:
+                entry = await watches.entry(update.flight_id)
+                state = entry.value if entry is not None else FlightWatch()
+                if update.seq <= state.seq or state.cancelled is not None:
+                    self.ignored += 1
+                    return
+                disruption = await self._update(state, update, ctx)
+                if disruption is not None:
+                    await ctx.publish(disruption)  # before the state: a crash in between republishes it
+                try:
+                    if entry is None:
+                        await watches.create(update.flight_id, state)
+                    else:
+                        await watches.update(update.flight_id, state, revision=entry.revision)
+                except StateConflictError:
+                    self.conflicts += 1  # a redelivered update raced its first delivery: read again
+                    continue
+                if disruption is not None:
+                    self.disruptions += 1
+                    ctx.log.info("disruption %s", disruption)
+                return
         finally:
             self.updates += 1
             async with self._progress:
                 self._progress.notify_all()
 
-    async def _update(self, state: _FlightState, u: FlightStatusUpdated, ctx: Context) -> None:
-        if u.seq <= state.seq or state.cancelled is not None:
-            self.ignored += 1
-            return
+    async def _update(
+        self, state: FlightWatch, u: FlightStatusUpdated, ctx: Context
+    ) -> FlightDelayed | FlightCancelled | None:
+        """Apply ``u`` to ``state`` (in place); the disruption it reveals, if any."""
         state.seq = u.seq
         if u.status == "cancelled":
             state.cancelled = u
-            await self._emit(state, ctx, FlightCancelled, u, reason=u.reason)
-            return
+            return _disruption(FlightCancelled, u, f"{u.flight_id}#{u.seq}", reason=u.reason)
         if u.estimated_departure is None or u.status in ("departed", "arrived"):
-            return  # a delay is decided before departure; later updates only confirm it
+            return None  # a delay is decided before departure; later updates only confirm it
         delay = max(0, (u.estimated_departure - u.scheduled_departure) // 60)
         state.delay_minutes = delay
         if delay < _CONNECTION_CHECK_MINUTES:
-            return
+            return None
         long_delay = delay >= self.threshold and (
             state.reported_delay == 0 or delay >= state.reported_delay + _REPORT_AGAIN_MINUTES
         )
         missed = await self._missed_connections(u, ctx)
-        new_missed = sorted(missed - state.missed)
+        new_missed = sorted(missed - set(state.missed))
         if not long_delay and not new_missed:
-            return
-        state.missed.update(new_missed)
+            return None
+        state.missed = sorted({*state.missed, *new_missed})
         if long_delay:
             state.reported_delay = delay
-        await self._emit(
-            state,
-            ctx,
+        return _disruption(
             FlightDelayed,
             u,
+            f"{u.flight_id}#{u.seq}",
             delay_minutes=delay,
             estimated_departure=u.estimated_departure,
             estimated_arrival=u.estimated_arrival or u.scheduled_arrival + delay * 60,
@@ -109,41 +137,25 @@ class FlightMonitor(Agent):
     @on(BookingChanged)
     async def moved(self, change: BookingChanged, ctx: Context) -> None:
         """A rebooking that lands on a flight cancelled meanwhile is a disruption for that booking."""
+        if not change.new_legs:
+            return
+        watches = await ctx.state(BUCKET, FlightWatch)
         for leg in change.new_legs:
-            state = self.flights.get(leg.flight_id)
+            state = await watches.get(leg.flight_id)
             if state is None or state.cancelled is None:
                 continue
-            async with state.lock:
-                u = state.cancelled
-                await self._emit(state, ctx, FlightCancelled, u, reason=u.reason, bookings=[change.booking_id])
+            u = state.cancelled
+            disruption_id = f"{u.flight_id}#{u.seq}/{change.booking_id}@{change.version}"
+            await ctx.publish(
+                _disruption(FlightCancelled, u, disruption_id, reason=u.reason, bookings=[change.booking_id])
+            )
+            self.disruptions += 1
 
     async def _missed_connections(self, u: FlightStatusUpdated, ctx: Context) -> set[str]:
         reply = await ctx.request(OnwardConnections(flight_id=u.flight_id))
         arrival = u.estimated_arrival or u.scheduled_arrival
         ready = arrival + reply.mct_minutes * 60
         return {c.flight_id for c in reply.connections if c.departure < ready}
-
-    async def _emit(
-        self,
-        state: _FlightState,
-        ctx: Context,
-        kind: type[FlightDelayed | FlightCancelled],
-        u: FlightStatusUpdated,
-        **fields: object,
-    ) -> None:
-        state.disruptions += 1
-        disruption = kind(
-            disruption_id=f"{u.flight_id}#{state.disruptions}",
-            flight_id=u.flight_id,
-            number=u.number,
-            origin=u.origin,
-            destination=u.destination,
-            observed_at=u.observed_at,
-            **fields,  # type: ignore[arg-type]
-        )
-        await ctx.publish(disruption)
-        self.disruptions += 1
-        ctx.log.info("disruption %s", disruption)
 
     async def wait_handled(self, count: int, timeout: float) -> None:
         """Wait until this monitor handled ``count`` status updates (for the in-process demo and tests)."""
@@ -153,3 +165,17 @@ class FlightMonitor(Agent):
                 await self._progress.wait_for(lambda: self.updates >= count)
 
         await asyncio.wait_for(reached(), timeout)
+
+
+def _disruption(
+    kind: type[FlightDelayed | FlightCancelled], u: FlightStatusUpdated, disruption_id: str, **fields: object
+) -> FlightDelayed | FlightCancelled:
+    return kind(
+        disruption_id=disruption_id,
+        flight_id=u.flight_id,
+        number=u.number,
+        origin=u.origin,
+        destination=u.destination,
+        observed_at=u.observed_at,
+        **fields,  # type: ignore[arg-type]
+    )

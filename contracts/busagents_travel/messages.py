@@ -14,11 +14,12 @@ from typing import Literal
 
 import msgspec
 
-from busagents import command, event, query
+from busagents import Durability, command, event, query
 
 from .model import Booking, Flight, Leg, Passenger, Seat
 
 __all__ = [
+    "STATUS_FEED",
     "AlternativeItinerary",
     "Alternatives",
     "AlternativesReply",
@@ -47,8 +48,12 @@ RebookAction = Literal["rebook", "refund", "keep"]
 
 # Continuous awareness
 
+#: The status feed is kept in a stream partitioned by flight: the monitor's replicas handle one
+#: flight's updates in order (one in flight per partition), and every context replica replays it.
+STATUS_FEED = Durability(ordered_partitions=16, max_age=2 * 24 * 3600.0, ack_wait=10.0)
 
-@event("travel.flight.status", key="flight_id")
+
+@event("travel.flight.status", key="flight_id", durable=STATUS_FEED)
 class FlightStatusUpdated(msgspec.Struct, kw_only=True):
     """One update of the operational status feed; may repeat, arrive late or out of order."""
 
@@ -99,7 +104,7 @@ class FlightCancelled(msgspec.Struct, kw_only=True):
     bookings: list[str] = []
 
 
-@event("travel.disruption.assessed", key="flight_id")
+@event("travel.disruption.assessed", key="flight_id", durable=True)
 class DisruptionAssessed(msgspec.Struct, kw_only=True):
     """The reasoner's count of who a disruption affects: each of them will be notified."""
 
