@@ -1,21 +1,23 @@
-"""The booking store: atomic, idempotent, never sells a seat twice. Same suite on SQLite and PostgreSQL."""
+"""The booking store: atomic, idempotent, never sells a seat twice, reseats a group whose proposed seats
+were sold meanwhile. Same suite on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 import psycopg
 import pytest
 import pytest_asyncio
 from busagents_flight.data import AirlineDay, generate
-from busagents_flight.store import BookingStore, SqliteStore
+from busagents_flight.store import BookingStore, SeatMaps, SqliteStore
 from busagents_flight.store_pg import PostgresStore
 from busagents_flight.view import LiveView
-from busagents_travel import Booking, BookingChanged, Disruption, Leg, RebookPassenger, RebookRejected
+from busagents_travel import Booking, BookingChanged, Disruption, Leg, Passenger, RebookPassenger, RebookRejected
 
 PG_DSN = "postgresql://127.0.0.1:5432/test"
 
@@ -29,6 +31,7 @@ def _pg_unreachable() -> str:
 
 
 DAY = generate(flights=12, passengers=400, seed=5)
+MAPS = SeatMaps(DAY.flights, DAY.seat_maps)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def pg_skip_reason() -> str:
     return _pg_unreachable()
 
 
-StoreFactory = Callable[[], BookingStore]
+class StoreFactory(Protocol):
+    def __call__(self, *, seat_maps: SeatMaps | None = None) -> BookingStore: ...
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgres"])
@@ -50,15 +54,15 @@ async def make_store(
             pytest.skip(pg_skip_reason)
         schema = f"flight_test_{uuid.uuid4().hex[:10]}"
 
-        def factory() -> BookingStore:
-            store = PostgresStore(PG_DSN, schema=schema, connections=2)
+        def factory(*, seat_maps: SeatMaps | None = None) -> BookingStore:
+            store = PostgresStore(PG_DSN, schema=schema, connections=2, seat_maps=seat_maps)
             made.append(store)
             return store
     else:
         path = tmp_path / "bookings.sqlite3"
 
-        def factory() -> BookingStore:
-            store = SqliteStore(path)
+        def factory(*, seat_maps: SeatMaps | None = None) -> BookingStore:
+            store = SqliteStore(path, seat_maps=seat_maps)
             made.append(store)
             return store
 
@@ -140,7 +144,9 @@ async def test_applying_the_same_decision_twice_changes_the_booking_once(make_st
     assert after is not None and after.version == booking.version + 1
 
 
-async def test_a_seat_sold_meanwhile_is_rejected_and_nothing_of_the_decision_is_kept(make_store: StoreFactory) -> None:
+async def test_without_seat_maps_a_seat_sold_meanwhile_is_rejected_and_nothing_of_the_decision_is_kept(
+    make_store: StoreFactory,
+) -> None:
     store = make_store()
     winner = _single(DAY)
     loser = _single(DAY, {winner.booking_id})
@@ -204,3 +210,103 @@ async def test_two_stores_racing_for_one_seat_sell_it_once(make_store: StoreFact
     )
     assert sorted(type(o).__name__ for o in outcomes) == ["BookingChanged", "RebookRejected"]
     assert await a.seat_conflicts() == 0
+
+
+def _pairs_and_a_free_row(day: AirlineDay) -> tuple[Booking, Booking, str, list[str]]:
+    """Two single-leg bookings of two passengers in one cabin, and a flight of neither with two rows
+    of that cabin wholly free: (first, second, flight id, the first free row's seats)."""
+    view = LiveView(day)
+    pairs = [b for b in day.bookings if len(b.passengers) == 2 and len(b.legs) == 1]
+    for first in pairs:
+        cabin = first.legs[0].cabin
+        second = next((b for b in pairs if b is not first and b.legs[0].cabin == cabin), None)
+        if second is None:
+            continue
+        for flight in day.flights:
+            if flight.flight_id in (first.legs[0].flight_id, second.legs[0].flight_id):
+                continue
+            free = {s.number for s in view.free_seats(flight.flight_id)}
+            rows: dict[str, list[str]] = {}
+            for seat in MAPS.seats(flight.flight_id, cabin):
+                rows.setdefault(seat.number[:-1], []).append(seat.number)
+            whole = [seats for seats in rows.values() if set(seats) <= free and len(seats) >= 2]
+            if len(whole) >= 2:
+                return first, second, flight.flight_id, whole[0][:2]
+    raise AssertionError("no two pairs and a flight with two free rows in the sample day")
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_two_bookings_proposing_the_same_seats_are_both_seated_in_their_cabin(
+    make_store: StoreFactory, replicas: int
+) -> None:
+    stores = [make_store(seat_maps=MAPS) for _ in range(replicas)]
+    first, second, flight_id, seats = _pairs_and_a_free_row(DAY)
+    cabin = first.legs[0].cabin
+    outcomes = await asyncio.gather(
+        stores[0].apply(_rebook(first, flight_id, seats, cabin)),
+        stores[-1].apply(_rebook(second, flight_id, seats, cabin)),
+    )
+    assert all(isinstance(o, BookingChanged) for o in outcomes), outcomes
+    changed = [o for o in outcomes if isinstance(o, BookingChanged)]
+    given = [o.new_legs[0].seats for o in changed]
+    assert seats in given  # one of them got the seats it proposed
+    reseated = next(o for o in changed if o.new_legs[0].seats != seats)
+    got = reseated.new_legs[0].seats
+    assert not set(got) & set(seats)
+    assert {MAPS.cabin(flight_id, s) for s in got} == {cabin}
+    assert len({s[:-1] for s in got}) == 1  # together in one row: a free row was left
+    assert reseated.rationale.endswith(f"seats reassigned at booking: {reseated.new_legs[0].number} "
+                                       f"{', '.join(seats)} taken, got {', '.join(got)}")  # fmt: skip
+    for outcome in changed:  # the booking as stored holds the seats the outcome announced
+        after = await stores[0].booking(outcome.booking_id)
+        assert after is not None and after.legs == outcome.new_legs
+    audit = await stores[0].audit()
+    assert audit.seat_conflicts == 0
+
+
+async def test_a_replayed_decision_whose_seats_were_reassigned_gets_the_same_seats(make_store: StoreFactory) -> None:
+    store = make_store(seat_maps=MAPS)
+    first, second, flight_id, seats = _pairs_and_a_free_row(DAY)
+    cabin = first.legs[0].cabin
+    assert isinstance(await store.apply(_rebook(first, flight_id, seats, cabin)), BookingChanged)
+    decision = _rebook(second, flight_id, seats, cabin)
+    outcome = await store.apply(decision)
+    assert isinstance(outcome, BookingChanged) and outcome.new_legs[0].seats != seats
+    again = await make_store(seat_maps=MAPS).apply(decision)  # another replica, after a redelivery
+    assert msgspec.json.encode(again) == msgspec.json.encode(outcome)
+    after = await store.booking(second.booking_id)
+    assert after is not None and after.version == second.version + 1
+    assert after.legs == outcome.new_legs
+    assert await store.seat_conflicts() == 0
+
+
+def _filler(day: AirlineDay, flight_id: str, cabin: str, leave: set[str]) -> Booking:
+    """A booking holding every free seat of ``cabin`` on ``flight_id`` except ``leave``."""
+    view = LiveView(day)
+    seats = [s.number for s in view.free_seats(flight_id) if s.cabin == cabin and s.number not in leave]
+    f = next(f for f in day.flights if f.flight_id == flight_id)
+    leg = Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, cabin, seats)  # type: ignore[arg-type]
+    people = [Passenger(f"FILL-{i}", "Seat Filler") for i in range(len(seats))]
+    return Booking("FILL", people, [leg], day.bookings[0].fare)
+
+
+async def test_a_cabin_with_fewer_free_seats_than_passengers_rejects_with_the_taken_seats(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store(seat_maps=MAPS)
+    group, _, flight_id, seats = _pairs_and_a_free_row(DAY)
+    cabin = group.legs[0].cabin
+    filler = _filler(DAY, flight_id, cabin, leave={seats[1]})  # the cabin keeps one free seat for two passengers
+    await store.load([*DAY.bookings, filler])
+    outcome = await store.apply(_rebook(group, flight_id, seats, cabin))
+    assert isinstance(outcome, RebookRejected)
+    assert outcome.reason == "seat_taken"
+    assert outcome.taken_seats == [f"{flight_id}/{seats[0]}"]
+    assert outcome.current == group
+    assert await store.booking(group.booking_id) == group  # nothing of the decision was kept
+    single = next(
+        b for b in DAY.bookings if len(b.passengers) == 1 and len(b.legs) == 1 and b.legs[0].flight_id != flight_id
+    )
+    last = await store.apply(_rebook(single, flight_id, [seats[0]], cabin))  # one passenger: the last seat
+    assert isinstance(last, BookingChanged) and last.new_legs[0].seats == [seats[1]]
+    assert await store.seat_conflicts() == 0

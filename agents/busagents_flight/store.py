@@ -4,8 +4,13 @@ Its one side effect is :meth:`BookingStore.apply`: it applies a ``RebookPassenge
 decision atomically (all of its seats and the booking, or nothing) and
 idempotently (the outcome is recorded under the decision id, and replaying the
 decision returns the recorded outcome). A seat is sold at most once, enforced by
-the primary key ``(flight_id, seat)`` of the seats table, so two rebookers racing
-for the last seat cannot both win: the loser gets a ``seat_taken`` rejection.
+the primary key ``(flight_id, seat)`` of the seats table.
+
+The seats a decision names are a proposal: the store holds the inventory, so it
+makes the final choice. When a proposed seat was sold meanwhile (another replica
+of the reasoner picked it too), the store seats the group again in the same
+cabin among the seats free inside its transaction (:func:`reseat`); only a cabin
+without room for the whole group gives a ``seat_taken`` rejection.
 
 SQLite is the default (a file); PostgreSQL is used when the store is a
 ``postgresql://`` DSN (see :mod:`busagents_flight.store_pg`).
@@ -16,26 +21,33 @@ from __future__ import annotations
 import abc
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger, RebookRejected
+from busagents_travel import Booking, BookingChanged, Flight, Leg, Passenger, RebookPassenger, RebookRejected, Seat
 
 from busagents import ConfigError
+
+from .policy import choose_seats
 
 __all__ = [
     "Audit",
     "BookingStore",
     "Outcome",
+    "SeatMaps",
+    "SeatTaken",
     "SqliteStore",
     "decide_outcome",
     "decode_outcome",
     "encode_outcome",
     "open_store",
+    "reseat",
+    "reseated",
     "seat_rows",
+    "seat_taken",
 ]
 
 Outcome = BookingChanged | RebookRejected
@@ -103,8 +115,48 @@ SCHEMA = (
 )
 
 
+class SeatMaps:
+    """Which seats each flight of the day has: its aircraft's seat map, by cabin."""
+
+    def __init__(self, flights: Iterable[Flight], seat_maps: Mapping[str, list[Seat]]) -> None:
+        self._aircraft = {f.flight_id: f.aircraft for f in flights}
+        self._cabins = {name: {s.number: s.cabin for s in seats} for name, seats in seat_maps.items()}
+        self._by_cabin: dict[tuple[str, str], list[Seat]] = {}
+        for name, seats in seat_maps.items():
+            for seat in seats:
+                self._by_cabin.setdefault((name, seat.cabin), []).append(seat)
+
+    def aircraft(self, flight_id: str) -> str | None:
+        """The aircraft type flying ``flight_id`` (None: not a flight of the day)."""
+        return self._aircraft.get(flight_id)
+
+    def cabin(self, flight_id: str, seat: str) -> str | None:
+        """The cabin of ``seat`` on ``flight_id`` (None: no such seat)."""
+        aircraft = self._aircraft.get(flight_id)
+        return self._cabins[aircraft].get(seat) if aircraft is not None else None
+
+    def seats(self, flight_id: str, cabin: str) -> list[Seat]:
+        """Every seat of ``cabin`` on ``flight_id``, front to back."""
+        aircraft = self._aircraft.get(flight_id)
+        return self._by_cabin.get((aircraft, cabin), []) if aircraft is not None else []
+
+
+class SeatTaken(Exception):
+    """Raised inside a store transaction: these seats (``flight/seat``) are sold and the cabin has no room left."""
+
+    def __init__(self, seats: list[str]) -> None:
+        super().__init__(", ".join(seats))
+        self.seats = seats
+
+
 class BookingStore(abc.ABC):
-    """Bookings, seats sold, and the outcome of every decision applied."""
+    """Bookings, seats sold, and the outcome of every decision applied.
+
+    ``seat_maps``: what the store reseats from when a proposed seat is sold; without
+    them such a decision is rejected as ``seat_taken`` (the rebooker always sets them).
+    """
+
+    seat_maps: SeatMaps | None = None
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -170,13 +222,13 @@ class BookingStore(abc.ABC):
         await self.close()
 
 
-def open_store(location: str) -> BookingStore:
+def open_store(location: str, *, seat_maps: SeatMaps | None = None) -> BookingStore:
     """A store for ``location``: a ``postgresql://`` DSN, else an SQLite file path."""
     if location.startswith(("postgresql://", "postgres://")):
         from .store_pg import PostgresStore
 
-        return PostgresStore(location)
-    return SqliteStore(location)
+        return PostgresStore(location, seat_maps=seat_maps)
+    return SqliteStore(location, seat_maps=seat_maps)
 
 
 def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[Outcome, Booking | None]:
@@ -220,14 +272,64 @@ def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[
     if len(replaced) != len(d.replaces) or not d.new_legs:
         return reject("invalid", f"legs {d.replaces} are not all in the booking, or no new legs")
     n = len(current.passengers)
-    if any(len(leg.seats) != n for leg in d.new_legs):
-        return reject("invalid", f"every new leg needs {n} seats")
+    if any(len(set(leg.seats)) != n or len(leg.seats) != n for leg in d.new_legs):
+        return reject("invalid", f"every new leg needs {n} different seats")
     order = {p.passenger_id: i for i, p in enumerate(current.passengers)}
     new_legs = [_reorder(leg, d.passenger_ids, order) for leg in d.new_legs]
     kept = [leg for leg in current.legs if leg.flight_id not in set(d.replaces)]
     legs = sorted([*kept, *new_legs], key=lambda leg: leg.departure)
     updated = Booking(current.booking_id, current.passengers, legs, current.fare, "active", current.version + 1)
     return _changed(d, current, replaced, new_legs, updated.version), updated
+
+
+def reseat(leg: Leg, passengers: list[Passenger], sold: Collection[str], seat_maps: SeatMaps | None) -> Leg | None:
+    """``leg`` with seats for ``passengers`` (same order) among its cabin's seats not in ``sold``; None: no room.
+
+    The whole group is seated again by the policy's rules (one row when possible,
+    window / aisle preferences, higher tiers first) rather than keeping the proposed
+    seats still free, which could split a group that a free row would keep together.
+    """
+    if seat_maps is None:
+        return None
+    free = [s for s in seat_maps.seats(leg.flight_id, leg.cabin) if s.number not in sold]
+    seats = choose_seats(free, passengers)
+    return msgspec.structs.replace(leg, seats=seats) if seats is not None else None
+
+
+def reseated(
+    outcome: BookingChanged, updated: Booking, seated: list[Leg], taken: list[list[str]]
+) -> tuple[BookingChanged, Booking]:
+    """``outcome`` and ``updated`` with the new legs as actually ``seated`` (same order as
+    ``outcome.new_legs``, ``taken``: the proposed seats of each found sold); the rationale says so."""
+    if not any(taken):
+        return outcome, updated
+    notes = "; ".join(
+        f"{leg.number} {', '.join(sold)} taken, got {', '.join(leg.seats)}"
+        for leg, sold in zip(seated, taken, strict=True)
+        if sold
+    )
+    legs = [seated[outcome.new_legs.index(leg)] if leg in outcome.new_legs else leg for leg in updated.legs]
+    note = f"seats reassigned at booking: {notes}"
+    rationale = f"{outcome.rationale}; {note}" if outcome.rationale else note
+    return (
+        msgspec.structs.replace(outcome, new_legs=seated, rationale=rationale),
+        msgspec.structs.replace(updated, legs=legs),
+    )
+
+
+def seat_taken(decision: RebookPassenger, current: Booking | None, seats: list[str]) -> RebookRejected:
+    """The rejection of ``decision`` because ``seats`` (``flight/seat``) are sold and no others fit the group."""
+    return RebookRejected(
+        decision_id=decision.decision_id,
+        disruption=decision.disruption,
+        booking_id=decision.booking_id,
+        reason="seat_taken",
+        passenger_ids=decision.passenger_ids,
+        detail=f"already sold, and no room for the group in the cabin: {', '.join(seats)}",
+        taken_seats=seats,
+        current=current,
+        attempt=decision.attempt,
+    )
 
 
 def _reorder(leg: Leg, passenger_ids: list[str], order: dict[str, int]) -> Leg:
@@ -263,8 +365,9 @@ class SqliteStore(BookingStore):
     through SQLite.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, seat_maps: SeatMaps | None = None) -> None:
         self.path = str(path)
+        self.seat_maps = seat_maps
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
         self._pending: list[tuple[RebookPassenger, asyncio.Future[Outcome]]] = []
@@ -380,21 +483,13 @@ class SqliteStore(BookingStore):
         current = _decode_booking(row[0]) if row is not None else None
         outcome, updated = decide_outcome(decision, current)
         if updated is not None:
+            assert isinstance(outcome, BookingChanged)  # what a changed booking comes with
             conn.execute("SAVEPOINT write")
-            conflict = self._write(conn, decision, updated)
-            if conflict:
+            try:
+                outcome, updated = self._write(conn, decision, outcome, updated)
+            except SeatTaken as exc:
                 conn.execute("ROLLBACK TO write")
-                outcome = RebookRejected(
-                    decision_id=decision.decision_id,
-                    disruption=decision.disruption,
-                    booking_id=decision.booking_id,
-                    reason="seat_taken",
-                    passenger_ids=decision.passenger_ids,
-                    detail=f"already sold: {', '.join(conflict)}",
-                    taken_seats=conflict,
-                    current=current,
-                    attempt=decision.attempt,
-                )
+                outcome = seat_taken(decision, current, exc.seats)
             conn.execute("RELEASE write")
         conn.execute(
             "INSERT INTO decisions VALUES (?, ?, ?)",
@@ -402,8 +497,11 @@ class SqliteStore(BookingStore):
         )
         return outcome
 
-    def _write(self, conn: sqlite3.Connection, decision: RebookPassenger, updated: Booking) -> list[str]:
-        """Move the seats and store the booking; the seats already sold to others (then nothing is kept)."""
+    def _write(
+        self, conn: sqlite3.Connection, decision: RebookPassenger, outcome: BookingChanged, updated: Booking
+    ) -> tuple[BookingChanged, Booking]:
+        """Move the seats and store the booking; outcome and booking as seated. Raises :class:`SeatTaken`
+        when a proposed seat is sold and its cabin has no room for the group (the caller rolls back)."""
         booking_id = updated.booking_id
         if decision.action == "refund":
             conn.execute("DELETE FROM seats WHERE booking_id = ?", (booking_id,))
@@ -411,20 +509,41 @@ class SqliteStore(BookingStore):
             conn.executemany(
                 "DELETE FROM seats WHERE booking_id = ? AND flight_id = ?", ((booking_id, f) for f in decision.replaces)
             )
-            new = [(leg.flight_id, s) for leg in decision.new_legs for s in leg.seats]
-            conflict = [
-                f"{f}/{s}"
-                for f, s in new
-                if conn.execute("SELECT 1 FROM seats WHERE flight_id = ? AND seat = ?", (f, s)).fetchone() is not None
-            ]
-            if conflict:
-                return conflict
-            conn.executemany("INSERT INTO seats VALUES (?, ?, ?, ?)", seat_rows([updated], only=decision.new_legs))
+            seated: list[Leg] = []
+            taken: list[list[str]] = []
+            unseated: list[str] = []
+            for leg in outcome.new_legs:
+                marks = ", ".join("?" * len(leg.seats))
+                sold = {
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT seat FROM seats WHERE flight_id = ? AND seat IN ({marks})", (leg.flight_id, *leg.seats)
+                    )
+                }
+                taken.append([s for s in leg.seats if s in sold])
+                if sold:  # sold meanwhile: seat the group again among what is free on the flight now
+                    rows = conn.execute("SELECT seat FROM seats WHERE flight_id = ?", (leg.flight_id,)).fetchall()
+                    given = reseat(leg, updated.passengers, {r[0] for r in rows}, self.seat_maps)
+                    if given is None:
+                        unseated += (f"{leg.flight_id}/{s}" for s in taken[-1])
+                        continue
+                    leg = given
+                seated.append(leg)
+                conn.executemany(
+                    "INSERT INTO seats VALUES (?, ?, ?, ?)",
+                    (
+                        (leg.flight_id, s, booking_id, p.passenger_id)
+                        for p, s in zip(updated.passengers, leg.seats, strict=True)
+                    ),
+                )
+            if unseated:
+                raise SeatTaken(unseated)
+            outcome, updated = reseated(outcome, updated, seated, taken)
         conn.execute(
             "UPDATE bookings SET version = ?, status = ?, doc = ? WHERE booking_id = ?",
             (updated.version, updated.status, _encode(updated).decode(), booking_id),
         )
-        return []
+        return outcome, updated
 
     async def booking(self, booking_id: str) -> Booking | None:
         row = await self._run(self._one, "SELECT doc FROM bookings WHERE booking_id = ?", (booking_id,))
@@ -444,12 +563,9 @@ class SqliteStore(BookingStore):
         return self._conn().execute(sql, args).fetchall()
 
 
-def seat_rows(bookings: list[Booking], only: list[Leg] | None = None) -> Iterable[tuple[str, str, str, str]]:
-    """Rows of the seats table (flight, seat, booking, passenger); ``only``: just these legs' flights."""
+def seat_rows(bookings: list[Booking]) -> Iterable[tuple[str, str, str, str]]:
+    """Rows of the seats table (flight, seat, booking, passenger)."""
     for b in bookings:
-        flights = {leg.flight_id for leg in only} if only is not None else None
         for leg in b.legs:
-            if flights is not None and leg.flight_id not in flights:
-                continue
             for p, seat in zip(b.passengers, leg.seats, strict=True):
                 yield (leg.flight_id, seat, b.booking_id, p.passenger_id)

@@ -2,9 +2,12 @@
 
 Same tables and the same rules as the SQLite store. Each apply is one transaction
 that first locks the booking row (``SELECT ... FOR UPDATE``), so decisions about
-one booking are serialised, and inserts the new seats with
-``ON CONFLICT DO NOTHING``: a seat another transaction sold (even one that commits
-while we wait) is reported as taken and the whole decision is rolled back.
+one booking are serialised, and inserts each new leg's seats in one statement with
+``ON CONFLICT DO NOTHING``, inside a savepoint. A seat another transaction sold
+(even one that commits while we wait) undoes the savepoint, and the group is
+seated again among the seats sold now (read committed: the next statement sees
+that commit); only a cabin without room rolls the whole decision back as
+``seat_taken``.
 """
 
 from __future__ import annotations
@@ -16,36 +19,55 @@ from collections.abc import AsyncIterator, Iterable
 
 import msgspec
 import psycopg
-from busagents_travel import Booking, RebookPassenger, RebookRejected
+from busagents_travel import Booking, BookingChanged, Leg, RebookPassenger
 
 from busagents import ConfigError
 
-from .store import SCHEMA, BookingStore, Outcome, decide_outcome, decode_outcome, encode_outcome, seat_rows
+from .store import (
+    SCHEMA,
+    BookingStore,
+    Outcome,
+    SeatMaps,
+    SeatTaken,
+    decide_outcome,
+    decode_outcome,
+    encode_outcome,
+    reseat,
+    reseated,
+    seat_rows,
+    seat_taken,
+)
 
 __all__ = ["PostgresStore"]
 
 _encode = msgspec.json.Encoder().encode
 _decode_booking = msgspec.json.Decoder(Booking).decode
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-class _Conflict(Exception):
-    def __init__(self, seats: list[str]) -> None:
-        super().__init__(", ".join(seats))
-        self.seats = seats
+_Connection = psycopg.AsyncConnection[tuple[object, ...]]
+_SELL = """INSERT INTO seats (flight_id, seat, booking_id, passenger_id)
+    SELECT %s, seat, %s, passenger_id FROM unnest(%s::text[], %s::text[]) AS t (seat, passenger_id) ORDER BY seat
+    ON CONFLICT DO NOTHING RETURNING seat"""
 
 
 class PostgresStore(BookingStore):
     """Bookings in PostgreSQL schema ``schema``, with up to ``connections`` concurrent transactions."""
 
-    def __init__(self, dsn: str, *, schema: str = "busagents_flight", connections: int = 4) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "busagents_flight",
+        connections: int = 4,
+        seat_maps: SeatMaps | None = None,
+    ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ConfigError(f"invalid PostgreSQL schema name {schema!r}: lower-case letters, digits and '_'")
         self.dsn = dsn
         self.schema = schema
         self.size = connections
-        self._idle: asyncio.Queue[psycopg.AsyncConnection[tuple[object, ...]]] | None = None
-        self._all: list[psycopg.AsyncConnection[tuple[object, ...]]] = []
+        self.seat_maps = seat_maps
+        self._idle: asyncio.Queue[_Connection] | None = None
+        self._all: list[_Connection] = []
 
     async def open(self) -> None:
         if self._idle is not None:
@@ -71,7 +93,7 @@ class PostgresStore(BookingStore):
         self._idle = None
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def _connection(self) -> AsyncIterator[_Connection]:
         if self._idle is None:
             await self.open()
         assert self._idle is not None
@@ -98,26 +120,16 @@ class PostgresStore(BookingStore):
             try:
                 async with conn.transaction():
                     return await self._apply(conn, decision)
-            except _Conflict as exc:
+            except SeatTaken as exc:
                 conflict = exc  # rolled back: record the rejection in a transaction of its own
             async with conn.transaction():
                 row = await (
                     await conn.execute("SELECT doc FROM bookings WHERE booking_id = %s", (decision.booking_id,))
                 ).fetchone()
-                outcome: Outcome = RebookRejected(
-                    decision_id=decision.decision_id,
-                    disruption=decision.disruption,
-                    booking_id=decision.booking_id,
-                    reason="seat_taken",
-                    passenger_ids=decision.passenger_ids,
-                    detail=f"already sold: {', '.join(conflict.seats)}",
-                    taken_seats=conflict.seats,
-                    current=_decode_booking(str(row[0])) if row is not None else None,
-                    attempt=decision.attempt,
-                )
-                return await self._record(conn, decision, outcome)
+                current = _decode_booking(str(row[0])) if row is not None else None
+                return await self._record(conn, decision, seat_taken(decision, current, conflict.seats))
 
-    async def _apply(self, conn: psycopg.AsyncConnection[tuple[object, ...]], decision: RebookPassenger) -> Outcome:
+    async def _apply(self, conn: _Connection, decision: RebookPassenger) -> Outcome:
         cur = await conn.execute("SELECT doc FROM bookings WHERE booking_id = %s FOR UPDATE", (decision.booking_id,))
         row = await cur.fetchone()
         recorded = await (
@@ -128,6 +140,7 @@ class PostgresStore(BookingStore):
         current = _decode_booking(str(row[0])) if row is not None else None
         outcome, updated = decide_outcome(decision, current)
         if updated is not None:
+            assert isinstance(outcome, BookingChanged)  # what a changed booking comes with
             booking_id = updated.booking_id
             if decision.action == "refund":
                 await conn.execute("DELETE FROM seats WHERE booking_id = %s", (booking_id,))
@@ -137,29 +150,50 @@ class PostgresStore(BookingStore):
                         "DELETE FROM seats WHERE booking_id = %s AND flight_id = %s",
                         [(booking_id, f) for f in decision.replaces],
                     )
-                wanted = list(seat_rows([updated], only=decision.new_legs))
-                sold: set[tuple[str, str]] = set()
-                for flight_id, seat, bid, pid in wanted:
-                    got = await (
-                        await conn.execute(
-                            "INSERT INTO seats VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING seat",
-                            (flight_id, seat, bid, pid),
-                        )
-                    ).fetchone()
-                    if got is not None:
-                        sold.add((flight_id, seat))
-                missing = [f"{f}/{s}" for f, s, _, _ in wanted if (f, s) not in sold]
-                if missing:
-                    raise _Conflict(missing)
+                seated: list[Leg] = []
+                taken: list[list[str]] = []
+                unseated: list[str] = []
+                for leg in outcome.new_legs:
+                    given, sold = await self._sell(conn, leg, updated)
+                    taken.append(sold)
+                    if given is None:
+                        unseated += (f"{leg.flight_id}/{s}" for s in sold)
+                    else:
+                        seated.append(given)
+                if unseated:
+                    raise SeatTaken(unseated)  # rolls the whole decision back
+                outcome, updated = reseated(outcome, updated, seated, taken)
             await conn.execute(
                 "UPDATE bookings SET version = %s, status = %s, doc = %s WHERE booking_id = %s",
                 (updated.version, updated.status, _encode(updated).decode(), booking_id),
             )
         return await self._record(conn, decision, outcome)
 
-    async def _record(
-        self, conn: psycopg.AsyncConnection[tuple[object, ...]], decision: RebookPassenger, outcome: Outcome
-    ) -> Outcome:
+    async def _sell(self, conn: _Connection, leg: Leg, booking: Booking) -> tuple[Leg | None, list[str]]:
+        """Sell ``leg``'s seats to ``booking``'s passengers, seating them again while some are sold:
+        (the leg as seated, None when the cabin has no room; the proposed seats found sold)."""
+        pids = [p.passenger_id for p in booking.passengers]
+        taken: list[str] = []
+        unavailable: set[str] = set()
+        seats = leg.seats
+        while True:
+            async with conn.transaction() as attempt:  # a savepoint: a partly sold group is undone
+                cur = await conn.execute(_SELL, (leg.flight_id, booking.booking_id, seats, pids))
+                got = {str(r[0]) for r in await cur.fetchall()}
+                missed = [s for s in seats if s not in got]
+                if missed:
+                    raise psycopg.Rollback(attempt)
+            if not missed:
+                return msgspec.structs.replace(leg, seats=seats), taken
+            taken = taken or missed  # the first attempt's: the decision's own seats
+            cur = await conn.execute("SELECT seat FROM seats WHERE flight_id = %s", (leg.flight_id,))
+            unavailable.update(missed, (str(r[0]) for r in await cur.fetchall()))  # grows every round: ends
+            given = reseat(leg, booking.passengers, unavailable, self.seat_maps)
+            if given is None:
+                return None, taken
+            seats = given.seats
+
+    async def _record(self, conn: _Connection, decision: RebookPassenger, outcome: Outcome) -> Outcome:
         cur = await conn.execute(
             "INSERT INTO decisions VALUES (%s, %s, %s) ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id",
             (decision.decision_id, decision.booking_id, encode_outcome(outcome)),
