@@ -1,74 +1,132 @@
-"""Two rebooker replicas racing for the last seat: one passenger gets it, the other is re-decided."""
+"""Two rebooker replicas racing for one seat: with other seats free in the cabin both passengers are
+seated (the store picks the loser another seat); for the cabin's last seat the loser is re-decided."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
+import msgspec
 from busagents_flight.context import ContextAgent
-from busagents_flight.data import generate
+from busagents_flight.data import AirlineDay, generate
 from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
-from busagents_flight.store import SqliteStore
+from busagents_flight.store import SeatMaps, SqliteStore
 from busagents_flight.view import LiveView
-from busagents_travel import BookingChanged, Disruption, Leg, RebookPassenger, RebookRejected
+from busagents_travel import Booking, BookingChanged, Disruption, Flight, Leg, RebookPassenger, RebookRejected
 
 from busagents import Bus, Worker
 from busagents.testing import run_agents
 
+from .test_flight_store import filler_booking
+
 DAY = generate(flights=24, passengers=1500, seed=9)
 
 
-async def test_two_rebookers_racing_for_one_seat_sell_it_once_and_the_loser_is_redecided(
-    bus: Bus, tmp_path: Path
-) -> None:
-    # two single-passenger bookings on one cancelled flight, both decided onto the same free seat
+class Race(NamedTuple):
+    """Two single-passenger bookings on one cancelled flight, both decided onto ``seat`` of ``target``."""
+
+    a: Booking
+    b: Booking
+    target: Flight
+    cabin: str
+    seat: str
+    disruption: Disruption
+
+    def decision(self, booking: Booking) -> RebookPassenger:
+        t = self.target
+        leg = Leg(t.flight_id, t.number, t.origin, t.destination, t.departure, t.arrival, self.cabin, [self.seat])  # type: ignore[arg-type]
+        return RebookPassenger(
+            decision_id=f"race-{booking.booking_id}", disruption=self.disruption, booking_id=booking.booking_id,
+            action="rebook", passenger_ids=[booking.passengers[0].passenger_id],
+            replaces=[self.disruption.flight_id], new_legs=[leg], expected_version=booking.version,
+        )  # fmt: skip
+
+
+def _race(day: AirlineDay) -> Race:
     cancelled = next(
-        f for f in DAY.flights
-        if sum(1 for b in DAY.bookings if len(b.passengers) == 1 and b.legs[0].flight_id == f.flight_id) >= 2
+        f for f in day.flights
+        if sum(1 for b in day.bookings if len(b.passengers) == 1 and b.legs[0].flight_id == f.flight_id) >= 2
     )  # fmt: skip
-    a, b = [x for x in DAY.bookings if len(x.passengers) == 1 and x.legs[0].flight_id == cancelled.flight_id][:2]
-    view = LiveView(DAY)
+    a, b = [x for x in day.bookings if len(x.passengers) == 1 and x.legs[0].flight_id == cancelled.flight_id][:2]
+    cabin = a.legs[0].cabin
+    view = LiveView(day)
     target = next(
-        f for f in DAY.flights
+        f for f in day.flights
         if f.origin == cancelled.origin and f.destination == a.legs[-1].destination
         and f.flight_id != cancelled.flight_id
-        and len([s for s in view.free_seats(f.flight_id) if s.cabin == a.legs[0].cabin]) >= 2
+        and len([s for s in view.free_seats(f.flight_id) if s.cabin == cabin]) >= 2
     )  # fmt: skip
-    cabin = a.legs[0].cabin
     seat = next(s.number for s in view.free_seats(target.flight_id) if s.cabin == cabin)
     disruption = Disruption(
         disruption_id=f"{cancelled.flight_id}#1", kind="cancelled", flight_id=cancelled.flight_id,
         number=cancelled.number, origin=cancelled.origin, destination=cancelled.destination,
         observed_at=cancelled.departure - 4 * 3600,
     )  # fmt: skip
-    leg = Leg(target.flight_id, target.number, target.origin, target.destination, target.departure, target.arrival,
-              cabin, [seat])  # fmt: skip
+    return Race(a, b, target, cabin, seat, disruption)
 
-    def decision(booking_id: str, version: int, pids: list[str]) -> RebookPassenger:
-        return RebookPassenger(
-            decision_id=f"race-{booking_id}", disruption=disruption, booking_id=booking_id, action="rebook",
-            passenger_ids=pids, replaces=[cancelled.flight_id], new_legs=[leg], expected_version=version,
-        )  # fmt: skip
 
+async def test_two_rebookers_racing_for_the_last_seat_of_a_cabin_sell_it_once_and_the_loser_is_redecided(
+    bus: Bus, tmp_path: Path
+) -> None:
+    race = _race(DAY)
+    filler = filler_booking(DAY, race.target.flight_id, race.cabin, leave={race.seat})
+    day = msgspec.structs.replace(DAY, bookings=[*DAY.bookings, filler])  # the seat is the cabin's last
+    a, b = race.a, race.b
     path = tmp_path / "bookings.sqlite3"
-    first = Rebooker(SqliteStore(path), DAY, load=True)
-    second = Rebooker(SqliteStore(path), DAY)
-    async with run_agents(bus, ContextAgent(DAY), ReasonerAgent("offline"), first):
+    first = Rebooker(SqliteStore(path), day, load=True)
+    second = Rebooker(SqliteStore(path), day)
+    async with run_agents(bus, ContextAgent(day), ReasonerAgent("offline"), first):
         async with Worker([second], bus):
             changed = bus.expect(BookingChanged, where=lambda c: c.booking_id in (a.booking_id, b.booking_id), count=2)
             rejected = bus.expect(RebookRejected, where=lambda r: r.booking_id in (a.booking_id, b.booking_id))
             async with changed, rejected:
-                await bus.publish(decision(a.booking_id, a.version, [a.passengers[0].passenger_id]))
-                await bus.publish(decision(b.booking_id, b.version, [b.passengers[0].passenger_id]))
+                await bus.publish(race.decision(a))
+                await bus.publish(race.decision(b))
     loser = rejected.message.body
     assert loser.reason == "seat_taken"
-    assert loser.taken_seats == [f"{target.flight_id}/{seat}"]
+    assert loser.taken_seats == [f"{race.target.flight_id}/{race.seat}"]
     by_booking = {m.body.booking_id: m.body for m in changed.messages}
     winner = by_booking[a.booking_id if loser.booking_id == b.booking_id else b.booking_id]
     redecided = by_booking[loser.booking_id]
-    assert winner.new_legs[0].seats == [seat]
+    assert winner.new_legs[0].seats == [race.seat]
     assert redecided.decision_id.endswith("/2")  # the reasoner's second attempt
-    assert (redecided.new_legs[0].flight_id, redecided.new_legs[0].seats) != (target.flight_id, [seat])
+    assert (redecided.new_legs[0].flight_id, redecided.new_legs[0].seats) != (race.target.flight_id, [race.seat])
     store = SqliteStore(path)
     assert await store.seat_conflicts() == 0
+    await store.close()
+
+
+async def test_two_rebookers_racing_for_a_seat_with_others_free_in_the_cabin_seat_both_passengers(
+    bus: Bus, tmp_path: Path
+) -> None:
+    race = _race(DAY)
+    a, b = race.a, race.b
+    path = tmp_path / "bookings.sqlite3"
+    first = Rebooker(SqliteStore(path), DAY, load=True)
+    second = Rebooker(SqliteStore(path), DAY)
+    async with run_agents(bus, first):
+        async with Worker([second], bus):
+            changed = bus.expect(BookingChanged, where=lambda c: c.booking_id in (a.booking_id, b.booking_id), count=2)
+            async with changed:
+                await bus.publish(race.decision(a))
+                await bus.publish(race.decision(b))
+    outcomes = [m.body for m in changed.messages]
+    assert sorted(c.decision_id for c in outcomes) == sorted(f"race-{x.booking_id}" for x in (a, b))
+    assert (first.rejected + second.rejected, first.applied + second.applied) == (0, 2)  # no RebookRejected
+    legs = [c.new_legs[0] for c in outcomes]
+    assert {leg.flight_id for leg in legs} == {race.target.flight_id}
+    maps = SeatMaps(DAY.flights, DAY.seat_maps)
+    assert {maps.cabin(leg.flight_id, leg.seats[0]) for leg in legs} == {race.cabin}
+    seats = sorted(leg.seats[0] for leg in legs)
+    assert race.seat in seats and len(set(seats)) == 2
+    moved = next(c for c in outcomes if c.new_legs[0].seats != [race.seat])
+    assert moved.rationale.endswith(
+        f"seats reassigned at booking: {race.target.number} {race.seat} taken, got {moved.new_legs[0].seats[0]}"
+    )
+    store = SqliteStore(path)
+    assert await store.seat_conflicts() == 0
+    for outcome in outcomes:
+        stored = await store.booking(outcome.booking_id)
+        assert stored is not None and outcome.new_legs[0] in stored.legs  # the seat announced is the one sold
     await store.close()

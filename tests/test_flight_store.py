@@ -280,7 +280,7 @@ async def test_a_replayed_decision_whose_seats_were_reassigned_gets_the_same_sea
     assert await store.seat_conflicts() == 0
 
 
-def _filler(day: AirlineDay, flight_id: str, cabin: str, leave: set[str]) -> Booking:
+def filler_booking(day: AirlineDay, flight_id: str, cabin: str, leave: set[str]) -> Booking:
     """A booking holding every free seat of ``cabin`` on ``flight_id`` except ``leave``."""
     view = LiveView(day)
     seats = [s.number for s in view.free_seats(flight_id) if s.cabin == cabin and s.number not in leave]
@@ -296,7 +296,7 @@ async def test_a_cabin_with_fewer_free_seats_than_passengers_rejects_with_the_ta
     store = make_store(seat_maps=MAPS)
     group, _, flight_id, seats = _pairs_and_a_free_row(DAY)
     cabin = group.legs[0].cabin
-    filler = _filler(DAY, flight_id, cabin, leave={seats[1]})  # the cabin keeps one free seat for two passengers
+    filler = filler_booking(DAY, flight_id, cabin, leave={seats[1]})  # the cabin keeps one free seat for two passengers
     await store.load([*DAY.bookings, filler])
     outcome = await store.apply(_rebook(group, flight_id, seats, cabin))
     assert isinstance(outcome, RebookRejected)

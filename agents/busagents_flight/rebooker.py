@@ -2,7 +2,9 @@
 
 The side effect is the store's :meth:`~busagents_flight.store.BookingStore.apply`
 (atomic, idempotent on the decision id). Seats that do not exist on the aircraft
-or lie in another cabin are rejected before the store is touched.
+or lie in another cabin are rejected before the store is touched. The rebooker
+gives the store the day's seat maps, so a proposed seat sold meanwhile is replaced
+by a free one of the same cabin inside the store's transaction.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from busagents import Agent, Context, on
 
 from .data import AirlineDay, generate, schedule
 from .settings import FlightSettings
-from .store import BookingStore, Outcome, open_store
+from .store import BookingStore, Outcome, SeatMaps, open_store
 
 __all__ = ["Rebooker"]
 
@@ -28,14 +30,17 @@ class Rebooker(Agent):
     def __init__(
         self, store: BookingStore | None = None, day: AirlineDay | None = None, *, load: bool | None = None
     ) -> None:
-        """``load``: replace the store's content with the day's bookings (None: only when the store is empty)."""
+        """``load``: replace the store's content with the day's bookings (None: only when the store is empty).
+
+        The store is given the day's seat maps (replacing any it had), the ones decisions are checked against.
+        """
         self.settings = settings = FlightSettings()
         self.day = day
-        self.store = store if store is not None else open_store(settings.store)
-        self._load = load
         flights, seat_maps = (day.flights, day.seat_maps) if day else schedule(settings.flights, settings.seed)
-        self._aircraft = {f.flight_id: f.aircraft for f in flights}
-        self._cabins = {name: {s.number: s.cabin for s in seats} for name, seats in seat_maps.items()}
+        self.seat_maps = SeatMaps(flights, seat_maps)
+        self.store = store if store is not None else open_store(settings.store)
+        self.store.seat_maps = self.seat_maps
+        self._load = load
         self.applied = 0
         self.rejected = 0
 
@@ -73,11 +78,10 @@ class Rebooker(Agent):
 
     def _invalid_seat(self, decision: RebookPassenger) -> str:
         for leg in decision.new_legs:
-            aircraft = self._aircraft.get(leg.flight_id)
+            aircraft = self.seat_maps.aircraft(leg.flight_id)
             if aircraft is None:
                 return f"unknown flight {leg.flight_id}"
-            cabins = self._cabins[aircraft]
             for seat in leg.seats:
-                if cabins.get(seat) != leg.cabin:
+                if self.seat_maps.cabin(leg.flight_id, seat) != leg.cabin:
                     return f"seat {seat} is not a {leg.cabin} seat of {leg.flight_id} ({aircraft})"
         return ""

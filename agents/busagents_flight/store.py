@@ -222,13 +222,13 @@ class BookingStore(abc.ABC):
         await self.close()
 
 
-def open_store(location: str, *, seat_maps: SeatMaps | None = None) -> BookingStore:
+def open_store(location: str) -> BookingStore:
     """A store for ``location``: a ``postgresql://`` DSN, else an SQLite file path."""
     if location.startswith(("postgresql://", "postgres://")):
         from .store_pg import PostgresStore
 
-        return PostgresStore(location, seat_maps=seat_maps)
-    return SqliteStore(location, seat_maps=seat_maps)
+        return PostgresStore(location)
+    return SqliteStore(location)
 
 
 def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[Outcome, Booking | None]:
