@@ -1,15 +1,24 @@
 """The notifier: tells every passenger of a changed booking what happened, through a channel.
 
 The channel is pluggable (:class:`Channel`); the default appends each message to
-a local outbox file (JSON lines), standing in for e-mail / SMS / push.
+a local outbox file (JSON lines), standing in for e-mail / SMS / push. ``BookingChanged``
+arrives at least once, so channels send idempotently on ``(decision_id, passenger_id)``:
+each passenger is notified once per outcome, whatever the replicas, kills and redeliveries.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import TypeVar
 
 import msgspec
 from busagents_travel import BookingChanged, Leg, PassengerNotified
@@ -20,10 +29,18 @@ from .settings import FlightSettings
 
 __all__ = ["Channel", "Notice", "Notifier", "OutboxChannel", "render"]
 
+log = logging.getLogger("busagents_flight.notifier")
+
+T = TypeVar("T")
+
+_CHUNK = 1 << 20  # bytes read at a time when catching up with the outbox
+
 
 class Notice(msgspec.Struct, kw_only=True):
-    """One message to one passenger."""
+    """One message to one passenger about one outcome, identified by ``(decision_id, passenger_id)``."""
 
+    decision_id: str
+    disruption_id: str
     passenger_id: str
     name: str
     booking_id: str
@@ -32,7 +49,16 @@ class Notice(msgspec.Struct, kw_only=True):
 
 
 class Channel(abc.ABC):
-    """Where notices go. ``name`` is recorded in ``PassengerNotified.channel``."""
+    """Where notices go. ``name`` is recorded in ``PassengerNotified.channel``.
+
+    ``BookingChanged`` is delivered at least once: a notifier that dies before the ack gets
+    the change again, maybe in another replica, and sends the same notices again. For each
+    passenger to be notified exactly once per outcome, a channel must be idempotent on
+    ``(notice.decision_id, notice.passenger_id)``: a notice whose key was already sent (by this
+    process, another replica or before a restart) is skipped without error, and checking and
+    sending are one atomic step across replicas (a lock, the provider's idempotency key, a
+    unique constraint). A channel that does less notifies at least once.
+    """
 
     name: str = "channel"
 
@@ -41,41 +67,174 @@ class Channel(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, notice: Notice) -> None:
-        """Deliver one notice."""
+        """Deliver one notice, unless its ``(decision_id, passenger_id)`` was sent already."""
+
+    async def send_many(self, notices: Sequence[Notice]) -> None:
+        """Deliver the notices of one booking change, in order; the default calls :meth:`send` for each.
+
+        Override it to send them in one go; each notice is still sent at most once. When it
+        returns, every notice is sent (now or before): ``PassengerNotified`` follows.
+        """
+        for notice in notices:
+            await self.send(notice)
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release what ``open`` acquired."""
 
 
+class _Key(msgspec.Struct):
+    """What the outbox channel reads of a line: the key of the notice."""
+
+    decision_id: str = ""
+    passenger_id: str = ""
+
+
 class OutboxChannel(Channel):
-    """Appends notices to a JSON-lines outbox file."""
+    """Appends notices to a JSON-lines outbox file, one line per ``(decision_id, passenger_id)``.
+
+    Any number of processes may share the file. Under an exclusive ``flock`` on it, a batch
+    reads the lines others appended since its last read (keeping their keys in memory), cuts
+    a torn last line left by a writer killed mid-write, skips the keys already in the file and
+    appends the rest with one ``write``: in the file before ``PassengerNotified`` says so, even
+    if the process is killed next. The file I/O runs in one worker thread, in call order.
+    A reader of the outbox ignores a last line without a newline: it is being written or torn.
+    """
 
     name = "outbox"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file: IO[bytes] | None = None
+        self._fd = -1
+        self._identity = (0, 0)  # (device, inode) of the open file: a moved or deleted outbox is reopened
+        self._read_to = 0  # end of the last complete line this channel read or wrote
+        self._sent: set[tuple[str, str]] = set()  # keys of the lines up to _read_to
+        self._executor: ThreadPoolExecutor | None = None
         self._encode = msgspec.json.Encoder().encode
+        self._decode_key = msgspec.json.Decoder(_Key).decode
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("ab")
+        await self._run(self._catch_up_locked)
 
     async def send(self, notice: Notice) -> None:
-        if self._file is None:
-            await self.open()
-        assert self._file is not None
-        self._file.write(self._encode(notice) + b"\n")
-        self._file.flush()  # in the file before PassengerNotified says so, even if the process is killed next
+        await self.send_many((notice,))
+
+    async def send_many(self, notices: Sequence[Notice]) -> None:
+        if notices:
+            await self._run(self._append, notices)
 
     async def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_file)
+        finally:
+            executor.shutdown()  # idle: the close was its last job
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the channel's one thread: calls run one at a time, in order."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox:{self.path.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # In the channel's thread
+
+    def _append(self, notices: Sequence[Notice]) -> None:
+        with self._exclusive():
+            fresh: dict[tuple[str, str], bytes] = {}
+            for notice in notices:
+                key = (notice.decision_id, notice.passenger_id)
+                if key not in self._sent and key not in fresh:
+                    fresh[key] = self._encode(notice) + b"\n"
+            if not fresh:
+                return
+            data = b"".join(fresh.values())
+            view = memoryview(data)
+            while view:  # a regular file takes it in one write, unless a signal or a full disk cuts it short
+                view = view[os.write(self._fd, view) :]
+            self._read_to += len(data)
+            self._sent.update(fresh)
+
+    def _catch_up_locked(self) -> None:
+        with self._exclusive():
+            pass
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the outbox's exclusive lock, caught up with every complete line in it."""
+        while True:
+            if self._fd < 0:
+                self._open_file()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self._is_current():
+                break
+            log.warning("outbox %s was moved or deleted: writing to a new file at that path", self.path)
+            self._close_file()  # and so unlock
+        try:
+            self._catch_up()
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _open_file(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self._read_to = 0
+        self._sent.clear()
+
+    def _is_current(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def _catch_up(self) -> None:
+        """Remember the keys of the lines appended since ``_read_to``; cut a torn last line (under the lock)."""
+        size = os.fstat(self._fd).st_size
+        if size < self._read_to:
+            log.warning("outbox %s was truncated: reading it again from the start", self.path)
+            self._read_to = 0
+            self._sent.clear()
+        pending = b""  # bytes after the last newline read so far
+        position = self._read_to
+        while position < size:
+            chunk = os.pread(self._fd, min(size - position, _CHUNK), position)
+            if not chunk:
+                break
+            position += len(chunk)
+            buffer = pending + chunk
+            end = buffer.rfind(b"\n") + 1
+            if end:
+                for line in buffer[: end - 1].split(b"\n"):
+                    self._remember(line)
+            self._read_to += end
+            pending = buffer[end:]
+        if self._read_to < size:
+            # Nobody writes while we hold the lock: this is the end of a line whose writer died mid-write.
+            log.warning("outbox %s: cutting a torn last line of %d bytes", self.path, size - self._read_to)
+            os.ftruncate(self._fd, self._read_to)
+
+    def _remember(self, line: bytes) -> None:
+        if not line:
+            return
+        try:
+            key = self._decode_key(line)
+        except msgspec.DecodeError as exc:
+            log.warning("outbox %s: ignoring a line that is not a notice (%s): %.80r", self.path, exc, line)
+            return
+        self._sent.add((key.decision_id, key.passenger_id))
 
 
 class Notifier(Agent):
-    """``BookingChanged`` -> one notice per passenger -> ``PassengerNotified``."""
+    """``BookingChanged`` -> one notice per passenger (once per outcome) -> ``PassengerNotified``."""
 
     name = "flight-notifier"
     produces = (PassengerNotified,)
@@ -92,11 +251,13 @@ class Notifier(Agent):
 
     @on(BookingChanged)
     async def notify(self, change: BookingChanged, ctx: Context) -> list[PassengerNotified]:
-        out = []
+        notices, out = [], []
         for index, passenger in enumerate(change.passengers):
             subject, text = render(change, index)
-            await self.channel.send(
+            notices.append(
                 Notice(
+                    decision_id=change.decision_id,
+                    disruption_id=change.disruption_id,
                     passenger_id=passenger.passenger_id,
                     name=passenger.name,
                     booking_id=change.booking_id,
@@ -115,6 +276,9 @@ class Notifier(Agent):
                     text=text,
                 )
             )
+        # Sent now or by an earlier delivery: either way the passengers know, and say so again
+        # (the events' ids derive from this message's id, so a redelivery's copies are dropped).
+        await self.channel.send_many(notices)
         return out
 
 
