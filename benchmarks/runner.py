@@ -14,7 +14,7 @@ from pathlib import Path
 
 from busagents.server import NatsServer
 
-from . import durable, memory, replicas, reqreply, scale, throughput
+from . import durable, memory, replicas, reqreply, scale, scaleout, throughput
 from .report import Check, LoadMeter, Machine, Result, checks_table, render, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -71,6 +71,8 @@ BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
     "memory": lambda url, s, reps: memory.run(url, settle=s.settle, reps=reps),
     # The demo starts its own embedded nats-server, as a user's run does.
     "scale": lambda url, s, reps: scale.run(flights=s.flights, passengers=s.passengers, day=s.day_seconds, reps=reps),
+    # The day as fast as it goes, in one process and as a swarm of processes, each on its own nats-server.
+    "scaleout": lambda url, s, reps: scaleout.run(flights=s.flights, passengers=s.passengers, reps=reps),
 }
 
 

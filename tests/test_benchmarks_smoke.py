@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import scaleout
 from benchmarks.report import Machine, render, write_results
 from benchmarks.runner import BENCHMARKS, QUICK, run_all
 
 
-@pytest.mark.parametrize("name", list(BENCHMARKS))
+@pytest.mark.parametrize("name", [name for name in BENCHMARKS if name != "scaleout"])
 async def test_benchmark_runs_with_tiny_counts_and_gives_well_formed_rows(name: str, tmp_path: Path) -> None:
     machine = Machine.probe()
     results, checks, methods = await run_all([name], QUICK, 1, machine, lambda line: None)
@@ -31,6 +32,45 @@ async def test_benchmark_runs_with_tiny_counts_and_gives_well_formed_rows(name: 
     text = out.read_text()
     assert "## Machine" in text and "## Results" in text and "## Targets" in text
     assert all(r.variant in text for r in results)
+
+
+@pytest.mark.timeout(300)
+async def test_scaleout_runs_the_day_three_ways_and_reports_every_figure(tmp_path: Path) -> None:
+    # Its figures may be 0 at tiny counts (CPU-s of a stage that did little), so only their presence is checked.
+    machine = Machine.probe()
+    results, checks, methods = await run_all(["scaleout"], QUICK, 1, machine, lambda line: None)
+
+    rows = {r.variant: r for r in results}
+    assert all(r.benchmark == scaleout.NAME and len(r.samples) == 1 for r in results)
+    assert all(math.isfinite(s) and s >= 0 for r in results for s in r.samples)
+    for mode, label in scaleout.LABELS.items():
+        run = rows[f"{label}: run time"]
+        assert run.samples[0] > 0 and run.ratio is not None
+        for field in ("affected", "notified", "seat conflicts", "stranded", "re-decisions", "dead letters"):
+            assert field in run.note
+        assert rows[f"{label}: wall time of the command"].samples[0] > 0
+        assert rows[f"{label}: CPU per affected passenger"].metric == "CPU-ms"
+        stages = [f"{label}: {stage}" for stage in scaleout.STAGES]
+        if mode == 0:
+            assert not any(stage in rows for stage in stages)  # one process: no stages
+        else:
+            assert all(
+                rows[stage].metric == "CPU-s" and "CPU-ms per affected passenger" in rows[stage].note
+                for stage in stages
+            )
+            assert all("msgs handled" in rows[f"{label}: {agent}"].note for agent in scaleout.AGENTS)
+    assert [c.target.split(",")[0] for c in checks] == [
+        "Flight day run time",
+        "CPU-ms per affected passenger",
+        "Scale-out runs with notified == affected",
+    ]
+    assert all(math.isfinite(c.measured) for c in checks)
+    assert checks[2].met, checks[2].detail  # every passenger told, no seat sold twice
+    assert machine.other_load["scaleout"][0] > 0
+
+    out = tmp_path / "RESULTS.md"
+    write_results(out, render(machine, results, checks, methods[0], 1))
+    assert "**Flight swarm scale-out.**" in out.read_text()
 
 
 def test_rewriting_results_keeps_sections_the_runner_does_not_write(tmp_path: Path) -> None:

@@ -1,0 +1,655 @@
+"""Scale-out of the flight assistant: the whole day, as fast as it goes, in one process and as a swarm.
+
+The same seeded day (``--day-seconds 0``) runs three ways against the same code: ``busagents demo``
+(every agent in one process), then ``busagents swarm up`` with 1 and with 2 replicas of every agent
+(the feed once). A watcher on the bus times the swarm's run and counts what passengers were told;
+psutil gives each process's CPU time from when it was ready to the end of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import msgspec
+import psutil
+from nats.aio.msg import Msg
+
+from busagents import Bus
+from busagents.server import NatsServer
+
+from .report import Check, Result, ratios
+
+__all__ = ["BASELINE_CPU_MS_PER_AFFECTED", "LABELS", "NAME", "STAGES", "run"]
+
+NAME = "Flight swarm scale-out"
+SEED = 7
+AGENTS = ("flight-context", "flight-monitor", "flight-reasoner", "flight-rebooker", "flight-notifier")
+FEED = "flight-feed"  # plays the day once: always one
+SERVER = "nats-server"
+SUPERVISOR = "swarm up"
+#: Rows of the per-stage table, in pipeline order.
+STAGES = (FEED, *AGENTS, SERVER, SUPERVISOR)
+#: Mode -> label; mode 0 is the single process, else the replicas of every agent.
+LABELS = {0: "single process", 1: "swarm, 1 replica", 2: "swarm, 2 replicas"}
+#: The run is over when every count adds up and nothing new was seen on the bus for this long.
+QUIET = 2.0
+#: Seconds without anything new on the bus, once the feed started, after which the run has failed.
+STALL = 90.0
+
+#: Today's figure before the scale-out work of issue 9: CPU-ms per affected passenger of the swarm with
+#: one replica of every agent, all processes summed, day generation excluded (2,000 flights, 200,000
+#: passengers), median of 3 runs of this benchmark against the landed code.
+BASELINE_CPU_MS_PER_AFFECTED = 0.0
+BASELINE_MEASURED = "2026-11-26 against commit 6a2a9a0"
+
+METHOD = """\
+**Flight swarm scale-out.** The seeded day of {flights:,} flights and {passengers:,} passengers (seed
+{seed}, {status_updates:,} status updates) played as fast as it goes (`--day-seconds 0`), three ways, one
+after the other in each repetition (the order alternates), against the same code ({code}).
+*Single process* = `busagents demo --flights {flights} --passengers {passengers} --seed {seed}
+--day-seconds 0 --report r.json --quiet --no-live` (every agent in one process, on the demo's own
+nats-server). *Swarm, N replicas* = `busagents swarm up swarm.toml --nats URL` with `replicas = N` for
+{agents} and one `{feed}`, on a fresh nats-server (JetStream) started for the run; the SQLite booking
+store is loaded with the day's bookings before the swarm starts. A watcher on the bus (plain
+subscriptions of the benchmark process) starts the clock at the first `travel.flight.status` message
+and stops it at the last new `PassengerNotified`: *run time*. The swarm is done when every status update
+was published and handled by the monitor and the context (their stats heartbeats, every second), every
+disruption was assessed, every passenger counted by a `DisruptionAssessed` (the last one per disruption
+id) was notified (distinct disruption and passenger), and nothing new came for {quiet:g} s; then
+`swarm up` gets SIGTERM and the store is audited (seats held twice, active bookings left on a
+cancelled flight). *Wall time* = the whole command, from its start until it exited (for the swarm:
+starting the processes, each generating the day, the run, the {quiet:g} s of quiet, draining).
+*CPU-s per stage* = user + system CPU time (psutil) of each process of that agent from the first status
+update (or its first heartbeat, if that came later) to the end of the run, summed over its replicas;
+nats-server and the `swarm up` supervisor are stages too. *Messages handled* = the agent's `handled`
+counters summed over its replicas (the feed handles nothing; it publishes). *CPU-ms per affected
+passenger* = all processes' CPU time over the run / affected passengers: generating the day, imports and
+start-up are excluded. The single process cannot be split by stage and prints nothing while it runs: its
+row counts the CPU time of the demo and its nats-server from the moment that nats-server was started
+(the day generated, the bookings not yet loaded) to the demo's exit, so loading the SQLite store,
+starting the agents, the audit and the shutdown are included; its *run time* is the demo's own report
+(`run_seconds`: from before the feed's first publish to the last notification). The targets compare the
+2-replica run time with the single process's in the same repetition, and the 2-replica CPU per affected
+passenger with the figure measured before the scale-out work ({baseline})."""
+
+# Runs in the children's interpreter, so it imports the code under test (PYTHONPATH wins over the
+# editable installs; the benchmark process itself may run other code): load the store, audit it.
+_HELPER = """\
+import asyncio, json, sys
+import busagents, busagents_flight
+from busagents_flight.data import generate
+from busagents_flight.feed import status_feed
+from busagents_flight.store import open_store
+
+async def main(command, path, flights, passengers, seed):
+    store = open_store(path)
+    if command == "load":
+        day = generate(flights, passengers, seed)
+        feed = status_feed(day)
+        async with store:
+            await store.load(day.bookings)
+        out = {
+            "status_updates": len(feed),
+            "cancelled": sorted({u.flight_id for u in feed if u.status == "cancelled"}),
+            "busagents": busagents.__file__,
+            "busagents_flight": busagents_flight.__file__,
+        }
+    else:
+        async with store:
+            audit = await store.audit(json.load(sys.stdin))
+        out = {"seat_conflicts": audit.seat_conflicts, "stranded": audit.stranded_bookings}
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Day:
+    """The day as the code under test generates it, and where that code is."""
+
+    flights: int
+    passengers: int
+    store: Path  # loaded once, copied for each swarm run
+    status_updates: int
+    cancelled: list[str]
+    code: str
+
+
+@dataclass(slots=True)
+class _Run:
+    """One run of the day in one mode."""
+
+    run_s: float
+    wall_s: float
+    affected: int
+    notified: int
+    seat_conflicts: int
+    stranded: int
+    redecided: int
+    dead_lettered: int
+    cpu_s: float  # the day's CPU time, all processes (see METHOD)
+    whole_cpu_s: float = 0.0  # single process: the whole command's, generation included
+    status_updates: int = 0  # published by the feed, as the watcher saw them
+    stages: dict[str, tuple[int, float]] = field(default_factory=dict)  # messages handled, CPU-s
+
+    @property
+    def served(self) -> bool:
+        return self.notified == self.affected > 0 and not (self.seat_conflicts or self.stranded or self.dead_lettered)
+
+    @property
+    def cpu_ms_per_affected(self) -> float:
+        return 1000 * self.cpu_s / max(self.affected, 1)
+
+
+def _env(day: _Day, tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BUSAGENTS_FLIGHT_FLIGHTS": str(day.flights),
+        "BUSAGENTS_FLIGHT_PASSENGERS": str(day.passengers),
+        "BUSAGENTS_FLIGHT_SEED": str(SEED),
+        "BUSAGENTS_FLIGHT_DAY_SECONDS": "0",
+        "BUSAGENTS_FLIGHT_REASONER": "offline",
+        "BUSAGENTS_FLIGHT_STORE": str(tmp / "bookings.sqlite3"),
+        "BUSAGENTS_FLIGHT_OUTBOX": str(tmp / "outbox.jsonl"),
+        "BUSAGENTS_HEARTBEAT_INTERVAL": "1",
+    }
+
+
+async def _python(*args: str, cwd: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """``python args...`` in ``cwd`` (never the repository root: a child imports what PYTHONPATH says)."""
+    with (cwd / "stderr.log").open("ab") as err:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, *args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+
+
+def _tail(cwd: Path, lines: int = 25) -> str:
+    path = cwd / "stderr.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+async def _helper(*args: str, cwd: Path, stdin: object = None) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-c", _HELPER, *args),
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(json.dumps(stdin).encode())
+    if proc.returncode != 0:
+        raise RuntimeError(f"scale-out helper {args[0]!r} exited with {proc.returncode}:\n{err.decode()[-3000:]}")
+    data: dict[str, Any] = json.loads(out.decode().splitlines()[-1])
+    return data
+
+
+def _describe(root: Path) -> str:
+    """A checkout: where, at which commit, with local changes to the code or not."""
+    git = ["git", "-C", str(root)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "busagents", "agents", "contracts"],
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
+    except OSError:
+        return str(root)
+    if not commit:
+        return str(root)
+    return f"{root} at {commit}" + (f" with uncommitted changes to {len(changed)} files" if changed else "")
+
+
+async def _prepare(flights: int, passengers: int, tmp: Path) -> _Day:
+    store = tmp / "bookings.sqlite3"
+    got = await _helper("load", str(store), str(flights), str(passengers), str(SEED), cwd=tmp)
+    code = _describe(Path(got["busagents"]).parents[1])  # <root>/busagents/__init__.py
+    flight_code = _describe(Path(got["busagents_flight"]).parents[2])  # <root>/agents/busagents_flight/
+    if flight_code != code:
+        code = f"busagents from {code}, busagents_flight from {flight_code}"
+    return _Day(flights, passengers, store, got["status_updates"], got["cancelled"], code)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _cpu_when_server_starts(proc: asyncio.subprocess.Process) -> float:
+    """The demo's CPU time when its nats-server appears (the day is generated by then)."""
+    root = psutil.Process(proc.pid)
+    while proc.returncode is None:
+        with contextlib.suppress(psutil.Error):
+            if any(kid.name().startswith("nats-server") for kid in root.children()):
+                times = root.cpu_times()
+                return float(times.user + times.system)
+        await asyncio.sleep(0.02)
+    return 0.0
+
+
+async def _single(day: _Day, timeout: float) -> _Run:
+    with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name:
+        tmp = Path(name)
+        report = tmp / "report.json"
+        args = ["--flights", str(day.flights), "--passengers", str(day.passengers), "--seed", str(SEED)]
+        args += ["--day-seconds", "0", "--timeout", str(timeout), "--report", str(report), "--quiet", "--no-live"]
+        before = _children_cpu()
+        started = time.perf_counter()
+        proc = await _python("-m", "busagents", "demo", *args, cwd=tmp, env=_env(day, tmp))
+        try:
+            at_server = await _cpu_when_server_starts(proc)
+            async with asyncio.timeout(timeout + 60):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        wall = time.perf_counter() - started
+        whole = _children_cpu() - before
+        if code != 0:
+            raise RuntimeError(f"busagents demo {' '.join(args)} exited with {code}:\n{_tail(tmp)}")
+        r = json.loads(report.read_text())
+    return _Run(
+        run_s=r["run_seconds"],
+        wall_s=wall,
+        affected=r["affected"],
+        notified=r["notified"],
+        seat_conflicts=r["seat_conflicts"],
+        stranded=r.get("stranded", 0),
+        redecided=r["redecided"],
+        dead_lettered=r["dead_lettered"],
+        cpu_s=whole - at_server,
+        whole_cpu_s=whole,
+    )
+
+
+class _Meter:
+    """CPU time of each process of the swarm, from when the run started (or it was ready) to the end."""
+
+    def __init__(self, fixed: dict[int, str]) -> None:
+        self.roles = dict(fixed)  # pid -> stage
+        self._procs: dict[int, psutil.Process] = {}
+        self.start: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.running = False
+
+    def _cpu(self, pid: int) -> float | None:
+        try:
+            proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
+            times = proc.cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
+
+    def _begin(self, pid: int) -> None:
+        cpu = self._cpu(pid)
+        if cpu is not None:
+            self.start[pid] = self.last[pid] = cpu
+
+    def ready(self, pid: int, stage: str) -> None:
+        """A process announced itself (its first heartbeat)."""
+        if pid not in self.roles:
+            self.roles[pid] = stage
+            if self.running:
+                self._begin(pid)
+
+    def begin(self) -> None:
+        """The first status update: count from now every process already there."""
+        self.running = True
+        for pid in self.roles:
+            self._begin(pid)
+
+    def sample(self) -> None:
+        """Read every process again (the last reading stays for one that ended)."""
+        for pid in self.start:
+            cpu = self._cpu(pid)
+            if cpu is not None:
+                self.last[pid] = cpu
+
+    def by_stage(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for pid, start in self.start.items():
+            out[self.roles[pid]] += self.last[pid] - start
+        return out
+
+
+class _Disruption(msgspec.Struct):
+    disruption_id: str
+
+
+class _Assessed(msgspec.Struct):
+    disruption_id: str
+    affected_passengers: int
+
+
+class _Notified(msgspec.Struct):
+    disruption_id: str
+    passenger_id: str
+
+
+class _Stats(msgspec.Struct):
+    handled: int = 0
+    dead_lettered: int = 0
+    instance: str = ""
+
+
+_disruption = msgspec.json.Decoder(_Disruption).decode
+_assessed = msgspec.json.Decoder(_Assessed).decode
+_notified = msgspec.json.Decoder(_Notified).decode
+_stats = msgspec.json.Decoder(_Stats).decode
+
+
+class _Watch:
+    """What a plain subscriber sees of one swarm run: its clock, its counts, when it is done."""
+
+    def __init__(self, meter: _Meter, status_updates: int) -> None:
+        self.meter = meter
+        self.expected = status_updates
+        self.status = 0
+        self.first_status = 0.0
+        self.last_notified = 0.0
+        self.last_new = time.monotonic()
+        self.disruptions: set[str] = set()
+        self.assessed: dict[str, int] = {}  # disruption id -> affected passengers, the last assessment
+        self.notified: dict[str, set[str]] = defaultdict(set)
+        self.rejected = 0
+        self.stats: dict[str, dict[int, _Stats]] = defaultdict(dict)  # agent -> pid -> last heartbeat
+
+    async def subscribe(self, bus: Bus) -> None:
+        for subject, cb in (
+            ("travel.flight.status.>", self._status),
+            ("travel.flight.delayed.>", self._disruption),
+            ("travel.flight.cancelled.>", self._disruption),
+            ("travel.disruption.assessed.>", self._assessed),
+            ("travel.booking.changed.>", self._changed),
+            ("travel.booking.rejected.>", self._rejected),
+            ("travel.passenger.notified.>", self._notified),
+            ("busagents.stats.>", self._heartbeat),
+        ):
+            await bus.nc.subscribe(subject, cb=cb)
+        await bus.flush()
+
+    async def _status(self, msg: Msg) -> None:
+        self.status += 1
+        self.last_new = time.monotonic()
+        if not self.meter.running:
+            self.first_status = self.last_new
+            self.meter.begin()
+
+    async def _disruption(self, msg: Msg) -> None:
+        self.disruptions.add(_disruption(msg.data).disruption_id)
+        self.last_new = time.monotonic()
+
+    async def _assessed(self, msg: Msg) -> None:
+        e = _assessed(msg.data)
+        self.assessed[e.disruption_id] = e.affected_passengers
+        self.last_new = time.monotonic()
+
+    async def _changed(self, msg: Msg) -> None:
+        self.last_new = time.monotonic()
+
+    async def _rejected(self, msg: Msg) -> None:
+        self.rejected += 1
+        self.last_new = time.monotonic()
+
+    async def _notified(self, msg: Msg) -> None:
+        e = _notified(msg.data)
+        told = self.notified[e.disruption_id]
+        if e.passenger_id not in told:
+            told.add(e.passenger_id)
+            self.last_new = self.last_notified = time.monotonic()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        stats = _stats(msg.data)
+        agent = msg.subject.removeprefix("busagents.stats.")
+        pid = int(stats.instance.rpartition(":")[2])
+        self.stats[agent][pid] = stats
+        self.meter.ready(pid, agent)
+
+    def handled(self, agent: str) -> int:
+        return sum(s.handled for s in self.stats[agent].values())
+
+    @property
+    def affected(self) -> int:
+        return sum(self.assessed.values())
+
+    @property
+    def told(self) -> int:
+        return sum(len(told) for told in self.notified.values())
+
+    def done(self) -> bool:
+        return (
+            self.status >= self.expected
+            and self.handled("flight-monitor") >= self.expected
+            and self.handled("flight-context") >= self.expected
+            and self.disruptions.issubset(self.assessed)
+            and all(len(self.notified.get(d, ())) >= n for d, n in self.assessed.items())
+        )
+
+    def summary(self) -> str:
+        waiting = {d: n - len(self.notified.get(d, ())) for d, n in self.assessed.items()}
+        waiting = {d: n for d, n in waiting.items() if n > 0}
+        beats = {agent: len(pids) for agent, pids in sorted(self.stats.items())}
+        return (
+            f"status updates seen {self.status:,} of {self.expected:,}; handled by flight-monitor "
+            f"{self.handled('flight-monitor'):,}, flight-context {self.handled('flight-context'):,}; disruptions "
+            f"{len(self.disruptions)}, assessed {len(self.assessed)}; {sum(waiting.values()):,} passengers of "
+            f"{len(waiting)} disruptions not notified; processes heartbeating per agent: {beats}"
+        )
+
+    async def until_done(self, proc: asyncio.subprocess.Process, cwd: Path, timeout: float) -> None:
+        started = sampled = time.monotonic()
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            if proc.returncode is not None:
+                what = f"swarm up exited with {proc.returncode} during the run"
+                raise RuntimeError(f"{what}; {self.summary()}\n{_tail(cwd)}")
+            if now - sampled >= 1.0:
+                self.meter.sample()
+                sampled = now
+            if self.done() and now - self.last_new >= QUIET:
+                self.meter.sample()
+                return
+            if not self.meter.running and now - started > 180:
+                raise RuntimeError(f"the swarm's feed did not start within 180 s; {self.summary()}\n{_tail(cwd)}")
+            if now - started > timeout or (self.meter.running and now - self.last_new > STALL):
+                what = f"after {now - started:.0f} s" if now - started > timeout else f"nothing new for {STALL:g} s"
+                raise RuntimeError(f"the swarm's day did not finish ({what}): {self.summary()}\n{_tail(cwd)}")
+
+
+def _swarm_file(replicas: int) -> str:
+    tables = [f"[agents.{name}]\nreplicas = {replicas}\n" for name in AGENTS]
+    return "\n".join([*tables, f"[agents.{FEED}]\nreplicas = 1\nrestart = false  # plays the day once\n"])
+
+
+async def _stop(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> int:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
+    with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name, NatsServer() as server:
+        tmp = Path(name)
+        env = _env(day, tmp)
+        for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
+            shutil.copy(part, Path(env["BUSAGENTS_FLIGHT_STORE"]).with_name(part.name))
+        config = tmp / "swarm.toml"
+        config.write_text(_swarm_file(replicas))
+        assert server.process is not None
+        watch = _Watch(_Meter({server.process.pid: SERVER}), day.status_updates)
+        bus = await Bus.connect(server.url, name="bench-scaleout")
+        try:
+            await watch.subscribe(bus)
+            started = time.perf_counter()
+            proc = await _python("-m", "busagents", "swarm", "up", str(config), "--nats", server.url, cwd=tmp, env=env)
+            watch.meter.ready(proc.pid, SUPERVISOR)
+            try:
+                await watch.until_done(proc, tmp, timeout)
+            finally:
+                code = await _stop(proc)
+            wall = time.perf_counter() - started
+        finally:
+            await bus.close()
+        if code != 0:
+            raise RuntimeError(f"swarm up exited with {code} when stopped (a replica did not drain):\n{_tail(tmp)}")
+        audit = await _helper(
+            "audit", env["BUSAGENTS_FLIGHT_STORE"], str(day.flights), "0", "0", cwd=tmp, stdin=day.cancelled
+        )
+    cpu = watch.meter.by_stage()
+    stages = {stage: (watch.handled(stage), cpu.get(stage, 0.0)) for stage in STAGES}
+    return _Run(
+        run_s=watch.last_notified - watch.first_status,
+        wall_s=wall,
+        affected=watch.affected,
+        notified=watch.told,
+        seat_conflicts=audit["seat_conflicts"],
+        stranded=audit["stranded"],
+        redecided=watch.rejected,
+        dead_lettered=sum(s.dead_lettered for pids in watch.stats.values() for s in pids.values()),
+        cpu_s=sum(cpu.values()),
+        status_updates=watch.status,
+        stages=stages,
+    )
+
+
+def _outcomes(runs: list[_Run]) -> str:
+    each = ", ".join(
+        f"{r.affected:,}/{r.notified:,}/{r.seat_conflicts}/{r.stranded}/{r.redecided}/{r.dead_lettered}" for r in runs
+    )
+    return f"affected/notified/seat conflicts/stranded/re-decisions/dead letters: {each}"
+
+
+def _results(runs: dict[int, list[_Run]]) -> list[Result]:
+    single = [r.run_s for r in runs[0]]
+    out: list[Result] = []
+    for mode, label in LABELS.items():
+        rs = runs[mode]
+        cpu = (
+            f"the demo and its nats-server after it started; the whole command: "
+            f"{median(r.whole_cpu_s for r in rs):.1f} CPU-s"
+            if mode == 0
+            else f"all processes: {median(r.cpu_s for r in rs):.1f} CPU-s"
+        )
+        out += [
+            Result(
+                NAME,
+                f"{label}: run time",
+                "s",
+                [r.run_s for r in rs],
+                higher_is_better=False,
+                ratio=median(ratios([r.run_s for r in rs], single)),
+                note=_outcomes(rs),
+            ),
+            Result(NAME, f"{label}: wall time of the command", "s", [r.wall_s for r in rs], higher_is_better=False),
+            Result(
+                NAME,
+                f"{label}: CPU per affected passenger",
+                "CPU-ms",
+                [r.cpu_ms_per_affected for r in rs],
+                higher_is_better=False,
+                note=cpu,
+            ),
+        ]
+        if mode == 0:
+            continue
+        for stage in STAGES:
+            ms = median(1000 * r.stages[stage][1] / max(r.affected, 1) for r in rs)
+            if stage == FEED:
+                count = f"{median(r.status_updates for r in rs):,.0f} status updates published, "
+            elif stage in AGENTS:
+                count = f"{median(r.stages[stage][0] for r in rs):,.0f} msgs handled, "
+            else:
+                count = ""
+            out.append(
+                Result(
+                    NAME,
+                    f"{label}: {stage}",
+                    "CPU-s",
+                    [r.stages[stage][1] for r in rs],
+                    higher_is_better=False,
+                    note=f"{count}{ms:.3f} CPU-ms per affected passenger",
+                )
+            )
+    return out
+
+
+def _checks(runs: dict[int, list[_Run]]) -> list[Check]:
+    run_s = {mode: [r.run_s for r in rs] for mode, rs in runs.items()}
+    cpu_ms = {mode: median(r.cpu_ms_per_affected for r in rs) for mode, rs in runs.items()}
+    served = [r.served for rs in runs.values() for r in rs]
+    medians = ", ".join(f"{LABELS[mode]} {median(s):.1f} s" for mode, s in run_s.items())
+    return [
+        Check(
+            "Flight day run time, swarm with 2 replicas of every agent / single process",
+            median(ratios(run_s[2], run_s[0])),
+            0.6,
+            at_least=False,
+            detail=f"medians: {medians}",
+        ),
+        Check(
+            "CPU-ms per affected passenger, swarm with 2 replicas (all processes, day generation excluded)",
+            cpu_ms[2],
+            BASELINE_CPU_MS_PER_AFFECTED / 2,
+            at_least=False,
+            detail=(
+                f"half of {BASELINE_CPU_MS_PER_AFFECTED:.3f} ms, the swarm with 1 replica measured "
+                f"{BASELINE_MEASURED}; now 1 replica {cpu_ms[1]:.3f} ms, single process {cpu_ms[0]:.3f} ms"
+            ),
+        ),
+        Check(
+            "Scale-out runs with notified == affected, 0 seat conflicts, 0 stranded, 0 dead letters (share)",
+            sum(served) / len(served),
+            1.0,
+            at_least=True,
+            detail=f"{sum(served)} of {len(served)} runs",
+        ),
+    ]
+
+
+async def run(*, flights: int, passengers: int, reps: int) -> tuple[list[Result], list[Check], str]:
+    timeout = max(300.0, passengers / 250)
+    runs: dict[int, list[_Run]] = {mode: [] for mode in LABELS}
+    with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as tmp:
+        day = await _prepare(flights, passengers, Path(tmp))
+        for rep in range(reps):
+            for mode in (0, 1, 2) if rep % 2 == 0 else (2, 1, 0):
+                runs[mode].append(await (_swarm(day, mode, timeout) if mode else _single(day, timeout)))
+    method = METHOD.format(
+        flights=flights,
+        passengers=passengers,
+        seed=SEED,
+        status_updates=day.status_updates,
+        code=day.code,
+        agents=", ".join(f"`{a}`" for a in AGENTS),
+        feed=FEED,
+        quiet=QUIET,
+        baseline=f"{BASELINE_CPU_MS_PER_AFFECTED:.3f} CPU-ms, {BASELINE_MEASURED}",
+    )
+    return _results(runs), _checks(runs), method
