@@ -310,3 +310,42 @@ async def test_a_cabin_with_fewer_free_seats_than_passengers_rejects_with_the_ta
     last = await store.apply(_rebook(single, flight_id, [seats[0]], cabin))  # one passenger: the last seat
     assert isinstance(last, BookingChanged) and last.new_legs[0].seats == [seats[1]]
     assert await store.seat_conflicts() == 0
+
+
+async def test_postgres_waits_for_a_transaction_selling_the_seat_then_reseats_the_group(pg_skip_reason: str) -> None:
+    if pg_skip_reason:
+        pytest.skip(pg_skip_reason)
+    schema = f"flight_test_{uuid.uuid4().hex[:10]}"
+    store = PostgresStore(PG_DSN, schema=schema, connections=1, seat_maps=MAPS)
+    await store.open()
+    await store.load(DAY.bookings)
+    _, group, flight_id, seats = _pairs_and_a_free_row(DAY)
+    try:
+        async with (
+            await psycopg.AsyncConnection.connect(PG_DSN) as seller,
+            await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as watcher,
+        ):
+            await seller.execute(f"SET search_path TO {schema}")
+            await seller.execute("INSERT INTO seats VALUES (%s, %s, 'HOLD', 'HOLD-1')", (flight_id, seats[0]))
+            applying = asyncio.create_task(store.apply(_rebook(group, flight_id, seats, group.legs[0].cabin)))
+            blocked = "SELECT 1 FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+            async with asyncio.timeout(10):  # until the store's insert waits for the seller's row
+                while await (await watcher.execute(blocked, (seller.info.backend_pid,))).fetchone() is None:
+                    assert not applying.done(), applying.result()
+            await seller.commit()
+            outcome = await applying
+            sold = await watcher.execute(
+                f"SELECT seat FROM {schema}.seats WHERE booking_id = %s AND flight_id = %s ORDER BY seat",
+                (group.booking_id, flight_id),
+            )
+            sold_seats = [r[0] for r in await sold.fetchall()]  # the first, partly sold attempt was undone
+        assert isinstance(outcome, BookingChanged)
+        got = outcome.new_legs[0].seats
+        assert seats[0] not in got and len({s[:-1] for s in got}) == 1
+        assert sold_seats == sorted(got)
+        assert outcome.rationale.endswith(f"{seats[0]} taken, got {', '.join(got)}")
+        after = await store.booking(group.booking_id)
+        assert after is not None and after.legs == outcome.new_legs
+    finally:
+        await store.drop()
+        await store.close()

@@ -142,7 +142,7 @@ class SeatMaps:
 
 
 class SeatTaken(Exception):
-    """Raised inside a store transaction: these seats (``flight/seat``) are sold and the cabin has no room left."""
+    """Raised inside a store transaction: these seats (``flight/seat``) are sold and no others fit the group."""
 
     def __init__(self, seats: list[str]) -> None:
         super().__init__(", ".join(seats))
@@ -325,7 +325,7 @@ def seat_taken(decision: RebookPassenger, current: Booking | None, seats: list[s
         booking_id=decision.booking_id,
         reason="seat_taken",
         passenger_ids=decision.passenger_ids,
-        detail=f"already sold, and no room for the group in the cabin: {', '.join(seats)}",
+        detail=f"already sold, and no other seats for the whole group in the cabin: {', '.join(seats)}",
         taken_seats=seats,
         current=current,
         attempt=decision.attempt,
