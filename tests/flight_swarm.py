@@ -90,7 +90,7 @@ class SwarmUp:
         victims = self.replicas(agent)
         assert victims, f"no running replica of {agent}\n{self.output()}"
         victims[0].send_signal(signal.SIGKILL)
-        return victims[0].pid
+        return int(victims[0].pid)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
