@@ -34,6 +34,19 @@ __all__ = ["ViewConsumer", "view_permissions"]
 
 log = logging.getLogger("busagents.view")
 
+#: Seconds between the server's idle heartbeats on a view's consumer; two missed ones mean it is gone.
+_HEARTBEAT = 2.0
+
+
+def _heartbeat_check_died(psub: Any) -> bool:
+    """True when nats-py's heartbeat check of an ordered push subscription ended (it gave up on it).
+
+    nats-py 2.x internals (``Subscription._jsi._hbtask``): read here only, behind this one function.
+    """
+    jsi = getattr(getattr(psub, "_sub", None), "_jsi", None)
+    task = getattr(jsi, "_hbtask", None)
+    return bool(task is not None and task.done())
+
 
 class ViewConsumer:
     """One replica's ordered, ack-less replay of a stream, then its live tail.
@@ -60,6 +73,8 @@ class ViewConsumer:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._backlog = 0  # messages the stream held at start: handled before we are ready
+        self._last = 0  # stream sequence of the last message handled
+        self._watchdog: asyncio.Task[None] | None = None
         self.handled = 0
         self.replay_seconds = 0.0
 
@@ -67,20 +82,48 @@ class ViewConsumer:
         """Create the ordered consumer and start handling; returns before the replay is done."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self._sub = await self._js.subscribe(
-            self.filter_subject,
-            stream=self.stream,
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.ALL,
-            idle_heartbeat=5.0,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
-        )
+        self._sub = await self._subscribe(None)
         info = await self._sub.consumer_info()
         self._backlog = int(info.num_pending or 0) + int(info.delivered.consumer_seq or 0)
         if self._backlog == 0:
             self._mark_ready(started)
         self._task = asyncio.create_task(self._loop(started), name=f"view:{self.label}")
+        self._watchdog = asyncio.create_task(self._watch(), name=f"view-watchdog:{self.label}")
+
+    async def _subscribe(self, from_seq: int | None) -> Any:
+        """An ordered consumer from the stream's start, or from ``from_seq``."""
+        config = None
+        if from_seq is not None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq)
+        return await self._js.subscribe(
+            self.filter_subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            config=config,
+            deliver_policy=None if config else api.DeliverPolicy.ALL,
+            idle_heartbeat=_HEARTBEAT,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+
+    async def _watch(self) -> None:
+        """nats-py recreates an ordered consumer that went silent (a server or leader lost) from a task
+        that ends for good if that recreation fails (a cluster still electing): then do it ourselves,
+        from the message after the last one handled."""
+        while True:
+            await asyncio.sleep(_HEARTBEAT * 2)
+            if not _heartbeat_check_died(self._sub):
+                continue
+            log.warning("view %s: its ordered consumer stopped; resuming after sequence %d", self.label, self._last)
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self._sub.unsubscribe()
+            while True:
+                try:
+                    self._sub = await self._subscribe(self._last + 1)
+                    break
+                except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.warning("view %s: could not resume yet (%r); trying again", self.label, exc)
+                    await asyncio.sleep(_HEARTBEAT)
 
     def _mark_ready(self, started: float) -> None:
         if not self._ready.is_set():
@@ -89,24 +132,31 @@ class ViewConsumer:
             log.info("view %s ready: %d message(s) replayed in %.2fs", self.label, self.handled, self.replay_seconds)
 
     async def _loop(self, started: float) -> None:
-        sub = self._sub
         handle = self._handle
         while True:
+            sub = self._sub
             try:
-                msg = await sub.next_msg(timeout=None)
-            except nats.errors.TimeoutError:
+                msg = await sub.next_msg(timeout=_HEARTBEAT)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue  # or the watchdog replaced the subscription: read the new one
+            except nats.errors.BadSubscriptionError:
+                await asyncio.sleep(0.1)  # replaced by the watchdog in the meantime
                 continue
+            try:
+                meta = msg.metadata
+                seq, pending = int(meta.sequence.stream), meta.num_pending
+            except Exception:
+                seq, pending = self._last + 1, None
+            if seq <= self._last:
+                continue  # a resumed consumer may start with what we already have
+            self._last = seq
             try:
                 await handle(msg)
             except Exception:
                 log.exception("view %s: unhandled error on %s", self.label, msg.subject)
             self.handled += 1
-            if not self._ready.is_set():
-                pending = None
-                with contextlib.suppress(Exception):
-                    pending = msg.metadata.num_pending
-                if self.handled >= self._backlog or pending == 0:
-                    self._mark_ready(started)
+            if not self._ready.is_set() and (self.handled >= self._backlog or pending == 0):
+                self._mark_ready(started)
 
     async def ready(self, timeout: float | None = None) -> None:
         """Wait until the replay of what the stream held at start is handled."""
@@ -118,11 +168,12 @@ class ViewConsumer:
 
     async def stop(self) -> None:
         """Stop after the message in hand (if any); the ordered consumer is ephemeral and goes with us."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._watchdog, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._watchdog = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 await self._sub.unsubscribe()

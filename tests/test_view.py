@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -144,3 +145,21 @@ def test_view_permissions_allow_an_ordered_consumer_and_no_shared_one() -> None:
     perms = Graph([PriceBook]).permissions()["price-book"]
     assert "$JS.API.CONSUMER.CREATE.BA_PriceSet" in perms["publish"]
     assert not any(p.startswith("$JS.API.CONSUMER.MSG.NEXT.") for p in perms["publish"])
+
+
+async def test_a_view_follows_the_stream_across_a_server_restart(tmp_path: Path) -> None:
+    with NatsServer(store_dir=tmp_path / "js") as server:
+        bus = await Bus.connect(server.url, name="view-restart")
+        book = PriceBook("r")
+        try:
+            async with run_agents(bus, book):
+                for i in range(50):
+                    await bus.publish(PriceSet(item=f"i{i}", cents=i))
+                await _until((book,), lambda: len(book.prices) == 50)
+                await asyncio.to_thread(server.restart)
+                for i in range(50, 100):
+                    await bus.publish(PriceSet(item=f"i{i}", cents=i))
+                await _until((book,), lambda: len(book.prices) == 100, timeout=20)
+        finally:
+            await bus.close()
+    assert book.prices == {f"i{i}": i for i in range(100)}
