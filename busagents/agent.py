@@ -123,7 +123,7 @@ class Agent:
     #: JetStream key-value buckets this agent keeps state in (``ctx.state(bucket, Type)``).
     state_buckets: ClassVar[tuple[str, ...]] = ()
     #: True for an agent that must run as exactly one instance (it keeps state no replica could
-    #: share): ``swarm check`` warns when a swarm gives it replicas and ``swarm up`` refuses.
+    #: share): ``swarm check`` reports a swarm that gives it replicas as an error and ``swarm up`` refuses it.
     singleton: ClassVar[bool] = False
 
     handlers: ClassVar[dict[type[Any], Handler]] = {}
