@@ -124,6 +124,7 @@ class _Progress:
         self.notified: set[tuple[str, str]] = set()
         self.dead_letters: list[str] = []
         self.monitor_caught_up = False
+        self.monitors: dict[str, tuple[int, int]] = {}  # instance -> (handled, in flight)
         self.done = asyncio.Event()
 
     def check(self) -> None:
@@ -168,9 +169,12 @@ async def _watch(admin: Bus, progress: _Progress) -> list[Any]:
     async def on_monitor_beat(msg: Msg) -> None:
         # handled counts status updates and booking changes; every disruption the monitor publishes
         # goes out before the heartbeat that counts its update (one connection: in order)
+        # (summed over the monitor's replicas, each with its own heartbeats)
         beat = stats.decode(msg.data)
-        if beat["in_flight"] == 0 and progress.status == progress.updates:
-            progress.monitor_caught_up = beat["handled"] >= progress.updates + progress.changed
+        progress.monitors[beat["instance"]] = (beat["handled"], beat["in_flight"])
+        if progress.status == progress.updates and all(busy == 0 for _, busy in progress.monitors.values()):
+            handled = sum(h for h, _ in progress.monitors.values())
+            progress.monitor_caught_up = handled >= progress.updates + progress.changed
             progress.check()
 
     nc = admin.nc
