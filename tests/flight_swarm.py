@@ -1,5 +1,6 @@
 """Helpers of the flight swarm tests: run ``busagents swarm up`` on a test's own nats-server, wait
-until the day has settled, and read what happened from JetStream, the outbox and the booking store."""
+until the day has settled, and read what happened from JetStream, the outbox and the booking store.
+On a cluster: each replica a ``busagents run`` on a node of its own, and the day settled by name."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import nats.aio.msg
 import nats.errors
 import nats.js.errors
 import psutil
@@ -284,3 +287,124 @@ def check_disruptions(found: list[FlightDelayed | FlightCancelled], day: Airline
 def the_day(flights: int = 40, passengers: int = 3000, seed: int = 7) -> tuple[AirlineDay, int]:
     day = generate(flights, passengers, seed)
     return day, len(status_feed(day))
+
+
+class AgentRun:
+    """``busagents run NAME --nats URL`` as a child process (one replica), its output in ``log``."""
+
+    def __init__(self, name: str, url: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.url = url
+        self.log = log
+        self._terminated = False
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "busagents", "--log-level", "INFO", "run", name, "--nats", url],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def instance(self) -> str:
+        """How its heartbeats name it (``host:pid``)."""
+        return f"{socket.gethostname()}:{self.process.pid}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def terminate(self) -> None:
+        """Ask it to drain and stop (once: a second SIGTERM would cut the drain short)."""
+        if not self._terminated and self.process.poll() is None:
+            self._terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        self.terminate()
+        try:
+            return int(self.process.wait(60))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return int(self.process.wait())
+
+
+async def wait_for_instances(bus: Bus, instances: dict[str, set[str]], timeout: float) -> None:
+    """Wait until every instance (``host:pid``) of every agent (name -> instances) sent a heartbeat."""
+    missing = {(agent, i) for agent, found in instances.items() for i in found}
+    done = asyncio.get_running_loop().create_future()
+
+    async def on_beat(msg: nats.aio.msg.Msg) -> None:
+        missing.discard((msg.subject.rsplit(".", 1)[-1], json.loads(msg.data).get("instance")))
+        if not missing and not done.done():
+            done.set_result(None)
+
+    sub = await bus.nc.subscribe("busagents.stats.*", cb=on_beat)
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        raise AssertionError(f"no heartbeat within {timeout}s from {sorted(missing)}") from None
+    finally:
+        await sub.unsubscribe()
+
+
+# A cluster's listings (STREAM.LIST, CONSUMER.LIST) leave out, after a few seconds, what a busy or
+# electing node did not answer: on a cluster, ask each stream and consumer by name instead.
+
+
+async def wait_for_stored(bus: Bus, stream: str, stored: int, timeout: float) -> None:
+    """Wait until ``stream`` holds ``stored`` messages (asked by name: fit for a cluster)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    held: int | str = 0
+    while True:
+        try:
+            held = int((await bus.js.stream_info(stream)).state.messages)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            held = repr(exc)
+        if isinstance(held, int) and held >= stored:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{stream}: {stored} messages not stored within {timeout}s: {held}")
+        await asyncio.sleep(0.1)
+
+
+async def durable_consumers(bus: Bus) -> dict[str, list[str]]:
+    """The durable consumers of every ``BA_`` stream (from the cluster's assignments: the NAMES requests)."""
+    found: dict[str, list[str]] = {}
+    for stream in await _names(bus, "$JS.API.STREAM.NAMES", "streams"):
+        if stream.startswith("BA_"):
+            found[stream] = []
+            for name in await _names(bus, f"$JS.API.CONSUMER.NAMES.{stream}", "consumers"):
+                if (await bus.js.consumer_info(stream, name)).config.durable_name:
+                    found[stream].append(name)
+    return found
+
+
+async def _names(bus: Bus, subject: str, key: str) -> list[str]:
+    reply = json.loads((await bus.nc.request(subject, b"", timeout=5)).data)
+    assert "error" not in reply and reply["total"] <= reply["limit"], f"{subject}: {reply}"
+    return sorted(reply[key] or [])
+
+
+async def settle_consumers(bus: Bus, consumers: dict[str, list[str]], updates: int, timeout: float) -> None:
+    """:func:`settle` for a cluster: the feed and each of ``consumers`` (stream -> names) asked by name."""
+    await wait_for_stored(bus, f"BA_{contract_info(FlightStatusUpdated).name}", updates, timeout)
+    deadline = asyncio.get_running_loop().time() + timeout
+    quiet = 0
+    while True:
+        busy = []
+        for stream, names in consumers.items():
+            for name in names:
+                try:
+                    c = await bus.js.consumer_info(stream, name)
+                except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    busy.append(f"{stream}/{name}: {exc!r}")
+                    continue
+                if c.num_pending or c.num_ack_pending:
+                    busy.append(f"{stream}/{name}: {c.num_pending} pending, {c.num_ack_pending} ack")
+        quiet = quiet + 1 if not busy else 0
+        if quiet >= 3:  # three reads in a row: nothing is pending, in flight or being redelivered
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the day did not settle within {timeout}s: {busy}")
+        await asyncio.sleep(0.2)
