@@ -68,8 +68,8 @@ async def test_a_node_killed_mid_day_still_serves_everyone_exactly_once(tmp_path
             info = await bus.js.stream_info(FEED_STREAM)
             assert info.config.num_replicas == 3 and info.cluster is not None
             victim = next(s for s in nodes if s.name == info.cluster.leader)
-            victim.kill()
             killed_at = time.time()
+            victim.kill()
             stored_at_kill = int(info.state.messages)
             assert stored_at_kill < UPDATES, "the feed was over before the node died: nothing was tested"
             await settle_consumers(bus, consumers, UPDATES, timeout=150)
