@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .contract import contract_info
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from .agent import Agent
     from .bus import Bus
     from .state import State
+    from .view import ViewConsumer
 
 __all__ = ["Context"]
 
@@ -31,7 +33,7 @@ class Context:
     unless ``conversation_id`` is given.
     """
 
-    __slots__ = ("_derive_ids", "_envelope", "_headers", "_published", "agent", "bus", "log", "subject")
+    __slots__ = ("_derive_ids", "_envelope", "_headers", "_published", "_views", "agent", "bus", "log", "subject")
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class Context:
         envelope: Envelope | None = None,
         *,
         derive_ids: bool = False,
+        views: Sequence[ViewConsumer] = (),
     ) -> None:
         self.agent = agent
         self.bus = bus
@@ -52,6 +55,7 @@ class Context:
         self._envelope = envelope
         self._derive_ids = derive_ids
         self._published = 0
+        self._views = views
 
     @property
     def envelope(self) -> Envelope | None:
@@ -86,22 +90,33 @@ class Context:
                 f"agent {self.agent.name!r} may not send {name}: add it to {type(self.agent).__name__}.produces"
             )
 
-    async def publish(self, message: Any, *, conversation_id: str | None = None) -> Envelope:
+    async def publish(self, message: Any, *, conversation_id: str | None = None, msg_id: str | None = None) -> Envelope:
         """Publish a declared Event or Command, caused by the message being handled.
 
         In a durable handler the n-th publish gets an id derived from the handled message's
-        id, so a redelivery republishes the same ids and the copies are dropped.
+        id, so a redelivery republishes the same ids and the copies are dropped. ``msg_id``
+        gives an id of your own instead (stable across retries, e.g. from your state), for a
+        message that another delivery than this one may have to publish again.
         """
         self._check(message)
-        msg_id = None
         if self._derive_ids:
             cause_id = self.message_id
-            if cause_id is not None:
+            if msg_id is None and cause_id is not None:
                 msg_id = derived_id(cause_id, self.agent.name, self._published)
             self._published += 1
         return await self.bus.publish(
             message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id, msg_id=msg_id
         )
+
+    async def catch_up(self, timeout: float = 10.0) -> None:
+        """Wait until the agent's views (``@on(C, view=True)``) hold every event stored before this call.
+
+        Call it before answering from a view when the answer must not be older than the event
+        stream (an event published before the question is in the answer). Nothing to wait for
+        in an agent without views.
+        """
+        for view in self._views:
+            await view.catch_up(timeout)
 
     async def state(self, bucket: str, type_: type[T]) -> State[T]:
         """The agent's key-value state ``bucket`` (declared in ``state_buckets``), values of ``type_``."""

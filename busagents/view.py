@@ -75,6 +75,7 @@ class ViewConsumer:
         self._backlog = 0  # messages the stream held at start: handled before we are ready
         self._last = 0  # stream sequence of the last message handled
         self._watchdog: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # catch_up(): (stream sequence, waiter)
         self.handled = 0
         self.replay_seconds = 0.0
 
@@ -155,8 +156,42 @@ class ViewConsumer:
             except Exception:
                 log.exception("view %s: unhandled error on %s", self.label, msg.subject)
             self.handled += 1
+            if self._waiters:
+                self._wake(seq)
             if not self._ready.is_set() and (self.handled >= self._backlog or pending == 0):
                 self._mark_ready(started)
+
+    async def catch_up(self, timeout: float = 10.0) -> None:
+        """Wait until every message the stream holds *now* (for this view) has been handled.
+
+        For an answer that must not be older than the event stream: an event stored before
+        the question is in the view when this returns.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            info = await self._sub.consumer_info()
+            target = int(info.delivered.stream_seq or 0)
+            if self._last >= target and not info.num_pending:
+                return
+            if self._last < target:
+                waiter = loop.create_future()
+                self._waiters.append((target, waiter))
+                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+            elif loop.time() > deadline:
+                raise TimeoutError(f"view {self.label} did not catch up with its stream within {timeout}s")
+            else:
+                await asyncio.sleep(0.005)  # delivered up to target, more on the way to us
+
+    def _wake(self, seq: int) -> None:
+        keep = []
+        for target, waiter in self._waiters:
+            if seq >= target:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((target, waiter))
+        self._waiters = keep
 
     async def ready(self, timeout: float | None = None) -> None:
         """Wait until the replay of what the stream held at start is handled."""

@@ -126,6 +126,7 @@ class Worker:
         self._mailboxes: list[Mailbox] = []
         self._consumers: list[DurableConsumer] = []
         self._views: list[ViewConsumer] = []
+        self._agent_views: dict[str, list[ViewConsumer]] = {a.name: [] for a in agents}
         #: Seconds the views of each agent took to replay their streams before its queries were served.
         self.view_ready_seconds: dict[str, float] = {}
         self._unlisten: list[Callable[[], None]] = []
@@ -189,6 +190,7 @@ class Worker:
             consumer = ViewConsumer(self.bus.js, stream, filter_subject, handle, label=f"{agent.name}:{info.name}")
             await consumer.start()
             self._views.append(consumer)
+            self._agent_views[agent.name].append(consumer)
             consumers.append(consumer)
         for consumer in consumers:
             await consumer.ready()
@@ -361,6 +363,7 @@ class Worker:
         dead_letter = self._dead_letter_durable
         emit = self._emit
         max_deliver = d.max_deliver
+        views = self._agent_views[agent.name]
 
         async def handle(msg: Msg) -> None:
             headers = msg.headers
@@ -380,7 +383,7 @@ class Worker:
             except DecodeError as exc:
                 await dead_letter(agent, msg, subject, "decode", str(exc))
                 return
-            ctx = Context(agent, bus, logger, headers, subject, derive_ids=True)
+            ctx = Context(agent, bus, logger, headers, subject, derive_ids=True, views=views)
             stats.in_flight += 1
             try:
                 result = await func(body, ctx)
@@ -476,6 +479,7 @@ class Worker:
         version = str(info.version)
         reply_cls = info.reply if info.kind is Kind.QUERY else None
         bus = self.bus
+        views = self._agent_views[agent.name]  # filled before the agent's queries are subscribed
         logger = logging.getLogger(f"busagents.agent.{agent.name}")
         stats = self.stats[agent.name]
         # only a query's requester waits for an answer; any other reply subject is not ours to write to
@@ -503,7 +507,7 @@ class Worker:
             except DecodeError as exc:
                 await dead_letter(agent, msg, "decode", str(exc))
                 return
-            ctx = Context(agent, bus, logger, headers if headers is not None else {}, msg.subject)
+            ctx = Context(agent, bus, logger, headers if headers is not None else {}, msg.subject, views=views)
             stats.in_flight += 1
             try:
                 result = await func(body, ctx)

@@ -33,6 +33,11 @@ class AskTotal(msgspec.Struct):
     pass
 
 
+@query("test.view.fresh-total", reply=Total)
+class AskFreshTotal(msgspec.Struct):
+    pass
+
+
 class PriceBook(Agent):
     """A materialised view of the latest price of every item."""
 
@@ -55,6 +60,11 @@ class PriceBook(Agent):
 
     @on(AskTotal)
     async def total(self, q: AskTotal, ctx: Context) -> Total:
+        return Total(items=len(self.prices), cents=sum(self.prices.values()), replica=self.replica)
+
+    @on(AskFreshTotal)
+    async def fresh_total(self, q: AskFreshTotal, ctx: Context) -> Total:
+        await ctx.catch_up()  # not older than the stream
         return Total(items=len(self.prices), cents=sum(self.prices.values()), replica=self.replica)
 
 
@@ -163,3 +173,19 @@ async def test_a_view_follows_the_stream_across_a_server_restart(tmp_path: Path)
         finally:
             await bus.close()
     assert book.prices == {f"i{i}": i for i in range(100)}
+
+
+async def test_an_answer_after_catch_up_includes_every_event_stored_before_the_question(bus: Bus) -> None:
+    gate = asyncio.Event()
+    book = PriceBook("fresh", gate)
+    async with run_agents(bus, book):
+        await bus.publish(PriceSet(item="a", cents=5))  # stored; the view holds it at the gate
+        await asyncio.wait_for(book.at_gate.wait(), 5.0)
+        stale = await bus.request(AskTotal())
+        asking = asyncio.create_task(bus.request(AskFreshTotal(), timeout=5.0))
+        await asyncio.sleep(0)  # let the request go out
+        assert not asking.done()
+        gate.set()
+        fresh = await asking
+    assert stale.items == 0  # a plain read answers from the view as it is
+    assert (fresh.items, fresh.cents) == (1, 5)  # catch_up waited for the event stored before the question

@@ -51,6 +51,9 @@ class ContextAgent(Agent):
 
     @on(BookingsOnFlight)
     async def bookings_on_flight(self, q: BookingsOnFlight, ctx: Context) -> BookingsOnFlightReply:
+        # who is on a flight decides who is affected: not older than the event stream (a booking
+        # moved onto a flight just before its cancellation was announced is on it)
+        await ctx.catch_up()
         view = self.view
         bookings = view.bookings_on(q.flight_id)
         airports = {leg.origin for b in bookings for leg in b.legs} | {

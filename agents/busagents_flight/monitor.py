@@ -12,22 +12,28 @@ Replicable and restartable: the per-flight state lives in the agent-state bucket
 ``flight-monitor`` (JetStream KV), not in the process. The status feed's stream is
 partitioned by flight and each partition has one update in flight across all
 replicas, so one flight's updates are handled one at a time, in feed order, by
-whichever replica pulls them; each reads the flight's state, publishes what the
-update means, then writes the state back with compare-and-set. A disruption's id
-is derived from the update that caused it (``<flight>#<seq>``) and its message id
-from that update's id, so a replica that dies between the publish and the state
-write republishes the same message on redelivery and JetStream drops the copy: no
-disruption is announced twice, none is lost.
+whichever replica pulls them; each reads the flight's state, writes back the new
+state with compare-and-set, *with the disruption it reveals recorded in it*, then
+announces the disruption and clears it from the state. A disruption's id comes
+from the update that caused it (``<flight>#<seq>``) and its message id from the
+disruption id, so a replica that dies between the steps leaves the disruption in
+the state and the next update of that flight (or the redelivery) announces it; if
+it was announced already, JetStream drops the copy: none is announced twice, none
+is lost. Recording a cancellation before announcing it closes a race with a
+rebooking onto that flight: whoever sees the booking change after the record
+(:meth:`FlightMonitor.moved`) reports it, and the reasoner asking the context
+after the announcement finds the booking there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 from busagents_travel import BookingChanged, FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
 
-from busagents import Agent, Context, StateConflictError, on
+from busagents import Agent, Context, State, StateConflictError, on
 
 from .settings import FlightSettings
 
@@ -49,6 +55,9 @@ class FlightWatch(msgspec.Struct, kw_only=True, omit_defaults=True):
     delay_minutes: int = 0
     reported_delay: int = 0  # largest delay reported as a long delay
     missed: list[str] = []  # onward flights already reported as missed
+    #: A disruption recorded but not yet announced (one of the two; a union of structs needs tags).
+    delayed: FlightDelayed | None = None
+    cancelling: FlightCancelled | None = None
 
 
 class FlightMonitor(Agent):
@@ -76,28 +85,50 @@ class FlightMonitor(Agent):
             while True:
                 entry = await watches.entry(update.flight_id)
                 state = entry.value if entry is not None else FlightWatch()
+                if state.delayed is not None or state.cancelling is not None:
+                    # recorded by a replica that died before it could announce it: announce it now
+                    await self._announce(watches, update.flight_id, state, entry.revision if entry else 0, ctx)
+                    continue
                 if update.seq <= state.seq or state.cancelled is not None:
                     self.ignored += 1
                     return
                 disruption = await self._update(state, update, ctx)
-                if disruption is not None:
-                    await ctx.publish(disruption)  # before the state: a crash in between republishes it
-                try:
+                if isinstance(disruption, FlightDelayed):
+                    state.delayed = disruption
+                elif isinstance(disruption, FlightCancelled):
+                    state.cancelling = disruption
+                try:  # first the state (a cancellation is known before it is announced), then the news
                     if entry is None:
-                        await watches.create(update.flight_id, state)
+                        revision = await watches.create(update.flight_id, state)
                     else:
-                        await watches.update(update.flight_id, state, revision=entry.revision)
+                        revision = await watches.update(update.flight_id, state, revision=entry.revision)
                 except StateConflictError:
                     self.conflicts += 1  # a redelivered update raced its first delivery: read again
                     continue
                 if disruption is not None:
-                    self.disruptions += 1
-                    ctx.log.info("disruption %s", disruption)
+                    await self._announce(watches, update.flight_id, state, revision, ctx)
                 return
         finally:
             self.updates += 1
             async with self._progress:
                 self._progress.notify_all()
+
+    async def _announce(
+        self, watches: State[FlightWatch], flight_id: str, state: FlightWatch, revision: int, ctx: Context
+    ) -> None:
+        """Publish the disruption recorded in ``state``, then clear it there.
+
+        Its message id comes from the disruption id, so announcing it again (after a crash
+        between the two steps) is stored once.
+        """
+        disruption = state.delayed or state.cancelling
+        assert disruption is not None
+        await ctx.publish(disruption, msg_id=f"disruption.{disruption.disruption_id}")
+        self.disruptions += 1
+        ctx.log.info("disruption %s", disruption)
+        state.delayed = state.cancelling = None
+        with contextlib.suppress(StateConflictError):  # another replica announced and cleared it meanwhile
+            await watches.update(flight_id, state, revision=revision)
 
     async def _update(
         self, state: FlightWatch, u: FlightStatusUpdated, ctx: Context
