@@ -85,9 +85,10 @@ class ReasonerAgent(Agent):
                 if attempt <= MAX_ATTEMPTS
                 else f"no seat could be confirmed after {MAX_ATTEMPTS} attempts; an agent will follow up"
             )
+            decision_id = f"{d.disruption_id}/{rejection.booking_id}/{attempt}"
             await ctx.publish(
                 RebookPassenger(
-                    decision_id=f"{d.disruption_id}/{rejection.booking_id}/{attempt}",
+                    decision_id=decision_id,
                     disruption=d,
                     booking_id=rejection.booking_id,
                     action="keep",
@@ -95,12 +96,13 @@ class ReasonerAgent(Agent):
                     rationale=f"{d.number}: {note}",
                     attempt=attempt,
                     reasoner=self.fallback.name,
-                )
+                ),
+                msg_id=_decision_msg_id(decision_id),
             )
             return
         decisions = await self._decide(d, [affected], ctx, attempt)
         for decision in decisions:
-            await ctx.publish(decision)
+            await ctx.publish(decision, msg_id=_decision_msg_id(decision.decision_id))
 
     async def _assess(self, d: Disruption, ctx: Context) -> None:
         reply = await ctx.request(BookingsOnFlight(flight_id=d.flight_id))
@@ -113,10 +115,11 @@ class ReasonerAgent(Agent):
                 flight_id=d.flight_id,
                 affected_bookings=len(affected),
                 affected_passengers=sum(len(a.booking.passengers) for a in affected),
-            )
+            ),
+            msg_id=f"assessed.{d.disruption_id}",
         )
         for decision in decisions:
-            await ctx.publish(decision)
+            await ctx.publish(decision, msg_id=_decision_msg_id(decision.decision_id))
 
     async def _decide(
         self, d: Disruption, affected: list[AffectedBooking], ctx: Context, attempt: int
@@ -187,6 +190,13 @@ class ReasonerAgent(Agent):
                 self.replaced += 1
                 out.append(self.fallback.decide_one(case, a, taken))
         return out
+
+
+def _decision_msg_id(decision_id: str) -> str:
+    """A decision's message id comes from the decision id, not from its place in the handler's output:
+    a redelivered disruption may be decided in another order (the world moved on), and a
+    decision already stored for a booking must not be dropped in place of another booking's."""
+    return f"decision.{decision_id}"
 
 
 def affected_booking(d: Disruption, booking: Booking, mct_minutes: dict[str, int]) -> AffectedBooking | None:
