@@ -51,11 +51,12 @@ QUIET = 2.0
 #: Seconds without anything new on the bus, once the feed started, after which the run has failed.
 STALL = 90.0
 
-#: Today's figure before the scale-out work of issue 9: CPU-ms per affected passenger of the swarm with
-#: one replica of every agent, all processes summed, day generation excluded (2,000 flights, 200,000
-#: passengers), median of 3 runs of this benchmark against the landed code.
-BASELINE_CPU_MS_PER_AFFECTED = 0.0
-BASELINE_MEASURED = "2026-11-26 against commit 6a2a9a0"
+#: The figure before the scale-out work of issue 9: CPU-ms per affected passenger of the swarm with one
+#: replica of every agent, all processes summed, day generation excluded (2,000 flights, 200,000
+#: passengers); the median of 7 runs of this benchmark (3 invocations) against the landed code, on the
+#: machine of benchmarks/RESULTS.md (the runs: 0.80 to 1.04 ms; section "Flight swarm scale-out").
+BASELINE_CPU_MS_PER_AFFECTED = 0.93
+BASELINE_MEASURED = "on 2026-11-29 against commit 6a2a9a0 (median of 7 runs, shared machine: load average 4 to 13)"
 
 METHOD = """\
 **Flight swarm scale-out.** The seeded day of {flights:,} flights and {passengers:,} passengers (seed
