@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -147,6 +148,8 @@ class _Run:
     cpu_s: float  # the day's CPU time, all processes (see METHOD)
     whole_cpu_s: float = 0.0  # single process: the whole command's, generation included
     status_updates: int = 0  # published by the feed, as the watcher saw them
+    context_ready_s: float = 0.0  # a fresh flight-context replica started after the day: start -> serving
+    context_replay_s: float = 0.0  # of which replaying the feed's and booking changes' streams
     stages: dict[str, tuple[int, float]] = field(default_factory=dict)  # messages handled, CPU-s
 
     @property
@@ -513,6 +516,7 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
             watch.meter.ready(proc.pid, SUPERVISOR)
             try:
                 await watch.until_done(proc, tmp, timeout)
+                ready_s, replay_s = await _fresh_context(bus, server.url, env, tmp, timeout)
             finally:
                 code = await _stop(proc)
             wall = time.perf_counter() - started
@@ -537,7 +541,43 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
         cpu_s=sum(cpu.values()),
         status_updates=watch.status,
         stages=stages,
+        context_ready_s=ready_s,
+        context_replay_s=replay_s,
     )
+
+
+async def _fresh_context(bus: Bus, url: str, env: dict[str, str], tmp: Path, timeout: float) -> tuple[float, float]:
+    """Start one more flight-context once the day is over: seconds until it serves (its first heartbeat,
+    sent once its views have replayed the streams), and the replay's share (from its log)."""
+    beat: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    pid = 0
+
+    async def on_beat(msg: Msg) -> None:
+        if _stats(msg.data).instance.endswith(f":{pid}") and not beat.done():
+            beat.set_result(None)
+
+    sub = await bus.nc.subscribe("busagents.stats.flight-context", cb=on_beat)
+    log = tmp / "fresh-context.log"
+    started = time.perf_counter()
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "busagents", "--log-level", "INFO", "run", "flight-context", "--nats", url),
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    pid = proc.pid
+    try:
+        await asyncio.wait_for(beat, timeout)
+        ready = time.perf_counter() - started
+    finally:
+        await sub.unsubscribe()
+        await _stop(proc)
+    found = re.search(r"views replayed in ([0-9.]+)s", log.read_text(errors="replace"))
+    return ready, float(found.group(1)) if found else 0.0
 
 
 def _outcomes(runs: list[_Run]) -> str:
@@ -580,6 +620,16 @@ def _results(runs: dict[int, list[_Run]]) -> list[Result]:
         ]
         if mode == 0:
             continue
+        out.append(
+            Result(
+                NAME,
+                f"{label}: a fresh flight-context replica after the day, start to serving queries",
+                "s",
+                [r.context_ready_s for r in rs],
+                higher_is_better=False,
+                note=f"of which replaying the streams: {median(r.context_replay_s for r in rs):.2f} s",
+            )
+        )
         for stage in STAGES:
             ms = median(1000 * r.stages[stage][1] / max(r.affected, 1) for r in rs)
             if stage == FEED:

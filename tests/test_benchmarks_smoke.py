@@ -59,6 +59,8 @@ async def test_scaleout_runs_the_day_three_ways_and_reports_every_figure(tmp_pat
                 for stage in stages
             )
             assert all("msgs handled" in rows[f"{label}: {agent}"].note for agent in scaleout.AGENTS)
+            fresh = rows[f"{label}: a fresh flight-context replica after the day, start to serving queries"]
+            assert fresh.samples[0] > 0 and "replaying the streams" in fresh.note
     assert [c.target.split(",")[0] for c in checks] == [
         "Flight day run time",
         "CPU-ms per affected passenger",
