@@ -212,7 +212,7 @@ class Bus:
         state = self._states.get((bucket, type_))
         if state is None:
             state = self._states[(bucket, type_)] = await open_state(
-                self.js, bucket, type_, replicas=self.replicas or 1
+                self.js, bucket, type_, replicas=self.replicas or 1, nc=self.nc
             )
         return state
 

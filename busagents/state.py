@@ -23,6 +23,7 @@ storage, one value per key kept) and shared with any process that opens it by na
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -46,6 +47,34 @@ _BUCKET = re.compile(r"^[a-zA-Z0-9_-]+$")
 _KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 
 
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _StoredMsg(msgspec.Struct):
+    seq: int = 0
+    hdrs: str | None = None
+    data: str | None = None
+
+
+class _GetReply(msgspec.Struct):
+    message: _StoredMsg | None = None
+    error: _ApiError | None = None
+
+
+class _PubAck(msgspec.Struct):
+    seq: int = 0
+    error: _ApiError | None = None
+
+
+_decode_get = msgspec.json.Decoder(_GetReply).decode
+_decode_ack = msgspec.json.Decoder(_PubAck).decode
+_DELETED = re.compile(rb"KV-Operation:\s*(DEL|PURGE)")
+_WRONG_LAST_SEQUENCE = 10071
+
+
 class StateConflictError(BusagentsError):
     """A compare-and-set write lost: the key was created or changed by another writer meanwhile."""
 
@@ -62,10 +91,12 @@ class StateEntry(Generic[T]):
 class State(Generic[T]):
     """One JetStream key-value bucket whose values are of one type."""
 
-    __slots__ = ("_decode", "_encode", "_kv", "bucket", "type")
+    __slots__ = ("_decode", "_encode", "_get", "_kv", "_nc", "bucket", "type")
 
-    def __init__(self, kv: KeyValue, bucket: str, type_: type[T]) -> None:
+    def __init__(self, kv: KeyValue, bucket: str, type_: type[T], nc: Any = None) -> None:
         self._kv = kv
+        self._nc = nc  # the connection, for the lean read and write paths below (None: nats-py's KV only)
+        self._get = f"$JS.API.STREAM.MSG.GET.KV_{bucket}"
         self.bucket = bucket
         self.type = type_
         if isinstance(type_, type) and issubclass(type_, pydantic.BaseModel):
@@ -93,11 +124,28 @@ class State(Generic[T]):
 
     async def entry(self, key: str) -> StateEntry[T] | None:
         """The value of ``key`` with its revision, or None when there is none (or it was deleted)."""
-        try:
-            found = await self._kv.get(self._key(key))
-        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is a subclass
+        if self._nc is None:
+            try:
+                found = await self._kv.get(self._key(key))
+            except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is a subclass
+                return None
+            return StateEntry(key, self._value(key, found.value), found.revision or 0)
+        # The stream leader's "last message of the subject" (read-after-write, also in a cluster),
+        # decoded with msgspec: nats-py's KV get spends most of its time in json, base64 and an
+        # e-mail header parser, for a call a stateful agent makes on every message.
+        request = b'{"last_by_subj":"$KV.%s.%s"}' % (self.bucket.encode(), self._key(key).encode())
+        reply = _decode_get((await self._nc.request(self._get, request, timeout=5.0)).data)
+        if reply.error is not None:
+            if reply.error.code == 404:
+                return None
+            raise nats.js.errors.APIError(code=reply.error.code, description=reply.error.description)
+        message = reply.message
+        if message is None:
             return None
-        return StateEntry(key, self._value(key, found.value), found.revision or 0)
+        if message.hdrs and _DELETED.search(base64.b64decode(message.hdrs)):
+            return None
+        data = base64.b64decode(message.data) if message.data else b""
+        return StateEntry(key, self._value(key, data), message.seq)
 
     async def get(self, key: str) -> T | None:
         """The value of ``key``, or None."""
@@ -117,10 +165,23 @@ class State(Generic[T]):
 
     async def update(self, key: str, value: T, *, revision: int) -> int:
         """Write ``value`` only if ``key`` is still at ``revision``; raises :class:`StateConflictError`."""
-        try:
-            return int(await self._kv.update(self._key(key), self._encode(value), last=revision))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise StateConflictError(f"state {self.bucket}/{key} changed since revision {revision}") from None
+        if self._nc is None:
+            try:
+                return int(await self._kv.update(self._key(key), self._encode(value), last=revision))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                raise StateConflictError(f"state {self.bucket}/{key} changed since revision {revision}") from None
+        msg = await self._nc.request(
+            f"$KV.{self.bucket}.{self._key(key)}",
+            self._encode(value),
+            timeout=5.0,
+            headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+        )
+        ack = _decode_ack(msg.data)
+        if ack.error is not None:
+            if ack.error.err_code == _WRONG_LAST_SEQUENCE:
+                raise StateConflictError(f"state {self.bucket}/{key} changed since revision {revision}")
+            raise nats.js.errors.APIError(code=ack.error.code, description=ack.error.description)
+        return ack.seq
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (a no-op when it has no value)."""
@@ -202,7 +263,9 @@ class StateWatch(Generic[T]):
             await self._watcher.stop()
 
 
-async def open_state(js: JetStreamContext, bucket: str, type_: type[T], *, replicas: int = 1) -> State[T]:
+async def open_state(
+    js: JetStreamContext, bucket: str, type_: type[T], *, replicas: int = 1, nc: Any = None
+) -> State[T]:
     """Open the bucket, creating it (file storage, history 1) when it does not exist yet."""
     if not _BUCKET.match(bucket):
         raise ConfigError(f"invalid state bucket name {bucket!r}: letters, digits, '_' or '-'")
@@ -213,4 +276,4 @@ async def open_state(js: JetStreamContext, bucket: str, type_: type[T], *, repli
             bucket=bucket, history=1, storage=nats.js.api.StorageType.FILE, replicas=replicas
         )
         kv = await js.create_key_value(config)
-    return State(kv, bucket, type_)
+    return State(kv, bucket, type_, nc)
