@@ -14,6 +14,7 @@ from .errors import DecodeError
 __all__ = ["Codec", "codec_for", "encode"]
 
 _encoder = msgspec.json.Encoder()
+_TOO_DEEP = "nested too deeply (more than about 1,000 levels of arrays or objects)"
 
 
 class Codec:
@@ -38,6 +39,8 @@ def _struct_decoder(info: ContractInfo) -> Callable[[bytes], Any]:
             raise DecodeError(f"{name}: {exc}") from None
         except msgspec.DecodeError as exc:
             raise DecodeError(f"{name}: malformed JSON: {exc}") from None
+        except RecursionError:  # msgspec's answer to JSON nested deeper than it recurses
+            raise DecodeError(f"{name}: malformed JSON: {_TOO_DEEP}") from None
 
     return decode_struct
 

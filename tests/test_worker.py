@@ -11,10 +11,10 @@ import pydantic
 import pytest
 from nats.aio.msg import Msg
 
-from busagents import Agent, Bus, Context, event, on
+from busagents import Agent, Bus, Context, Durability, QueryFailedError, command, event, on, query
 from busagents.server import NatsServer
 from busagents.testing import run_agents
-from busagents.worker import DLQ_AGENT, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
+from busagents.worker import DLQ_AGENT, DLQ_DELIVERIES, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
 
 from .drain_agent import Done, Job, Started, child_env
 
@@ -105,6 +105,49 @@ async def test_undecodable_payload_is_dead_lettered_and_agent_keeps_serving(
     assert worker.stats["shop"].handled == 1
 
 
+def deeply_nested(depth: int = 1_001) -> bytes:
+    """An Order whose unknown field holds arrays nested ``depth`` deep: msgspec gives up recursing."""
+    return b'{"order_id": "deep", "quantity": 1, "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+async def test_json_nested_too_deeply_is_dead_lettered_at_the_decode_stage(bus: Bus) -> None:
+    async with run_agents(bus, Shop()) as worker, DeadLetters(bus, "shop") as dlq:
+        await bus.nc.publish("test.worker.order.deep", deeply_nested())
+        dead = await dlq.next()
+        await assert_still_serving(bus, "shallow")
+    assert dead.headers is not None
+    assert dead.headers[DLQ_STAGE] == "decode"
+    assert "nested too deeply" in dead.headers[DLQ_REASON]
+    assert worker.stats["shop"].dead_lettered == 1
+
+
+@command("test.worker.durable_order", durable=Durability(max_deliver=3, backoff=(0.1,)))
+class DurableOrder(msgspec.Struct):
+    order_id: str
+    quantity: int
+
+
+class DurableShop(Agent):
+    name = "durable-shop"
+
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+
+    @on(DurableOrder)
+    async def take(self, order: DurableOrder, ctx: Context) -> None:
+        self.handled.append(order.order_id)
+
+
+async def test_durable_json_nested_too_deeply_is_dead_lettered_at_once_not_retried(bus: Bus) -> None:
+    async with run_agents(bus, DurableShop()), DeadLetters(bus, "durable-shop") as dlq:
+        await bus.js.publish("test.worker.durable_order", deeply_nested())
+        dead = await dlq.next()
+    assert dead.headers is not None
+    assert dead.headers[DLQ_STAGE] == "decode"  # not max-deliveries, with its false "process died" reason
+    assert "nested too deeply" in dead.headers[DLQ_REASON]
+    assert dead.headers[DLQ_DELIVERIES] == "1"
+
+
 async def test_raising_handler_is_dead_lettered_and_agent_keeps_serving(bus: Bus) -> None:
     async with run_agents(bus, Shop()), DeadLetters(bus, "shop") as dlq:
         await bus.publish(Order(order_id="bad", quantity=-5))
@@ -142,6 +185,55 @@ async def test_undeclared_output_never_leaves_the_process(bus: Bus) -> None:
     assert dead.headers is not None
     assert "UndeclaredContractError" in dead.headers[DLQ_REASON]
     assert "may not send Audit" in dead.headers[DLQ_REASON]
+
+
+class Total(msgspec.Struct):
+    cents: int
+
+
+@query("test.worker.price", reply=Total)
+class PriceOf(msgspec.Struct):
+    quantity: int
+
+
+class Till(Agent):
+    """Answers prices and takes orders, one message at a time (so a reply would precede the next answer)."""
+
+    name = "till"
+    max_concurrency = 1
+    produces = (Accepted,)
+
+    @on(PriceOf)
+    async def price(self, query: PriceOf, ctx: Context) -> Total:
+        if query.quantity < 0:
+            raise ValueError(f"no price for {query.quantity}")
+        return Total(cents=100 * query.quantity)
+
+    @on(Order)
+    async def take(self, order: Order, ctx: Context) -> Accepted:
+        if order.quantity < 0:
+            raise ValueError(f"negative quantity {order.quantity}")
+        return Accepted(order_id=order.order_id)
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b'{"order_id": "r", "quantity": -1}'], ids=["undecodable", "raises"])
+async def test_a_bad_event_with_a_reply_subject_gets_no_reply(bus: Bus, payload: bytes) -> None:
+    async with run_agents(bus, Till()), DeadLetters(bus, "till") as dlq:
+        inbox = bus.nc.new_inbox()
+        replies = await bus.nc.subscribe(inbox)
+        await bus.nc.publish("test.worker.order.r", payload, reply=inbox)
+        await dlq.next()
+        await assert_still_serving(bus, "after")  # one lane: any reply was sent before this answer
+        assert replies.pending_msgs == 0
+        await replies.unsubscribe()
+
+
+async def test_a_failing_query_gets_its_error_reply(bus: Bus) -> None:
+    async with run_agents(bus, Till()), DeadLetters(bus, "till") as dlq:
+        with pytest.raises(QueryFailedError, match="ValueError: no price for -1"):
+            await bus.request(PriceOf(quantity=-1), timeout=5)
+        await dlq.next()
+        assert await bus.request(PriceOf(quantity=2)) == Total(cents=200)
 
 
 class Gate(Agent):
