@@ -153,3 +153,19 @@ async def test_the_change_fee_is_waived_when_the_airline_caused_the_change() -> 
     assert cost.change_fee == 2 * SAVER.change_fee
     assert cost.waived and cost.payable == 0
     assert "waived" in decision.rationale
+
+
+async def test_a_rebooking_offers_the_next_itineraries_with_room_in_the_same_cabin_as_fallbacks() -> None:
+    early, full_in_y, later, latest, last = (_flight(n, 10 + n) for n in range(2, 7))
+    itineraries = [
+        _it(early, _seats("10A:Y:window")),
+        _it(full_in_y, _seats("2A:J:window")),  # no Y seat: not a fallback for a Y booking
+        _it(later, _seats("11A:Y:window", "11B:Y:middle")),
+        _it(latest, _seats("12C:Y:aisle")),
+        _it(last, _seats("14C:Y:aisle")),
+        _it(_flight(7, 17), _seats("15C:Y:aisle")),
+    ]
+    decision = (await _decide(_case([_booking("B1", _pax("p1"))], itineraries)))["B1"]
+    assert decision.new_legs[0].flight_id == early.flight_id
+    assert [legs[0].flight_id for legs in decision.fallbacks] == [later.flight_id, latest.flight_id, last.flight_id]
+    assert all(legs[0].cabin == "Y" and len(legs[0].seats) == 1 for legs in decision.fallbacks)

@@ -130,3 +130,45 @@ async def test_two_rebookers_racing_for_a_seat_with_others_free_in_the_cabin_sea
         stored = await store.booking(outcome.booking_id)
         assert stored is not None and outcome.new_legs[0] in stored.legs  # the seat announced is the one sold
     await store.close()
+
+
+async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_room_and_is_not_redecided(
+    bus: Bus, tmp_path: Path
+) -> None:
+    race = _race(DAY)
+    filler = filler_booking(DAY, race.target.flight_id, race.cabin, leave={race.seat})
+    day = msgspec.structs.replace(DAY, bookings=[*DAY.bookings, filler])  # the seat is the cabin's last
+    view = LiveView(day)
+    t = race.target
+    other = next(
+        f for f in day.flights
+        if (f.origin, f.destination) == (t.origin, t.destination) and f.flight_id != t.flight_id
+        and any(s.cabin == race.cabin for s in view.free_seats(f.flight_id))
+    )  # fmt: skip
+    free = next(s.number for s in view.free_seats(other.flight_id) if s.cabin == race.cabin)
+    fallback = [Leg(other.flight_id, other.number, other.origin, other.destination, other.departure, other.arrival,
+                    race.cabin, [free])]  # type: ignore[arg-type]  # fmt: skip
+    a, b = (msgspec.structs.replace(race.decision(x), fallbacks=[fallback]) for x in (race.a, race.b))
+    path = tmp_path / "bookings.sqlite3"
+    rebooker = Rebooker(SqliteStore(path), day, load=True)
+    ids = (race.a.booking_id, race.b.booking_id)
+    async with run_agents(bus, rebooker):
+        changed = bus.expect(BookingChanged, where=lambda c: c.booking_id in ids, count=2)
+        async with changed:
+            await bus.publish(a)
+            await bus.publish(b)
+        again = bus.expect(BookingChanged, where=lambda c: c.booking_id == race.b.booking_id)
+        async with again:
+            await bus.publish(b)  # redelivered: the recorded outcome again
+    assert rebooker.rejected == 0  # no RebookRejected: nothing to re-decide
+    by_booking = {m.body.booking_id: m.body for m in changed.messages}
+    first, second = by_booking[race.a.booking_id], by_booking[race.b.booking_id]  # a was applied first
+    assert (first.new_legs[0].flight_id, first.new_legs[0].seats) == (t.flight_id, [race.seat])
+    assert second.decision_id == f"{b.decision_id}+1"
+    assert (second.new_legs[0].flight_id, second.new_legs[0].cabin) == (other.flight_id, race.cabin)
+    assert f"first choice full when booked ({t.flight_id}/{race.seat}); rebooked on {other.number}" in second.rationale
+    assert again.message.body == second
+    assert (rebooker.applied, rebooker.fell_back) == (3, 2)
+    store = SqliteStore(path)
+    assert await store.seat_conflicts() == 0
+    await store.close()

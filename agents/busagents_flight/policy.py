@@ -55,13 +55,14 @@ class OfflinePolicy(Reasoner):
         upward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] >= own), key=lambda c: _CABIN_RANK[c])
         downward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] < own), key=lambda c: -_CABIN_RANK[c])
         for cabins in (upward, downward):
-            for itinerary in itineraries:
+            for i, itinerary in enumerate(itineraries):
                 for c in cabins:
                     legs = _seat(itinerary, c, booking.passengers, taken)
                     if legs is not None:
                         for leg in legs:
                             taken.update(f"{leg.flight_id}/{s}" for s in leg.seats)
-                        return self._rebook(case, affected, itinerary, legs, cabin)
+                        later = _fallbacks(affected, itinerary, itineraries[i + 1 :], c, taken)
+                        return self._rebook(case, affected, itinerary, legs, cabin, later)
         if affected.why == "long_delay":
             return self._keep(case, affected)
         return self._refund(case, affected)
@@ -81,7 +82,13 @@ class OfflinePolicy(Reasoner):
         }
 
     def _rebook(
-        self, case: Case, affected: AffectedBooking, itinerary: AlternativeItinerary, legs: list[Leg], cabin: str
+        self,
+        case: Case,
+        affected: AffectedBooking,
+        itinerary: AlternativeItinerary,
+        legs: list[Leg],
+        cabin: str,
+        fallbacks: list[list[Leg]] | None = None,
     ) -> RebookPassenger:
         booking = affected.booking
         n = len(booking.passengers)
@@ -93,8 +100,7 @@ class OfflinePolicy(Reasoner):
             waived=True,
             currency=booking.fare.currency,
         )
-        first = itinerary.flights[0]
-        hotel = affected.stranded and first.departure - affected.not_before >= _HOTEL_WAIT
+        hotel = _needs_hotel(affected, itinerary)
         route = " + ".join(
             f"{f.number} {f.origin} {_hm(f.departure)} -> {f.destination} {_hm(f.arrival)}" for f in itinerary.flights
         )
@@ -124,6 +130,7 @@ class OfflinePolicy(Reasoner):
             action="rebook",
             replaces=affected.replaces,
             new_legs=legs,
+            fallbacks=fallbacks or [],
             cost=cost,
             hotel=hotel,
             rationale=rationale,
@@ -152,6 +159,36 @@ class OfflinePolicy(Reasoner):
             hotel=affected.stranded,
             rationale=rationale,
         )
+
+
+#: Other itineraries a rebook decision offers the rebooker, for when its cabin is full by then.
+_FALLBACKS = 3
+
+
+def _needs_hotel(affected: AffectedBooking, itinerary: AlternativeItinerary) -> bool:
+    return affected.stranded and itinerary.flights[0].departure - affected.not_before >= _HOTEL_WAIT
+
+
+def _fallbacks(
+    affected: AffectedBooking,
+    chosen: AlternativeItinerary,
+    later: list[AlternativeItinerary],
+    cabin: str,
+    taken: set[str],
+) -> list[list[Leg]]:
+    """The next itineraries (earliest arrival first) with room in the same ``cabin`` on the same terms
+    (hotel or not): what the rebooker may take when the chosen one is full by the time it books."""
+    hotel = _needs_hotel(affected, chosen)
+    out: list[list[Leg]] = []
+    for itinerary in later:
+        if len(out) == _FALLBACKS:
+            break
+        if _needs_hotel(affected, itinerary) != hotel:
+            continue
+        legs = _seat(itinerary, cabin, affected.booking.passengers, taken)  # proposed only: not marked taken
+        if legs is not None:
+            out.append(legs)
+    return out
 
 
 def _priority(affected: AffectedBooking) -> tuple[int, int, str]:

@@ -9,6 +9,7 @@ by a free one of the same cabin inside the store's transaction.
 
 from __future__ import annotations
 
+import msgspec
 from busagents_travel import BookingChanged, RebookPassenger, RebookRejected
 
 from busagents import Agent, Context, on
@@ -43,6 +44,7 @@ class Rebooker(Agent):
         self._load = load
         self.applied = 0
         self.rejected = 0
+        self.fell_back = 0  # decisions applied with one of their fallback itineraries
 
     async def on_start(self, ctx: Context) -> None:
         await self.store.open()
@@ -70,11 +72,39 @@ class Rebooker(Agent):
                 attempt=decision.attempt,
             )
         outcome = await self.store.apply(decision)
+        if isinstance(outcome, RebookRejected) and outcome.reason == "seat_taken":
+            outcome = await self._fall_back(decision, outcome)
         if isinstance(outcome, BookingChanged):
             self.applied += 1
         else:
             self.rejected += 1
         return outcome
+
+    async def _fall_back(self, decision: RebookPassenger, rejected: RebookRejected) -> Outcome:
+        """The first of the decision's fallback itineraries with room for the group, or ``rejected``.
+
+        Each is applied as a decision of its own (``<decision id>+<n>``: recorded, so a redelivery
+        gets the same outcome), its rationale saying why the first choice was not taken.
+        """
+        for n, legs in enumerate(decision.fallbacks, 1):
+            route = " + ".join(f"{leg.number} {leg.origin} -> {leg.destination}" for leg in legs)
+            why = f"first choice full when booked ({', '.join(rejected.taken_seats)}); rebooked on {route} instead"
+            alternative = msgspec.structs.replace(
+                decision,
+                decision_id=f"{decision.decision_id}+{n}",
+                new_legs=legs,
+                fallbacks=[],
+                rationale=f"{decision.rationale}; {why}" if decision.rationale else why,
+            )
+            if self._invalid_seat(alternative):
+                continue
+            outcome = await self.store.apply(alternative)
+            if isinstance(outcome, BookingChanged):
+                self.fell_back += 1
+                return outcome
+            if outcome.reason != "seat_taken":
+                return rejected  # the booking moved on meanwhile: the first answer stands, and is re-decided
+        return rejected
 
     def _invalid_seat(self, decision: RebookPassenger) -> str:
         for leg in decision.new_legs:

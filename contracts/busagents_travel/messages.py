@@ -187,6 +187,11 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
     chosen seats, in the order of ``passenger_ids``); ``refund`` cancels the booking;
     ``keep`` changes nothing (the passengers stay on the delayed flight). The
     decision is valid only against booking version ``expected_version``.
+
+    The rebooker settles the seats: a proposed seat sold meanwhile is replaced by a
+    free one of the same cabin. When the cabin has no room left for the group, it
+    takes the first of ``fallbacks`` (other itineraries the reasoner accepts on the
+    same terms, in order of preference) that has room, before it rejects the decision.
     """
 
     decision_id: str  # unique per decision: the rebooker is idempotent on it
@@ -196,6 +201,7 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
     passenger_ids: list[str]
     replaces: list[str] = []
     new_legs: list[Leg] = []
+    fallbacks: list[list[Leg]] = []  # itineraries to take, in order, when new_legs' cabin is full
     expected_version: int = 0
     cost: Cost = Cost()
     hotel: bool = False  # overnight: the airline provides a hotel
