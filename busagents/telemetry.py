@@ -28,16 +28,16 @@ from opentelemetry.util.types import AttributeValue
 
 from .envelope import TRACEPARENT, TRACESTATE, Envelope
 from .errors import ConfigError
+from .worker import Outcome
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
-
-    from .worker import AgentStats
 
 __all__ = ["Telemetry", "configure_from_env"]
 
 _propagator = TraceContextTextMapPropagator()
 _SCOPE = "busagents"
+_FAILED = {Outcome.DEAD_LETTERED: "dead-lettered", Outcome.RETRY: "failed; redelivered later"}
 
 
 class Telemetry:
@@ -104,14 +104,17 @@ class Telemetry:
 
     def traced_handle(
         self,
-        handle: Callable[[Msg], Awaitable[None]],
+        handle: Callable[[Msg], Awaitable[Outcome]],
         *,
         agent: str,
         contract: str,
         template: str,
-        stats: AgentStats,
-    ) -> Callable[[Msg], Awaitable[None]]:
-        """Wrap a worker's message handler in a CONSUMER span parented by the sender's span."""
+    ) -> Callable[[Msg], Awaitable[Outcome]]:
+        """Wrap a worker's message handler in a CONSUMER span parented by the sender's span.
+
+        The span's status is the outcome ``handle`` returns: an error when the message was
+        dead-lettered or is to be retried.
+        """
         name = f"process {template}"
         tracer = self.tracer
         base: dict[str, str | int] = {
@@ -124,7 +127,7 @@ class Telemetry:
         }
         metric_attrs = {"messaging.destination.name": template, "busagents.agent": agent}
 
-        async def traced(msg: Msg) -> None:
+        async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
             parent: OtelContext | None = _propagator.extract(headers) if headers and TRACEPARENT in headers else None
             attributes = dict(base)
@@ -133,18 +136,17 @@ class Telemetry:
             if headers:
                 attributes["messaging.message.id"] = headers.get("Nats-Msg-Id", "")
                 attributes["messaging.message.conversation_id"] = headers.get("Ba-Conversation-Id", "")
-            dead_before = stats.dead_lettered
             start = time.perf_counter()
             with tracer.start_as_current_span(
                 name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
             ) as span:
-                await handle(msg)
-                outcome = "dead_lettered" if stats.dead_lettered > dead_before else "ok"
-                if outcome != "ok":
-                    span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
-                span.set_attribute("busagents.outcome", outcome)
+                outcome = await handle(msg)
+                if outcome is not Outcome.HANDLED:
+                    span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
+                span.set_attribute("busagents.outcome", outcome.value)
             self.duration.record(time.perf_counter() - start, metric_attrs)
-            self.processed.add(1, {**metric_attrs, "busagents.outcome": outcome})
+            self.processed.add(1, {**metric_attrs, "busagents.outcome": outcome.value})
+            return outcome
 
         return traced
 

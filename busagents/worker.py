@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import json
 import logging
@@ -27,7 +28,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -65,6 +66,7 @@ __all__ = [
     "DLQ_STAGE",
     "DLQ_SUBJECT",
     "AgentStats",
+    "Outcome",
     "Worker",
     "dead_letter_subject",
 ]
@@ -91,6 +93,18 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 def dead_letter_subject(agent_name: str) -> str:
     return f"{DLQ_PREFIX}.{agent_name}"
+
+
+class Outcome(enum.Enum):
+    """What became of one delivered message; the handler path returns it (telemetry reports it)."""
+
+    HANDLED = "handled"
+    DEAD_LETTERED = "dead_lettered"
+    RETRY = "retry"  # a durable message nak'ed after a transient failure: it comes again
+
+
+#: A worker's message handler: handles one message, says what became of it.
+HandleMsg = Callable[[Msg], Awaitable[Outcome]]
 
 
 @dataclass(slots=True)
@@ -251,18 +265,13 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self.drain()
 
-    def _traced(
-        self, agent: Agent, handler: Handler, handle: Callable[[Msg], Awaitable[None]]
-    ) -> Callable[[Msg], Awaitable[None]]:
-        if self.bus.telemetry is None:
-            return handle
-        return self.bus.telemetry.traced_handle(
-            handle,
-            agent=agent.name,
-            contract=handler.contract.name,
-            template=handler.contract.subscribe_subject,
-            stats=self.stats[agent.name],
-        )
+    def _traced(self, agent: Agent, handler: Handler, handle: HandleMsg) -> Callable[[Msg], Awaitable[None]]:
+        """The handler as mailboxes and consumers take it (they ignore the outcome), in a span when traced."""
+        if self.bus.telemetry is not None:
+            handle = self.bus.telemetry.traced_handle(
+                handle, agent=agent.name, contract=handler.contract.name, template=handler.contract.subscribe_subject
+            )
+        return cast(Callable[[Msg], Awaitable[None]], handle)
 
     # Durable subscriptions
 
@@ -349,7 +358,7 @@ class Worker:
 
     def _durable_handler(
         self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None
-    ) -> Callable[[Msg], Awaitable[None]]:
+    ) -> HandleMsg:
         """Like :meth:`_handler`, but settles each JetStream message: ack, nak with backoff, or term."""
         info = handler.contract
         decode = codec_for(info.cls).decode
@@ -365,24 +374,24 @@ class Worker:
         max_deliver = d.max_deliver
         views = self._agent_views[agent.name]
 
-        async def handle(msg: Msg) -> None:
+        async def handle(msg: Msg) -> Outcome:
             headers = msg.headers
             subject = strip(msg.subject) if strip is not None else msg.subject
             if headers is not None:
                 sent_contract = headers.get(CONTRACT)
                 if sent_contract is not None and sent_contract != name:
                     await dead_letter(agent, msg, subject, "contract", f"expected contract {name}, got {sent_contract}")
-                    return
+                    return Outcome.DEAD_LETTERED
                 sent_version = headers.get(VERSION)
                 if sent_version is not None and sent_version != version:
                     reason = f"{name}: this agent handles version {version}, got {sent_version}"
                     await dead_letter(agent, msg, subject, "version", reason)
-                    return
+                    return Outcome.DEAD_LETTERED
             try:
                 body = decode(msg.data)
             except DecodeError as exc:
                 await dead_letter(agent, msg, subject, "decode", str(exc))
-                return
+                return Outcome.DEAD_LETTERED
             ctx = Context(agent, bus, logger, headers, subject, derive_ids=True, views=views)
             stats.in_flight += 1
             try:
@@ -392,13 +401,13 @@ class Worker:
                     stats.published += published
             except PERMANENT_ERRORS as exc:
                 await dead_letter(agent, msg, subject, "handler", f"{type(exc).__name__}: {exc}")
-                return
+                return Outcome.DEAD_LETTERED
             except Exception as exc:
                 delivered = delivery_count(msg.reply)
                 if delivered >= max_deliver:
                     reason = f"{type(exc).__name__}: {exc} (after {delivered} deliveries)"
                     await dead_letter(agent, msg, subject, "max-deliveries", reason)
-                    return
+                    return Outcome.DEAD_LETTERED
                 delay = backoff_delay(d, delivered)
                 logger.warning(
                     "handler %s failed on %s (delivery %d of %d, retry in %.1fs): %r",
@@ -410,11 +419,12 @@ class Worker:
                     exc,
                 )
                 await nak(nc, msg, delay)
-                return
+                return Outcome.RETRY
             finally:
                 stats.in_flight -= 1
             await ack(nc, msg)
             stats.handled += 1
+            return Outcome.HANDLED
 
         return handle
 
@@ -471,7 +481,7 @@ class Worker:
                     await self.bus.nc.publish(f"{STATS_PREFIX}.{stats.agent}", encoder.encode(payload))
             await asyncio.sleep(self.heartbeat_interval)
 
-    def _handler(self, agent: Agent, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
+    def _handler(self, agent: Agent, handler: Handler) -> HandleMsg:
         info = handler.contract
         decode = codec_for(info.cls).decode
         func: Callable[[Any, Context], Awaitable[Any]] = getattr(agent, handler.attr)
@@ -486,13 +496,13 @@ class Worker:
         dead_letter = functools.partial(self._dead_letter, answer=reply_cls is not None)
         emit = self._emit
 
-        async def handle(msg: Msg) -> None:
+        async def handle(msg: Msg) -> Outcome:
             headers = msg.headers
             if headers is not None:
                 sent_contract = headers.get(CONTRACT)
                 if sent_contract is not None and sent_contract != name:
                     await dead_letter(agent, msg, "contract", f"expected contract {name}, got {sent_contract}")
-                    return
+                    return Outcome.DEAD_LETTERED
                 sent_version = headers.get(VERSION)
                 if sent_version is not None and sent_version != version:
                     await dead_letter(
@@ -501,12 +511,12 @@ class Worker:
                         "version",
                         f"{name}: this agent handles version {version}, got {sent_version}",
                     )
-                    return
+                    return Outcome.DEAD_LETTERED
             try:
                 body = decode(msg.data)
             except DecodeError as exc:
                 await dead_letter(agent, msg, "decode", str(exc))
-                return
+                return Outcome.DEAD_LETTERED
             ctx = Context(agent, bus, logger, headers if headers is not None else {}, msg.subject, views=views)
             stats.in_flight += 1
             try:
@@ -520,10 +530,11 @@ class Worker:
                 await dead_letter(agent, msg, "handler", f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, (UndeclaredContractError, ContractError)):
                     logger.warning("handler %s failed on %s: %r", handler.attr, msg.subject, exc)
-                return
+                return Outcome.DEAD_LETTERED
             finally:
                 stats.in_flight -= 1
             stats.handled += 1
+            return Outcome.HANDLED
 
         return handle
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from busagents import Bus
+from busagents import Agent, Bus, Context, on
 from busagents.server import NatsServer
 from busagents.telemetry import Telemetry
-from busagents.testing import run_agents
+from busagents.testing import delete_streams, run_agents
 
 from .drain_agent import Done, Job
 from .test_envelope import First, HopA, HopD, Second, Third
@@ -95,8 +95,86 @@ async def test_a_dead_lettered_message_has_an_error_span(nats_server: NatsServer
     assert process[0].attributes["busagents.outcome"] == "dead_lettered"
 
 
+def traced_bus_parts() -> tuple[InMemorySpanExporter, Telemetry]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter, Telemetry(provider)
+
+
+def process_span(exporter: InMemorySpanExporter, message_id: str) -> ReadableSpan:
+    (span,) = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.kind is SpanKind.CONSUMER and s.attributes and s.attributes.get("messaging.message.id") == message_id
+    ]
+    return span
+
+
+async def test_a_dead_letter_in_another_lane_leaves_a_successful_span_ok(nats_server: NatsServer) -> None:
+    from .test_worker import DeadLetters, Order
+
+    class Pair(Agent):
+        """Two lanes: holds a good order until released, fails a bad one meanwhile."""
+
+        name = "pair"
+        max_concurrency = 2
+
+        def __init__(self) -> None:
+            self.holding = asyncio.Event()
+            self.release = asyncio.Event()
+
+        @on(Order)
+        async def take(self, order: Order, ctx: Context) -> None:
+            if order.quantity < 0:
+                raise ValueError(f"negative quantity {order.quantity}")
+            self.holding.set()
+            await self.release.wait()
+
+    exporter, telemetry = traced_bus_parts()
+    bus = await Bus.connect(nats_server.url, telemetry=telemetry)
+    pair = Pair()
+    try:
+        async with run_agents(bus, pair), DeadLetters(bus, "pair") as dlq:
+            good = await bus.publish(Order(order_id="good", quantity=1))
+            await asyncio.wait_for(pair.holding.wait(), 5)
+            bad = await bus.publish(Order(order_id="bad", quantity=-1))
+            await dlq.next()  # dead-lettered while the good one is still in its lane
+            pair.release.set()
+    finally:
+        await bus.close()
+    good_span, bad_span = process_span(exporter, good.id), process_span(exporter, bad.id)
+    assert good_span.status.status_code is StatusCode.UNSET
+    assert good_span.attributes is not None and good_span.attributes["busagents.outcome"] == "handled"
+    assert bad_span.status.status_code is StatusCode.ERROR
+    assert bad_span.attributes is not None and bad_span.attributes["busagents.outcome"] == "dead_lettered"
+
+
+async def test_a_durable_message_retried_after_a_failure_has_an_error_span_then_an_ok_one(
+    nats_server: NatsServer,
+) -> None:
+    from .test_durable import Doer, Done, Task
+
+    exporter, telemetry = traced_bus_parts()
+    bus = await Bus.connect(nats_server.url, telemetry=telemetry)
+    try:
+        async with run_agents(bus, Doer()):
+            async with bus.expect(Done, where=lambda d: d.task_id == "flaky-span"):
+                sent = await bus.publish(Task(task_id="flaky-span", fail_times=1))
+    finally:
+        await delete_streams(bus)
+        await bus.close()
+    spans = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.kind is SpanKind.CONSUMER and s.attributes and s.attributes.get("messaging.message.id") == sent.id
+    ]
+    outcomes = [(s.attributes or {}).get("busagents.outcome") for s in spans]
+    assert outcomes == ["retry", "handled"]
+    assert [s.status.status_code for s in spans] == [StatusCode.ERROR, StatusCode.UNSET]
+
+
 async def test_a_handler_sees_its_consumer_span_as_ctx_span(nats_server: NatsServer) -> None:
-    from busagents import Agent, Context, on
 
     from .test_envelope import HopA
 
