@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,7 +35,19 @@ class Context:
     unless ``conversation_id`` is given.
     """
 
-    __slots__ = ("_derive_ids", "_envelope", "_headers", "_published", "_views", "agent", "bus", "log", "subject")
+    __slots__ = (
+        "_data",
+        "_derive_ids",
+        "_envelope",
+        "_headers",
+        "_message_id",
+        "_published",
+        "_views",
+        "agent",
+        "bus",
+        "log",
+        "subject",
+    )
 
     def __init__(
         self,
@@ -44,6 +58,7 @@ class Context:
         subject: str = "",
         envelope: Envelope | None = None,
         *,
+        data: bytes = b"",
         derive_ids: bool = False,
         views: Sequence[ViewConsumer] = (),
     ) -> None:
@@ -53,6 +68,8 @@ class Context:
         self.subject = subject
         self._headers = headers
         self._envelope = envelope
+        self._data = data
+        self._message_id: str | None = None
         self._derive_ids = derive_ids
         self._published = 0
         self._views = views
@@ -66,16 +83,21 @@ class Context:
 
     @property
     def message_id(self) -> str | None:
-        """The id of the message being handled, stable across redeliveries and DLQ replays.
+        """The identity of the message being handled: the key for idempotent side effects.
 
-        The key for idempotent side effects (see :mod:`busagents.idempotency`).
+        ``<id>:<digest of the body>``, where ``<id>`` is the message's ``Nats-Msg-Id``, or the
+        original's on a ``busagents dlq replay`` (``Ba-Replay-Of``). An id from the wire counts
+        only together with the bytes it names: the same across redeliveries and replays of the
+        same bytes, different for different bytes whatever ids they claim. Durable outputs
+        derive their ids from it. See :mod:`busagents.idempotency`.
         """
-        if self._headers is not None:
-            replayed = self._headers.get(REPLAY_OF)
-            if replayed:
-                return replayed
-        env = self.envelope
-        return env.id if env is not None else None
+        if self._message_id is None:
+            env = self.envelope
+            if env is None:
+                return None
+            replayed = self._headers.get(REPLAY_OF) if self._headers is not None else None
+            self._message_id = message_identity(replayed or env.id, self._data)
+        return self._message_id
 
     @property
     def conversation_id(self) -> str | None:
@@ -93,8 +115,9 @@ class Context:
     async def publish(self, message: Any, *, conversation_id: str | None = None, msg_id: str | None = None) -> Envelope:
         """Publish a declared Event or Command, caused by the message being handled.
 
-        In a durable handler the n-th publish gets an id derived from the handled message's
-        id, so a redelivery republishes the same ids and the copies are dropped. ``msg_id``
+        In a durable handler the n-th publish gets an id derived from :attr:`message_id`, so a
+        redelivery (or a replay of the same bytes) republishes the same ids and the copies are
+        dropped, while a different message never shares them. ``msg_id``
         gives an id of your own instead (stable across retries, e.g. from your state), for a
         message that another delivery than this one may have to publish again.
         """
@@ -138,3 +161,9 @@ class Context:
         """Send a declared Query and return its typed reply."""
         self._check(query)
         return await self.bus.request(query, timeout=timeout, sender=self.agent.name, cause=self.envelope)
+
+
+def message_identity(message_id: str, data: bytes) -> str:
+    """``message_id`` bound to the bytes it names (see :attr:`Context.message_id`)."""
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    return f"{message_id}:{base64.urlsafe_b64encode(digest)[:22].decode()}"

@@ -18,8 +18,9 @@ idempotent by recording the message id *in the same transaction* as the effect::
 
 If the transaction commits, the id is recorded and the effect happened, together; if it
 fails or the process dies, neither did, and the redelivery does it. A second delivery finds
-the id and skips the effect. The key is ``ctx.message_id``: the envelope id, kept across
-redeliveries and across ``busagents dlq replay`` (``Ba-Replay-Of``).
+the id and skips the effect. The key is ``ctx.message_id``: the message's id bound to a digest
+of its bytes, kept across redeliveries and across ``busagents dlq replay`` of the same bytes
+(``Ba-Replay-Of``), never shared by two different messages.
 
 The store must be the one the effect writes to (here SQLite, any DB-API store with
 transactions works the same way); a marker kept elsewhere (say a JetStream KV bucket)

@@ -392,7 +392,7 @@ class Worker:
             except DecodeError as exc:
                 await dead_letter(agent, msg, subject, "decode", str(exc))
                 return Outcome.DEAD_LETTERED
-            ctx = Context(agent, bus, logger, headers, subject, derive_ids=True, views=views)
+            ctx = Context(agent, bus, logger, headers, subject, data=msg.data, derive_ids=True, views=views)
             stats.in_flight += 1
             try:
                 result = await func(body, ctx)
@@ -517,7 +517,9 @@ class Worker:
             except DecodeError as exc:
                 await dead_letter(agent, msg, "decode", str(exc))
                 return Outcome.DEAD_LETTERED
-            ctx = Context(agent, bus, logger, headers if headers is not None else {}, msg.subject, views=views)
+            ctx = Context(
+                agent, bus, logger, headers if headers is not None else {}, msg.subject, data=msg.data, views=views
+            )
             stats.in_flight += 1
             try:
                 result = await func(body, ctx)

@@ -256,18 +256,20 @@ async def test_messages_of_one_key_are_handled_in_order_across_replicas(nats_ser
 
 
 class Fragile(Agent):
-    """Fails permanently while ``broken``; records the message ids it handled."""
+    """Fails permanently while ``broken``; records the message ids it failed on and handled."""
 
     name = "fragile"
 
     def __init__(self) -> None:
         self.broken = True
+        self.failed: list[str | None] = []
         self.handled: list[str | None] = []
         self.handled_once = asyncio.Event()
 
     @on(Task, durable=QUICK)
     async def do(self, task: Task, ctx: Context) -> None:
         if self.broken:
+            self.failed.append(ctx.message_id)
             raise PermanentError(f"backend down for {task.task_id}")
         self.handled.append(ctx.message_id)
         self.handled_once.set()
@@ -310,7 +312,8 @@ async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_
     assert replayed.returncode == 0, replayed.stderr
     assert f"as {envelope.id}.replay.{letter.seq}" in replayed.stdout
     assert again.returncode == 0
-    assert fragile.handled == [envelope.id]  # ctx.message_id is the original id; the second replay was a duplicate
+    assert fragile.handled == fragile.failed  # ctx.message_id is the original's; the second replay was a duplicate
+    assert fragile.handled[0] is not None and fragile.handled[0].startswith(f"{envelope.id}:")
     assert stored == 2  # the original and one replay
 
 
