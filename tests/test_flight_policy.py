@@ -155,17 +155,38 @@ async def test_the_change_fee_is_waived_when_the_airline_caused_the_change() -> 
     assert "waived" in decision.rationale
 
 
-async def test_a_rebooking_offers_the_next_itineraries_with_room_in_the_same_cabin_as_fallbacks() -> None:
-    early, full_in_y, later, latest, last = (_flight(n, 10 + n) for n in range(2, 7))
+async def test_a_rebooking_offers_its_next_choices_with_room_on_the_same_terms_as_fallbacks() -> None:
+    early, upgrade, later, latest, last = (_flight(n, 10 + n) for n in range(2, 7))
     itineraries = [
         _it(early, _seats("10A:Y:window")),
-        _it(full_in_y, _seats("2A:J:window")),  # no Y seat: not a fallback for a Y booking
+        _it(upgrade, _seats("2A:J:window")),  # no Y seat, a J one: an upgrade is fine
         _it(later, _seats("11A:Y:window", "11B:Y:middle")),
         _it(latest, _seats("12C:Y:aisle")),
         _it(last, _seats("14C:Y:aisle")),
         _it(_flight(7, 17), _seats("15C:Y:aisle")),
+        _it(_flight(8, 18), _seats("16C:Y:aisle")),
+        _it(_flight(9, 19), _seats("17C:Y:aisle")),
     ]
     decision = (await _decide(_case([_booking("B1", _pax("p1"))], itineraries)))["B1"]
     assert decision.new_legs[0].flight_id == early.flight_id
-    assert [legs[0].flight_id for legs in decision.fallbacks] == [later.flight_id, latest.flight_id, last.flight_id]
-    assert all(legs[0].cabin == "Y" and len(legs[0].seats) == 1 for legs in decision.fallbacks)
+    fallbacks = [(legs[0].flight_id, legs[0].cabin) for legs in decision.fallbacks]
+    assert fallbacks == [
+        (upgrade.flight_id, "J"),
+        (later.flight_id, "Y"),
+        (latest.flight_id, "Y"),
+        (last.flight_id, "Y"),
+        ("BX7-25NOV", "Y"),
+        ("BX8-25NOV", "Y"),
+    ]  # the policy's own order, at most six
+    assert all(len(legs[0].seats) == 1 for legs in decision.fallbacks)
+
+
+async def test_a_downgrade_offers_only_downgrades_as_fallbacks() -> None:
+    early, later = _flight(2, 12), _flight(3, 13)
+    case = _case(
+        [_booking("J1", _pax("J1-1"), fare=BUSINESS)],
+        [_it(early, _seats("20A:Y:window")), _it(later, _seats("21A:Y:window", "3A:J:window"))],
+    )
+    decision = (await _decide(case))["J1"]
+    assert (decision.new_legs[0].flight_id, decision.new_legs[0].cabin) == (later.flight_id, "J")
+    assert decision.fallbacks == []  # the Y seats are downgrades: other terms (half the fare refunded)

@@ -173,6 +173,23 @@ async def test_a_decision_on_an_old_version_is_rejected_as_stale(make_store: Sto
     assert outcome.current == booking
 
 
+async def test_a_decision_whose_legs_another_decision_already_replaced_keeps_the_booking_as_it_is(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store()
+    booking = _single(DAY)
+    flight_id, seats, cabin = _free_seat(DAY, booking, 2)
+    first = await store.apply(_rebook(booking, flight_id, seats[:1], cabin, decision_id="first"))
+    assert isinstance(first, BookingChanged)
+    # decided on the old version, for the leg the first decision already moved the booking off
+    late = await store.apply(_rebook(booking, flight_id, seats[1:], cabin, decision_id="late"))
+    assert isinstance(late, BookingChanged)
+    assert (late.action, late.new_legs, late.version) == ("keep", first.new_legs, first.version)
+    assert late.rationale.endswith("the booking was already changed for another disruption")
+    assert (await store.booking(booking.booking_id)).legs == first.new_legs  # type: ignore[union-attr]
+    assert await store.seat_conflicts() == 0
+
+
 async def test_a_refund_releases_the_seats(make_store: StoreFactory) -> None:
     store = make_store()
     refunded = _single(DAY)

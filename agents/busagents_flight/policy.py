@@ -54,15 +54,15 @@ class OfflinePolicy(Reasoner):
         own = _CABIN_RANK[cabin]
         upward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] >= own), key=lambda c: _CABIN_RANK[c])
         downward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] < own), key=lambda c: -_CABIN_RANK[c])
-        for cabins in (upward, downward):
-            for i, itinerary in enumerate(itineraries):
-                for c in cabins:
-                    legs = _seat(itinerary, c, booking.passengers, taken)
-                    if legs is not None:
-                        for leg in legs:
-                            taken.update(f"{leg.flight_id}/{s}" for s in leg.seats)
-                        later = _fallbacks(affected, itinerary, itineraries[i + 1 :], c, taken)
-                        return self._rebook(case, affected, itinerary, legs, cabin, later)
+        # the policy's order of preference: earliest arrival in the booked cabin or above, then below
+        candidates = [(it, c) for cabins in (upward, downward) for it in itineraries for c in cabins]
+        for i, (itinerary, c) in enumerate(candidates):
+            legs = _seat(itinerary, c, booking.passengers, taken)
+            if legs is not None:
+                for leg in legs:
+                    taken.update(f"{leg.flight_id}/{s}" for s in leg.seats)
+                later = _fallbacks(affected, (itinerary, c), candidates[i + 1 :], own, taken)
+                return self._rebook(case, affected, itinerary, legs, cabin, later)
         if affected.why == "long_delay":
             return self._keep(case, affected)
         return self._refund(case, affected)
@@ -162,7 +162,7 @@ class OfflinePolicy(Reasoner):
 
 
 #: Other itineraries a rebook decision offers the rebooker, for when its cabin is full by then.
-_FALLBACKS = 3
+_FALLBACKS = 6
 
 
 def _needs_hotel(affected: AffectedBooking, itinerary: AlternativeItinerary) -> bool:
@@ -171,19 +171,21 @@ def _needs_hotel(affected: AffectedBooking, itinerary: AlternativeItinerary) -> 
 
 def _fallbacks(
     affected: AffectedBooking,
-    chosen: AlternativeItinerary,
-    later: list[AlternativeItinerary],
-    cabin: str,
+    chosen: tuple[AlternativeItinerary, str],
+    later: list[tuple[AlternativeItinerary, str]],
+    own: int,
     taken: set[str],
 ) -> list[list[Leg]]:
-    """The next itineraries (earliest arrival first) with room in the same ``cabin`` on the same terms
-    (hotel or not): what the rebooker may take when the chosen one is full by the time it books."""
-    hotel = _needs_hotel(affected, chosen)
+    """The next choices in the policy's order that have room and keep the chosen one's terms (a hotel
+    or not; the booked cabin or above, or a downgrade like it): what the rebooker may take when
+    the chosen one is full by the time it books."""
+    hotel = _needs_hotel(affected, chosen[0])
+    downgrade = _CABIN_RANK[chosen[1]] < own
     out: list[list[Leg]] = []
-    for itinerary in later:
+    for itinerary, cabin in later:
         if len(out) == _FALLBACKS:
             break
-        if _needs_hotel(affected, itinerary) != hotel:
+        if _needs_hotel(affected, itinerary) != hotel or (_CABIN_RANK[cabin] < own) != downgrade:
             continue
         legs = _seat(itinerary, cabin, affected.booking.passengers, taken)  # proposed only: not marked taken
         if legs is not None:

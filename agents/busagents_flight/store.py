@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-from busagents_travel import Booking, BookingChanged, Flight, Leg, Passenger, RebookPassenger, RebookRejected, Seat
+from busagents_travel import (
+    Booking,
+    BookingChanged,
+    Cost,
+    Flight,
+    Leg,
+    Passenger,
+    RebookPassenger,
+    RebookRejected,
+    Seat,
+)
 
 from busagents import ConfigError
 
@@ -258,6 +268,14 @@ def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[
     if d.action == "keep":
         return _changed(d, current, current.legs, current.legs, current.version), None
     if current.version != d.expected_version or current.status != "active":
+        if current.status != "active" or not any(leg.flight_id in d.replaces for leg in current.legs):
+            # another disruption's decision already moved the booking off what this one replaces (or
+            # refunded it): nothing is left to decide, the passengers are told it stays as it is now
+            note = f"{d.disruption.number}: the booking was already changed for another disruption"
+            moot = msgspec.structs.replace(
+                d, action="keep", replaces=[], new_legs=[], fallbacks=[], cost=Cost(), hotel=False, rationale=note
+            )
+            return _changed(moot, current, current.legs, current.legs, current.version), None
         return reject(
             "stale", f"decided on version {d.expected_version}, booking is at {current.version} ({current.status})"
         )
