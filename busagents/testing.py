@@ -70,10 +70,9 @@ async def delete_streams(bus: Bus) -> None:
 
 @asynccontextmanager
 async def run_agents(bus: Bus, *agents: Agent, drain_timeout: float = 10.0) -> AsyncIterator[Worker]:
-    """Run ``agents`` in this process on ``bus`` until the block ends, then drain them."""
-    worker = Worker(agents, bus, drain_timeout=drain_timeout)
-    await worker.start()
-    try:
+    """Run ``agents`` in this process on ``bus`` until the block ends, then drain them.
+
+    A start that fails raises here with nothing left running (see :meth:`Worker.start`).
+    """
+    async with Worker(agents, bus, drain_timeout=drain_timeout) as worker:
         yield worker
-    finally:
-        await worker.drain()

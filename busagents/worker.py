@@ -146,18 +146,34 @@ class Worker:
         self._unlisten: list[Callable[[], None]] = []
         self._dlq_stream = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._on: list[Agent] = []  # agents whose on_start ran: each gets its on_stop
         self._started = False
         self._stopped = asyncio.Event()
 
     # Lifecycle
 
     async def start(self) -> None:
-        """Start every agent, then subscribe its handlers and start its ``run`` loop."""
+        """Start every agent, then subscribe its handlers and start its ``run`` loop.
+
+        A start that fails half-way (an ``on_start`` raises, a stream cannot be created...)
+        undoes what it did before the error propagates: it unsubscribes, cancels its tasks and
+        calls ``on_stop`` of the agents already started. Nothing is left running.
+        """
         if self._started:
             return
         self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.drain()
+            raise
+
+    async def _start(self) -> None:
+        # Every piece is recorded (self._mailboxes, _consumers, _views, _tasks, _on) as soon as
+        # it exists, before it is awaited further, so drain() can undo a start that failed.
         for agent in self.agents:
             await agent.on_start(self._root_context(agent))
+            self._on.append(agent)
         await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
         for agent in self.agents:
             handlers = type(agent).handlers.values()
@@ -202,8 +218,8 @@ class Worker:
                 filter_subject = handler.subject or info.subscribe_subject
             handle = self._traced(agent, handler, self._handler(agent, handler))
             consumer = ViewConsumer(self.bus.js, stream, filter_subject, handle, label=f"{agent.name}:{info.name}")
-            await consumer.start()
             self._views.append(consumer)
+            await consumer.start()
             self._agent_views[agent.name].append(consumer)
             consumers.append(consumer)
         for consumer in consumers:
@@ -225,7 +241,9 @@ class Worker:
             return True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task, result in zip(self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True):
+            if isinstance(result, Exception):
+                log.error("task %s had failed: %r", task.get_name(), result)
         for unlisten in self._unlisten:
             unlisten()
         for view in self._views:
@@ -234,7 +252,7 @@ class Worker:
             *(m.drain(self.drain_timeout) for m in self._mailboxes),
             *(c.drain(self.drain_timeout) for c in self._consumers),
         )
-        for agent in self.agents:
+        for agent in reversed(self._on):
             try:
                 await agent.on_stop(self._root_context(agent))
             except Exception:
@@ -254,7 +272,11 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread, or no signals
                 loop.add_signal_handler(sig, stop.set)
         await self.start()
-        await stop.wait()
+        try:
+            await stop.wait()
+        except asyncio.CancelledError:
+            await self.drain()
+            raise
         log.info("stop requested: draining")
         return await self.drain()
 
@@ -315,8 +337,8 @@ class Worker:
         )
 
     async def _consume(self, consumer: DurableConsumer, agent: Agent) -> None:
-        await consumer.start()
         self._consumers.append(consumer)
+        await consumer.start()
         self._unlisten.append(self.bus.on_reconnected(consumer.reconnected))
         # A message whose handler never settles it (its process dies or hangs each time) is
         # not redelivered after max_deliver; JetStream says so in an advisory: dead-letter it.

@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from nats.aio.msg import Msg
 
-from busagents import Agent, Bus, Context, Durability, QueryFailedError, command, event, on, query
+from busagents import Agent, Bus, ConfigError, Context, Durability, QueryFailedError, command, event, on, query
 from busagents.server import NatsServer
 from busagents.testing import run_agents
 from busagents.worker import DLQ_AGENT, DLQ_DELIVERIES, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
@@ -340,3 +340,80 @@ async def test_worker_rejects_two_agents_with_one_name(bus: Bus) -> None:
 
     with pytest.raises(ContractError, match="unique"):
         Worker([Shop(), Shop()], bus)
+
+
+@command("test.worker.blocked", durable=True)
+class Blocked(msgspec.Struct):
+    n: int
+
+
+class Steady(Agent):
+    """Serves core and durable messages and runs a loop: everything a start sets up."""
+
+    name = "steady"
+    produces = (Accepted,)
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def on_stop(self, ctx: Context) -> None:
+        self.stopped = True
+
+    async def run(self, ctx: Context) -> None:
+        await asyncio.Event().wait()
+
+    @on(Order)
+    async def take(self, order: Order, ctx: Context) -> Accepted:
+        return Accepted(order_id=order.order_id)
+
+    @on(DurableOrder)
+    async def keep(self, order: DurableOrder, ctx: Context) -> None:
+        pass
+
+
+class Stuck(Agent):
+    """Its durable stream cannot be created: another stream already captures the subject."""
+
+    name = "stuck"
+
+    @on(Blocked)
+    async def handle(self, msg: Blocked, ctx: Context) -> None:
+        pass
+
+
+class NoStart(Agent):
+    name = "no-start"
+
+    async def on_start(self, ctx: Context) -> None:
+        raise RuntimeError("the database is not there")
+
+    @on(Order)
+    async def take(self, order: Order, ctx: Context) -> None:
+        pass
+
+
+async def assert_start_fails_leaving_nothing(bus: Bus, worker: Worker, error: type[Exception], match: str) -> None:
+    tasks = asyncio.all_tasks()
+    subscriptions = set(bus.nc._subs)
+    with pytest.raises(error, match=match):
+        await worker.start()
+    assert set(bus.nc._subs) == subscriptions  # every subscription made was unsubscribed
+    assert {t for t in asyncio.all_tasks() if not t.done()} <= tasks  # lanes, loops and keepers are gone
+
+
+async def test_a_start_that_fails_half_way_leaves_nothing_running(bus: Bus) -> None:
+    from nats.js.api import StreamConfig
+
+    await bus.js.add_stream(StreamConfig(name="BLOCKER", subjects=["test.worker.blocked"]))
+    steady = Steady()
+    worker = Worker([steady, Stuck()], bus)
+    await assert_start_fails_leaving_nothing(bus, worker, ConfigError, "cannot create stream BA_Blocked")
+    assert steady.stopped  # its on_start ran, so its on_stop did too
+    assert await worker.drain()  # nothing left to drain
+
+
+async def test_an_agent_failing_its_on_start_stops_the_agents_started_before_it(bus: Bus) -> None:
+    steady = Steady()
+    worker = Worker([steady, NoStart()], bus)
+    await assert_start_fails_leaving_nothing(bus, worker, RuntimeError, "the database is not there")
+    assert steady.stopped
