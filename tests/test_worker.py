@@ -417,3 +417,28 @@ async def test_an_agent_failing_its_on_start_stops_the_agents_started_before_it(
     worker = Worker([steady, NoStart()], bus)
     await assert_start_fails_leaving_nothing(bus, worker, RuntimeError, "the database is not there")
     assert steady.stopped
+
+
+async def test_cancelling_serve_drains_the_worker(bus: Bus) -> None:
+    class Looping(Steady):
+        def __init__(self) -> None:
+            super().__init__()
+            self.running = asyncio.Event()
+
+        async def run(self, ctx: Context) -> None:
+            self.running.set()
+            await asyncio.Event().wait()
+
+    await bus.js.account_info()  # nats-py makes its request inbox (and its task) on the first request, for good
+    tasks = asyncio.all_tasks()
+    subscriptions = set(bus.nc._subs)
+    agent = Looping()
+    serving = asyncio.create_task(Worker([agent], bus).serve())
+    await asyncio.wait_for(agent.running.wait(), 5)
+    await assert_still_serving(bus, "before-cancel")  # started (a cancelled flush would break nats-py)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert agent.stopped
+    assert set(bus.nc._subs) == subscriptions
+    assert {t for t in asyncio.all_tasks() if not t.done()} <= tasks
