@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from busagents import Agent, Bus, ConfigError, Context, command, event, on, query
+from busagents._proc import pid_alive
 from busagents.server import NatsServer
-from busagents.swarm import Graph, load_swarm
+from busagents.swarm import Graph, Supervisor, SwarmConfig, load_swarm
+from busagents.swarm.supervisor import Replica
 
 from .drain_agent import child_env, run_until_serving
 
@@ -251,6 +253,102 @@ async def test_swarm_up_passes_its_log_level_to_replicas_unless_an_agent_env_ove
     assert code == 0, text
     assert text.count("INFO busagents.worker: worker started: slow") == 1, text  # loud's, not quiet's
     assert text.count("INFO busagents.worker: worker drained") == 1, text
+
+
+def slow_swarm(replicas: int) -> SwarmConfig:
+    env = child_env()
+    return SwarmConfig.model_validate(
+        {
+            "agents": {
+                "slow": {
+                    "agent": "drain_agent:Slow",
+                    "replicas": replicas,
+                    "env": {"PYTHONPATH": env["PYTHONPATH"], "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2"},
+                }
+            }
+        }
+    )
+
+
+class Said:
+    """The supervisor's events, kept and awaitable."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def __call__(self, text: str) -> None:
+        self.lines.append(text)
+        self._queue.put_nowait(text)
+
+    async def next(self, prefix: str, timeout: float = 20.0) -> str:
+        """The next event that starts with ``prefix``."""
+
+        async def find() -> str:
+            while not (line := await self._queue.get()).startswith(prefix):
+                pass
+            return line
+
+        return await asyncio.wait_for(find(), timeout)
+
+    def matching(self, prefix: str) -> list[str]:
+        return [line for line in self.lines if line.startswith(prefix)]
+
+
+def pid_of(started: str) -> int:
+    return int(started.rsplit(" ", 1)[1])
+
+
+async def test_cancelling_the_supervisor_leaves_no_watcher_and_no_replica(nats_server: NatsServer) -> None:
+    said = Said()
+    supervisor = Supervisor(slow_swarm(2), nats_server.url, on_event=said, stop_timeout=20)
+    running = asyncio.create_task(supervisor.run(asyncio.Event()))
+    try:
+        pids = [pid_of(await said.next("started slow[")) for _ in range(2)]
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        watchers = [t for t in asyncio.all_tasks() if t.get_name().startswith("watch:") and not t.done()]
+        alive = [pid for pid in pids if pid_alive(pid)]
+    finally:
+        for replica in supervisor.replicas:  # whatever the code under test left behind
+            if replica.process is not None and replica.process.returncode is None:
+                replica.process.kill()
+                await replica.process.wait()
+    assert watchers == []
+    assert alive == []
+
+
+async def test_a_replica_restarting_when_stop_arrives_gets_sigterm_at_once(nats_server: NatsServer) -> None:
+    stop, stopping = asyncio.Event(), asyncio.Event()
+    said = Said()
+
+    def on_event(text: str) -> None:
+        said(text)
+        if text.startswith("stopping"):
+            stopping.set()
+
+    class StopWhileRestarting(Supervisor):
+        async def _spawn(self, replica: Replica) -> None:
+            if replica.restarts:  # stop arrives while the restarted process is being created
+                stop.set()
+                await asyncio.wait_for(stopping.wait(), 5)  # the supervisor signalled the replicas it knew of
+            await super()._spawn(replica)
+
+    supervisor = StopWhileRestarting(slow_swarm(1), nats_server.url, on_event=on_event, stop_timeout=5)
+    running = asyncio.create_task(supervisor.run(stop))
+    try:
+        os.kill(pid_of(await said.next("started slow[0]")), signal.SIGKILL)
+        await asyncio.wait_for(running, 20)
+    finally:
+        running.cancel()
+        for replica in supervisor.replicas:
+            if replica.process is not None and replica.process.returncode is None:
+                replica.process.kill()
+                await replica.process.wait()
+    assert len(said.matching("started slow[0]")) == 2, said.lines  # the restart happened
+    assert not said.matching("slow[0] did not drain"), said.lines  # it was not left to the stop timeout
+    assert said.matching("slow[0] stopped (exit "), said.lines
 
 
 def test_mermaid_names_every_edge_with_safe_node_ids() -> None:

@@ -5,6 +5,10 @@ while the swarm is up is restarted with backoff, at most ``max_restarts`` times 
 ``restart_window`` seconds; stopping the swarm sends SIGTERM to every replica, so each
 drains (finishes what is in flight) before it exits. On Linux a replica also gets SIGTERM
 when the supervisor itself dies, even by SIGKILL (see ``busagents._proc``).
+
+:meth:`Supervisor.run` owns everything it starts: one task per replica in a task group, and
+the processes, which get SIGTERM (SIGKILL after ``stop_timeout``) however ``run`` ends,
+by ``stop``, by an error or by being cancelled.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self._say = on_event or (lambda text: log.info("%s", text))
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes replicas waiting to restart
         targets = config.targets()
         self.replicas = [
             Replica(key, i, targets[key], spec.env, spec.restart)
@@ -82,9 +87,13 @@ class Supervisor:
         )
         self._say(f"started {replica.label} pid {replica.process.pid}")
 
-    async def _watch(self, replica: Replica) -> None:
+    async def _keep(self, replica: Replica) -> None:
+        """Start the replica, and again each time it exits, until the swarm stops or it gives up."""
         while True:
+            await self._spawn(replica)
             assert replica.process is not None
+            if self._stopping:  # stop came while it was being started: it missed the SIGTERM
+                self._terminate(replica)
             code = await replica.process.wait()
             if self._stopping:
                 self._say(f"{replica.label} stopped (exit {code})")
@@ -104,32 +113,64 @@ class Supervisor:
                 return
             backoff = min(5.0, 0.2 * 2 ** (len(replica._recent) - 1))
             self._say(f"{replica.label} exited with {code}; restarting in {backoff:.1f}s")
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), backoff)
             if self._stopping:
                 return
             replica.restarts += 1
-            await self._spawn(replica)
+
+    def _live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.process is not None and r.process.returncode is None]
+
+    def _terminate(self, replica: Replica) -> None:
+        if replica.process is not None and replica.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                replica.process.send_signal(signal.SIGTERM)
+
+    def _stop(self) -> None:
+        """SIGTERM to every replica; one being started gets it as soon as it exists (see _keep)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stopped.set()
+        live = self._live()
+        self._say(f"stopping: SIGTERM to {len(live)} replica(s)")
+        for replica in live:
+            self._terminate(replica)
+
+    def _kill_live(self) -> None:
+        for replica in self._live():
+            assert replica.process is not None
+            self._say(f"{replica.label} did not drain within {self.stop_timeout}s; killing it")
+            replica.process.kill()
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set; returns the number of replicas that did not exit cleanly."""
-        for replica in self.replicas:
-            await self._spawn(replica)
-        watchers = [asyncio.create_task(self._watch(r), name=f"watch:{r.label}") for r in self.replicas]
-        stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
-        all_done: asyncio.Future[object] = asyncio.ensure_future(asyncio.gather(*watchers))
-        await asyncio.wait([stopped, all_done], return_when=asyncio.FIRST_COMPLETED)
-        self._stopping = True
-        stopped.cancel()
-        for replica in self.replicas:
-            if replica.process is not None and replica.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    replica.process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(all_done, self.stop_timeout)
-        except TimeoutError:
-            for replica in self.replicas:
-                if replica.process is not None and replica.process.returncode is None:
-                    self._say(f"{replica.label} did not drain within {self.stop_timeout}s; killing it")
-                    replica.process.kill()
-            await asyncio.gather(*watchers, return_exceptions=True)
+            async with asyncio.TaskGroup() as tasks:
+                keepers = [tasks.create_task(self._keep(r), name=f"watch:{r.label}") for r in self.replicas]
+                stopped = tasks.create_task(stop.wait(), name="swarm:stop")
+                ended = tasks.create_task(asyncio.wait(keepers), name="swarm:ended")  # every replica gave up
+                await asyncio.wait([stopped, ended], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                self._stop()
+                _, draining = await asyncio.wait(keepers, timeout=self.stop_timeout)
+                if draining:
+                    self._kill_live()
+        finally:
+            await self._reap()
         return sum(1 for r in self.replicas if r.process is not None and r.process.returncode not in (0, None))
+
+    async def _reap(self) -> None:
+        """After an error or a cancel: stop the replicas still running and wait for them to exit."""
+        self._stop()
+        live = self._live()
+        if not live:
+            return
+        try:
+            waits = (r.process.wait() for r in live if r.process is not None)
+            await asyncio.wait_for(asyncio.gather(*waits), self.stop_timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._kill_live()  # cancelled again, or out of time
