@@ -43,6 +43,17 @@ class Race(NamedTuple):
         )  # fmt: skip
 
 
+def _full(day: AirlineDay, flight: Flight, cabin: str, leave: str) -> AirlineDay:
+    """``day`` with ``cabin`` of ``flight`` sold out but ``leave``, and every higher cabin sold out."""
+    higher = ("Y", "W", "J", "F")[("Y", "W", "J", "F").index(cabin) :]
+    fillers = []
+    for c in higher:
+        filler = filler_booking(day, flight.flight_id, c, leave={leave})
+        people = [msgspec.structs.replace(p, passenger_id=f"{p.passenger_id}-{c}") for p in filler.passengers]
+        fillers.append(msgspec.structs.replace(filler, booking_id=f"FILL-{c}", passengers=people))
+    return msgspec.structs.replace(day, bookings=[*day.bookings, *fillers])
+
+
 def _race(day: AirlineDay) -> Race:
     cancelled = next(
         f for f in day.flights
@@ -70,8 +81,7 @@ async def test_two_rebookers_racing_for_the_last_seat_of_a_cabin_sell_it_once_an
     bus: Bus, tmp_path: Path
 ) -> None:
     race = _race(DAY)
-    filler = filler_booking(DAY, race.target.flight_id, race.cabin, leave={race.seat})
-    day = msgspec.structs.replace(DAY, bookings=[*DAY.bookings, filler])  # the seat is the cabin's last
+    day = _full(DAY, race.target, race.cabin, race.seat)  # the seat is the flight's last in its cabin and above
     a, b = race.a, race.b
     path = tmp_path / "bookings.sqlite3"
     first = Rebooker(SqliteStore(path), day, load=True)
@@ -136,8 +146,7 @@ async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_ro
     bus: Bus, tmp_path: Path
 ) -> None:
     race = _race(DAY)
-    filler = filler_booking(DAY, race.target.flight_id, race.cabin, leave={race.seat})
-    day = msgspec.structs.replace(DAY, bookings=[*DAY.bookings, filler])  # the seat is the cabin's last
+    day = _full(DAY, race.target, race.cabin, race.seat)  # the seat is the flight's last in its cabin and above
     view = LiveView(day)
     t = race.target
     other = next(
@@ -164,11 +173,36 @@ async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_ro
     by_booking = {m.body.booking_id: m.body for m in changed.messages}
     first, second = by_booking[race.a.booking_id], by_booking[race.b.booking_id]  # a was applied first
     assert (first.new_legs[0].flight_id, first.new_legs[0].seats) == (t.flight_id, [race.seat])
-    assert second.decision_id == f"{b.decision_id}+1"
+    assert second.decision_id.startswith(f"{b.decision_id}+")  # after the target's higher cabins, all full
     assert (second.new_legs[0].flight_id, second.new_legs[0].cabin) == (other.flight_id, race.cabin)
     assert f"first choice full when booked ({t.flight_id}/{race.seat}); rebooked on {other.number}" in second.rationale
     assert again.message.body == second
     assert (rebooker.applied, rebooker.fell_back) == (3, 2)
+    store = SqliteStore(path)
+    assert await store.seat_conflicts() == 0
+    await store.close()
+
+
+async def test_a_decision_whose_cabin_filled_up_is_upgraded_on_the_same_flight_when_a_higher_cabin_has_room(
+    bus: Bus, tmp_path: Path
+) -> None:
+    race = _race(DAY)
+    filler = filler_booking(DAY, race.target.flight_id, race.cabin, leave={race.seat})
+    day = msgspec.structs.replace(DAY, bookings=[*DAY.bookings, filler])  # only the cabin is full
+    path = tmp_path / "bookings.sqlite3"
+    rebooker = Rebooker(SqliteStore(path), day, load=True)
+    ids = (race.a.booking_id, race.b.booking_id)
+    async with run_agents(bus, rebooker):
+        async with bus.expect(BookingChanged, where=lambda c: c.booking_id in ids, count=2) as changed:
+            await bus.publish(race.decision(race.a))
+            await bus.publish(race.decision(race.b))
+    by_booking = {m.body.booking_id: m.body for m in changed.messages}
+    upgraded = by_booking[race.b.booking_id].new_legs[0]
+    assert upgraded.flight_id == race.target.flight_id  # same itinerary, a higher cabin: within the policy
+    assert ("Y", "W", "J", "F").index(upgraded.cabin) > ("Y", "W", "J", "F").index(race.cabin)
+    assert rebooker.rejected == 0
+    maps = SeatMaps(day.flights, day.seat_maps)
+    assert maps.cabin(upgraded.flight_id, upgraded.seats[0]) == upgraded.cabin
     store = SqliteStore(path)
     assert await store.seat_conflicts() == 0
     await store.close()

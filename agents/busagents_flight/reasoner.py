@@ -10,6 +10,7 @@ rebooker reported.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 
 from busagents_travel import (
@@ -100,9 +101,7 @@ class ReasonerAgent(Agent):
                 msg_id=_decision_msg_id(decision_id),
             )
             return
-        decisions = await self._decide(d, [affected], ctx, attempt)
-        for decision in decisions:
-            await ctx.publish(decision, msg_id=_decision_msg_id(decision.decision_id))
+        await _publish_all(ctx, await self._decide(d, [affected], ctx, attempt))
 
     async def _assess(self, d: Disruption, ctx: Context) -> None:
         reply = await ctx.request(BookingsOnFlight(flight_id=d.flight_id))
@@ -118,8 +117,7 @@ class ReasonerAgent(Agent):
             ),
             msg_id=f"assessed.{d.disruption_id}",
         )
-        for decision in decisions:
-            await ctx.publish(decision, msg_id=_decision_msg_id(decision.decision_id))
+        await _publish_all(ctx, decisions)
 
     async def _decide(
         self, d: Disruption, affected: list[AffectedBooking], ctx: Context, attempt: int
@@ -190,6 +188,15 @@ class ReasonerAgent(Agent):
                 self.replaced += 1
                 out.append(self.fallback.decide_one(case, a, taken))
         return out
+
+
+async def _publish_all(ctx: Context, decisions: list[RebookPassenger], window: int = 64) -> None:
+    """Publish the decisions of one case together (up to ``window`` waiting for their acknowledgement at
+    once): their seats reach the rebooker, and the other replicas, while they are still free."""
+    for start in range(0, len(decisions), window):
+        await asyncio.gather(
+            *(ctx.publish(d, msg_id=_decision_msg_id(d.decision_id)) for d in decisions[start : start + window])
+        )
 
 
 def _decision_msg_id(decision_id: str) -> str:

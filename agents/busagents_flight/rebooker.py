@@ -10,7 +10,7 @@ by a free one of the same cabin inside the store's transaction.
 from __future__ import annotations
 
 import msgspec
-from busagents_travel import BookingChanged, RebookPassenger, RebookRejected
+from busagents_travel import BookingChanged, Leg, RebookPassenger, RebookRejected
 
 from busagents import Agent, Context, on
 
@@ -19,6 +19,8 @@ from .settings import FlightSettings
 from .store import BookingStore, Outcome, SeatMaps, open_store
 
 __all__ = ["Rebooker"]
+
+_CABINS = ("Y", "W", "J", "F")  # lowest to highest
 
 
 class Rebooker(Agent):
@@ -81,30 +83,55 @@ class Rebooker(Agent):
         return outcome
 
     async def _fall_back(self, decision: RebookPassenger, rejected: RebookRejected) -> Outcome:
-        """The first of the decision's fallback itineraries with room for the group, or ``rejected``.
+        """When the decision's cabin is full by now: its itinerary in a higher cabin, then each of its
+        fallback itineraries (in their cabin, then higher): the first with room for the group, or ``rejected``.
 
-        Each is applied as a decision of its own (``<decision id>+<n>``: recorded, so a redelivery
-        gets the same outcome), its rationale saying why the first choice was not taken.
+        What the policy allows anyway (an upgrade on the same terms, the reasoner's own next choices),
+        settled here against the inventory rather than against a reasoner's view of it, which another
+        replica's decisions may have overtaken. Each try is a decision of its own (``<id>+<n>``,
+        recorded: a redelivery gets the same outcome), its rationale saying why.
         """
-        for n, legs in enumerate(decision.fallbacks, 1):
-            route = " + ".join(f"{leg.number} {leg.origin} -> {leg.destination}" for leg in legs)
-            why = f"first choice full when booked ({', '.join(rejected.taken_seats)}); rebooked on {route} instead"
-            alternative = msgspec.structs.replace(
-                decision,
-                decision_id=f"{decision.decision_id}+{n}",
-                new_legs=legs,
-                fallbacks=[],
-                rationale=f"{decision.rationale}; {why}" if decision.rationale else why,
-            )
-            if self._invalid_seat(alternative):
-                continue
-            outcome = await self.store.apply(alternative)
-            if isinstance(outcome, BookingChanged):
-                self.fell_back += 1
-                return outcome
-            if outcome.reason != "seat_taken":
-                return rejected  # the booking moved on meanwhile: the first answer stands, and is re-decided
+        n = 0
+        for k, legs in enumerate([decision.new_legs, *decision.fallbacks]):
+            for cabin in self._cabins_to_try(decision, legs[0].cabin, first=k == 0):
+                seated = [self._in_cabin(leg, cabin, len(decision.passenger_ids)) for leg in legs]
+                if any(leg is None for leg in seated):
+                    continue
+                n += 1
+                new_legs = [leg for leg in seated if leg is not None]
+                route = " + ".join(f"{leg.number} {leg.origin} -> {leg.destination} ({leg.cabin})" for leg in new_legs)
+                why = f"first choice full when booked ({', '.join(rejected.taken_seats)}); rebooked on {route} instead"
+                alternative = msgspec.structs.replace(
+                    decision,
+                    decision_id=f"{decision.decision_id}+{n}",
+                    new_legs=new_legs,
+                    fallbacks=[],
+                    rationale=f"{decision.rationale}; {why}" if decision.rationale else why,
+                )
+                outcome = await self.store.apply(alternative)
+                if isinstance(outcome, BookingChanged):
+                    self.fell_back += 1
+                    return outcome
+                if outcome.reason != "seat_taken":
+                    return rejected  # the booking moved on meanwhile: the first answer stands, and is re-decided
         return rejected
+
+    @staticmethod
+    def _cabins_to_try(decision: RebookPassenger, cabin: str, *, first: bool) -> list[str]:
+        """The leg's cabin (not for the decision's own itinerary: tried already), then higher ones,
+        unless the decision is a downgrade (half the fare refunded: another cabin, other terms)."""
+        higher = [c for c in _CABINS[_CABINS.index(cabin) + 1 :]] if decision.cost.refund == 0 else []
+        return higher if first else [cabin, *higher]
+
+    def _in_cabin(self, leg: Leg, cabin: str, n: int) -> Leg | None:
+        """``leg`` in ``cabin`` with seats proposed for ``n`` passengers (the store seats the group among
+        those still free); None when the aircraft has fewer seats in that cabin."""
+        if cabin == leg.cabin:
+            return leg
+        seats = self.seat_maps.seats(leg.flight_id, cabin)
+        if len(seats) < n:
+            return None
+        return msgspec.structs.replace(leg, cabin=cabin, seats=[s.number for s in seats[-n:]])
 
     def _invalid_seat(self, decision: RebookPassenger) -> str:
         for leg in decision.new_legs:
