@@ -42,13 +42,11 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
 __all__ = [
-    "DLQ_STREAM",
     "DurableConsumer",
     "consumer_config",
+    "create_or_update_stream",
     "delivery_count",
     "derived_id",
-    "dlq_permissions",
-    "ensure_dlq_stream",
     "ensure_stream",
     "jetstream_permissions",
     "partition_filters",
@@ -60,9 +58,7 @@ __all__ = [
 
 log = logging.getLogger("busagents.durable")
 
-#: The stream that keeps every dead letter (``busagents.dlq.>``) for ``busagents dlq``.
-DLQ_STREAM = "BUSAGENTS_DLQ"
-DLQ_SUBJECTS = "busagents.dlq.>"
+_MOVED_TO_DLQ = frozenset({"DLQ_STREAM", "DLQ_SUBJECTS", "dlq_permissions", "ensure_dlq_stream"})
 
 _ACK = b"+ACK"
 _PROGRESS = b"+WPI"
@@ -70,6 +66,15 @@ _TERM = b"+TERM"
 _PENDING_MSGS = "Nats-Pending-Messages"
 _STATUS = "Status"
 _HEARTBEAT = "100"
+
+
+def __getattr__(name: str) -> Any:
+    """The dead-letter stream moved to :mod:`busagents.dlq`; older imports from here still work."""
+    if name in _MOVED_TO_DLQ:
+        from . import dlq  # not at the top: dlq builds on this module
+
+        return getattr(dlq, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Streams
@@ -104,25 +109,11 @@ def stream_config(info: ContractInfo, d: Durability) -> api.StreamConfig:
 
 async def ensure_stream(js: JetStreamContext, info: ContractInfo, d: Durability) -> str:
     """Create the contract's stream, or update it to the declaration; returns its name."""
-    return await _ensure(js, stream_config(info, d))
+    return await create_or_update_stream(js, stream_config(info, d))
 
 
-async def ensure_dlq_stream(js: JetStreamContext, *, replicas: int = 1, max_age: float = 30 * 24 * 3600.0) -> str:
-    """Create or update the stream that keeps every dead letter."""
-    config = api.StreamConfig(
-        name=DLQ_STREAM,
-        description="busagents: dead letters of every agent",
-        subjects=[DLQ_SUBJECTS],
-        retention=api.RetentionPolicy.LIMITS,
-        max_age=max_age,
-        num_replicas=replicas,
-        storage=api.StorageType.FILE,
-        duplicate_window=120.0,
-    )
-    return await _ensure(js, config)
-
-
-async def _ensure(js: JetStreamContext, config: api.StreamConfig) -> str:
+async def create_or_update_stream(js: JetStreamContext, config: api.StreamConfig) -> str:
+    """Create the stream ``config`` describes, or update it to ``config``; returns its name."""
     assert config.name is not None
     try:
         await js.add_stream(config)
@@ -143,7 +134,7 @@ def jetstream_permissions(info: ContractInfo, d: Durability, *, consumer: str | 
     """NATS (publish, subscribe) permissions for a durable contract, as publisher or as ``consumer``.
 
     Besides these, the connection needs a subscription on its own inbox (publish acks, API
-    replies, pulled messages) and the dead-letter permissions (:func:`dlq_permissions`).
+    replies, pulled messages) and the dead-letter permissions (:func:`busagents.dlq.dlq_permissions`).
     """
     stream = stream_name(info, d)
     pub = {f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"}  # ensure_stream
@@ -160,15 +151,6 @@ def jetstream_permissions(info: ContractInfo, d: Durability, *, consumer: str | 
             }
             sub.add(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{name}")
     return pub, sub
-
-
-def dlq_permissions(agent: str) -> set[str]:
-    """NATS publish permissions an agent needs to keep its dead letters in :data:`DLQ_STREAM`."""
-    return {
-        f"$JS.API.STREAM.CREATE.{DLQ_STREAM}",  # every worker ensures the stream
-        f"$JS.API.STREAM.UPDATE.{DLQ_STREAM}",
-        f"{DLQ_SUBJECTS[:-1]}{agent}",  # busagents.dlq.<agent> (stored with an ack when durable)
-    }
 
 
 # Consumers

@@ -4,7 +4,8 @@ Each handler of each agent gets a subscription in the queue group named after th
 agent, so an event reaches every agent *type* once and the replicas of a type
 share the load. A message that cannot be decoded, has the wrong contract or
 version, or whose handler raises goes to ``busagents.dlq.<agent>`` with the
-reason, the original headers and the original bytes; the agent keeps serving.
+reason, the original headers and bytes (as much as fits: :mod:`busagents.dlq`); the agent
+keeps serving.
 
 A handler of a durable contract (or ``@on(C, durable=True)``) runs the same code on a
 JetStream durable pull consumer instead (:mod:`busagents.durable`): the message is acked
@@ -20,7 +21,6 @@ import asyncio
 import contextlib
 import enum
 import functools
-import json
 import logging
 import os
 import signal
@@ -40,46 +40,36 @@ from .bus import ERROR_HEADER, Bus, Mailbox
 from .codec import codec_for, encode
 from .context import Context
 from .contract import Durability, Kind, contract_info
+from .dlq import (
+    bounded_reason,
+    ensure_dlq_stream,
+    write_dead_letter,
+    write_durable_dead_letter,
+    write_max_deliveries_dead_letter,
+)
 from .durable import (
     DurableConsumer,
     ack,
     backoff_delay,
     consumer_config,
     delivery_count,
-    ensure_dlq_stream,
     nak,
     partition_filters,
-    stream_sequence,
     term,
     unpartitioned,
 )
-from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
+from .envelope import CONTRACT, VERSION, Envelope
 from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
 from .view import ViewConsumer
 
 __all__ = [
-    "DLQ_AGENT",
-    "DLQ_DELIVERIES",
-    "DLQ_MSG_ID",
-    "DLQ_PREFIX",
-    "DLQ_REASON",
-    "DLQ_STAGE",
-    "DLQ_SUBJECT",
     "AgentStats",
     "Outcome",
     "Worker",
-    "dead_letter_subject",
 ]
 
 log = logging.getLogger("busagents.worker")
 
-DLQ_PREFIX = "busagents.dlq"
-DLQ_REASON = "Ba-Dlq-Reason"
-DLQ_SUBJECT = "Ba-Dlq-Subject"
-DLQ_AGENT = "Ba-Dlq-Agent"
-DLQ_STAGE = "Ba-Dlq-Stage"  # decode | contract | version | handler | max-deliveries | reply
-DLQ_DELIVERIES = "Ba-Dlq-Deliveries"
-DLQ_MSG_ID = "Ba-Dlq-Msg-Id"  # the original Nats-Msg-Id (the dead letter has its own)
 STATS_PREFIX = "busagents.stats"
 
 #: Handler exceptions that retrying cannot fix: a durable message is dead-lettered at once.
@@ -89,10 +79,6 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     UndeclaredContractError,
     DecodeError,
 )
-
-
-def dead_letter_subject(agent_name: str) -> str:
-    return f"{DLQ_PREFIX}.{agent_name}"
 
 
 class Outcome(enum.Enum):
@@ -348,35 +334,14 @@ class Worker:
 
     async def _on_max_deliveries(self, agent: Agent, advisory: Msg) -> None:
         try:
-            info = json.loads(advisory.data)
-            stream, seq, deliveries = info["stream"], int(info["stream_seq"]), int(info["deliveries"])
-            raw = await self.bus.js.get_msg(stream, seq=seq)
+            reason = await write_max_deliveries_dead_letter(self.bus, agent.name, advisory)
         except (ValueError, KeyError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.error(
                 "%s: could not dead-letter after a max-deliveries advisory (%r): %r", agent.name, advisory.data, exc
             )
             return
-        headers = dict(raw.headers or {})
-        original_id = headers.get(MSG_ID)
-        if original_id:
-            headers[DLQ_MSG_ID] = original_id
-        reason = f"delivered {deliveries} times and never settled: the handler's process died or hung each time"
-        headers.update(
-            {
-                DLQ_REASON: reason,
-                DLQ_SUBJECT: raw.subject or "",
-                DLQ_AGENT: agent.name,
-                DLQ_STAGE: "max-deliveries",
-                DLQ_DELIVERIES: str(deliveries),
-                MSG_ID: f"dlq.{agent.name}.{stream}.{seq}",
-            }
-        )
         self.stats[agent.name].dead_lettered += 1
         log.warning("dead letter from %s (max-deliveries): %s", agent.name, reason)
-        try:
-            await self.bus.js.publish(dead_letter_subject(agent.name), raw.data or b"", timeout=5.0, headers=headers)
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            log.error("could not store the dead letter of %s (%r); reason was: %s", agent.name, exc, reason)
 
     def _durable_handler(
         self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None
@@ -453,22 +418,10 @@ class Worker:
     async def _dead_letter_durable(self, agent: Agent, msg: Msg, subject: str, stage: str, reason: str) -> None:
         """Store the dead letter in the DLQ stream, then terminate the message; nak it if storing failed."""
         self.stats[agent.name].dead_lettered += 1
-        reason = " ".join(reason.split())[:2000]
-        headers = dict(msg.headers or {})
-        headers[DLQ_REASON] = reason
-        headers[DLQ_SUBJECT] = subject
-        headers[DLQ_AGENT] = agent.name
-        headers[DLQ_STAGE] = stage
-        headers[DLQ_DELIVERIES] = str(delivery_count(msg.reply))
-        stream, seq = stream_sequence(msg.reply)
-        original_id = headers.get(MSG_ID)
-        if original_id:
-            headers[DLQ_MSG_ID] = original_id
-        # one dead letter per stored message, however often this runs (crash before the term)
-        headers[MSG_ID] = f"dlq.{agent.name}.{stream}.{seq}"
+        reason = bounded_reason(reason)
         log.warning("dead letter from %s (%s): %s", agent.name, stage, reason)
         try:
-            await self.bus.js.publish(dead_letter_subject(agent.name), msg.data, timeout=5.0, headers=headers)
+            await write_durable_dead_letter(self.bus, agent.name, msg, subject, stage, reason)
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             log.error(
                 "could not store the dead letter of %s (%r); it will be redelivered. Reason was: %s",
@@ -573,24 +526,28 @@ class Worker:
         return len(messages)
 
     async def _dead_letter(self, agent: Agent, msg: Msg, stage: str, reason: str, *, answer: bool = False) -> None:
+        """Send the dead letter (stored with an ack when the DLQ stream exists); answer a query's requester."""
         self.stats[agent.name].dead_lettered += 1
-        reason = " ".join(reason.split())[:2000]  # one header line
-        headers = dict(msg.headers or {})
-        headers[DLQ_REASON] = reason
-        headers[DLQ_SUBJECT] = msg.subject
-        headers[DLQ_AGENT] = agent.name
-        headers[DLQ_STAGE] = stage
-        original_id = headers.get(MSG_ID)
-        if original_id:  # the DLQ stream de-duplicates per agent, not across agents
-            headers[DLQ_MSG_ID] = original_id
-            headers[MSG_ID] = f"dlq.{agent.name}.{original_id}"
+        reason = bounded_reason(reason)
         log.warning("dead letter from %s (%s): %s", agent.name, stage, reason)
         try:
-            await self.bus.nc.publish(dead_letter_subject(agent.name), msg.data, headers=headers)
-            if answer and msg.reply:
+            await write_dead_letter(
+                self.bus,
+                agent.name,
+                stage,
+                reason,
+                subject=msg.subject,
+                data=msg.data,
+                headers=msg.headers,
+                store=self._dlq_stream,
+            )
+        except (nats.errors.Error, nats.js.errors.Error):
+            log.exception("could not send the dead letter of %s; reason was: %s", agent.name, reason)
+        if answer and msg.reply:
+            try:
                 await self.bus.nc.publish(msg.reply, b"", headers={ERROR_HEADER: reason})
-        except nats.errors.Error:
-            log.exception("could not publish the dead letter of %s; reason was: %s", agent.name, reason)
+            except nats.errors.Error:
+                log.exception("%s could not send the error reply of a query on %s", agent.name, msg.subject)
 
 
 async def _reply(bus: Bus, agent: Agent, msg: Msg, ctx: Context, result: Any, reply_cls: type[Any]) -> None:

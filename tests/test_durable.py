@@ -282,7 +282,7 @@ def busagents_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_original_message_id() -> None:
+async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_each_time_but_the_original_message_id() -> None:
     with NatsServer() as server:
         bus = await Bus.connect(server.url)
         fragile = Fragile()
@@ -301,7 +301,7 @@ async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_
                     busagents_cli, "dlq", "replay", str(letter.seq), "--nats", server.url
                 )
                 again = await asyncio.to_thread(busagents_cli, "dlq", "replay", str(letter.seq), "--nats", server.url)
-                await asyncio.wait_for(fragile.handled_once.wait(), 10)  # the replay
+                await wait_settled(bus, "BA_Task", "fragile", 10)  # both replays handled
                 stored = (await bus.js.stream_info("BA_Task")).state.messages
         finally:
             await bus.close()
@@ -310,11 +310,12 @@ async def test_dead_letters_are_listed_shown_and_replayed_with_a_new_id_but_the_
     assert shown.returncode == 0, shown.stderr
     assert '"task_id": "t-1"' in shown.stdout and "Ba-Dlq-Reason" in shown.stdout
     assert replayed.returncode == 0, replayed.stderr
-    assert f"as {envelope.id}.replay.{letter.seq}" in replayed.stdout
-    assert again.returncode == 0
-    assert fragile.handled == fragile.failed  # ctx.message_id is the original's; the second replay was a duplicate
+    assert f"replayed #{letter.seq} on test.durable.task.t-1 as replay.{letter.seq}." in replayed.stdout
+    assert "stored in BA_Task #2" in replayed.stdout and "stored in BA_Task #3" in again.stdout
+    assert again.returncode == 0, again.stderr
+    assert fragile.handled == fragile.failed * 2  # ctx.message_id is the original's; each replay is delivered
     assert fragile.handled[0] is not None and fragile.handled[0].startswith(f"{envelope.id}:")
-    assert stored == 2  # the original and one replay
+    assert stored == 3  # the original and two replays
 
 
 @pytest.mark.parametrize(

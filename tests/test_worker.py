@@ -12,9 +12,10 @@ import pytest
 from nats.aio.msg import Msg
 
 from busagents import Agent, Bus, ConfigError, Context, Durability, QueryFailedError, command, event, on, query
+from busagents.dlq import DLQ_AGENT, DLQ_DELIVERIES, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT
 from busagents.server import NatsServer
 from busagents.testing import run_agents
-from busagents.worker import DLQ_AGENT, DLQ_DELIVERIES, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT, Worker
+from busagents.worker import Worker
 
 from .drain_agent import Done, Job, Started, child_env
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import click
 
 from ..bus import Bus
-from ..dlq import DeadLetter, dead_letters, get_dead_letter, replay_dead_letter
+from ..dlq import DeadLetter, Replayed, ReplayError, dead_letters, get_dead_letter, replay_dead_letter
 from ..errors import ConfigError
 from ._nats import DEFAULT_URL, nats_url
 
@@ -42,7 +43,8 @@ def list_command(nats: str | None, agent: str | None, limit: int) -> None:
         cells = "  ".join(
             f"{value:<{width}}" for value, width in zip((d.agent, d.stage, d.subject), widths, strict=True)
         )
-        click.echo(f"{d.seq:>6}  {when}  {cells}  {_short(d.reason, 80)}")
+        cut = " [body truncated]" if d.truncated is not None else ""
+        click.echo(f"{d.seq:>6}  {when}  {cells}  {_short(d.reason, 80)}{cut}")
 
 
 @dlq_group.command("show")
@@ -58,7 +60,10 @@ def show_command(nats: str | None, seq: int) -> None:
     click.echo("headers:")
     for key, value in sorted(d.headers.items()):
         click.echo(f"  {key}: {value}")
-    click.echo("body:")
+    if d.truncated is not None:
+        click.echo(f"body (the first {len(d.data)} of {d.truncated} bytes):")
+    else:
+        click.echo("body:")
     try:
         click.echo(json.dumps(json.loads(d.data), indent=2, ensure_ascii=False))
     except ValueError:
@@ -72,7 +77,11 @@ def show_command(nats: str | None, seq: int) -> None:
 @click.option("--agent", default=None, help="With --all: only this agent's dead letters.")
 @click.option("--delete", is_flag=True, help="Delete each dead letter once replayed.")
 def replay_command(nats: str | None, seqs: tuple[int, ...], replay_all: bool, agent: str | None, delete: bool) -> None:
-    """Publish dead letters again on their original subjects (by sequence, or --all)."""
+    """Publish dead letters again on their original subjects (by sequence, or --all).
+
+    A subject a stream captures is replayed through JetStream, any other on core NATS (only
+    the agents subscribed at that moment get it). Exits with 1 when any was not replayed.
+    """
     if not seqs and not replay_all:
         raise click.UsageError("give the sequence numbers to replay (see 'busagents dlq list'), or --all")
     if seqs and replay_all:
@@ -80,17 +89,30 @@ def replay_command(nats: str | None, seqs: tuple[int, ...], replay_all: bool, ag
     if agent and not replay_all:
         raise click.UsageError("--agent narrows --all; with sequence numbers, replay exactly those")
 
-    async def replay(bus: Bus) -> list[tuple[DeadLetter, str]]:
+    async def replay(bus: Bus) -> list[tuple[DeadLetter, Replayed | ReplayError]]:
         if replay_all:
             letters = await dead_letters(bus, agent=agent, limit=1_000_000)
         else:
             letters = [await get_dead_letter(bus, seq) for seq in seqs]
-        return [(letter, await replay_dead_letter(bus, letter, delete=delete)) for letter in letters]
+        outcomes: list[tuple[DeadLetter, Replayed | ReplayError]] = []
+        for letter in letters:
+            try:
+                outcomes.append((letter, await replay_dead_letter(bus, letter, delete=delete)))
+            except ReplayError as exc:
+                outcomes.append((letter, exc))
+        return outcomes
 
-    done = _run(nats, replay)
-    for letter, msg_id in done:
-        click.echo(f"replayed #{letter.seq} on {letter.subject} as {msg_id}")
-    click.echo(f"{len(done)} dead letter(s) replayed" + (" and deleted" if delete else ""))
+    outcomes = _run(nats, replay)
+    for letter, outcome in outcomes:
+        if isinstance(outcome, ReplayError):
+            click.echo(f"not replayed #{letter.seq}: {outcome}", err=True)
+        else:
+            deleted = " (dead letter deleted)" if delete else ""
+            click.echo(f"replayed #{letter.seq} on {letter.subject} {outcome}{deleted}")
+    failed = sum(isinstance(outcome, ReplayError) for _, outcome in outcomes)
+    click.echo(f"{len(outcomes) - failed} dead letter(s) replayed" + (f", {failed} not" if failed else ""))
+    if failed:
+        sys.exit(1)
 
 
 def _run(nats: str | None, action: Callable[[Bus], Awaitable[T]]) -> T:

@@ -17,7 +17,8 @@ import msgspec
 
 from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
-from ..durable import dlq_permissions, jetstream_permissions, stream_name
+from ..dlq import dlq_permissions
+from ..durable import jetstream_permissions, stream_name
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
 from ..llm.contracts import ApprovalDecided, ApprovalRequested
 from ..state import state_permissions
