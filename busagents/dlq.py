@@ -232,9 +232,9 @@ async def write_max_deliveries_dead_letter(bus: Bus, agent: str, advisory: Msg) 
     # $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>: the subject the worker subscribed to
     stream = advisory.subject.split(".")[5]
     info = json.loads(advisory.data)
+    if not isinstance(info, dict) or info.get("stream") != stream:
+        raise ValueError(f"an advisory on {advisory.subject} that is not about {stream}")
     seq, deliveries = int(info["stream_seq"]), int(info["deliveries"])
-    if info["stream"] != stream:
-        raise ValueError(f"an advisory on {advisory.subject} names the stream {info['stream']!r}")
     raw = await bus.js.get_msg(stream, seq=seq)
     reason = f"delivered {deliveries} times and never settled: the handler's process died or hung each time"
     await write_dead_letter(

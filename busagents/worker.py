@@ -337,7 +337,10 @@ class Worker:
             reason = await write_max_deliveries_dead_letter(self.bus, agent.name, advisory)
         except (ValueError, KeyError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.error(
-                "%s: could not dead-letter after a max-deliveries advisory (%r): %r", agent.name, advisory.data, exc
+                "%s: could not dead-letter after a max-deliveries advisory (%r): %r",
+                agent.name,
+                advisory.data[:500],
+                exc,
             )
             return
         self.stats[agent.name].dead_lettered += 1

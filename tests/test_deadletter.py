@@ -7,6 +7,7 @@ from the ``BUSAGENTS_DLQ`` stream, and the agent still handles a valid message a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -288,6 +289,20 @@ async def test_a_message_near_max_payload_that_kills_its_process_is_dead_lettere
     assert body.startswith(letter.data)
     assert_fits(letter, bus.nc.max_payload)
     assert deaths == 2
+
+
+async def test_an_advisory_naming_another_stream_dead_letters_nothing_from_it(bus: Bus) -> None:
+    async with run_agents(bus, Doer()), StoredDeadLetters(bus, "dl-doer") as letters:
+        await bus.js.add_stream(name="DL_SECRET", subjects=["test.deadletter.secret"])
+        secret = await bus.js.publish("test.deadletter.secret", b"not for the DLQ", timeout=5)
+        task = await bus.js.publish("test.deadletter.task.t1", b'{"task_id": "t1"}', timeout=5)
+        # anyone may publish on the advisory subject; the agent's advisories are handled in order
+        subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.BA_DlTask.dl-doer"
+        for stream, seq in (("DL_SECRET", secret.seq), ("BA_DlTask", task.seq)):
+            await bus.nc.publish(subject, json.dumps({"stream": stream, "stream_seq": seq, "deliveries": 2}).encode())
+        letter = await letters.next()
+    assert letter.data == b'{"task_id": "t1"}'  # the first dead letter is the one about the agent's stream
+    assert letter.headers[MSG_ID] == f"dlq.dl-doer.BA_DlTask.{task.seq}"
 
 
 async def test_two_bad_messages_with_one_message_id_leave_two_dead_letters(bus: Bus) -> None:
