@@ -2,8 +2,15 @@
 
 Started on a free loopback port with JetStream and a temporary store, stopped on exit::
 
-    with NatsServer() as server:
+    async with NatsServer() as server:   # in async code: the waits yield to the event loop
         bus = await Bus.connect(server.url)
+
+    with NatsServer() as server:         # elsewhere (a CLI command before asyncio.run, a script)
+        ...
+
+``start``, ``stop`` and ``restart`` wait for the server (and sleep between checks) on the
+calling thread; async code uses ``astart``, ``astop``, ``arestart`` or ``async with``, which
+start the child on the event loop's thread and wait without blocking the loop.
 
 On Linux the server gets SIGTERM when the process that started it dies, even by SIGKILL.
 A temporary store left behind by such a death is removed by the next ``NatsServer`` start.
@@ -11,6 +18,7 @@ A temporary store left behind by such a death is removed by the next ``NatsServe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -126,8 +134,39 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
-        if self.process is not None and self.process.poll() is None:
+        """Start and wait until it serves (on this thread: from async code, ``await astart()``)."""
+        if self._running():
             return self
+        self._prepare()
+        deadline = self._spawn(timeout)
+        while not self._serving():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise self._late(timeout)
+            time.sleep(0.02)
+        return self
+
+    async def astart(self, timeout: float = 10.0) -> NatsServer:
+        """:meth:`start` without blocking the event loop (the child is still spawned on the loop's thread)."""
+        if self._running():
+            return self
+        await asyncio.to_thread(self._prepare)
+        deadline = self._spawn(timeout)  # on this thread: a child dies with the thread that spawned it
+        try:
+            while not self._serving():  # quick: a loopback connect and a log read
+                if time.monotonic() > deadline:
+                    raise self._late(timeout)
+                await asyncio.sleep(0.02)  # the child tells it serves only by answering
+        except BaseException:  # out of time, or cancelled: a server half started is stopped
+            await self.astop()
+            raise
+        return self
+
+    def _running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _prepare(self) -> None:
+        """The store and the log file (file system work: a worker thread may do it)."""
         if self.store_dir is None:
             _remove_stale_stores()
             self.store_dir = Path(tempfile.mkdtemp(prefix=_STORE_PREFIX))
@@ -135,6 +174,10 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.store_dir / "nats-server.log"
         self._log_offset = self._log.stat().st_size if self._log.exists() else 0  # a restart appends
+
+    def _spawn(self, timeout: float) -> float:
+        """Start the child process (quick); returns the deadline by which it must serve."""
+        assert self.store_dir is not None and self._log is not None
         args = [find_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
         if self.config_file is not None:
             args += ["-c", str(self.config_file)]
@@ -152,18 +195,20 @@ class NatsServer:
         )
         if self._own_store:
             (self.store_dir / _OWNER_FILE).write_text(f"{os.getpid()} {self.process.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise NatsUnavailableError(
-                    f"nats-server exited with code {self.process.returncode} at start: {err.strip()} {self.log_tail()}"
-                )
-            if is_reachable(self.url, timeout=0.2) and self._ready():
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise NatsUnavailableError(f"nats-server did not accept connections on {self.url} within {timeout}s")
+        return time.monotonic() + timeout
+
+    def _serving(self) -> bool:
+        """One check of a starting server: True once it serves; NatsUnavailableError if it exited."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            raise NatsUnavailableError(
+                f"nats-server exited with code {self.process.returncode} at start: {err.strip()} {self.log_tail()}"
+            )
+        return is_reachable(self.url, timeout=0.2) and self._ready()
+
+    def _late(self, timeout: float) -> NatsUnavailableError:
+        return NatsUnavailableError(f"nats-server did not accept connections on {self.url} within {timeout}s")
 
     def _ready(self) -> bool:
         if not self.jetstream or self._log is None:
@@ -187,10 +232,19 @@ class NatsServer:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
 
+    async def astop(self, timeout: float = 10.0) -> None:
+        """:meth:`stop` without blocking the event loop."""
+        await asyncio.to_thread(self.stop, timeout)
+
     def restart(self, timeout: float = 10.0) -> NatsServer:
         """Stop gracefully and start again on the same port with the same store (for fault tests)."""
         self._terminate(timeout)
         return self.start(timeout)
+
+    async def arestart(self, timeout: float = 10.0) -> NatsServer:
+        """:meth:`restart` without blocking the event loop."""
+        await asyncio.to_thread(self._terminate, timeout)
+        return await self.astart(timeout)
 
     def _terminate(self, timeout: float) -> None:
         proc = self.process
@@ -220,6 +274,14 @@ class NatsServer:
     ) -> None:
         self.stop()
 
+    async def __aenter__(self) -> NatsServer:
+        return await self.astart()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.astop()
+
 
 def _remove_stale_stores() -> None:
     """Remove temporary stores whose owner and nats-server are both gone (left by a SIGKILLed owner)."""
@@ -237,7 +299,7 @@ class NatsCluster:
 
     For tests of replicated (R3) streams and node failures::
 
-        with NatsCluster(3) as cluster:
+        async with NatsCluster(3) as cluster:
             bus = await Bus.connect(cluster.url, replicas=3)
             cluster.servers[0].kill()
     """
@@ -279,6 +341,17 @@ class NatsCluster:
         self.wait_ready(timeout)
         return self
 
+    async def astart(self, timeout: float = 30.0) -> NatsCluster:
+        """:meth:`start` without blocking the event loop."""
+        try:
+            for server in self.servers:
+                await server.astart(timeout)
+            await asyncio.to_thread(self.wait_ready, timeout)
+        except BaseException:
+            await self.astop()
+            raise
+        return self
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every running server reports JetStream healthy (a meta leader is elected)."""
         deadline = time.monotonic() + timeout
@@ -296,6 +369,10 @@ class NatsCluster:
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
+    async def astop(self) -> None:
+        """:meth:`stop` without blocking the event loop."""
+        await asyncio.to_thread(self.stop)
+
     def __enter__(self) -> NatsCluster:
         return self.start()
 
@@ -303,6 +380,14 @@ class NatsCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    async def __aenter__(self) -> NatsCluster:
+        return await self.astart()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.astop()
 
 
 def _healthy(monitor_port: int) -> bool:
