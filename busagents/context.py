@@ -85,8 +85,9 @@ class Context:
     def message_id(self) -> str | None:
         """The identity of the message being handled: the key for idempotent side effects.
 
-        ``<id>:<digest of the body>``, where ``<id>`` is the message's ``Nats-Msg-Id``, or the
-        original's on a ``busagents dlq replay`` (``Ba-Replay-Of``). An id from the wire counts
+        ``<id>:<digest of the body>``, where ``<id>`` is the message's ``Nats-Msg-Id`` (for a
+        durable message sent without one, its stream and sequence), or the original's on a
+        ``busagents dlq replay`` (``Ba-Replay-Of``). An id from the wire counts
         only together with the bytes it names: the same across redeliveries and replays of the
         same bytes, different for different bytes whatever ids they claim. Durable outputs
         derive their ids from it. See :mod:`busagents.idempotency`.

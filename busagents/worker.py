@@ -55,10 +55,11 @@ from .durable import (
     delivery_count,
     nak,
     partition_filters,
+    stream_sequence,
     term,
     unpartitioned,
 )
-from .envelope import CONTRACT, VERSION, Envelope
+from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
 from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
 from .view import ViewConsumer
 
@@ -382,6 +383,9 @@ class Worker:
             except DecodeError as exc:
                 await dead_letter(agent, msg, subject, "decode", str(exc))
                 return Outcome.DEAD_LETTERED
+            if headers is None or MSG_ID not in headers:  # a plain client's: its place in the stream is its id
+                stream, seq = stream_sequence(msg.reply)
+                headers = {**(headers or {}), MSG_ID: f"{stream}.{seq}"}
             ctx = Context(agent, bus, logger, headers, subject, data=msg.data, derive_ids=True, views=views)
             stats.in_flight += 1
             try:

@@ -81,3 +81,31 @@ async def test_one_id_on_two_different_bodies_names_two_messages(bus: Bus) -> No
         await bus.js.publish("test.context.decide.B3", body("B3", "BA999"), headers=replay)
         second = await booker.next()
     assert first[0] != second[0] and first[1] != second[1]
+
+
+class Flaky(Booker):
+    """Publishes its output, then fails the first delivery (as a crash after the publish would)."""
+
+    name = "flaky-booker"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deliveries = 0
+
+    @on(Decide)
+    async def decide(self, cmd: Decide, ctx: Context) -> None:
+        self.deliveries += 1
+        out = await ctx.publish(Changed(booking_id=cmd.booking_id, flight_id=cmd.flight_id))
+        self.handled.put_nowait((ctx.message_id, out.id))
+        if self.deliveries == 1:
+            raise ConnectionError("the store went away after the publish")
+
+
+async def test_a_message_without_an_id_is_known_by_its_place_in_the_stream(bus: Bus) -> None:
+    flaky = Flaky()
+    async with run_agents(bus, flaky):
+        await bus.js.publish("test.context.decide.B4", body("B4", "BA117"))  # a plain client: no headers
+        first, again = await flaky.next(), await flaky.next()
+    assert first == again  # the redelivery has the same identity and republishes the same output id
+    assert first[0] is not None and first[0].startswith("BA_Decide.1:")
+    assert (await bus.js.stream_info("BA_Changed")).state.messages == 1
