@@ -23,12 +23,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ._natspy import BusClient, pending_queue, taken
 from .codec import codec_for, encode
 from .contract import ContractInfo, Durability, Kind, contract_info, subject_for
 from .durable import ensure_stream
 from .envelope import MSG_ID, Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
-from .headers import FastHeadersClient
 from .server import check_nats_url
 from .state import State, open_state
 
@@ -75,11 +75,11 @@ class Mailbox:
 
     async def _lane(self) -> None:
         sub = self.subscription
-        queue: asyncio.Queue[Msg] = sub._pending_queue
+        queue = pending_queue(sub)
         handle = self._handle
         while True:
             msg = await queue.get()
-            sub._pending_size -= len(msg.data)
+            taken(sub, msg)
             try:
                 await handle(msg)
             except Exception:
@@ -184,7 +184,7 @@ class Bus:
         options.setdefault("reconnect_time_wait", 0.5)
         servers = check_nats_url(url)
         try:
-            nc = FastHeadersClient()
+            nc = BusClient()
             await nc.connect(
                 servers, **{"name": name, "connect_timeout": connect_timeout, "allow_reconnect": True, **options}
             )

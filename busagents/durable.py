@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
+from ._natspy import buffered, pending_queue, taken
 from .contract import ContractInfo, Durability
 from .errors import ConfigError
 
@@ -320,13 +321,13 @@ class DurableConsumer:
     async def _lane(self, index: int) -> None:
         assert self._sub is not None
         sub = self._sub
-        queue: asyncio.Queue[Msg] = sub._pending_queue
+        queue = pending_queue(sub)
         handle = self._handle
         current = self._current
         loop = asyncio.get_running_loop()
         while True:
             msg = await queue.get()
-            sub._pending_size -= len(msg.data)
+            taken(sub, msg)
             self._last_seen = loop.time()
             reply = msg.reply
             if not reply:
@@ -408,7 +409,7 @@ class DurableConsumer:
             if reply:
                 await publish(reply, _PROGRESS)
         if self._sub is not None:
-            for msg in list(self._sub._pending_queue._queue):  # type: ignore[attr-defined]
+            for msg in buffered(self._sub):
                 if msg.reply:
                     await publish(msg.reply, _PROGRESS)
 
@@ -440,7 +441,7 @@ class DurableConsumer:
         self._tasks = []
         if self._sub is not None:
             # messages buffered but not started: hand them back before we go
-            for msg in list(self._sub._pending_queue._queue):  # type: ignore[attr-defined]
+            for msg in buffered(self._sub):
                 if msg.reply:
                     with contextlib.suppress(nats.errors.Error):
                         await nak(self.nc, msg, 0)

@@ -7,23 +7,15 @@ receiver's time) and builds one with a regex and four copies per header (about
 path for the common case (plain names, single-line values, no inline status)
 and give exactly what nats-py would; anything else is left to nats-py.
 
-:class:`FastHeadersClient` also queues ``flush()``'s PING behind the commands still
-buffered, so that a flush after a subscribe returns only once the server has the
-subscription (nats-py 2.16 could send the PING first).
+The nats-py client that uses them is :class:`busagents._natspy.BusClient`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-from typing import Any
 
-from nats.aio.client import Client
-from nats.protocol.command import hpub_cmd
+__all__ = ["encode_headers", "parse_headers"]
 
-__all__ = ["FastHeadersClient", "encode_headers", "parse_headers"]
-
-_PING = b"PING\r\n"
 _PREFIX = b"NATS/1.0\r\n"
 _PREFIX_LEN = len(_PREFIX)
 _WS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips, as nats-py does
@@ -69,41 +61,3 @@ def encode_headers(headers: dict[str, str]) -> bytes | None:
         parts.append(f"{name}: {value.strip()}\r\n")
     parts.append("\r\n")
     return "".join(parts).encode()
-
-
-class FastHeadersClient(Client):
-    """A nats-py client that builds and parses plain header blocks itself, faster, and flushes in order."""
-
-    async def _send_publish(
-        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
-    ) -> None:
-        block = encode_headers(headers) if headers and subject else None
-        if block is None:
-            await super()._send_publish(subject, reply, payload, payload_size, headers)
-            return
-        # What nats-py's _send_publish does once the header block is built.
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += payload_size
-        await self._send_command(hpub_cmd(subject, reply, block, payload))
-        if self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
-
-    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
-        # nats-py 2.16 writes PING straight to the socket, ahead of the commands still in its
-        # pending buffer (a SUB just made): the PONG could come back before the server saw the
-        # SUB, so flush() returned before the subscription existed and messages published right
-        # after were lost (about 4% of subscribe + flush + publish on one machine). Queued behind
-        # them, the PONG means what flush() promises: everything before it reached the server.
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-        self._pongs.append(future)
-        await self._send_command(_PING)
-        await self._flush_pending()
-
-    async def _process_headers(self, headers: Any) -> dict[str, str] | None:
-        if headers:
-            parsed = parse_headers(headers)
-            if parsed is not None:
-                return parsed or None
-        result: dict[str, str] | None = await super()._process_headers(headers)
-        return result

@@ -27,6 +27,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from ._natspy import heartbeat_check_died
+
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
@@ -36,16 +38,6 @@ log = logging.getLogger("busagents.view")
 
 #: Seconds between the server's idle heartbeats on a view's consumer; two missed ones mean it is gone.
 _HEARTBEAT = 2.0
-
-
-def _heartbeat_check_died(psub: Any) -> bool:
-    """True when nats-py's heartbeat check of an ordered push subscription ended (it gave up on it).
-
-    nats-py 2.x internals (``Subscription._jsi._hbtask``): read here only, behind this one function.
-    """
-    jsi = getattr(getattr(psub, "_sub", None), "_jsi", None)
-    task = getattr(jsi, "_hbtask", None)
-    return bool(task is not None and task.done())
 
 
 class ViewConsumer:
@@ -113,7 +105,7 @@ class ViewConsumer:
         from the message after the last one handled."""
         while True:
             await asyncio.sleep(_HEARTBEAT * 2)
-            if not _heartbeat_check_died(self._sub):
+            if not heartbeat_check_died(self._sub):
                 continue
             log.warning("view %s: its ordered consumer stopped; resuming after sequence %d", self.label, self._last)
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):

@@ -11,7 +11,8 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from busagents import Bus
-from busagents.headers import FastHeadersClient, encode_headers, parse_headers
+from busagents._natspy import BusClient
+from busagents.headers import encode_headers, parse_headers
 from busagents.server import NatsServer
 
 PLAIN_BLOCKS = [
@@ -51,13 +52,13 @@ def test_status_lines_non_ascii_and_bad_names_are_left_to_nats_py(block: bytes) 
 
 @pytest.mark.parametrize("block", PLAIN_BLOCKS + ODD_BLOCKS)
 async def test_fast_client_returns_what_the_stock_client_returns(block: bytes) -> None:
-    assert await FastHeadersClient()._process_headers(block) == await _stock(block)
+    assert await BusClient()._process_headers(block) == await _stock(block)
 
 
 async def subscribed(plain: Client) -> None:
     """Flush a plain nats-py client until its subscriptions surely reached the server.
 
-    Its first PING may overtake a SUB still in its buffer (see FastHeadersClient._send_ping);
+    Its first PING may overtake a SUB still in its buffer (see BusClient._send_ping);
     by the second flush the buffer went out before it.
     """
     await plain.flush()
@@ -69,7 +70,7 @@ async def test_a_bus_receives_the_headers_a_plain_nats_py_client_receives(nats_s
     bus = await Bus.connect(nats_server.url)
     plain = await nats.connect(nats_server.url)
     try:
-        assert isinstance(bus.nc, FastHeadersClient)
+        assert isinstance(bus.nc, BusClient)
         got: dict[str, asyncio.Queue[dict[str, str] | None]] = {"bus": asyncio.Queue(), "plain": asyncio.Queue()}
 
         async def on_bus(msg: Msg) -> None:

@@ -18,10 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
-from anthropic import AsyncAnthropic
-from anthropic._middleware import AsyncCallNext
-from anthropic._request import APIRequest
-from anthropic._response import AsyncAPIResponse
+from anthropic import APIRequest, AsyncAnthropic, AsyncAPIResponse, AsyncCallNext
 
 from ..errors import BusagentsError
 from .settings import LLMSettings
