@@ -6,21 +6,47 @@ checks each assumption and fails loudly when a release breaks one; ``make test-n
 runs the suite against the newest nats-py). No other module of busagents touches a
 private name of nats-py.
 
-:class:`BusClient` changes two things about nats-py's client:
+:class:`BusClient` changes three things about nats-py's client:
 
 - **Fast header blocks**: plain header blocks are built and parsed by :mod:`busagents.headers`.
-- **flush() in order**: the PING of a flush is queued behind the commands still buffered.
+- **flush() in order**: the PING of a flush is queued behind the commands still buffered,
+  and the PONG of a flush given up on (timed out, cancelled) no longer ends the read loop.
+- **Hostile bytes never stop the read loop.** nats-py ends its read loop on an exception it
+  does not expect, and the connection stays up but deaf until ping-based stale detection
+  replaces it, minutes later. Here, a header block nats-py cannot parse (a status line that
+  is not UTF-8, no line end) is delivered without those headers; a subject or reply subject
+  that is not UTF-8 is decoded with U+FFFD for the bad bytes; a subject with a vertical tab
+  or a form feed (one token to the server, several to nats-py's parser, which then
+  reconnected) is read as the server meant it; anything else a message makes nats-py raise
+  drops that message with a log line. The message otherwise reaches its subscriber, where
+  the worker handles it or dead-letters it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import ProtocolError
 from nats.protocol.command import hpub_cmd
+from nats.protocol.parser import (
+    AWAITING_CONTROL_LINE,
+    AWAITING_MSG_PAYLOAD,
+    CRLF_SIZE,
+    ERR_RE,
+    INFO_RE,
+    MAX_CONTROL_LINE_SIZE,
+    OK_RE,
+    PING_RE,
+    PONG_RE,
+    Parser,
+)
 
 from .headers import encode_headers, parse_headers
 
@@ -32,11 +58,124 @@ __all__ = [
     "taken",
 ]
 
+log = logging.getLogger("busagents.nats")
+
 _PING = b"PING\r\n"
+_CRLF = b"\r\n"
+
+# nats-py's MSG/HMSG patterns split on \s, which also matches \x0b and \x0c; the server splits
+# only on space and tab, so such a subject is one token to it and several to nats-py.
+_MSG_RE = re.compile(rb"\AMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)\r\n")
+_HMSG_RE = re.compile(rb"\AHMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n")
+
+
+def _utf8(subject: bytes) -> bytes:
+    """``subject`` when it is ASCII or UTF-8, else with U+FFFD for the bytes that are not."""
+    if subject.isascii():
+        return subject
+    return subject.decode("utf-8", "replace").encode()
+
+
+class _Parser(Parser):
+    """nats-py's protocol parser, reading subjects as the server wrote them (see the module doc).
+
+    ``parse`` is nats-py 2.16's, with two changes: the MSG/HMSG patterns above, and subjects
+    and reply subjects made valid UTF-8 before nats-py decodes them.
+    """
+
+    async def parse(self, data: bytes = b"") -> None:
+        self.buf.extend(data)
+        nc: Any = self.nc
+        while self.buf:
+            if self.state == AWAITING_CONTROL_LINE:
+                msg = _MSG_RE.match(self.buf)
+                if msg:
+                    try:
+                        subject, sid, _, reply, needed_bytes = msg.groups()
+                        self.msg_arg["subject"] = _utf8(subject)
+                        self.msg_arg["sid"] = int(sid)
+                        self.msg_arg["reply"] = _utf8(reply) if reply else b""
+                        self.needed = int(needed_bytes)
+                        del self.buf[: msg.end()]
+                        self.state = AWAITING_MSG_PAYLOAD
+                        continue
+                    except Exception:
+                        raise ProtocolError("nats: malformed MSG") from None
+
+                msg = _HMSG_RE.match(self.buf)
+                if msg:
+                    try:
+                        subject, sid, _, reply, header_size, needed_bytes = msg.groups()
+                        self.msg_arg["subject"] = _utf8(subject)
+                        self.msg_arg["sid"] = int(sid)
+                        self.msg_arg["reply"] = _utf8(reply) if reply else b""
+                        self.needed = int(needed_bytes)
+                        self.header_needed = int(header_size)
+                        del self.buf[: msg.end()]
+                        self.state = AWAITING_MSG_PAYLOAD
+                        continue
+                    except Exception:
+                        raise ProtocolError("nats: malformed MSG") from None
+
+                ok = OK_RE.match(self.buf)
+                if ok:
+                    del self.buf[: ok.end()]
+                    continue
+
+                err = ERR_RE.match(self.buf)
+                if err:
+                    emsg = (err.groups()[0] or b"").decode("utf-8", "replace").lower()
+                    await nc._process_err(emsg)
+                    del self.buf[: err.end()]
+                    continue
+
+                ping = PING_RE.match(self.buf)
+                if ping:
+                    del self.buf[: ping.end()]
+                    await nc._process_ping()
+                    continue
+
+                pong = PONG_RE.match(self.buf)
+                if pong:
+                    del self.buf[: pong.end()]
+                    await nc._process_pong()
+                    continue
+
+                info = INFO_RE.match(self.buf)
+                if info:
+                    srv_info = json.loads(info.groups()[0].decode())
+                    await nc._process_info(srv_info)
+                    del self.buf[: info.end()]
+                    continue
+
+                if len(self.buf) < MAX_CONTROL_LINE_SIZE and _CRLF in self.buf:
+                    raise ProtocolError("nats: unknown protocol")
+                break  # a control line split across reads: wait for the rest
+
+            elif self.state == AWAITING_MSG_PAYLOAD:
+                if len(self.buf) < self.needed + CRLF_SIZE:
+                    break  # wait for the rest of the payload
+                hdr = None
+                subject = self.msg_arg["subject"]
+                sid = self.msg_arg["sid"]
+                reply = self.msg_arg["reply"]
+                if self.header_needed > 0:
+                    hdr = bytes(self.buf[: self.header_needed])
+                    payload = bytes(self.buf[self.header_needed : self.needed])
+                    self.header_needed = 0
+                else:
+                    payload = bytes(self.buf[: self.needed])
+                del self.buf[: self.needed + CRLF_SIZE]
+                self.state = AWAITING_CONTROL_LINE
+                await nc._process_msg(sid, subject, reply, payload, hdr)
 
 
 class BusClient(Client):
     """The nats-py client of a :class:`~busagents.Bus` (see the module doc for what it changes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = _Parser(self)
 
     # Sending
 
@@ -66,15 +205,40 @@ class BusClient(Client):
         await self._send_command(_PING)
         await self._flush_pending()
 
+    async def _process_pong(self) -> None:
+        # nats-py sets the result of the oldest flush's future, which is cancelled when that
+        # flush timed out or its task was cancelled: InvalidStateError, and the read loop ended.
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
     # Receiving
 
     async def _process_headers(self, headers: Any) -> dict[str, str] | None:
-        if headers:
-            parsed = parse_headers(headers)
-            if parsed is not None:
-                return parsed or None
-        result: dict[str, str] | None = await super()._process_headers(headers)
+        if not headers:
+            return None
+        parsed = parse_headers(headers)
+        if parsed is not None:
+            return parsed or None
+        try:
+            result: dict[str, str] | None = await super()._process_headers(headers)
+        except Exception as exc:  # nats-py's read loop would end on it
+            log.warning(
+                "nats: a header block nats-py cannot read (%r): %r; the message is delivered without headers",
+                bytes(headers[:80]),
+                exc,
+            )
+            return None
         return result
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        try:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        except Exception as exc:  # nats-py's read loop would end on it: the connection deaf for minutes
+            log.error("nats: dropped a message on %r that nats-py could not process: %r", subject[:200], exc)
 
 
 # Subscriptions read directly (Mailbox, DurableConsumer): no task or queue hop per message.

@@ -31,10 +31,14 @@ PACKAGE = Path(_natspy.__file__).parent
 
 # nats-py functions the adapter copies from or relies on the inside of, as of nats-py 2.16.0.
 ADAPTED = {
+    # copied, with its subject patterns and decoding changed
+    Parser.parse: "7d6165f1766cccd1",
     # BusClient._send_publish does its tail itself and sizes its header blocks like it
     Client._send_publish: "300b534f8eabee74",
     # replaced: it wrote PING ahead of the buffered commands
     Client._send_ping: "d57b2f820443afb4",
+    # copied, skipping the future of a flush given up on
+    Client._process_pong: "ee4c4d01a16de074",
 }
 
 
@@ -52,6 +56,7 @@ def test_the_client_internals_the_adapter_uses_exist() -> None:
     assert isinstance(nc._ps, Parser)
     assert isinstance(nc._max_payload, int)
     assert isinstance(nc._pongs, list)
+    assert isinstance(nc._pongs_received, int) and isinstance(nc._pings_outstanding, int)
     assert isinstance(nc.stats, dict) and {"out_msgs", "out_bytes"} <= set(nc.stats)
     for name in ("_send_command", "_flush_pending", "_process_err", "_process_ping", "_process_pong", "_process_info"):
         assert inspect.iscoroutinefunction(getattr(Client, name)), name
@@ -59,6 +64,69 @@ def test_the_client_internals_the_adapter_uses_exist() -> None:
     parameters = list(inspect.signature(Client._process_msg).parameters)
     assert parameters == ["self", "sid", "subject", "reply", "data", "headers"]
     assert list(inspect.signature(Client._process_headers).parameters) == ["self", "headers"]
+
+
+class Recorder:
+    """What a parser asks of its client, in order (a stand-in for the client's callbacks, not for NATS)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.calls.append(("msg", sid, subject, reply, data, headers))
+
+    async def _process_err(self, message: str) -> None:
+        self.calls.append(("err", message))
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.calls.append(("info", info))
+
+
+def msg(subject: bytes, sid: int, payload: bytes, reply: bytes = b"") -> bytes:
+    return b"MSG %s %d %s%d\r\n%s\r\n" % (subject, sid, reply + b" " if reply else b"", len(payload), payload)
+
+
+def hmsg(subject: bytes, sid: int, block: bytes, payload: bytes, reply: bytes = b"") -> bytes:
+    sizes = b"%d %d" % (len(block), len(block) + len(payload))
+    return b"HMSG %s %d %s%s\r\n%s%s\r\n" % (subject, sid, reply + b" " if reply else b"", sizes, block, payload)
+
+
+TRAFFIC = b"".join(
+    [
+        b'INFO {"server_id":"x","max_payload":1048576,"headers":true}\r\n',
+        b"+OK\r\n",
+        msg(b"a.b", 1, b"hello"),
+        msg(b"a.b", 12, b"", reply=b"_INBOX.x.y"),
+        hmsg(b"a.b", 3, b"NATS/1.0\r\n\r\n", b"hi"),
+        hmsg(b"$JS.x", 4, b"NATS/1.0\r\nK: v\r\n\r\n", b"ok", reply=b"$JS.ACK.S.C.1.2.3.4.0"),
+        hmsg(b"_INBOX.z", 5, b"NATS/1.0 503\r\n\r\n", b""),
+        msg("caf\u00e9.\u00fc".encode(), 2, b"ok"),
+        b"PING\r\n",
+        b"PONG\r\n",
+        b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n",
+        msg(b"big", 6, b"x" * 3000),
+    ]
+)
+
+
+async def parse_in_chunks(parser: Parser, size: int) -> None:
+    for start in range(0, len(TRAFFIC), size):
+        await parser.parse(TRAFFIC[start : start + size])
+
+
+@pytest.mark.parametrize("chunk", [len(TRAFFIC), 1, 7, 1024])
+async def test_the_adapted_parser_reads_ordinary_traffic_exactly_as_nats_py_does(chunk: int) -> None:
+    theirs, ours = Recorder(), Recorder()
+    await parse_in_chunks(Parser(theirs), chunk)
+    await parse_in_chunks(_natspy._Parser(ours), chunk)
+    assert ours.calls == theirs.calls
+    assert len(ours.calls) == 11  # every command but +OK
 
 
 async def test_reading_a_subscription_directly(nats_server: NatsServer) -> None:
