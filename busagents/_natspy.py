@@ -6,7 +6,7 @@ checks each assumption and fails loudly when a release breaks one; ``make test-n
 runs the suite against the newest nats-py). No other module of busagents touches a
 private name of nats-py.
 
-:class:`BusClient` changes three things about nats-py's client:
+:class:`BusClient` changes four things about nats-py's client:
 
 - **Fast header blocks**: plain header blocks are built and parsed by :mod:`busagents.headers`.
 - **flush() in order**: the PING of a flush is queued behind the commands still buffered,
@@ -20,6 +20,12 @@ private name of nats-py.
   reconnected) is read as the server meant it; anything else a message makes nats-py raise
   drops that message with a log line. The message otherwise reaches its subscriber, where
   the worker handles it or dead-letters it.
+- **Outputs that would break a server limit never leave**: a message larger than the
+  server's ``max_payload`` (headers included: nats-py counts only the payload) or whose
+  control line exceeds 4,096 bytes (a long subject) raises
+  :class:`~busagents.errors.MessageTooLargeError`, and a malformed subject
+  :class:`~busagents.errors.InvalidSubjectError`, before anything is sent: the server would
+  answer ``-ERR`` and close the connection, and nats-py does not reconnect after that.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import re
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -48,9 +55,11 @@ from nats.protocol.parser import (
     Parser,
 )
 
+from .errors import InvalidSubjectError, MessageTooLargeError
 from .headers import encode_headers, parse_headers
 
 __all__ = [
+    "MAX_CONTROL_LINE",
     "BusClient",
     "buffered",
     "heartbeat_check_died",
@@ -60,8 +69,14 @@ __all__ = [
 
 log = logging.getLogger("busagents.nats")
 
+#: The server's default ``max_control_line``: a PUB/HPUB line longer than this closes the connection.
+#: The server does not announce its own setting, so a server configured lower still answers ``-ERR``.
+MAX_CONTROL_LINE = 4096
+
 _PING = b"PING\r\n"
 _CRLF = b"\r\n"
+_HPUB_LINE = len(b"HPUB    \r\n") + 2 * 20  # the control line besides the subjects: spaces, sizes, CRLF
+_SAFE_CHARS = (MAX_CONTROL_LINE - _HPUB_LINE) // 4  # subjects this short fit whatever their UTF-8 length
 
 # nats-py's MSG/HMSG patterns split on \s, which also matches \x0b and \x0c; the server splits
 # only on space and tab, so such a subject is one token to it and several to nats-py.
@@ -179,17 +194,64 @@ class BusClient(Client):
 
     # Sending
 
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, Any] | None = None
+    ) -> None:
+        try:
+            await super().publish(subject, payload, reply, headers)
+        except (MessageTooLargeError, InvalidSubjectError):
+            raise
+        except nats.errors.MaxPayloadError:  # the payload alone: nats-py checks it before _send_publish
+            raise MessageTooLargeError(_too_large(subject, len(payload), 0, self.max_payload)) from None
+        except nats.errors.BadSubjectError:
+            raise InvalidSubjectError(_bad_subject(subject, reply)) from None
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        try:
+            return await super().request(subject, payload, timeout, old_style, headers)
+        except InvalidSubjectError:
+            raise
+        except nats.errors.BadSubjectError:  # checked by request() before it publishes
+            raise InvalidSubjectError(_bad_subject(subject, "")) from None
+
     async def _send_publish(
         self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
     ) -> None:
-        block = encode_headers(headers) if headers and subject else None
+        try:
+            block = encode_headers(headers) if headers and subject else None
+        except UnicodeEncodeError:
+            raise InvalidSubjectError(f"a header of the message to {_show(subject)} is not valid UTF-8") from None
         if block is None:
-            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            if headers:
+                block_size = _header_block_size(headers)
+                if block_size + payload_size > self._max_payload:
+                    raise MessageTooLargeError(_too_large(subject, payload_size, block_size, self._max_payload))
+            if len(subject) + len(reply) > _SAFE_CHARS:
+                _check_control_line(subject, reply)
+            try:
+                await super()._send_publish(subject, reply, payload, payload_size, headers)
+            except UnicodeEncodeError:
+                raise InvalidSubjectError(_bad_subject(subject, reply)) from None
             return
-        # What nats-py's _send_publish does once the header block is built.
+        if len(block) + payload_size > self._max_payload:
+            raise MessageTooLargeError(_too_large(subject, payload_size, len(block), self._max_payload))
+        try:
+            command = hpub_cmd(subject, reply, block, payload)
+        except UnicodeEncodeError:
+            raise InvalidSubjectError(_bad_subject(subject, reply)) from None
+        if len(command) - len(block) - payload_size - CRLF_SIZE > MAX_CONTROL_LINE:
+            _check_control_line(subject, reply)
+        # What nats-py's _send_publish does once the command is built.
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
-        await self._send_command(hpub_cmd(subject, reply, block, payload))
+        await self._send_command(command)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
@@ -239,6 +301,50 @@ class BusClient(Client):
             await super()._process_msg(sid, subject, reply, data, headers)
         except Exception as exc:  # nats-py's read loop would end on it: the connection deaf for minutes
             log.error("nats: dropped a message on %r that nats-py could not process: %r", subject[:200], exc)
+
+
+def _header_block_size(headers: dict[str, Any]) -> int:
+    """The size of the header block nats-py builds for ``headers`` (NATS/1.0 line, ``Name: value`` lines, end)."""
+    size = 12
+    for name, value in headers.items():
+        key = name.strip()
+        if key:
+            size += len(key.encode()) + len(value.strip().encode()) + 4
+    return size
+
+
+def _check_control_line(subject: str, reply: str) -> None:
+    length = len(subject.encode()) + len(reply.encode()) + _HPUB_LINE
+    if length > MAX_CONTROL_LINE:
+        which = "subject" if len(subject) >= len(reply) else "reply subject"
+        raise MessageTooLargeError(
+            f"cannot publish to {_show(subject)}: the {which} makes a {length}-byte control line and the server "
+            f"closes the connection over {MAX_CONTROL_LINE}; shorten the key that goes into the subject"
+        )
+
+
+def _too_large(subject: str, payload: int, headers: int, limit: int) -> str:
+    return (
+        f"cannot publish to {_show(subject)}: {payload + headers} bytes (payload {payload}, headers {headers}) "
+        f"exceed the server's max_payload of {limit} bytes"
+    )
+
+
+def _bad_subject(subject: str, reply: str) -> str:
+    which = f"reply subject {_show(reply)}" if reply and _valid(subject) else f"subject {_show(subject)}"
+    return f"cannot publish: the {which} is not a valid NATS subject (empty, whitespace or not UTF-8)"
+
+
+def _valid(subject: str) -> bool:
+    try:
+        subject.encode()
+    except UnicodeEncodeError:
+        return False
+    return bool(subject) and not any(c in subject for c in " \t\r\n")
+
+
+def _show(subject: str) -> str:
+    return repr(subject) if len(subject) <= 80 else f"{subject[:60]!r}... ({len(subject)} characters)"
 
 
 # Subscriptions read directly (Mailbox, DurableConsumer): no task or queue hop per message.

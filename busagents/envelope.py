@@ -14,10 +14,19 @@ Header names (all plain ASCII strings, so an agent in any language can read them
 ``tracestate``            W3C trace state
 ``Ba-Replay-Of``          id of the dead letter's original message, on a replayed message
 ========================  ==============================================================
+
+The ids (message, conversation, causation) are copied from a message into the messages it
+causes, so they are bounded: an id longer than 256 characters, or with a character that is
+not printable ASCII (spaces included: header values are stripped on the wire), is replaced
+by ``~`` and 22 characters of its digest. The same id always gives the same replacement, so
+redeliveries and de-duplication still agree, and a hostile 1 MiB conversation id cannot make
+every output too large to send.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import os
 import secrets
@@ -31,6 +40,7 @@ __all__ = [
     "CAUSATION_ID",
     "CONTRACT",
     "CONVERSATION_ID",
+    "MAX_ID",
     "MSG_ID",
     "REPLAY_OF",
     "SENDER",
@@ -39,6 +49,7 @@ __all__ = [
     "TRACESTATE",
     "VERSION",
     "Envelope",
+    "bounded_id",
     "new_id",
 ]
 
@@ -54,6 +65,8 @@ TRACESTATE = "tracestate"
 REPLAY_OF = "Ba-Replay-Of"
 
 _ALPHABET = string.digits + string.ascii_letters
+#: The longest id kept as it is (see the module doc).
+MAX_ID = 256
 _COUNTER_LIMIT = 16**10
 
 
@@ -85,6 +98,17 @@ def new_id() -> str:
     return _ids.next()
 
 
+def bounded_id(value: str) -> str:
+    """``value`` when it is at most :data:`MAX_ID` printable ASCII characters without spaces, else its digest.
+
+    The digest is ``~`` and 22 URL-safe base-64 characters, the same for the same ``value``.
+    """
+    if len(value) <= MAX_ID and value.isascii() and value.isprintable() and " " not in value:
+        return value
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return "~" + base64.urlsafe_b64encode(digest)[:22].decode()
+
+
 class Envelope(msgspec.Struct, kw_only=True):
     """Metadata of one message."""
 
@@ -112,13 +136,14 @@ class Envelope(msgspec.Struct, kw_only=True):
         """A fresh envelope; with a cause, it joins the cause's conversation.
 
         ``msg_id`` is for a publisher that must repeat an id (a retry, a redelivered handler).
+        ``msg_id`` and ``conversation_id`` are bounded like ids read from the wire (see the module doc).
         """
-        msg_id = msg_id or new_id()
+        msg_id = bounded_id(msg_id) if msg_id else new_id()
         if cause is not None:
             conversation = cause.conversation_id
             causation: str | None = cause.id
         else:
-            conversation = conversation_id or msg_id
+            conversation = bounded_id(conversation_id) if conversation_id else msg_id
             causation = None
         return cls(
             id=msg_id,
@@ -150,18 +175,24 @@ class Envelope(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_headers(cls, headers: dict[str, str] | None, *, contract: str = "", version: int = 0) -> Envelope:
-        """Read an envelope; a message from a plain NATS client (no headers) gets a fresh id."""
+        """Read an envelope; a message from a plain NATS client (no headers) gets a fresh id.
+
+        Ids are bounded (see the module doc): they are copied into every message this one causes.
+        """
         if not headers:
             msg_id = new_id()
             return cls(id=msg_id, contract=contract, version=version, conversation_id=msg_id)
         get = headers.get
-        msg_id = get(MSG_ID) or new_id()
+        sent_id = get(MSG_ID)
+        msg_id = bounded_id(sent_id) if sent_id else new_id()
+        conversation = get(CONVERSATION_ID)
+        causation = get(CAUSATION_ID)
         return cls(
             id=msg_id,
             contract=get(CONTRACT, contract),
             version=_int(get(VERSION), version),
-            conversation_id=get(CONVERSATION_ID) or msg_id,
-            causation_id=get(CAUSATION_ID),
+            conversation_id=bounded_id(conversation) if conversation else msg_id,
+            causation_id=bounded_id(causation) if causation else None,
             sender=get(SENDER),
             sent_at_ns=_int(get(SENT_AT), 0),
             traceparent=get(TRACEPARENT),

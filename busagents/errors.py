@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import nats.errors
+
 __all__ = [
     "BusagentsError",
     "ConfigError",
     "ContractError",
     "DecodeError",
+    "InvalidSubjectError",
+    "MessageTooLargeError",
     "NatsUnavailableError",
     "PermanentError",
     "QueryFailedError",
@@ -48,3 +52,26 @@ class PermanentError(BusagentsError):
     Any other exception from a handler of a durable subscription is treated as transient:
     the message is redelivered with backoff until its contract's ``max_deliver``.
     """
+
+
+class MessageTooLargeError(PermanentError, nats.errors.MaxPayloadError):
+    """A message to publish would break a server limit: larger than ``max_payload`` (headers included),
+    or a subject too long for the server's control line. Refused before it is sent, since the server
+    would close the connection.
+
+    Permanent: a durable input whose output is too large is dead-lettered at once. Also a nats-py
+    ``MaxPayloadError``, so code that catches nats-py's publish errors catches this one too.
+    """
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)  # not nats-py's fixed text
+
+
+class InvalidSubjectError(PermanentError, nats.errors.BadSubjectError):
+    """A subject to publish to is not a valid NATS subject (empty, with whitespace, or not UTF-8).
+
+    Permanent, and also a nats-py ``BadSubjectError`` (see :class:`MessageTooLargeError`).
+    """
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)

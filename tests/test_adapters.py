@@ -33,6 +33,8 @@ PACKAGE = Path(_natspy.__file__).parent
 ADAPTED = {
     # copied, with its subject patterns and decoding changed
     Parser.parse: "7d6165f1766cccd1",
+    # checks subject and payload size, then calls _send_publish: BusClient.publish converts its errors
+    Client.publish: "97d776c391adfd8b",
     # BusClient._send_publish does its tail itself and sizes its header blocks like it
     Client._send_publish: "300b534f8eabee74",
     # replaced: it wrote PING ahead of the buffered commands

@@ -1,8 +1,13 @@
 """Hostile input on the wire never stalls an agent: its connection stays up and it keeps serving.
 
-Bytes nats-py could not read (a header block or subject it choked on) ended its read loop, and
-the agent stayed connected but deaf until stale detection, minutes later (so did the PONG of a
-flush given up on). Each case runs against an agent on its own connection.
+Two kinds of trouble, each against a running agent on its own connection:
+
+- bytes nats-py could not read (a header block or subject it choked on) ended its read loop,
+  and the agent stayed connected but deaf until stale detection, minutes later (so did the
+  PONG of a flush given up on);
+- outputs over a server limit (a long key in the subject, headers + payload over
+  ``max_payload``, a huge id copied from the input) made the server close the connection,
+  for good: nats-py does not reconnect after ``-ERR``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import pytest
 import pytest_asyncio
+from nats.aio.msg import Msg
 
 from busagents import Agent, Bus, Context, Durability, command, event, on
 from busagents.server import NatsServer
@@ -184,3 +190,103 @@ async def test_the_pong_of_a_flush_given_up_on_leaves_the_connection_reading(bus
             await bus.publish(Work(key="k", n=2))
     assert flushing.cancelled()
     assert_unharmed(agent_bus)
+
+
+# Outputs over a server limit
+
+
+class DeadLetters:
+    """The dead letters of one agent, as they are published."""
+
+    def __init__(self, bus: Bus, agent: str) -> None:
+        self.bus = bus
+        self.subject = f"busagents.dlq.{agent}"
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def __aenter__(self) -> DeadLetters:
+        self.sub = await self.bus.nc.subscribe(self.subject, cb=self.queue.put)
+        await self.bus.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.sub.unsubscribe()
+
+    async def reason(self) -> str:
+        msg = await asyncio.wait_for(self.queue.get(), QUICK)
+        return (msg.headers or {}).get("Ba-Dlq-Reason", "")
+
+
+async def test_an_output_whose_subject_is_too_long_is_refused_and_its_input_dead_lettered(
+    bus: Bus, agent_bus: Bus
+) -> None:
+    async with run_agents(agent_bus, Hostile()), DeadLetters(bus, "hostile") as letters:
+        await bus.publish(Work(key="k", n=1, out="o" * 5000))
+        reason = await letters.reason()
+        async with bus.expect(Done, where=number(2), timeout=QUICK):
+            await bus.publish(Work(key="k", n=2))
+    assert reason.startswith("MessageTooLargeError")
+    assert "control line" in reason and "4096" in reason
+    assert_unharmed(agent_bus)
+
+
+async def test_an_output_over_max_payload_with_its_headers_is_refused_and_its_input_dead_lettered(
+    bus: Bus, agent_bus: Bus
+) -> None:
+    # The payload alone fits, so nats-py let it through; the server counts the headers too.
+    pad = agent_bus.nc.max_payload - 100
+    async with run_agents(agent_bus, Hostile()), DeadLetters(bus, "hostile") as letters:
+        await bus.publish(Work(key="k", n=1, pad=pad))
+        reason = await letters.reason()
+        async with bus.expect(Done, where=number(2), timeout=QUICK):
+            await bus.publish(Work(key="k", n=2))
+    assert reason.startswith("MessageTooLargeError")
+    assert f"max_payload of {agent_bus.nc.max_payload} bytes" in reason
+    assert_unharmed(agent_bus)
+
+
+@pytest.mark.parametrize("too_large", ["subject", "payload"])
+async def test_a_durable_input_whose_output_is_too_large_is_dead_lettered_at_once_not_retried(
+    bus: Bus, agent_bus: Bus, too_large: str
+) -> None:
+    # MaxPayloadError was transient: the input (its effects applied again each time) was retried.
+    agent = HostileStored()
+    big = StoredWork(key="k", n=1, out="o" * 5000) if too_large == "subject" else StoredWork(key="k", n=1, pad=2**21)
+    async with run_agents(agent_bus, agent), DeadLetters(bus, agent.name) as letters:
+        await bus.publish(big)
+        reason = await letters.reason()
+        async with bus.expect(Done, where=number(2), timeout=QUICK):
+            await bus.publish(StoredWork(key="k", n=2))
+        await settled(bus, agent.name)
+    assert reason.startswith("MessageTooLargeError")
+    assert agent.calls == [1, 2]
+    assert_unharmed(agent_bus)
+
+
+async def test_a_huge_conversation_id_is_not_copied_into_outputs(bus: Bus, agent_bus: Bus) -> None:
+    # The input fits in max_payload; its ids copied into an output with a larger payload did not.
+    huge = "c" * (agent_bus.nc.max_payload - 5000)
+    payload = msgspec.json.encode(Work(key="k", n=1, pad=5000))
+    async with run_agents(agent_bus, Hostile()):
+        async with bus.expect(Done, where=number(1), timeout=QUICK) as got:
+            await bus.nc.publish(
+                "test.hostile.work.k", payload, headers={"Ba-Conversation-Id": huge, "Nats-Msg-Id": "m" * 1000}
+            )
+        async with bus.expect(Done, where=number(2), timeout=QUICK):
+            await bus.publish(Work(key="k", n=2))
+    envelope = got.message.envelope
+    assert envelope.conversation_id.startswith("~") and len(envelope.conversation_id) == 23
+    assert envelope.causation_id is not None and len(envelope.causation_id) == 23
+    assert_unharmed(agent_bus)
+
+
+def test_ids_from_the_wire_are_bounded_and_the_same_id_is_replaced_the_same_way() -> None:
+    from busagents.envelope import Envelope, bounded_id
+
+    assert bounded_id("plain-id_0.1:x") == "plain-id_0.1:x"
+    assert bounded_id("a" * 256) == "a" * 256
+    for hostile in ("a" * 257, "with space", "tab\there", "z\u00fcrich", "bell\x07"):
+        replaced = bounded_id(hostile)
+        assert replaced != hostile and len(replaced) == 23 and replaced == bounded_id(hostile)
+    assert bounded_id("a" * 300) != bounded_id("b" * 300)
+    envelope = Envelope.from_headers({"Nats-Msg-Id": "i" * 10_000, "Ba-Conversation-Id": "c\r\nX: y"})
+    assert len(envelope.id) == 23 and len(envelope.conversation_id) == 23
