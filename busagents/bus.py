@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -115,6 +116,87 @@ class Mailbox:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+#: Seconds between reminders that a lost connection is still down.
+OUTAGE_REMINDER = 30.0
+
+_CONNECTION_ERRORS = (OSError, TimeoutError, nats.errors.StaleConnectionError, nats.errors.NoServersError)
+
+
+class _Link:
+    """The life of one connection, said once each: lost, back (after how long), closed for good.
+
+    nats-py reports every failed reconnect attempt (every ``reconnect_time_wait``): those are
+    DEBUG, with a WARNING reminder at most every :data:`OUTAGE_REMINDER` seconds.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nc: NATS | None = None
+        self.closing = False  # close() was called: the disconnect that follows is no outage
+        self.down_since: float | None = None
+        self.reminded = 0.0
+        self.attempts = 0
+        self.last_error: Exception | None = None
+        self.lost: str | None = None
+        self.on_reconnected: list[Callable[[], Awaitable[None]]] = []
+        self.on_closed: list[Callable[[], Awaitable[None]]] = []
+
+    async def error(self, exc: Exception) -> None:
+        if self.down_since is not None:
+            self.attempts += 1
+            self.last_error = exc
+            log.debug("nats: reconnect attempt %d failed: %r", self.attempts, exc)
+            now = time.monotonic()
+            if now - self.reminded >= OUTAGE_REMINDER:
+                self.reminded = now
+                log.warning(
+                    "nats: still no connection after %.0fs (%d attempts; last error: %s)",
+                    now - self.down_since,
+                    self.attempts,
+                    _describe(exc),
+                )
+            return
+        if isinstance(exc, _CONNECTION_ERRORS):  # the connection is going: said once, by disconnected()
+            self.last_error = exc
+            log.info("nats: %s", _describe(exc))
+            return
+        log.warning("nats: %s", exc)
+
+    async def disconnected(self) -> None:
+        if self.closing or self.down_since is not None or (self.nc is not None and self.nc.is_closed):
+            return  # our close(), an outage already said, or closed for good (closed() says it)
+        self.down_since = self.reminded = time.monotonic()
+        self.attempts = 0
+        reason = _describe(self.last_error) if self.last_error is not None else "no error given"
+        log.warning("nats: lost the connection to %s (%s); reconnecting", self.url, reason)
+
+    async def reconnected(self) -> None:
+        current = self.nc.connected_url if self.nc is not None else None
+        if current is not None:
+            self.url = current.geturl()
+        log.info("nats: reconnected to %s", self.url)
+        if self.down_since is not None:
+            log.warning("nats: connection back after %.1fs, to %s", time.monotonic() - self.down_since, self.url)
+        self.down_since = None
+        self.last_error = None
+        for listener in list(self.on_reconnected):
+            await listener()
+
+    async def closed(self) -> None:
+        if self.closing:
+            return
+        error = self.nc.last_error if self.nc is not None else None
+        reason = _describe(error) if error is not None else "no error given"
+        self.lost = f"the connection to {self.url} was closed ({reason}) and nats-py does not reconnect after that"
+        log.error("nats: %s; nothing more is sent or received on it", self.lost)
+        for listener in list(self.on_closed):
+            await listener()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
 class Bus:
     """A NATS connection that publishes and receives contracts.
 
@@ -145,7 +227,7 @@ class Bus:
         #: Seconds a durable publish keeps retrying (same message id) before it fails.
         self.publish_timeout = publish_timeout
         self._durability: dict[Durability, Durability] = {}
-        self._reconnected: list[Callable[[], Awaitable[None]]] = []
+        self._link = _Link("")
         self._states: dict[tuple[str, Any], State[Any]] = {}
         self._streams: set[str] = set()  # durable contracts whose stream this bus made sure of
 
@@ -163,23 +245,16 @@ class Bus:
         backoff: tuple[float, ...] | None = None,
         **options: Any,
     ) -> Bus:
-        """Connect to NATS; reconnects are handled by nats-py for the life of the connection.
+        """Connect to NATS; nats-py reconnects after a network failure or a server restart.
 
-        ``url`` may list several servers separated by commas (a cluster).
+        ``url`` may list several servers separated by commas (a cluster). An outage is logged
+        once when it starts and once when it ends; a connection closed for good sets :attr:`lost`.
         """
-        bus: Bus | None = None
-
-        async def _error_cb(exc: Exception) -> None:
-            log.warning("nats: %s", exc)
-
-        async def _reconnected_cb() -> None:
-            log.info("nats: reconnected to %s", bus.url if bus else "?")
-            if bus is not None:
-                for listener in list(bus._reconnected):
-                    await listener()
-
-        options.setdefault("error_cb", _error_cb)
-        options.setdefault("reconnected_cb", _reconnected_cb)
+        link = _Link(url)
+        options.setdefault("error_cb", link.error)
+        options.setdefault("disconnected_cb", link.disconnected)
+        options.setdefault("reconnected_cb", link.reconnected)
+        options.setdefault("closed_cb", link.closed)
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.5)
         servers = check_nats_url(url)
@@ -193,15 +268,34 @@ class Bus:
                 f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); "
                 "start a nats-server there, pass another --nats URL, or let busagents start an embedded one"
             ) from None
+        link.nc = nc
+        current = nc.connected_url
+        link.url = current.geturl() if current is not None else url
         bus = cls(
             nc, replicas=replicas, ack_wait=ack_wait, max_deliver=max_deliver, backoff=backoff, telemetry=telemetry
         )
+        bus._link = link
         return bus
 
     def on_reconnected(self, listener: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         """Call ``listener`` after each reconnect (connections made by :meth:`connect`); returns a remover."""
-        self._reconnected.append(listener)
-        return lambda: self._reconnected.remove(listener)
+        self._link.on_reconnected.append(listener)
+        return lambda: self._link.on_reconnected.remove(listener)
+
+    def on_closed(self, listener: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Call ``listener`` when the connection is closed for good without :meth:`close` (see :attr:`lost`)."""
+        self._link.on_closed.append(listener)
+        return lambda: self._link.on_closed.remove(listener)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the connection was closed for good without :meth:`close`, or None.
+
+        nats-py reconnects after a network failure or a server restart, but not after the
+        server answered ``-ERR`` (a limit broken, a parse error): the connection then stays
+        closed while the process runs on. ``busagents run`` exits when this is set.
+        """
+        return self._link.lost
 
     async def state(self, bucket: str, type_: type[T]) -> State[T]:
         """The JetStream key-value bucket ``bucket`` with values of ``type_`` (created on first use).
@@ -435,6 +529,7 @@ class Bus:
 
     async def close(self) -> None:
         """Flush what was published, then close."""
+        self._link.closing = True
         if self.nc.is_closed:
             return
         with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError, TimeoutError):

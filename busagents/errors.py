@@ -7,6 +7,7 @@ import nats.errors
 __all__ = [
     "BusagentsError",
     "ConfigError",
+    "ConnectionLostError",
     "ContractError",
     "DecodeError",
     "InvalidSubjectError",
@@ -52,6 +53,11 @@ class PermanentError(BusagentsError):
     Any other exception from a handler of a durable subscription is treated as transient:
     the message is redelivered with backoff until its contract's ``max_deliver``.
     """
+
+
+class ConnectionLostError(NatsUnavailableError):
+    """The NATS connection was closed for good while the agent ran (nats-py does not reconnect after a
+    server's ``-ERR``); ``busagents run`` exits with it so that a supervisor starts the agent again."""
 
 
 class MessageTooLargeError(PermanentError, nats.errors.MaxPayloadError):

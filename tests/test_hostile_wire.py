@@ -1,20 +1,26 @@
 """Hostile input on the wire never stalls an agent: its connection stays up and it keeps serving.
 
-Two kinds of trouble, each against a running agent on its own connection:
+Three kinds of trouble, each against a running agent on its own connection:
 
 - bytes nats-py could not read (a header block or subject it choked on) ended its read loop,
   and the agent stayed connected but deaf until stale detection, minutes later (so did the
   PONG of a flush given up on);
 - outputs over a server limit (a long key in the subject, headers + payload over
   ``max_payload``, a huge id copied from the input) made the server close the connection,
-  for good: nats-py does not reconnect after ``-ERR``.
+  for good: nats-py does not reconnect after ``-ERR``;
+- a connection lost: said once when it goes and once when it is back; when it is closed for
+  good, ``busagents run`` exits instead of running on deaf.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -25,6 +31,7 @@ from busagents import Agent, Bus, Context, Durability, command, event, on
 from busagents.server import NatsServer
 from busagents.testing import run_agents
 
+ROOT = Path(__file__).parent.parent
 QUICK = 5.0  # seconds: "within a few seconds", where a deaf connection took minutes
 
 
@@ -95,6 +102,7 @@ def assert_unharmed(agent_bus: Bus) -> None:
     nc = agent_bus.nc
     assert nc.is_connected, "the agent's connection is gone"
     assert nc.stats["reconnects"] == 0, "the agent's connection was replaced"
+    assert agent_bus.lost is None
 
 
 # Raw protocol, written by hand: what a hostile client can send.
@@ -290,3 +298,121 @@ def test_ids_from_the_wire_are_bounded_and_the_same_id_is_replaced_the_same_way(
     assert bounded_id("a" * 300) != bounded_id("b" * 300)
     envelope = Envelope.from_headers({"Nats-Msg-Id": "i" * 10_000, "Ba-Conversation-Id": "c\r\nX: y"})
     assert len(envelope.id) == 23 and len(envelope.conversation_id) == 23
+
+
+# A lost connection
+
+
+class LogWatch(logging.Handler):
+    """Records of one logger, with a way to await one that matches."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(logger)
+        self.records: list[logging.LogRecord] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.changed.set()
+
+    def messages(self, level: int = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    async def until(self, predicate: Callable[[list[logging.LogRecord]], bool], timeout: float = 15.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.records):
+                self.changed.clear()
+                await self.changed.wait()
+
+    def __enter__(self) -> LogWatch:
+        self.previous = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.previous)
+
+
+def saying(text: str, count: int = 1) -> Callable[[list[logging.LogRecord]], bool]:
+    return lambda records: sum(text in r.getMessage() for r in records) >= count
+
+
+async def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends() -> None:
+    server = NatsServer(jetstream=False).start()
+    try:
+        bus = await Bus.connect(server.url)
+        try:
+            with LogWatch("busagents.bus") as logs:
+                server.stop()
+                await logs.until(saying("lost the connection"))
+                await logs.until(saying("reconnect attempt", 4))  # nats-py tries every 0.5 s meanwhile
+                server.start()
+                await logs.until(saying("connection back after"))
+            await bus.flush()
+        finally:
+            await bus.close()
+    finally:
+        server.stop()
+    warnings = logs.messages()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"nats: lost the connection to {server.url}")
+    assert warnings[1].startswith("nats: connection back after ")
+
+
+async def test_a_long_outage_is_recalled_at_most_every_reminder_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("busagents.bus.OUTAGE_REMINDER", 1.0)
+    server = NatsServer(jetstream=False).start()
+    try:
+        bus = await Bus.connect(server.url)
+        try:
+            with LogWatch("busagents.bus") as logs:
+                server.stop()
+                await logs.until(saying("still no connection", 2))
+                attempts = sum("reconnect attempt" in m for m in logs.messages(logging.DEBUG))
+                reminders = [r for r in logs.records if "still no connection" in r.getMessage()]
+        finally:
+            await bus.close()
+    finally:
+        server.stop()
+    assert attempts > len(reminders)  # not one per attempt
+    assert reminders[1].created - reminders[0].created >= 1.0
+
+
+async def test_busagents_run_exits_when_the_server_closes_its_connection_for_good(tmp_path: Path) -> None:
+    # A server with a short control line: the agent's output subject passes busagents' own
+    # check (4096 bytes) but not this server's, which answers -ERR and closes the connection.
+    config = tmp_path / "nats.conf"
+    config.write_text("max_control_line: 512\n")
+    with NatsServer(jetstream=False, config_file=config) as server:
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "busagents",
+            "run",
+            f"{__name__}:Hostile",
+            "--nats",
+            server.url,
+            cwd=ROOT,
+            env={**os.environ, "BUSAGENTS_HEARTBEAT_INTERVAL": "1"},
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            bus = await Bus.connect(server.url)
+            try:
+                await bus.wait_for_agents(["hostile"], timeout=30)
+                await bus.publish(Work(key="k", n=1, out="o" * 1000))
+            finally:
+                await bus.close()
+            code = await asyncio.wait_for(agent.wait(), 30)
+            assert agent.stderr is not None
+            stderr = (await agent.stderr.read()).decode()
+        finally:
+            if agent.returncode is None:
+                agent.kill()
+                await agent.wait()
+    assert code == 1, stderr
+    assert "maximum control line exceeded" in stderr
+    assert "error: agent hostile stops: the connection to" in stderr

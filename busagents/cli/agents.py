@@ -14,7 +14,7 @@ from .._proc import die_with_parent
 from ..agent import Agent
 from ..bus import Bus
 from ..contract import contract_info
-from ..errors import ConfigError
+from ..errors import ConfigError, ConnectionLostError
 from ..plugins import available_agents, load_agent
 from ..settings import Settings
 from ..swarm.graph import inbox_prefix
@@ -56,7 +56,11 @@ def list_agents() -> None:
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64), help="OS processes.")
 @click.pass_context
 def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int) -> None:
-    """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT."""
+    """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT.
+
+    Exits with status 1 when its NATS connection is closed for good (nats-py does not reconnect
+    after a server's -ERR), so that a supervisor starts it again.
+    """
     agent_cls = load_agent(name)
     if agent_cls.singleton and replicas > 1:
         raise ConfigError(
@@ -85,6 +89,12 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
         ack_wait=settings.ack_wait,
         max_deliver=settings.max_deliver,
     )
+    stop = asyncio.Event()  # SIGTERM/SIGINT, or the connection closed for good
+
+    async def lost() -> None:
+        stop.set()
+
+    bus.on_closed(lost)
     try:
         worker = Worker(
             [agent_cls()],
@@ -92,7 +102,10 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
             drain_timeout=settings.drain_timeout,
             heartbeat_interval=settings.heartbeat_interval,
         )
-        return await worker.serve()
+        drained = await worker.serve(stop)
+        if bus.lost is not None:  # alive but deaf helps nobody: exit, and let the supervisor start us again
+            raise ConnectionLostError(f"agent {agent_cls.name} stops: {bus.lost}")
+        return drained
     finally:
         await bus.close()
         if telemetry is not None:
