@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from ._natspy import heartbeat_check_died
+from ._tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -38,6 +39,7 @@ log = logging.getLogger("busagents.view")
 
 #: Seconds between the server's idle heartbeats on a view's consumer; two missed ones mean it is gone.
 _HEARTBEAT = 2.0
+_STOP_TIMEOUT = 30.0  # seconds stop() waits for the view's tasks to end
 
 
 class ViewConsumer:
@@ -195,11 +197,7 @@ class ViewConsumer:
 
     async def stop(self) -> None:
         """Stop after the message in hand (if any); the ordered consumer is ephemeral and goes with us."""
-        for task in (self._watchdog, self._task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait([t for t in (self._watchdog, self._task) if t is not None], _STOP_TIMEOUT)
         self._task = self._watchdog = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):

@@ -35,6 +35,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from ._tasks import cancel_and_wait
 from .agent import Agent, Handler
 from .bus import ERROR_HEADER, Bus, Mailbox
 from .codec import codec_for, encode
@@ -226,11 +227,7 @@ class Worker:
         """
         if not self._started or self._stopped.is_set():
             return True
-        for task in self._tasks:
-            task.cancel()
-        for task, result in zip(self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True):
-            if isinstance(result, Exception):
-                log.error("task %s had failed: %r", task.get_name(), result)
+        stopped = await cancel_and_wait(self._tasks, self.drain_timeout)
         for unlisten in self._unlisten:
             unlisten()
         for view in self._views:
@@ -248,7 +245,7 @@ class Worker:
             await self.bus.flush()
         self._stopped.set()
         log.info("worker drained")
-        return all(results)
+        return stopped and all(results)
 
     async def serve(self, stop: asyncio.Event | None = None) -> bool:
         """Start, run until SIGTERM/SIGINT (or ``stop`` is set), then drain."""

@@ -443,3 +443,47 @@ async def test_cancelling_serve_drains_the_worker(bus: Bus) -> None:
     assert agent.stopped
     assert set(bus.nc._subs) == subscriptions
     assert {t for t in asyncio.all_tasks() if not t.done()} <= tasks
+
+
+@event("test.worker.noted", durable=True)
+class Noted(msgspec.Struct):
+    n: int
+
+
+class Stubborn(Agent):
+    """Its view handler and its run loop each swallow one cancel, as Python 3.11's ``asyncio.wait_for``
+    does when its result arrives together with the cancel (nats-py's ``next_msg`` waits with it)."""
+
+    name = "stubborn"
+
+    def __init__(self) -> None:
+        self.viewing = asyncio.Event()
+        self.running = asyncio.Event()
+        self.swallowed = 0
+
+    async def run(self, ctx: Context) -> None:
+        self.running.set()
+        await self._swallow_one_cancel()
+        await asyncio.Event().wait()
+
+    @on(Noted, view=True)
+    async def noted(self, msg: Noted, ctx: Context) -> None:
+        self.viewing.set()
+        await self._swallow_one_cancel()
+
+    async def _swallow_one_cancel(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.swallowed += 1
+
+
+async def test_drain_ends_tasks_that_swallowed_their_cancel(bus: Bus) -> None:
+    stubborn = Stubborn()
+    worker = Worker([stubborn], bus, drain_timeout=10)
+    await worker.start()
+    await bus.publish(Noted(n=1))
+    await asyncio.wait_for(asyncio.gather(stubborn.viewing.wait(), stubborn.running.wait()), 10)
+    async with asyncio.timeout(8):
+        await worker.drain()
+    assert stubborn.swallowed == 2  # both were cancelled again, and stopped
