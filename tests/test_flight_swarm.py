@@ -64,6 +64,11 @@ async def _run_day(tmp: Path, replicas: int, kill: tuple[str, ...] = (), *, agen
 
 
 def _check(result: DayOutcome) -> None:
+    print(  # the figures, for `pytest -s`
+        f"affected {result.affected}, notified {result.notified}, told twice {result.told_twice}, "
+        f"decisions {result.decisions}, re-decided {result.rejected}, seat conflicts {result.seat_conflicts}, "
+        f"stranded {result.stranded}, disruptions {len(result.disruptions)}"
+    )
     assert result.affected > 200
     assert result.told_twice == 0, f"{result.told_twice} passengers told twice about one disruption"
     assert result.notified == result.affected, result.unserved()
