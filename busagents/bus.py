@@ -32,6 +32,7 @@ from .envelope import MSG_ID, Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
 from .server import check_nats_url
 from .state import State, open_state
+from .subjects import stats_subject
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -511,7 +512,7 @@ class Bus:
                 done.set_result(None)
 
         # one subscription per agent type: a connection allowed to read only those heartbeats can wait
-        subs = [await self.nc.subscribe(f"busagents.stats.{name}", cb=on_beat) for name in sorted(missing)]
+        subs = [await self.nc.subscribe(stats_subject(name), cb=on_beat) for name in sorted(missing)]
         try:
             await asyncio.wait_for(done, timeout)
         except TimeoutError:

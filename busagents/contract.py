@@ -25,6 +25,7 @@ import msgspec
 import pydantic
 
 from .errors import ContractError
+from .subjects import RESERVED, is_reserved
 
 __all__ = [
     "ContractInfo",
@@ -118,10 +119,6 @@ class ContractInfo:
         return f"{self.subject}.*" if self.key else self.subject
 
 
-#: Subjects the framework itself uses for every agent: a contract there would be read as a dead letter or stats.
-_RESERVED = ("busagents.dlq", "busagents.stats")
-
-
 def _validate_subject(subject: str, kind: Kind) -> None:
     if not isinstance(subject, str):
         decorator = kind.value if kind is not Kind.REPLY else "event"
@@ -129,8 +126,8 @@ def _validate_subject(subject: str, kind: Kind) -> None:
             f'@{decorator} needs the subject first: @{decorator}("travel.flight.delayed") above the class '
             f"(got {subject!r})"
         )
-    if any(subject == r or subject.startswith(r + ".") for r in _RESERVED):
-        raise ContractError(f"subject {subject!r} is reserved for busagents ({', '.join(_RESERVED)})")
+    if is_reserved(subject):
+        raise ContractError(f"subject {subject!r} is reserved for busagents ({', '.join(RESERVED)})")
     tokens = subject.split(".")
     if not subject or not all(_SUBJECT_TOKEN.match(t) for t in tokens):
         raise ContractError(

@@ -45,6 +45,7 @@ from nats.js import api
 from .durable import create_or_update_stream, delivery_count, stream_sequence
 from .envelope import MSG_ID, REPLAY_OF, new_id
 from .errors import BusagentsError, ConfigError
+from .subjects import DLQ_PREFIX, DLQ_SUBJECTS, dead_letter_subject
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -80,10 +81,8 @@ __all__ = [
     "write_max_deliveries_dead_letter",
 ]
 
-DLQ_PREFIX = "busagents.dlq"
 #: The stream that keeps every dead letter (``busagents.dlq.>``) for ``busagents dlq``.
 DLQ_STREAM = "BUSAGENTS_DLQ"
-DLQ_SUBJECTS = f"{DLQ_PREFIX}.>"
 
 DLQ_REASON = "Ba-Dlq-Reason"
 DLQ_SUBJECT = "Ba-Dlq-Subject"
@@ -110,10 +109,6 @@ class ReplayError(BusagentsError):
 
 
 # Building and writing
-
-
-def dead_letter_subject(agent_name: str) -> str:
-    return f"{DLQ_PREFIX}.{agent_name}"
 
 
 def bounded_reason(reason: str) -> str:

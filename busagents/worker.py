@@ -62,6 +62,7 @@ from .durable import (
 )
 from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
 from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
+from .subjects import stats_subject
 from .view import ViewConsumer
 
 __all__ = [
@@ -71,8 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("busagents.worker")
-
-STATS_PREFIX = "busagents.stats"
 
 #: Handler exceptions that retrying cannot fix: a durable message is dead-lettered at once.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -457,7 +456,7 @@ class Worker:
             for stats in self.stats.values():
                 payload = {**asdict(stats), "instance": instance, "time": time.time()}
                 with contextlib.suppress(nats.errors.Error):
-                    await self.bus.nc.publish(f"{STATS_PREFIX}.{stats.agent}", encoder.encode(payload))
+                    await self.bus.nc.publish(stats_subject(stats.agent), encoder.encode(payload))
             await asyncio.sleep(self.heartbeat_interval)
 
     def _handler(self, agent: Agent, handler: Handler) -> HandleMsg:

@@ -17,7 +17,7 @@ from ..contract import contract_info
 from ..errors import ConfigError, ConnectionLostError
 from ..plugins import available_agents, load_agent
 from ..settings import Settings
-from ..swarm.graph import inbox_prefix
+from ..subjects import inbox_prefix
 from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker

@@ -22,8 +22,8 @@ from ..durable import jetstream_permissions, stream_name
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
 from ..llm.contracts import ApprovalDecided, ApprovalRequested
 from ..state import state_permissions
+from ..subjects import inbox_prefix, stats_subject
 from ..view import view_permissions
-from ..worker import STATS_PREFIX
 
 __all__ = ["Graph", "GraphProblem", "inbox_prefix"]
 
@@ -124,7 +124,7 @@ class Graph:
         """
         out: dict[str, dict[str, Any]] = {}
         for agent in self.agents:
-            pub = {f"{STATS_PREFIX}.{agent.name}"} | dlq_permissions(agent.name)
+            pub = {stats_subject(agent.name)} | dlq_permissions(agent.name)
             # JetStream API replies (the dead-letter stream at start), publish acks, query replies,
             # pulled messages and watched keys all come to the agent's inbox
             sub = {f"{inbox_prefix(agent.name)}.>"}
@@ -150,7 +150,7 @@ class Graph:
                     sub.add(_APPROVAL_DECIDED.subscribe_subject)
                     answers = True  # and confirms it to `busagents llm approve|reject`
             for name in _waits_for(agent):  # Bus.wait_for_agents: their heartbeats
-                sub.add(f"{STATS_PREFIX}.{name}")
+                sub.add(stats_subject(name))
             perms: dict[str, Any] = {"publish": sorted(pub), "subscribe": sorted(sub)}
             if answers:
                 perms["allow_responses"] = True
@@ -242,11 +242,6 @@ def _component_schema(info: ContractInfo, schemas: dict[str, Any]) -> dict[str, 
     schemas.update(schema.pop("$defs", {}))
     schemas[info.cls.__name__] = schema
     return {"$ref": template.format(name=info.cls.__name__)}
-
-
-def inbox_prefix(agent_name: str) -> str:
-    """The inbox prefix of an agent's connection (``_INBOX.<agent>``): only it may read its replies."""
-    return f"_INBOX.{agent_name}"
 
 
 def _waits_for(agent: type[Agent]) -> tuple[str, ...]:
