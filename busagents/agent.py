@@ -118,6 +118,9 @@ class Agent:
     name: ClassVar[str] = ""
     #: Contracts this agent may publish, and the queries it may send.
     produces: ClassVar[tuple[type[Any], ...]] = ()
+    #: Contracts a handler waits for on a subscription of its own, confirming each to its sender
+    #: (the answer to something it produced, e.g. :class:`~busagents.llm.ApprovalDecided`).
+    awaits: ClassVar[tuple[type[Any], ...]] = ()
     #: How many messages one replica handles at once.
     max_concurrency: ClassVar[int] = 8
     #: JetStream key-value buckets this agent keeps state in (``ctx.state(bucket, Type)``).
@@ -134,11 +137,13 @@ class Agent:
             cls.name = _snake(cls.__name__)
         if not _NAME.match(cls.name):
             raise ContractError(f"agent name {cls.name!r} of {cls.__qualname__} must be letters, digits, '_' or '-'")
-        if not isinstance(cls.produces, tuple | list) or not all(isinstance(c, type) for c in cls.produces):
-            raise ContractError(
-                f"{cls.__qualname__}.produces must be a tuple of contract classes, e.g. produces = (BookingChanged,) "
-                f"(note the comma), not {cls.produces!r}"
-            )
+        for attr in ("produces", "awaits"):
+            declared = getattr(cls, attr)
+            if not isinstance(declared, tuple | list) or not all(isinstance(c, type) for c in declared):
+                raise ContractError(
+                    f"{cls.__qualname__}.{attr} must be a tuple of contract classes, e.g. {attr} = (BookingChanged,) "
+                    f"(note the comma), not {declared!r}"
+                )
         if cls.max_concurrency < 1:
             raise ContractError(f"{cls.__qualname__}.max_concurrency must be >= 1")
         if isinstance(cls.state_buckets, str) or not all(
@@ -164,8 +169,8 @@ class Agent:
                     contract=info, func=value, attr=attr, subject=subject, durability=durability, view=view
                 )
         cls.handlers = handlers
-        for produced in cls.produces:
-            contract_info(produced)  # raises a clear error for a non-contract
+        for declared in (*cls.produces, *cls.awaits):
+            contract_info(declared)  # raises a clear error for a non-contract
 
     @classmethod
     def consumes(cls) -> tuple[type[Any], ...]:

@@ -9,6 +9,7 @@ import msgspec
 
 from busagents import Agent, Context, command, event, on, query
 from busagents.llm import (
+    ApprovalDecided,
     ApprovalGate,
     ApprovalRequested,
     Decider,
@@ -110,6 +111,7 @@ INSTRUCTIONS = "Rebook the passenger on the alternative that arrives earliest. T
 class LLMReasoner(Agent):
     name = "test_llm_reasoner"
     produces = (FindFlights, GetNote, Rebook, ReviewRequested, ApprovalRequested)
+    awaits = (ApprovalDecided,)
 
     def __init__(self, settings: LLMSettings, server: MessagesServer) -> None:
         client = make_client(settings, base_url=server.url, api_key="sk-test-not-a-real-key")

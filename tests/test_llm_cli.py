@@ -6,7 +6,9 @@ import asyncio
 import logging
 import sys
 
-from busagents import Bus, Context, NatsServer
+import pytest
+
+from busagents import Bus, Context, NatsServer, UndeclaredContractError
 from busagents.llm import ApprovalGate, ApprovalRequested
 
 from .llm_agents import LLMReasoner, Rebook
@@ -64,3 +66,12 @@ async def test_watch_shows_the_request_and_reject_refuses_it(bus: Bus, nats_serv
     await cli("reject", request_id, "--nats", nats_server.url, "--by", "ops-lead", "--note", "too dear")
     answer = await asyncio.wait_for(held, 10)
     assert answer is not None and not answer.approved and answer.note == "too dear"
+
+
+async def test_an_agent_that_does_not_declare_what_it_awaits_cannot_ask(bus: Bus) -> None:
+    class Undeclared(LLMReasoner):
+        awaits = ()  # type: ignore[assignment]  # it forgot ApprovalDecided
+
+    ctx = Context(Undeclared.__new__(Undeclared), bus, logging.getLogger("test"))
+    with pytest.raises(UndeclaredContractError, match=r"add it to Undeclared\.awaits"):
+        await ApprovalGate(100.0, timeout=30).ask(ctx, Rebook("B9", "F4", 900.0, "business"), cost=900.0)

@@ -277,3 +277,9 @@ def test_an_agent_that_asks_for_approval_may_read_the_answers_and_a_waiting_one_
         "busagents.stats.flight-context",
         "busagents.stats.flight-monitor",
     ]
+    assert perms["flight-reasoner"].get("allow_responses") is True  # it confirms an answer to `busagents llm approve`
+
+
+def test_the_graph_derives_permissions_from_declarations_and_knows_no_llm() -> None:
+    source = Path(sys.modules[Graph.__module__].__file__ or "").read_text()
+    assert "llm" not in source  # `awaits = (ApprovalDecided,)`, not producing ApprovalRequested, grants the answers

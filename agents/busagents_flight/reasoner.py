@@ -27,7 +27,7 @@ from busagents_travel import (
 )
 
 from busagents import Agent, Context, on
-from busagents.llm import ApprovalRequested, LLMSettings, ReviewRequested
+from busagents.llm import ApprovalDecided, ApprovalRequested, LLMSettings, ReviewRequested
 
 from .approval import Approvals
 from .policy import OfflinePolicy
@@ -46,6 +46,7 @@ class ReasonerAgent(Agent):
 
     name = "flight-reasoner"
     produces = (RebookPassenger, DisruptionAssessed, BookingsOnFlight, Alternatives, ApprovalRequested, ReviewRequested)
+    awaits = (ApprovalDecided,)  # Approvals: a costly decision waits for a human's answer
     max_concurrency = 8
 
     def __init__(self, reasoner: Reasoner | str | None = None) -> None:

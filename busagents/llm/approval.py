@@ -8,6 +8,7 @@
         if answer is None or not answer.approved:
             ...  # not applied: hand the case to a human
 
+The agent declares ``produces = (..., ApprovalRequested)`` and ``awaits = (ApprovalDecided,)``.
 The request is published as :class:`ApprovalRequested` on
 ``busagents.llm.approval.requested.<agent>``; the answer is the first
 :class:`ApprovalDecided` on ``busagents.llm.approval.decided.<request_id>``. The
@@ -30,7 +31,7 @@ from ..codec import codec_for
 from ..context import Context
 from ..contract import contract_info, subject_for
 from ..envelope import new_id
-from ..errors import DecodeError
+from ..errors import DecodeError, UndeclaredContractError
 from .contracts import ApprovalDecided, ApprovalRequested, builtins
 
 __all__ = ["ApprovalGate"]
@@ -52,8 +53,14 @@ class ApprovalGate:
     async def ask(self, ctx: Context, decision: Any, *, cost: float, summary: str = "") -> ApprovalDecided | None:
         """Publish the approval request and wait for the answer; None when nobody answered in time.
 
-        The agent must declare :class:`ApprovalRequested` in its ``produces``.
+        The agent must declare :class:`ApprovalRequested` in its ``produces`` and
+        :class:`ApprovalDecided` in its ``awaits`` (its permissions derive from them).
         """
+        if ApprovalDecided not in ctx.agent.awaits:
+            raise UndeclaredContractError(
+                f"agent {ctx.agent.name!r} may not wait for ApprovalDecided: "
+                f"add it to {type(ctx.agent).__name__}.awaits"
+            )
         request_id = new_id()
         decide_info = contract_info(ApprovalDecided)
         subject = subject_for(decide_info, ApprovalDecided(request_id=request_id, approved=False, by=""))

@@ -20,15 +20,11 @@ from ..contract import ContractInfo, Kind, contract_info
 from ..dlq import dlq_permissions
 from ..durable import jetstream_permissions, stream_name
 from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
-from ..llm.contracts import ApprovalDecided, ApprovalRequested
 from ..state import state_permissions
 from ..subjects import inbox_prefix, stats_subject
 from ..view import view_permissions
 
 __all__ = ["Graph", "GraphProblem", "inbox_prefix"]
-
-_APPROVAL_REQUESTED = contract_info(ApprovalRequested)
-_APPROVAL_DECIDED = contract_info(ApprovalDecided)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +112,7 @@ class Graph:
         """Least-privilege NATS permissions per agent: publish/subscribe allow lists, ``allow_responses``.
 
         Derived from each agent's declarations (handlers, ``produces``, durability,
-        ``state_buckets``, ``waits_for``) plus what every worker does: heartbeats, dead letters
+        ``awaits``, ``state_buckets``, ``waits_for``) plus what every worker does: heartbeats, dead letters
         (:data:`~busagents.durable.DLQ_STREAM`) and requests answered on the agent's own inbox
         (:func:`inbox_prefix`; ``busagents run`` connects with it). An agent answering queries
         gets ``allow_responses`` (one reply to each request it received) instead of a publish
@@ -146,9 +142,9 @@ class Graph:
                 pub.add(info.subscribe_subject)
                 if info.durability is not None:
                     _add(pub, sub, jetstream_permissions(info, info.durability, consumer=None))
-                if info.name == _APPROVAL_REQUESTED.name:  # ApprovalGate.ask waits for the answer
-                    sub.add(_APPROVAL_DECIDED.subscribe_subject)
-                    answers = True  # and confirms it to `busagents llm approve|reject`
+            for contract in agent.awaits:  # a handler waits for it itself, and confirms it
+                sub.add(contract_info(contract).subscribe_subject)
+                answers = True
             for name in _waits_for(agent):  # Bus.wait_for_agents: their heartbeats
                 sub.add(stats_subject(name))
             perms: dict[str, Any] = {"publish": sorted(pub), "subscribe": sorted(sub)}
