@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from ._proc import die_with_parent, pid_alive
 from .errors import ConfigError, NatsUnavailableError
+from .process import die_with_parent, pid_alive
 
 __all__ = ["NatsCluster", "NatsServer", "find_server_binary", "free_port", "is_reachable"]
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from busagents import Agent, Bus, ConfigError, Context, command, event, on, query
-from busagents._proc import pid_alive
+from busagents.process import pid_alive
 from busagents.server import NatsServer
 from busagents.swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from busagents.swarm.supervisor import Replica

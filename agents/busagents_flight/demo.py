@@ -42,8 +42,8 @@ from rich.table import Table
 from rich.text import Text
 
 from busagents import Agent, Bus, NatsServer, Worker
-from busagents._proc import die_with_parent
 from busagents.envelope import SENT_AT
+from busagents.process import die_with_parent
 
 from .context import ContextAgent
 from .data import generate

@@ -337,9 +337,9 @@ class AnthropicReasoner(Reasoner):
         """The RebookPassenger of a checked choice: costs and ids by the policy, the choice and words by the model."""
         rationale = " ".join(choice.rationale.split())[:_RATIONALE_MAX]
         if choice.action == "keep":
-            decision = self.policy._keep(case, affected)
+            decision = self.policy.keep(case, affected)
         elif choice.action == "refund":
-            decision = self.policy._refund(case, affected)
+            decision = self.policy.refund(case, affected)
         else:
             assert choice.cabin is not None
             known = [*itineraries, *self._searched(outcome)]
@@ -348,7 +348,7 @@ class AnthropicReasoner(Reasoner):
                 Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, choice.cabin, seats)
                 for f, seats in zip(itinerary.flights, choice.seats, strict=True)
             ]
-            decision = self.policy._rebook(case, affected, itinerary, legs, _cabin(affected))
+            decision = self.policy.rebook(case, affected, itinerary, legs, _cabin(affected))
             if choice.hotel and affected.stranded:
                 decision = msgspec.structs.replace(decision, hotel=True)
         return msgspec.structs.replace(decision, rationale=rationale or decision.rationale, reasoner=self.name)

@@ -62,10 +62,10 @@ class OfflinePolicy(Reasoner):
                 for leg in legs:
                     taken.update(f"{leg.flight_id}/{s}" for s in leg.seats)
                 later = _fallbacks(affected, (itinerary, c), candidates[i + 1 :], own, taken)
-                return self._rebook(case, affected, itinerary, legs, cabin, later)
+                return self.rebook(case, affected, itinerary, legs, cabin, later)
         if affected.why == "long_delay":
-            return self._keep(case, affected)
-        return self._refund(case, affected)
+            return self.keep(case, affected)
+        return self.refund(case, affected)
 
     # Decisions
 
@@ -81,7 +81,7 @@ class OfflinePolicy(Reasoner):
             "reasoner": self.name,
         }
 
-    def _rebook(
+    def rebook(
         self,
         case: Case,
         affected: AffectedBooking,
@@ -90,6 +90,7 @@ class OfflinePolicy(Reasoner):
         cabin: str,
         fallbacks: list[list[Leg]] | None = None,
     ) -> RebookPassenger:
+        """Rebook ``affected`` on ``itinerary`` with the seats in ``legs`` (booked in ``cabin``), fees waived."""
         booking = affected.booking
         n = len(booking.passengers)
         new_cabin = legs[0].cabin
@@ -136,13 +137,15 @@ class OfflinePolicy(Reasoner):
             rationale=rationale,
         )
 
-    def _keep(self, case: Case, affected: AffectedBooking) -> RebookPassenger:
+    def keep(self, case: Case, affected: AffectedBooking) -> RebookPassenger:
+        """Leave the booking as it is (a delay no alternative improves on)."""
         rationale = (
             f"{_what(case, affected)}; no alternative arrives at least 30 min earlier, so the booking stays as it is"
         )
         return RebookPassenger(**self._base(case, affected), action="keep", rationale=rationale)  # type: ignore[arg-type]
 
-    def _refund(self, case: Case, affected: AffectedBooking) -> RebookPassenger:
+    def refund(self, case: Case, affected: AffectedBooking) -> RebookPassenger:
+        """Refund the booking in full (no seat to its destination today)."""
         booking = affected.booking
         n = len(booking.passengers)
         cost = Cost(refund=booking.fare.price * n, waived=True, currency=booking.fare.currency)

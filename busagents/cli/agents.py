@@ -10,12 +10,12 @@ from types import FrameType
 
 import click
 
-from .._proc import die_with_parent
 from ..agent import Agent
 from ..bus import Bus
 from ..contract import contract_info
 from ..errors import ConfigError, ConnectionLostError
 from ..plugins import available_agents, load_agent
+from ..process import die_with_parent
 from ..settings import Settings
 from ..subjects import inbox_prefix
 from ..telemetry import configure_from_env

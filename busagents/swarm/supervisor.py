@@ -4,7 +4,7 @@ Each replica runs ``python -m busagents run TARGET --nats URL``. A replica that 
 while the swarm is up is restarted with backoff, at most ``max_restarts`` times within
 ``restart_window`` seconds; stopping the swarm sends SIGTERM to every replica, so each
 drains (finishes what is in flight) before it exits. On Linux a replica also gets SIGTERM
-when the supervisor itself dies, even by SIGKILL (see ``busagents._proc``).
+when the supervisor itself dies, even by SIGKILL (see :mod:`busagents.process`).
 
 :meth:`Supervisor.run` owns everything it starts: one task per replica in a task group, and
 the processes, which get SIGTERM (SIGKILL after ``stop_timeout``) however ``run`` ends,
@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .._proc import die_with_parent
+from ..process import die_with_parent
 from .config import SwarmConfig
 
 __all__ = ["Replica", "Supervisor"]
