@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from busagents_travel import (
     RebookRejected,
 )
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -42,18 +43,21 @@ from rich.table import Table
 from rich.text import Text
 
 from busagents import Agent, Bus, NatsServer, Worker
+from busagents.contract import contract_info
+from busagents.dlq import DLQ_REASON
 from busagents.envelope import SENT_AT
 from busagents.process import die_with_parent
+from busagents.subjects import DLQ_SUBJECTS
 
 from .context import ContextAgent
-from .data import generate
+from .data import AirlineDay, generate
 from .feed import publish_feed, status_feed
 from .monitor import FlightMonitor
 from .notifier import Notifier, OutboxChannel
 from .reasoner import ReasonerAgent
 from .rebooker import Rebooker
 from .settings import FlightSettings
-from .store import open_store
+from .store import Audit, BookingStore, open_store
 
 __all__ = ["DemoReport", "flight_demo", "run_demo"]
 
@@ -152,14 +156,6 @@ class _Tally:
         )
 
 
-_decode_delayed = msgspec.json.Decoder(FlightDelayed).decode
-_decode_cancelled = msgspec.json.Decoder(FlightCancelled).decode
-_decode_assessed = msgspec.json.Decoder(DisruptionAssessed).decode
-_decode_changed = msgspec.json.Decoder(BookingChanged).decode
-_decode_rejected = msgspec.json.Decoder(RebookRejected).decode
-_decode_notified = msgspec.json.Decoder(PassengerNotified).decode
-
-
 class _Notified(msgspec.Struct):
     """What the tally needs of a PassengerNotified (skips decoding the text)."""
 
@@ -168,99 +164,114 @@ class _Notified(msgspec.Struct):
     action: str
 
 
-_decode_notified_briefly = msgspec.json.Decoder(_Notified).decode
+_decode_notified = msgspec.json.Decoder(PassengerNotified).decode
 
 
 def _sent_at(msg: Msg) -> int:
     return int((msg.headers or {}).get(SENT_AT, "0"))
 
 
-async def _subscribe(bus: Bus, tally: _Tally) -> list[Any]:
-    nc = bus.nc
-    t = tally
+def _on_travel(t: _Tally, _: None, msg: Msg) -> None:
+    t.messages += 1
 
-    async def any_travel(msg: Msg) -> None:
-        t.messages += 1
 
-    async def delayed(msg: Msg) -> None:
-        e = _decode_delayed(msg.data)
-        t.disruptions += 1
-        t.disrupted_at[e.disruption_id] = _sent_at(msg)
-        why = []
-        if e.long_delay:
-            why.append("long delay")
-        if e.missed_connections:
-            why.append(f"breaks connections to {', '.join(e.missed_connections)}")
-        t.say(f"[yellow]DELAYED[/]   {e.number} {e.origin}->{e.destination} +{e.delay_minutes} min ({'; '.join(why)})")
-        t.changed.set()
+def _on_delayed(t: _Tally, e: FlightDelayed, msg: Msg) -> None:
+    t.disruptions += 1
+    t.disrupted_at[e.disruption_id] = _sent_at(msg)
+    why = []
+    if e.long_delay:
+        why.append("long delay")
+    if e.missed_connections:
+        why.append(f"breaks connections to {', '.join(e.missed_connections)}")
+    t.say(f"[yellow]DELAYED[/]   {e.number} {e.origin}->{e.destination} +{e.delay_minutes} min ({'; '.join(why)})")
+    t.changed.set()
 
-    async def cancelled(msg: Msg) -> None:
-        e = _decode_cancelled(msg.data)
-        t.disruptions += 1
-        t.disrupted_at[e.disruption_id] = _sent_at(msg)
-        t.cancelled += 1
-        t.say(f"[red]CANCELLED[/] {e.number} {e.origin}->{e.destination} ({e.reason})")
-        t.changed.set()
 
-    async def assessed(msg: Msg) -> None:
-        e = _decode_assessed(msg.data)
-        t.assessed += 1
-        t.affected += e.affected_passengers
-        t.say(
-            f"  assessed  {e.disruption_id}: {e.affected_passengers} passengers "
-            f"in {e.affected_bookings} bookings affected"
-        )
-        t.changed.set()
+def _on_cancelled(t: _Tally, e: FlightCancelled, msg: Msg) -> None:
+    t.disruptions += 1
+    t.disrupted_at[e.disruption_id] = _sent_at(msg)
+    t.cancelled += 1
+    t.say(f"[red]CANCELLED[/] {e.number} {e.origin}->{e.destination} ({e.reason})")
+    t.changed.set()
 
-    async def changed(msg: Msg) -> None:
-        e = _decode_changed(msg.data)
-        n = len(e.passengers)
-        if e.action == "rebook":
-            t.rebooked += n
-            route = " + ".join(f"{leg.number} seats {','.join(leg.seats)}" for leg in e.new_legs)
-            t.say(f"  [green]rebooked[/]  {e.booking_id} ({n} pax) on {route}")
-        elif e.action == "refund":
-            t.refunded += n
-            t.say(f"  [magenta]refunded[/]  {e.booking_id} ({n} pax)")
-        else:
-            t.kept += n
 
-    async def rejected(msg: Msg) -> None:
-        e = _decode_rejected(msg.data)
-        t.rejected += 1
-        t.say(f"  [red]rejected[/]  {e.booking_id}: {e.reason} {e.detail} -> re-deciding")
+def _on_assessed(t: _Tally, e: DisruptionAssessed, msg: Msg) -> None:
+    t.assessed += 1
+    t.affected += e.affected_passengers
+    t.say(
+        f"  assessed  {e.disruption_id}: {e.affected_passengers} passengers in {e.affected_bookings} bookings affected"
+    )
+    t.changed.set()
 
-    async def notified(msg: Msg) -> None:
-        e = _decode_notified_briefly(msg.data)
-        key = (e.disruption_id, e.passenger_id)
-        if key not in t.notified:
-            t.notified.add(key)
-            start = t.disrupted_at.get(e.disruption_id)
-            if start:
-                t.latencies_ms.append((_sent_at(msg) - start) / 1e6)
-        if len(t.samples) < t.verbose_notices and e.action != "keep":
-            full = _decode_notified(msg.data)
-            t.samples.append(f"[cyan]{full.passenger_id}[/] ({full.channel}): {full.text}")
-        t.say(f"  [cyan]notified[/]  {e.passenger_id} ({e.action})")
-        t.changed.set()
 
-    async def dead(msg: Msg) -> None:
-        t.dead_lettered += 1
-        reason = (msg.headers or {}).get("Ba-Dlq-Reason", "")
-        t.say(f"[bold red]DEAD LETTER[/] {msg.subject}: {reason}")
-        t.changed.set()
+def _on_changed(t: _Tally, e: BookingChanged, msg: Msg) -> None:
+    n = len(e.passengers)
+    if e.action == "rebook":
+        t.rebooked += n
+        route = " + ".join(f"{leg.number} seats {','.join(leg.seats)}" for leg in e.new_legs)
+        t.say(f"  [green]rebooked[/]  {e.booking_id} ({n} pax) on {route}")
+    elif e.action == "refund":
+        t.refunded += n
+        t.say(f"  [magenta]refunded[/]  {e.booking_id} ({n} pax)")
+    else:
+        t.kept += n
+
+
+def _on_rejected(t: _Tally, e: RebookRejected, msg: Msg) -> None:
+    t.rejected += 1
+    t.say(f"  [red]rejected[/]  {e.booking_id}: {e.reason} {e.detail} -> re-deciding")
+
+
+def _on_notified(t: _Tally, e: _Notified, msg: Msg) -> None:
+    key = (e.disruption_id, e.passenger_id)
+    if key not in t.notified:
+        t.notified.add(key)
+        start = t.disrupted_at.get(e.disruption_id)
+        if start:
+            t.latencies_ms.append((_sent_at(msg) - start) / 1e6)
+    if len(t.samples) < t.verbose_notices and e.action != "keep":
+        full = _decode_notified(msg.data)
+        t.samples.append(f"[cyan]{full.passenger_id}[/] ({full.channel}): {full.text}")
+    t.say(f"  [cyan]notified[/]  {e.passenger_id} ({e.action})")
+    t.changed.set()
+
+
+def _on_dead_letter(t: _Tally, _: None, msg: Msg) -> None:
+    t.dead_lettered += 1
+    reason = (msg.headers or {}).get(DLQ_REASON, "")
+    t.say(f"[bold red]DEAD LETTER[/] {msg.subject}: {reason}")
+    t.changed.set()
+
+
+#: What the demo listens to: (subject, the type its messages are decoded as or None, what it means for the tally).
+_LISTENS: tuple[tuple[str, type[Any] | None, Callable[[_Tally, Any, Msg], None]], ...] = (
+    ("travel.>", None, _on_travel),
+    (contract_info(FlightDelayed).subscribe_subject, FlightDelayed, _on_delayed),
+    (contract_info(FlightCancelled).subscribe_subject, FlightCancelled, _on_cancelled),
+    (contract_info(DisruptionAssessed).subscribe_subject, DisruptionAssessed, _on_assessed),
+    (contract_info(BookingChanged).subscribe_subject, BookingChanged, _on_changed),
+    (contract_info(RebookRejected).subscribe_subject, RebookRejected, _on_rejected),
+    (contract_info(PassengerNotified).subscribe_subject, _Notified, _on_notified),
+    (DLQ_SUBJECTS, None, _on_dead_letter),
+)
+
+
+async def _subscribe(bus: Bus, tally: _Tally) -> list[Subscription]:
+    """The demo's own subscriptions (:data:`_LISTENS`), each telling the tally what it saw."""
+
+    def listener(
+        decode: Callable[[bytes], Any] | None, on_event: Callable[[_Tally, Any, Msg], None]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        async def cb(msg: Msg) -> None:
+            on_event(tally, decode(msg.data) if decode else None, msg)
+
+        return cb
 
     subs = [
-        await nc.subscribe("travel.>", cb=any_travel),
-        await nc.subscribe("travel.flight.delayed.*", cb=delayed),
-        await nc.subscribe("travel.flight.cancelled.*", cb=cancelled),
-        await nc.subscribe("travel.disruption.assessed.*", cb=assessed),
-        await nc.subscribe("travel.booking.changed.*", cb=changed),
-        await nc.subscribe("travel.booking.rejected.*", cb=rejected),
-        await nc.subscribe("travel.passenger.notified.*", cb=notified),
-        await nc.subscribe("busagents.dlq.>", cb=dead),
+        await bus.nc.subscribe(subject, cb=listener(msgspec.json.Decoder(cls).decode if cls else None, on_event))
+        for subject, cls, on_event in _LISTENS
     ]
-    await nc.flush()
+    await bus.nc.flush()
     return subs
 
 
@@ -312,16 +323,7 @@ async def run_demo(
         booking_store = open_store(store_location)
         outbox_path = str(outbox or Path(tmp) / "outbox.jsonl")
         monitor = FlightMonitor()
-        agents: list[Agent] = [ContextAgent(day), monitor]
-        if processes:
-            async with booking_store:
-                await booking_store.load(day.bookings)
-        else:
-            agents += [
-                ReasonerAgent(reasoner),
-                Rebooker(booking_store, day, load=True),
-                Notifier(OutboxChannel(outbox_path)),
-            ]
+        agents = await _local_agents(day, monitor, booking_store, reasoner, outbox_path, processes=processes)
         child_env = {
             "BUSAGENTS_FLIGHT_FLIGHTS": str(flights),
             "BUSAGENTS_FLIGHT_PASSENGERS": str(passengers),
@@ -346,36 +348,9 @@ async def run_demo(
                 worker = Worker(agents, bus, drain_timeout=30)
                 await worker.start()
                 await kids.serving(bus, timeout)
-                subs = await _subscribe(bus, tally)
-                board: contextlib.AbstractContextManager[object] = (
-                    Live(console=console, get_renderable=tally.board, refresh_per_second=4)
-                    if tally.live
-                    else contextlib.nullcontext()
-                )
-
-                def progress(update: FlightStatusUpdated) -> None:
-                    tally.feed_published += 1
-                    tally.sim_clock = max(tally.sim_clock, update.observed_at)
-
-                tally.started = run_started = time.monotonic()
                 try:
-                    board.__enter__()
-                    await publish_feed(bus, feed, speed=speed, on_published=progress)
-                    await monitor.wait_handled(len(feed), timeout)
-                    await _until(
-                        tally,
-                        lambda: (
-                            tally.disruptions >= monitor.disruptions
-                            and tally.assessed >= tally.disruptions
-                            and len(tally.notified) >= tally.affected
-                        ),
-                        timeout,
-                    )
-                    run_seconds = time.monotonic() - run_started
+                    run_seconds = await _play(bus, tally, monitor, feed, speed, timeout)
                 finally:
-                    board.__exit__(None, None, None)
-                    for sub in subs:
-                        await sub.unsubscribe()
                     await worker.drain()
                     await kids.stop()
                 await booking_store.open()
@@ -388,7 +363,33 @@ async def run_demo(
         console.rule("some of the messages sent to passengers")
         for sample in tally.samples:
             console.print(sample, highlight=False)
-    report = DemoReport(
+    return _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
+
+
+async def _local_agents(
+    day: AirlineDay, monitor: FlightMonitor, store: BookingStore, reasoner: str, outbox: str, *, processes: bool
+) -> list[Agent]:
+    """The agents of this process: all five, or the context agent and the monitor when the others
+    run as processes (the store is then loaded here, for them)."""
+    agents: list[Agent] = [ContextAgent(day), monitor]
+    if processes:
+        async with store:
+            await store.load(day.bookings)
+        return agents
+    return [*agents, ReasonerAgent(reasoner), Rebooker(store, day, load=True), Notifier(OutboxChannel(outbox))]
+
+
+def _report(
+    tally: _Tally,
+    audit: Audit,
+    day: AirlineDay,
+    feed: list[FlightStatusUpdated],
+    *,
+    seed: int,
+    wall: float,
+    run_seconds: float,
+) -> DemoReport:
+    return DemoReport(
         disruptions=tally.disruptions,
         affected=tally.affected,
         rebooked=tally.rebooked,
@@ -409,7 +410,43 @@ async def run_demo(
         run_seconds=round(run_seconds, 2),
         msgs_per_second=round(tally.messages / run_seconds, 1) if run_seconds else 0.0,
     )
-    return report
+
+
+async def _play(
+    bus: Bus, tally: _Tally, monitor: FlightMonitor, feed: list[FlightStatusUpdated], speed: float, timeout: float
+) -> float:
+    """Play the status feed and wait until every disruption is assessed and every affected passenger
+    notified, watching it all on the demo's subscriptions; the seconds it took."""
+    subs = await _subscribe(bus, tally)
+    board: contextlib.AbstractContextManager[object] = (
+        Live(console=tally.console, get_renderable=tally.board, refresh_per_second=4)
+        if tally.live
+        else contextlib.nullcontext()
+    )
+
+    def progress(update: FlightStatusUpdated) -> None:
+        tally.feed_published += 1
+        tally.sim_clock = max(tally.sim_clock, update.observed_at)
+
+    tally.started = run_started = time.monotonic()
+    try:
+        board.__enter__()
+        await publish_feed(bus, feed, speed=speed, on_published=progress)
+        await monitor.wait_handled(len(feed), timeout)
+        await _until(
+            tally,
+            lambda: (
+                tally.disruptions >= monitor.disruptions
+                and tally.assessed >= tally.disruptions
+                and len(tally.notified) >= tally.affected
+            ),
+            timeout,
+        )
+        return time.monotonic() - run_started
+    finally:
+        board.__exit__(None, None, None)
+        for sub in subs:
+            await sub.unsubscribe()
 
 
 _CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier")
