@@ -31,6 +31,7 @@ from benchmarks.hostile import (
     DURABLE,
     HOSTILE,
     KINDS,
+    Expect,
     Run,
     Sent,
     Target,
@@ -40,6 +41,7 @@ from benchmarks.hostile import (
     verify,
 )
 from busagents import Bus
+from busagents.dlq import DLQ_DROPPED, DLQ_MSG_ID
 from busagents.server import NatsServer
 
 T = TypeVar("T")
@@ -177,3 +179,18 @@ def test_hostile_traffic_is_dead_lettered_or_refused_and_valid_traffic_has_its_e
     for r in runs:
         assert {s.kind for s in r.messages} >= set(KINDS), "a kind was not sent"
         assert r.answered_in is not None  # by the final valid message, within benchmarks.hostile.QUICK
+
+
+@pytest.mark.parametrize("name", [b"Fo\xc3\xb8", b"Foo bar"], ids=["not-ascii", "with-a-space"])
+def test_a_header_name_nats_py_cannot_read_is_named_in_the_dead_letter_as_dropped(agents: Agents, name: bytes) -> None:
+    # README: a dead letter keeps headers whose name is a token, and Ba-Dlq-Dropped-Headers names the others.
+    # nats-py's header parser drops these names on receipt: busagents never sees them to name them.
+    built = Traffic(CORE, f"{next(_runs):06x}", agents.max_payload)
+    marker = built.marker()
+    block = b"NATS/1.0\r\nNats-Msg-Id: " + marker.encode() + b"-id\r\n" + name + b": 1\r\n\r\n"
+    letter = {DLQ_DROPPED: "not a token", DLQ_MSG_ID: f"{marker}-id"}
+    built.send(marker, "non-token-header", Expect.DEAD, "decode", b"not json", block=block, letter=letter)
+
+    [run] = asyncio.run(_send_all(agents, {CORE: built.messages}))
+
+    assert verify(run) == []
