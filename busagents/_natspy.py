@@ -56,7 +56,7 @@ from nats.protocol.parser import (
 )
 
 from .errors import InvalidSubjectError, MessageTooLargeError
-from .headers import encode_headers, parse_headers
+from .headers import encode_headers, parse_headers, parse_headers_leniently
 
 __all__ = [
     "MAX_CONTROL_LINE",
@@ -282,7 +282,7 @@ class BusClient(Client):
     async def _process_headers(self, headers: Any) -> dict[str, str] | None:
         if not headers:
             return None
-        parsed = parse_headers(headers)
+        parsed = parse_headers(headers) or parse_headers_leniently(headers)
         if parsed is not None:
             return parsed or None
         try:

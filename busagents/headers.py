@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["encode_headers", "parse_headers"]
+__all__ = ["encode_headers", "parse_headers", "parse_headers_leniently"]
 
 _PREFIX = b"NATS/1.0\r\n"
 _PREFIX_LEN = len(_PREFIX)
@@ -41,6 +41,24 @@ def parse_headers(block: bytes) -> dict[str, str] | None:
             key = name.strip(_WS)
             if " " in key or not key.isprintable():  # nats-py drops names with whitespace inside
                 return None
+            out[key] = value.strip(_WS)
+    return out
+
+
+def parse_headers_leniently(block: bytes) -> dict[str, str] | None:
+    """Every ``Name: value`` line of a block without an inline status, whatever its bytes; else None.
+
+    For the blocks :func:`parse_headers` leaves to nats-py because of a name nats-py would drop
+    (not ASCII, a space inside): kept here, undecodable bytes replaced, so that what the
+    framework does with the message (a dead letter) can say what it left out and why.
+    """
+    if not block.startswith(_PREFIX):
+        return None
+    out: dict[str, str] = {}
+    for line in block[_PREFIX_LEN:].decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
+        key = name.strip(_WS)
+        if sep and key:
             out[key] = value.strip(_WS)
     return out
 
