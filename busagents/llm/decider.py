@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anthropic
@@ -60,6 +61,8 @@ D = TypeVar("D")
 Fallback = Callable[[str], Awaitable[D]]
 #: A domain check of a decoded decision, given the typed replies the model saw: a problem or None.
 Check = Callable[[D, Sequence[Any]], Awaitable[str | None]]
+#: How a conversation ended: (why it failed, the model's last attempt), or (None, None) once decided.
+_End = tuple[str | None, Any]
 
 _CASE_TOOL = "read_case"
 _CASE_ID = "toolu_case"
@@ -222,98 +225,130 @@ class Decider(Generic[D]):
         task: str,
         case_json: str,
         check: Check[D] | None,
-    ) -> tuple[str | None, Any]:
+    ) -> _End:
         """Run the conversation with the model; returns (why it failed, its last attempt) or (None, None)."""
         s = self.settings
-        messages: list[dict[str, Any]] = [
-            {"role": "user", "content": [{"type": "text", "text": task}]},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": _CASE_ID, "name": _CASE_TOOL, "input": {}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": _CASE_ID, "content": case_json}]},
-        ]
-        replies = outcome.replies
-        queries = 0
-        force = False
-        last_attempt: Any = None
-        last_error = ""
+        talk = _Conversation(ctx, telemetry, outcome, conversation, case_json, check, _opening(task, case_json))
         for _ in range(s.max_tool_calls + s.max_corrections + 2):
             spent = self.budget.spent(conversation)
             if spent is not None:
-                return f"LLM budget: {spent}", last_attempt
+                return f"LLM budget: {spent}", talk.last_attempt
             if self.breaker.is_open():
-                return f"model unavailable: {self.breaker.why}", last_attempt
-            choice: dict[str, Any] = {"type": "tool", "name": self.decision.name} if force else {"type": "any"}
+                return f"model unavailable: {self.breaker.why}", talk.last_attempt
             try:
-                message = await self._call(telemetry, messages, choice, outcome, conversation)
+                message = await self._ask(talk)
             except ModelUnavailableError as exc:
-                self.breaker.failed(str(exc))
-                return f"model unavailable: {exc}", last_attempt
-            self.breaker.succeeded()
+                return f"model unavailable: {exc}", talk.last_attempt
             if message.stop_reason == "refusal":
-                return "the model refused to decide", last_attempt
-            blocks = [b.model_dump(mode="json", exclude_none=True) for b in message.content]
-            uses = [b for b in blocks if b.get("type") == "tool_use"]
-            messages.append({"role": "assistant", "content": blocks})
-            if not uses:  # text only: ask for the decision, forced
-                outcome.corrections += 1
-                if outcome.corrections > s.max_corrections:
-                    return f"no decision after {s.max_corrections} correction(s): the model only wrote text", None
-                text = f"Submit your decision now with the {self.decision.name} tool."
-                messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
-                force = True
-                continue
-            truncated = message.stop_reason == "max_tokens"
-            decided = next((u for u in uses if u["name"] == self.decision.name), None)
-            if decided is not None and not truncated:
-                last_attempt = decided.get("input")
-                decision, problem = await self._validate(decided, replies, check, outcome)
-                if decision is not None:
-                    outcome.decision = decision
-                    outcome.source = "model"
-                    return None, None
-                last_error = problem
-            results: list[dict[str, Any] | None] = []  # None: a query, answered below
-            pending: list[tuple[dict[str, Any], QueryTool]] = []
-            for use in uses:
-                name = use["name"]
-                if truncated:
-                    results.append(_error(use, f"your output was cut at max_tokens={s.max_tokens}; be shorter"))
-                elif use is decided:
-                    results.append(_error(use, f"invalid decision: {last_error}. Call {name} again, corrected."))
-                elif name == self.decision.name:
-                    results.append(_error(use, "only one decision per turn"))
-                elif name == _CASE_TOOL:
-                    results.append({"type": "tool_result", "tool_use_id": use["id"], "content": case_json})
-                elif name in self.tools:
-                    queries += 1
-                    if queries > s.max_tool_calls:
-                        results.append(_error(use, f"tool call limit ({s.max_tool_calls}) reached: decide now"))
-                        force = True
-                    else:
-                        results.append(None)
-                        pending.append((use, self.tools[name]))
-                else:
-                    outcome.refused_tools.append(name)
-                    outcome.tool_calls.append(ToolCall(name, None, error="not a declared tool"))
-                    log.warning("%s: the model asked for the undeclared tool %r; refused", self.agent_name, name)
-                    results.append(_error(use, f"there is no tool {name!r}; the tools are {', '.join(self._names())}"))
-            answered = iter(
-                await asyncio.gather(*(self._query(ctx, telemetry, u, tool, outcome) for u, tool in pending))
-            )
-            content: list[dict[str, Any]] = []
-            for result in results:
-                if result is None:
-                    result, reply = next(answered)
-                    if reply is not None:
-                        replies.append(reply)
-                content.append(result)
-            messages.append({"role": "user", "content": content})
-            if truncated or decided is not None:
-                outcome.corrections += 1
-                if outcome.corrections > s.max_corrections:
-                    problem = last_error or f"output cut at max_tokens={s.max_tokens}"
-                    return f"invalid decision after {s.max_corrections} correction(s): {problem}", last_attempt
-                force = True
-        return "the model did not reach a decision within its turn limit", last_attempt
+                return "the model refused to decide", talk.last_attempt
+            end = await self._answer(talk, message)
+            if end is not None:
+                return end
+        return "the model did not reach a decision within its turn limit", talk.last_attempt
+
+    async def _ask(self, talk: _Conversation[D]) -> anthropic.types.Message:
+        """One model turn, forced to call the decision tool once ``talk.force``; the breaker counts failures."""
+        choice: dict[str, Any] = {"type": "tool", "name": self.decision.name} if talk.force else {"type": "any"}
+        try:
+            message = await self._call(talk.telemetry, talk.messages, choice, talk.outcome, talk.id)
+        except ModelUnavailableError as exc:
+            self.breaker.failed(str(exc))
+            raise
+        self.breaker.succeeded()
+        return message
+
+    async def _answer(self, talk: _Conversation[D], message: anthropic.types.Message) -> _End | None:
+        """Act on the model's turn: accept its decision, or answer its tool calls; None to go on."""
+        blocks = [b.model_dump(mode="json", exclude_none=True) for b in message.content]
+        uses = [b for b in blocks if b.get("type") == "tool_use"]
+        talk.messages.append({"role": "assistant", "content": blocks})
+        if not uses:
+            return self._demand_decision(talk)
+        truncated = message.stop_reason == "max_tokens"
+        decided = next((u for u in uses if u["name"] == self.decision.name), None)
+        if decided is not None and not truncated and await self._accept(talk, decided):
+            return None, None
+        content = await self._tool_results(talk, uses, decided, truncated)
+        talk.messages.append({"role": "user", "content": content})
+        if truncated or decided is not None:
+            return self._correct(talk)
+        return None
+
+    def _demand_decision(self, talk: _Conversation[D]) -> _End | None:
+        """The model only wrote text: ask for the decision, forced, unless corrections are exhausted."""
+        s = self.settings
+        talk.outcome.corrections += 1
+        if talk.outcome.corrections > s.max_corrections:
+            return f"no decision after {s.max_corrections} correction(s): the model only wrote text", None
+        text = f"Submit your decision now with the {self.decision.name} tool."
+        talk.messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+        talk.force = True
+        return None
+
+    async def _accept(self, talk: _Conversation[D], decided: dict[str, Any]) -> bool:
+        """Validate the decision tool's input; a valid one becomes the outcome, an invalid one the last error."""
+        outcome = talk.outcome
+        talk.last_attempt = decided.get("input")
+        decision, problem = await self._validate(decided, outcome.replies, talk.check, outcome)
+        if decision is None:
+            talk.last_error = problem
+            return False
+        outcome.decision = decision
+        outcome.source = "model"
+        return True
+
+    def _correct(self, talk: _Conversation[D]) -> _End | None:
+        """Count a correction after an invalid or truncated decision; past the limit, the conversation fails."""
+        s = self.settings
+        talk.outcome.corrections += 1
+        if talk.outcome.corrections > s.max_corrections:
+            problem = talk.last_error or f"output cut at max_tokens={s.max_tokens}"
+            return f"invalid decision after {s.max_corrections} correction(s): {problem}", talk.last_attempt
+        talk.force = True
+        return None
+
+    async def _tool_results(
+        self, talk: _Conversation[D], uses: list[dict[str, Any]], decided: dict[str, Any] | None, truncated: bool
+    ) -> list[dict[str, Any]]:
+        """The results of one turn's tool calls, in their order; its bus queries run concurrently."""
+        results = [self._tool_result(talk, use, decided, truncated) for use in uses]
+        pending = [(use, r) for use, r in zip(uses, results, strict=True) if isinstance(r, QueryTool)]
+        answered = iter(
+            await asyncio.gather(*(self._query(talk.ctx, talk.telemetry, u, t, talk.outcome) for u, t in pending))
+        )
+        content: list[dict[str, Any]] = []
+        for result in results:
+            if isinstance(result, QueryTool):
+                result, reply = next(answered)
+                if reply is not None:
+                    talk.outcome.replies.append(reply)
+            content.append(result)
+        return content
+
+    def _tool_result(
+        self, talk: _Conversation[D], use: dict[str, Any], decided: dict[str, Any] | None, truncated: bool
+    ) -> dict[str, Any] | QueryTool:
+        """The result of one tool call, or the query tool that will answer it."""
+        s = self.settings
+        name = use["name"]
+        if truncated:
+            return _error(use, f"your output was cut at max_tokens={s.max_tokens}; be shorter")
+        if use is decided:
+            return _error(use, f"invalid decision: {talk.last_error}. Call {name} again, corrected.")
+        if name == self.decision.name:
+            return _error(use, "only one decision per turn")
+        if name == _CASE_TOOL:
+            return {"type": "tool_result", "tool_use_id": use["id"], "content": talk.case_json}
+        if name in self.tools:
+            talk.queries += 1
+            if talk.queries > s.max_tool_calls:
+                talk.force = True
+                return _error(use, f"tool call limit ({s.max_tool_calls}) reached: decide now")
+            return self.tools[name]
+        talk.outcome.refused_tools.append(name)
+        talk.outcome.tool_calls.append(ToolCall(name, None, error="not a declared tool"))
+        log.warning("%s: the model asked for the undeclared tool %r; refused", self.agent_name, name)
+        return _error(use, f"there is no tool {name!r}; the tools are {', '.join(self._names())}")
 
     def _names(self) -> list[str]:
         return [*self.tools, _CASE_TOOL, self.decision.name]
@@ -506,6 +541,32 @@ class _Breaker:
     def succeeded(self) -> None:
         self.in_a_row = 0
         self._until = 0.0
+
+
+@dataclass(slots=True)
+class _Conversation(Generic[D]):
+    """One decision's conversation with the model, and what the loop keeps track of across its turns."""
+
+    ctx: Context
+    telemetry: Telemetry | None
+    outcome: Outcome[D]
+    id: str
+    case_json: str
+    check: Check[D] | None
+    messages: list[dict[str, Any]]
+    queries: int = 0  # bus queries the model asked for
+    force: bool = False  # every further turn must call the decision tool
+    last_attempt: Any = None  # the input of the model's last decision tool call
+    last_error: str = ""  # why its last decision was invalid
+
+
+def _opening(task: str, case_json: str) -> list[dict[str, Any]]:
+    """The task as the user's text, then the case as the result of a read_case call the model never made."""
+    return [
+        {"role": "user", "content": [{"type": "text", "text": task}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": _CASE_ID, "name": _CASE_TOOL, "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": _CASE_ID, "content": case_json}]},
+    ]
 
 
 def _record_metrics(telemetry: Telemetry, record: ModelCall, requested: str) -> None:
