@@ -155,68 +155,17 @@ class Graph:
 
     def asyncapi(self, title: str = "busagents swarm", version: str = "1.0.0") -> dict[str, Any]:
         """An AsyncAPI 3.0 document of every contract and every agent's operations."""
+        headers = _headers_schema()
         channels: dict[str, Any] = {}
         messages: dict[str, Any] = {}
-        operations: dict[str, Any] = {}
-        headers_schema = {
-            "type": "object",
-            "properties": {
-                MSG_ID: {"type": "string", "description": "message id (JetStream de-duplication)"},
-                CONTRACT: {"type": "string"},
-                VERSION: {"type": "string", "description": "integer contract version"},
-                CONVERSATION_ID: {"type": "string"},
-                CAUSATION_ID: {"type": "string"},
-                SENDER: {"type": "string"},
-                SENT_AT: {"type": "string", "description": "ns since the Unix epoch"},
-                TRACEPARENT: {"type": "string", "description": "W3C trace context"},
-            },
-        }
         schemas: dict[str, Any] = {}
         for info in self.contracts:
-            schema = _component_schema(info, schemas)
-            messages[info.name] = {
-                "name": info.name,
-                "title": info.name,
-                "summary": info.description or info.name,
-                "contentType": "application/json",
-                "headers": headers_schema,
-                "payload": schema,
-            }
-            channel: dict[str, Any] = {
-                "address": f"{info.subject}.{{{info.key}}}" if info.key else info.subject,
-                "messages": {info.name: {"$ref": f"#/components/messages/{info.name}"}},
-                "x-busagents": {"kind": info.kind.value, "version": info.version, "durable": info.durable},
-            }
-            if info.key:
-                channel["parameters"] = {info.key: {"description": f"the message's {info.key} field"}}
-            if info.reply is not None:
-                reply = contract_info(info.reply)
-                messages[reply.name] = {
-                    "name": reply.name,
-                    "contentType": "application/json",
-                    "payload": _component_schema(reply, schemas),
-                }
-                channel["messages"][reply.name] = {"$ref": f"#/components/messages/{reply.name}"}
-            channels[info.name] = channel
+            carried = _messages(info, headers, schemas)
+            messages.update(carried)
+            channels[info.name] = _channel(info, carried)
+        operations: dict[str, Any] = {}
         for agent in self.agents:
-            for contract in agent.consumes():
-                info = contract_info(contract)
-                op: dict[str, Any] = {
-                    "action": "receive",
-                    "channel": {"$ref": f"#/channels/{info.name}"},
-                    "summary": f"{agent.name} handles {info.name} ({info.kind.value})",
-                    "bindings": {"nats": {"queue": agent.name}},
-                }
-                if info.reply is not None:
-                    op["reply"] = {"channel": {"$ref": f"#/channels/{info.name}"}}
-                operations[f"{agent.name}.receive.{info.name}"] = op
-            for contract in agent.produces:
-                info = contract_info(contract)
-                operations[f"{agent.name}.send.{info.name}"] = {
-                    "action": "send",
-                    "channel": {"$ref": f"#/channels/{info.name}"},
-                    "summary": f"{agent.name} sends {info.name} ({info.kind.value})",
-                }
+            operations.update(_operations(agent))
         return {
             "asyncapi": "3.0.0",
             "info": {"title": title, "version": version},
@@ -225,6 +174,81 @@ class Graph:
             "operations": operations,
             "components": {"messages": messages, "schemas": schemas},
         }
+
+
+def _headers_schema() -> dict[str, Any]:
+    """The envelope headers every message carries."""
+    return {
+        "type": "object",
+        "properties": {
+            MSG_ID: {"type": "string", "description": "message id (JetStream de-duplication)"},
+            CONTRACT: {"type": "string"},
+            VERSION: {"type": "string", "description": "integer contract version"},
+            CONVERSATION_ID: {"type": "string"},
+            CAUSATION_ID: {"type": "string"},
+            SENDER: {"type": "string"},
+            SENT_AT: {"type": "string", "description": "ns since the Unix epoch"},
+            TRACEPARENT: {"type": "string", "description": "W3C trace context"},
+        },
+    }
+
+
+def _messages(info: ContractInfo, headers: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    """The messages on a contract's channel: the contract's own, then its reply's if it is a query."""
+    messages: dict[str, Any] = {
+        info.name: {
+            "name": info.name,
+            "title": info.name,
+            "summary": info.description or info.name,
+            "contentType": "application/json",
+            "headers": headers,
+            "payload": _component_schema(info, schemas),
+        }
+    }
+    if info.reply is not None:
+        reply = contract_info(info.reply)
+        messages[reply.name] = {
+            "name": reply.name,
+            "contentType": "application/json",
+            "payload": _component_schema(reply, schemas),
+        }
+    return messages
+
+
+def _channel(info: ContractInfo, messages: dict[str, Any]) -> dict[str, Any]:
+    """A contract's channel: its subject (with the key as a parameter) and the messages it carries."""
+    channel: dict[str, Any] = {
+        "address": f"{info.subject}.{{{info.key}}}" if info.key else info.subject,
+        "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in messages},
+        "x-busagents": {"kind": info.kind.value, "version": info.version, "durable": info.durable},
+    }
+    if info.key:
+        channel["parameters"] = {info.key: {"description": f"the message's {info.key} field"}}
+    return channel
+
+
+def _operations(agent: type[Agent]) -> dict[str, Any]:
+    """An agent's operations: it receives what it consumes (replying to queries) and sends what it produces."""
+    operations: dict[str, Any] = {}
+    for contract in agent.consumes():
+        info = contract_info(contract)
+        receive: dict[str, Any] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{info.name}"},
+            "summary": f"{agent.name} handles {info.name} ({info.kind.value})",
+            "bindings": {"nats": {"queue": agent.name}},
+        }
+        if info.reply is not None:
+            receive["reply"] = {"channel": {"$ref": f"#/channels/{info.name}"}}
+        operations[f"{agent.name}.receive.{info.name}"] = receive
+    for contract in agent.produces:
+        info = contract_info(contract)
+        operations[f"{agent.name}.send.{info.name}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{info.name}"},
+            "summary": f"{agent.name} sends {info.name} ({info.kind.value})",
+        }
+    return operations
 
 
 def _component_schema(info: ContractInfo, schemas: dict[str, Any]) -> dict[str, Any]:
