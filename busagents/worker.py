@@ -40,7 +40,7 @@ from .agent import Agent, Handler
 from .bus import ERROR_HEADER, Bus, Mailbox
 from .codec import codec_for, encode
 from .context import Context
-from .contract import Durability, Kind, contract_info
+from .contract import ContractInfo, Durability, Kind, contract_info
 from .dlq import (
     bounded_reason,
     ensure_dlq_stream,
@@ -347,11 +347,8 @@ class Worker:
         self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None
     ) -> HandleMsg:
         """Like :meth:`_handler`, but settles each JetStream message: ack, nak with backoff, or term."""
-        info = handler.contract
-        decode = codec_for(info.cls).decode
+        read = _reader(handler.contract)
         func: Callable[[Any, Context], Awaitable[Any]] = getattr(agent, handler.attr)
-        name = info.name
-        version = str(info.version)
         bus = self.bus
         nc = bus.nc
         logger = logging.getLogger(f"busagents.agent.{agent.name}")
@@ -364,20 +361,10 @@ class Worker:
         async def handle(msg: Msg) -> Outcome:
             headers = msg.headers
             subject = strip(msg.subject) if strip is not None else msg.subject
-            if headers is not None:
-                sent_contract = headers.get(CONTRACT)
-                if sent_contract is not None and sent_contract != name:
-                    await dead_letter(agent, msg, subject, "contract", f"expected contract {name}, got {sent_contract}")
-                    return Outcome.DEAD_LETTERED
-                sent_version = headers.get(VERSION)
-                if sent_version is not None and sent_version != version:
-                    reason = f"{name}: this agent handles version {version}, got {sent_version}"
-                    await dead_letter(agent, msg, subject, "version", reason)
-                    return Outcome.DEAD_LETTERED
             try:
-                body = decode(msg.data)
-            except DecodeError as exc:
-                await dead_letter(agent, msg, subject, "decode", str(exc))
+                body = read(msg)
+            except _Refused as refused:
+                await dead_letter(agent, msg, subject, refused.stage, refused.reason)
                 return Outcome.DEAD_LETTERED
             if headers is None or MSG_ID not in headers:  # a plain client's: its place in the stream is its id
                 stream, seq = stream_sequence(msg.reply)
@@ -461,10 +448,8 @@ class Worker:
 
     def _handler(self, agent: Agent, handler: Handler) -> HandleMsg:
         info = handler.contract
-        decode = codec_for(info.cls).decode
+        read = _reader(info)
         func: Callable[[Any, Context], Awaitable[Any]] = getattr(agent, handler.attr)
-        name = info.name
-        version = str(info.version)
         reply_cls = info.reply if info.kind is Kind.QUERY else None
         bus = self.bus
         views = self._agent_views[agent.name]  # filled before the agent's queries are subscribed
@@ -476,24 +461,10 @@ class Worker:
 
         async def handle(msg: Msg) -> Outcome:
             headers = msg.headers
-            if headers is not None:
-                sent_contract = headers.get(CONTRACT)
-                if sent_contract is not None and sent_contract != name:
-                    await dead_letter(agent, msg, "contract", f"expected contract {name}, got {sent_contract}")
-                    return Outcome.DEAD_LETTERED
-                sent_version = headers.get(VERSION)
-                if sent_version is not None and sent_version != version:
-                    await dead_letter(
-                        agent,
-                        msg,
-                        "version",
-                        f"{name}: this agent handles version {version}, got {sent_version}",
-                    )
-                    return Outcome.DEAD_LETTERED
             try:
-                body = decode(msg.data)
-            except DecodeError as exc:
-                await dead_letter(agent, msg, "decode", str(exc))
+                body = read(msg)
+            except _Refused as refused:
+                await dead_letter(agent, msg, refused.stage, refused.reason)
                 return Outcome.DEAD_LETTERED
             ctx = Context(
                 agent, bus, logger, headers if headers is not None else {}, msg.subject, data=msg.data, views=views
@@ -551,6 +522,39 @@ class Worker:
                 await self.bus.nc.publish(msg.reply, b"", headers={ERROR_HEADER: reason})
             except nats.errors.Error:
                 log.exception("%s could not send the error reply of a query on %s", agent.name, msg.subject)
+
+
+class _Refused(Exception):
+    """A message an agent does not handle: another contract or version, or bytes that do not decode."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+def _reader(info: ContractInfo) -> Callable[[Msg], Any]:
+    """What core and durable handlers check before the handler runs: the contract and version a message
+    says it carries, then its body, decoded; raises :class:`_Refused` with the dead letter's stage."""
+    decode = codec_for(info.cls).decode
+    name = info.name
+    version = str(info.version)
+
+    def read(msg: Msg) -> Any:
+        headers = msg.headers
+        if headers is not None:
+            sent = headers.get(CONTRACT)
+            if sent is not None and sent != name:
+                raise _Refused("contract", f"expected contract {name}, got {sent}")
+            sent = headers.get(VERSION)
+            if sent is not None and sent != version:
+                raise _Refused("version", f"{name}: this agent handles version {version}, got {sent}")
+        try:
+            return decode(msg.data)
+        except DecodeError as exc:
+            raise _Refused("decode", str(exc)) from None
+
+    return read
 
 
 async def _reply(bus: Bus, agent: Agent, msg: Msg, ctx: Context, result: Any, reply_cls: type[Any]) -> None:
