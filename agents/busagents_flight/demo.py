@@ -339,10 +339,9 @@ async def run_demo(
                 f"[bold]busagents flight assistant[/]: {len(day.flights)} flights, {day.passenger_count} passengers "
                 f"in {len(day.bookings)} bookings, {len(feed)} status updates (seed {seed}), reasoner {reasoner!r}"
             )
-        with (
-            NatsServer() as server,
-            _AgentProcesses(_CHILD_AGENTS if processes else (), server.url, child_env, tmp) as kids,
-        ):
+        async with contextlib.AsyncExitStack() as stack:  # the server's start and stop wait off the loop
+            server = await stack.enter_async_context(NatsServer())
+            kids = stack.enter_context(_AgentProcesses(_CHILD_AGENTS if processes else (), server.url, child_env, tmp))
             bus = await Bus.connect(server.url, name="flight-demo")
             try:
                 worker = Worker(agents, bus, drain_timeout=30)
