@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,12 +136,18 @@ async def wait_for_feed(bus: Bus, stored: int, timeout: float) -> None:
 async def settle(bus: Bus, updates: int, timeout: float) -> None:
     """Wait until the whole feed is stored and no durable consumer has anything pending or unacknowledged."""
     await wait_for_feed(bus, updates, timeout)
+    await _until_quiet(lambda: _busy_consumers(bus), timeout)
+
+
+async def _until_quiet(busy_now: Callable[[], Awaitable[list[str]]], timeout: float) -> None:
+    """Ask the server until three reads in a row find no consumer busy (nothing pending, in flight or
+    being redelivered): there is no event for that, only the server's own account of its consumers."""
     deadline = asyncio.get_running_loop().time() + timeout
     quiet = 0
     while True:
-        busy = await _busy_consumers(bus)
+        busy = await busy_now()
         quiet = quiet + 1 if not busy else 0
-        if quiet >= 3:  # three reads in a row: nothing is pending, in flight or being redelivered
+        if quiet >= 3:
             return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"the day did not settle within {timeout}s: {busy}")
@@ -389,9 +396,8 @@ async def _names(bus: Bus, subject: str, key: str) -> list[str]:
 async def settle_consumers(bus: Bus, consumers: dict[str, list[str]], updates: int, timeout: float) -> None:
     """:func:`settle` for a cluster: the feed and each of ``consumers`` (stream -> names) asked by name."""
     await wait_for_stored(bus, f"BA_{contract_info(FlightStatusUpdated).name}", updates, timeout)
-    deadline = asyncio.get_running_loop().time() + timeout
-    quiet = 0
-    while True:
+
+    async def busy_now() -> list[str]:
         busy = []
         for stream, names in consumers.items():
             for name in names:
@@ -402,9 +408,6 @@ async def settle_consumers(bus: Bus, consumers: dict[str, list[str]], updates: i
                     continue
                 if c.num_pending or c.num_ack_pending:
                     busy.append(f"{stream}/{name}: {c.num_pending} pending, {c.num_ack_pending} ack")
-        quiet = quiet + 1 if not busy else 0
-        if quiet >= 3:  # three reads in a row: nothing is pending, in flight or being redelivered
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"the day did not settle within {timeout}s: {busy}")
-        await asyncio.sleep(0.2)
+        return busy
+
+    await _until_quiet(busy_now, timeout)

@@ -16,7 +16,7 @@ from busagents import Agent, Context, on
 
 from .data import AirlineDay, generate, schedule
 from .settings import FlightSettings
-from .store import BookingStore, Outcome, SeatMaps, open_store
+from .store import BookingStore, Outcome, SeatMaps, open_store, rejection
 
 __all__ = ["Rebooker"]
 
@@ -64,15 +64,7 @@ class Rebooker(Agent):
         problem = self._invalid_seat(decision)
         if problem:
             self.rejected += 1
-            return RebookRejected(
-                decision_id=decision.decision_id,
-                disruption=decision.disruption,
-                booking_id=decision.booking_id,
-                reason="invalid",
-                passenger_ids=decision.passenger_ids,
-                detail=problem,
-                attempt=decision.attempt,
-            )
+            return rejection(decision, "invalid", problem)
         outcome = await self.store.apply(decision)
         if isinstance(outcome, RebookRejected) and outcome.reason == "seat_taken":
             outcome = await self._fall_back(decision, outcome)

@@ -54,6 +54,7 @@ __all__ = [
     "decode_outcome",
     "encode_outcome",
     "open_store",
+    "rejection",
     "reseat",
     "reseated",
     "seat_rows",
@@ -249,19 +250,7 @@ def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[
     d = decision
 
     def reject(reason: str, detail: str) -> tuple[Outcome, None]:
-        return (
-            RebookRejected(
-                decision_id=d.decision_id,
-                disruption=d.disruption,
-                booking_id=d.booking_id,
-                reason=reason,  # type: ignore[arg-type]
-                passenger_ids=d.passenger_ids,
-                detail=detail,
-                current=current,
-                attempt=d.attempt,
-            ),
-            None,
-        )
+        return rejection(d, reason, detail, current=current), None
 
     if current is None:
         return reject("unknown_booking", f"no booking {d.booking_id}")
@@ -337,14 +326,27 @@ def reseated(
 
 def seat_taken(decision: RebookPassenger, current: Booking | None, seats: list[str]) -> RebookRejected:
     """The rejection of ``decision`` because ``seats`` (``flight/seat``) are sold and no others fit the group."""
+    detail = f"already sold, and no other seats for the whole group in the cabin: {', '.join(seats)}"
+    return rejection(decision, "seat_taken", detail, current=current, taken_seats=seats)
+
+
+def rejection(
+    decision: RebookPassenger,
+    reason: str,
+    detail: str,
+    *,
+    current: Booking | None = None,
+    taken_seats: list[str] | None = None,
+) -> RebookRejected:
+    """``decision`` rejected for ``reason`` (``seat_taken``, ``stale``, ``unknown_booking``, ``invalid``)."""
     return RebookRejected(
         decision_id=decision.decision_id,
         disruption=decision.disruption,
         booking_id=decision.booking_id,
-        reason="seat_taken",
+        reason=reason,  # type: ignore[arg-type]
         passenger_ids=decision.passenger_ids,
-        detail=f"already sold, and no other seats for the whole group in the cabin: {', '.join(seats)}",
-        taken_seats=seats,
+        detail=detail,
+        taken_seats=taken_seats or [],
         current=current,
         attempt=decision.attempt,
     )
