@@ -288,6 +288,7 @@ class DurableConsumer:
         self._inbox = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
+        self._returned: list[Msg] = []  # taken off the queue while draining, not started: nak'd by stop()
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -336,9 +337,8 @@ class DurableConsumer:
                 if self._outstanding <= self._low:
                     await self._pull()
                 continue
-            if self._draining:  # not started: give it back to the other replicas at once
-                with contextlib.suppress(nats.errors.Error):
-                    await nak(self.nc, msg, 0)
+            if self._draining:  # not started: given back by stop(), once our own pull can no longer take it
+                self._returned.append(msg)
                 self._outstanding -= 1
                 queue.task_done()
                 continue
@@ -431,6 +431,10 @@ class DurableConsumer:
                 log.warning("drain of consumer %s timed out with %d message(s) in flight", self.consumer, self._busy)
                 await self.stop()
                 return False
+        # what the server sent before this round trip is in our buffer after it: stop() hands it all back,
+        # instead of leaving messages still on the wire to wait out the ack wait
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.nc.flush(timeout=2)
         await self.stop()
         return True
 
@@ -440,11 +444,14 @@ class DurableConsumer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._sub is not None:
-            # messages buffered but not started: hand them back before we go
-            for msg in buffered(self._sub):
-                if msg.reply:
-                    with contextlib.suppress(nats.errors.Error):
-                        await nak(self.nc, msg, 0)
+            # messages buffered but not started: hand them back before we go, after the inbox is gone, so
+            # that the server redelivers them to another replica's pull, not to this replica's pending one
+            # (the server drops a waiting pull whose inbox has no interest any more)
+            unstarted = [msg for msg in [*self._returned, *buffered(self._sub)] if msg.reply]
+            self._returned = []
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
             self._sub = None
+            for msg in unstarted:
+                with contextlib.suppress(nats.errors.Error):
+                    await nak(self.nc, msg, 0)
