@@ -29,7 +29,7 @@ from .codec import codec_for, encode
 from .contract import ContractInfo, Durability, Kind, contract_info, subject_for
 from .durable import ensure_stream
 from .envelope import MSG_ID, Envelope
-from .errors import ContractError, DecodeError, NatsUnavailableError, QueryFailedError
+from .errors import ContractError, DecodeError, NatsUnavailableError, NoResponderError, QueryFailedError
 from .server import check_nats_url
 from .state import State, open_state
 from .subjects import stats_subject
@@ -443,7 +443,7 @@ class Bus:
         try:
             msg = await self.nc.request(subject, encode(query), timeout=timeout, headers=envelope.to_headers())
         except nats.errors.NoRespondersError:
-            raise QueryFailedError(f"{info.name}: no agent answers on {subject}") from None
+            raise NoResponderError(f"{info.name}: no agent answers on {subject}") from None
         except nats.errors.TimeoutError:
             raise QueryFailedError(f"{info.name}: no reply on {subject} within {timeout}s") from None
         headers = msg.headers

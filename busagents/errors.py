@@ -13,6 +13,7 @@ __all__ = [
     "InvalidSubjectError",
     "MessageTooLargeError",
     "NatsUnavailableError",
+    "NoResponderError",
     "PermanentError",
     "QueryFailedError",
     "UndeclaredContractError",
@@ -37,6 +38,10 @@ class UndeclaredContractError(BusagentsError):
 
 class QueryFailedError(BusagentsError):
     """The agent answering a query failed, or nobody answered in time."""
+
+
+class NoResponderError(QueryFailedError):
+    """Nobody subscribes to the query's subject: NATS said so at once (no wait for a timeout)."""
 
 
 class NatsUnavailableError(BusagentsError):

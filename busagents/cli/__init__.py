@@ -9,6 +9,7 @@ import click
 
 from ..errors import BusagentsError
 from .agents import agents_group, run_command
+from .contracts import publish_command, request_command
 from .demo import demo_command
 from .dlq import dlq_group
 from .llm import llm_group
@@ -42,6 +43,8 @@ cli.add_command(demo_command)
 cli.add_command(dlq_group)
 cli.add_command(llm_group)
 cli.add_command(new_command)
+cli.add_command(publish_command)
+cli.add_command(request_command)
 cli.add_command(swarm_group)
 
 
