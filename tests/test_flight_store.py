@@ -366,3 +366,27 @@ async def test_postgres_waits_for_a_transaction_selling_the_seat_then_reseats_th
     finally:
         await store.drop()
         await store.close()
+
+
+async def test_postgres_says_when_it_creates_its_schema_in_the_database(
+    pg_skip_reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if pg_skip_reason:
+        pytest.skip(pg_skip_reason)
+    schema = f"flight_test_{uuid.uuid4().hex[:10]}"
+    first, second = (PostgresStore(PG_DSN, schema=schema, connections=1) for _ in range(2))
+    try:
+        with caplog.at_level("WARNING", logger="busagents_flight.store"):
+            await first.open()
+            created = [r.getMessage() for r in caplog.records]
+            caplog.clear()
+            await second.open()  # the schema is there now: nothing to say
+        assert created == [
+            f"created schema {schema} in PostgreSQL database test ({PG_DSN}) for the flight bookings; "
+            f"drop it with: DROP SCHEMA {schema} CASCADE"
+        ]
+        assert caplog.records == []
+    finally:
+        await first.drop()
+        await first.close()
+        await second.close()

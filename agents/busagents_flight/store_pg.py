@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Iterable
 
@@ -39,6 +40,8 @@ from .store import (
 )
 
 __all__ = ["PostgresStore"]
+
+log = logging.getLogger("busagents_flight.store")
 
 _encode = msgspec.json.Encoder().encode
 _decode_booking = msgspec.json.Decoder(Booking).decode
@@ -82,9 +85,29 @@ class PostgresStore(BookingStore):
             await self.close()
             raise ConfigError(f"cannot connect to PostgreSQL at {_redact(self.dsn)}: {exc}") from None
         async with self._connection() as conn, conn.transaction():
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            await self._create_schema(conn)
             for statement in SCHEMA:
                 await conn.execute(statement)
+
+    async def _create_schema(self, conn: _Connection) -> None:
+        """Create the schema unless it exists, and say so: it is a change to someone's database."""
+        cursor = await conn.execute(
+            "SELECT current_database(), EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (self.schema,)
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        database, exists = row
+        if exists:
+            return
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        log.warning(
+            "created schema %s in PostgreSQL database %s (%s) for the flight bookings; "
+            "drop it with: DROP SCHEMA %s CASCADE",
+            self.schema,
+            database,
+            _redact(self.dsn),
+            self.schema,
+        )
 
     async def close(self) -> None:
         for conn in self._all:
