@@ -22,6 +22,7 @@ from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker
 from ._nats import nats_url
+from ._reload import run_reloading, source_dirs
 
 
 @click.group("agents")
@@ -54,8 +55,9 @@ def list_agents() -> None:
 @click.argument("name")
 @click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: local, else embedded).")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64), help="OS processes.")
+@click.option("--reload", is_flag=True, help="Development: restart the agent when a .py file of its source changes.")
 @click.pass_context
-def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int) -> None:
+def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int, reload: bool) -> None:
     """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT.
 
     Exits with status 1 when its NATS connection is closed for good (nats-py does not reconnect
@@ -69,6 +71,12 @@ def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int) 
         )
     settings = Settings()
     with nats_url(nats) as url:
+        if reload:  # the agent runs in a child process, started again after each change
+            level = ctx.find_root().params.get("log_level")
+            cmd = [sys.executable, "-m", "busagents", *(["--log-level", level] if level else [])]
+            cmd += ["run", name, "--nats", url, "--replicas", str(replicas)]
+            run_reloading(cmd, source_dirs(agent_cls), label=name, drain_timeout=settings.drain_timeout)
+            return
         if replicas == 1:
             click.echo(f"running {agent_cls.name} on {url}", err=True)
             ok = asyncio.run(_serve(agent_cls, url, settings))

@@ -1,0 +1,63 @@
+"""``busagents run --reload``: for development, the agent process starts again when its source changes."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import watchfiles
+
+from ..agent import Agent
+from ..contract import contract_info
+
+__all__ = ["run_reloading", "source_dirs"]
+
+_FRAMEWORK = Path(__file__).resolve().parents[1]
+
+
+def source_dirs(agent_cls: type[Agent]) -> list[Path]:
+    """The directories to watch: the agent's package (or its module's directory) and its contracts'.
+
+    Installed third-party code and busagents itself are left out: they do not change while you work.
+    """
+    classes: list[type[Any]] = [agent_cls, *agent_cls.consumes(), *agent_cls.produces, *agent_cls.awaits]
+    dirs: dict[Path, None] = {}
+    for cls in classes:
+        if cls is not agent_cls:
+            cls = contract_info(cls).cls
+        top = sys.modules.get(cls.__module__.partition(".")[0])
+        paths = [Path(p) for p in getattr(top, "__path__", [])]  # a package: all of it
+        if not paths and top is not None and getattr(top, "__file__", None):
+            paths = [Path(str(top.__file__)).parent]  # a top-level module: its directory
+        for path in paths:
+            path = path.resolve()
+            if path == _FRAMEWORK or "site-packages" in path.parts or not path.is_dir():
+                continue
+            dirs[path] = None
+    return list(dirs)
+
+
+def run_reloading(cmd: list[str], paths: list[Path], *, label: str, drain_timeout: float) -> int:
+    """Run ``cmd`` until SIGTERM/SIGINT, stopping it (SIGINT: it drains) and starting it again on each
+    change of a ``.py`` file under ``paths``. Returns how many times it was restarted.
+    """
+    if not paths:
+        raise click.UsageError(f"--reload: found no source directory of {label} to watch")
+    watched = ", ".join(str(p) for p in paths)
+    click.echo(f"--reload: watching {watched}; {label} restarts when a .py file there changes", err=True)
+
+    def changed(changes: set[tuple[watchfiles.Change, str]]) -> None:
+        files = sorted({Path(path).name for _, path in changes})
+        click.echo(f"--reload: {', '.join(files)} changed; restarting {label}", err=True)
+
+    return watchfiles.run_process(
+        *paths,
+        target=shlex.join(cmd),
+        target_type="command",
+        callback=changed,
+        watch_filter=watchfiles.PythonFilter(),
+        sigint_timeout=int(drain_timeout) + 5,  # SIGKILL only after the drain timeout
+    )

@@ -1,0 +1,87 @@
+"""``busagents run --reload``: the agent process starts again when its source changes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+from busagents import Bus, query
+from busagents.server import NatsServer
+
+AGENT = """
+import msgspec
+from busagents import Agent, Context, on, query
+
+
+class Version(msgspec.Struct):
+    text: str
+
+
+@query("test.reload.version", reply=Version)
+class WhichVersion(msgspec.Struct):
+    pass
+
+
+class Versioned(Agent):
+    name = "reload-versioned"
+
+    @on(WhichVersion)
+    async def which(self, q: WhichVersion, ctx: Context) -> Version:
+        return Version(text="{text}")
+"""
+
+
+class Version(msgspec.Struct):
+    text: str
+
+
+@query("test.reload.version", reply=Version)
+class WhichVersion(msgspec.Struct):
+    pass
+
+
+async def test_reload_restarts_the_agent_with_the_changed_source(
+    tmp_path: Path, nats_server: NatsServer, bus: Bus
+) -> None:
+    module = tmp_path / "versioned_agent.py"
+    module.write_text(AGENT.format(text="first"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2"}
+    stats = await bus.nc.subscribe("busagents.stats.reload-versioned")
+    await bus.flush()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "busagents", "run", "versioned_agent:Versioned", "--reload"),
+        *("--nats", nats_server.url),
+        cwd=tmp_path,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    async def next_instance(not_this: str | None) -> str:
+        while True:
+            instance: str = msgspec.json.decode((await stats.next_msg(timeout=30)).data)["instance"]
+            if instance != not_this:
+                return instance
+
+    try:
+        first = await next_instance(None)
+        assert await bus.request(WhichVersion()) == Version(text="first")
+        module.write_text(AGENT.format(text="second"))
+        await next_instance(first)  # another process: the agent was started again
+        assert await bus.request(WhichVersion()) == Version(text="second")
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await stats.unsubscribe()
+    text = err.decode()
+    assert f"--reload: watching {tmp_path}" in text
+    assert "--reload: versioned_agent.py changed; restarting versioned_agent:Versioned" in text
+    assert "Traceback" not in text, text
+    assert proc.returncode == 0, text
