@@ -62,6 +62,7 @@ from .durable import (
 )
 from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
 from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
+from .micro import AgentService
 from .subjects import stats_subject
 from .view import ViewConsumer
 
@@ -124,6 +125,8 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.heartbeat_interval = heartbeat_interval
         self.stats = {a.name: AgentStats(a.name) for a in agents}
+        #: Each agent's answers to the NATS services protocol ($SRV.PING/INFO/STATS: :mod:`busagents.micro`).
+        self.services = {a.name: AgentService(a, bus) for a in agents}
         self._mailboxes: list[Mailbox] = []
         self._consumers: list[DurableConsumer] = []
         self._views: list[ViewConsumer] = []
@@ -179,6 +182,8 @@ class Worker:
                         await self._subscribe(agent, handler)
             if type(agent).run is not Agent.run:
                 self._tasks.append(asyncio.create_task(self._run_loop(agent), name=f"run:{agent.name}"))
+        for service in self.services.values():
+            await service.start(self.bus.nc)
         if self.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         await self.bus.flush()
@@ -226,6 +231,8 @@ class Worker:
         """
         if not self._started or self._stopped.is_set():
             return True
+        for service in self.services.values():
+            await service.stop()
         stopped = await cancel_and_wait(self._tasks, self.drain_timeout)
         for unlisten in self._unlisten:
             unlisten()
@@ -272,6 +279,7 @@ class Worker:
 
     def _traced(self, agent: Agent, handler: Handler, handle: HandleMsg) -> Callable[[Msg], Awaitable[None]]:
         """The handler as mailboxes and consumers take it (they ignore the outcome), in a span when traced."""
+        handle = self.services[agent.name].counted(handler, handle)
         if self.bus.telemetry is not None:
             handle = self.bus.telemetry.traced_handle(
                 handle, agent=agent.name, contract=handler.contract.name, template=handler.contract.subscribe_subject

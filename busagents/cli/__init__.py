@@ -14,6 +14,7 @@ from .demo import demo_command
 from .dlq import dlq_group
 from .llm import llm_group
 from .new import new_command
+from .ps import ps_command
 from .swarm import swarm_group
 
 __all__ = ["cli", "main"]
@@ -43,6 +44,7 @@ cli.add_command(demo_command)
 cli.add_command(dlq_group)
 cli.add_command(llm_group)
 cli.add_command(new_command)
+cli.add_command(ps_command)
 cli.add_command(publish_command)
 cli.add_command(request_command)
 cli.add_command(swarm_group)
