@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PKGS := -e '.[dev]' -e ./contracts -e ./agents
+# The official AsyncAPI parser (npm), for tests/test_asyncapi.py; that test skips, saying so, without node
+ASYNCAPI := tests/asyncapi
+PARSER := $(ASYNCAPI)/node_modules/.package-lock.json
 
 .PHONY: install demo test test-newest lint bench clean
 
@@ -21,14 +24,19 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(PARSER)
 	$(BIN)/python -m pytest $(ARGS)
+
+$(PARSER): $(ASYNCAPI)/package.json $(ASYNCAPI)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd $(ASYNCAPI) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error; \
+	else echo "npm not found: tests/test_asyncapi.py will skip the official AsyncAPI parser"; fi
 
 # The suite against the newest nats-py and anthropic, past the bounds in pyproject.toml, in a
 # second venv (pip warns that they conflict with those bounds: that is the point). For CI, on a
 # schedule: tests/test_adapters.py names what a new release broke in busagents/_natspy.py.
 NEWEST ?= $(VENV)/newest
-test-newest:
+test-newest: $(PARSER)
 	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
 	$(NEWEST)/bin/python -m pip install --quiet $(PKGS)
@@ -41,4 +49,4 @@ bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(ASYNCAPI)/node_modules

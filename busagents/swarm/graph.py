@@ -13,17 +13,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
 from ..dlq import dlq_permissions
 from ..durable import jetstream_permissions, stream_name
-from ..envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, TRACEPARENT, VERSION
-from ..micro import service_subjects
 from ..state import state_permissions
 from ..subjects import inbox_prefix, stats_subject
 from ..view import view_permissions
+from .asyncapi import asyncapi_document
 
 __all__ = ["Graph", "GraphProblem", "inbox_prefix"]
 
@@ -115,8 +112,7 @@ class Graph:
         Derived from each agent's declarations (handlers, ``produces``, durability,
         ``awaits``, ``state_buckets``, ``waits_for``) plus what every worker does: heartbeats, dead letters
         (:data:`~busagents.durable.DLQ_STREAM`) and requests answered on the agent's own inbox
-        (:func:`inbox_prefix`; ``busagents run`` connects with it), and the NATS services protocol
-        (:mod:`busagents.micro`). Every agent answers requests (``$SRV.PING`` at least), so it
+        (:func:`inbox_prefix`; ``busagents run`` connects with it). An agent answering queries
         gets ``allow_responses`` (one reply to each request it received) instead of a publish
         right on other connections' inboxes. The dicts are nats-server ``permissions`` blocks.
         """
@@ -126,6 +122,7 @@ class Graph:
             # JetStream API replies (the dead-letter stream at start), publish acks, query replies,
             # pulled messages and watched keys all come to the agent's inbox
             sub = {f"{inbox_prefix(agent.name)}.>"}
+            answers = False
             for handler in agent.handlers.values():
                 info = handler.contract
                 if handler.view and handler.durability is not None:  # an ordered consumer per replica
@@ -135,6 +132,7 @@ class Graph:
                     _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=agent.name))
                 else:
                     sub.add(handler.subject or info.subscribe_subject)
+                answers = answers or info.kind is Kind.QUERY
             for bucket in agent.state_buckets:
                 _add(pub, sub, state_permissions(bucket))
             for contract in agent.produces:
@@ -144,122 +142,23 @@ class Graph:
                     _add(pub, sub, jetstream_permissions(info, info.durability, consumer=None))
             for contract in agent.awaits:  # a handler waits for it itself, and confirms it
                 sub.add(contract_info(contract).subscribe_subject)
+                answers = True
             for name in _waits_for(agent):  # Bus.wait_for_agents: their heartbeats
                 sub.add(stats_subject(name))
-            sub.update(service_subjects(agent.name))  # $SRV.PING/INFO/STATS: busagents ps, nats micro ls
-            # allow_responses: one reply to each request received (queries, awaited answers, $SRV)
-            out[agent.name] = {"publish": sorted(pub), "subscribe": sorted(sub), "allow_responses": True}
+            perms: dict[str, Any] = {"publish": sorted(pub), "subscribe": sorted(sub)}
+            if answers:
+                perms["allow_responses"] = True
+            out[agent.name] = perms
         return out
 
-    def asyncapi(self, title: str = "busagents swarm", version: str = "1.0.0") -> dict[str, Any]:
-        """An AsyncAPI 3.0 document of every contract and every agent's operations."""
-        headers = _headers_schema()
-        channels: dict[str, Any] = {}
-        messages: dict[str, Any] = {}
-        schemas: dict[str, Any] = {}
-        for info in self.contracts:
-            carried = _messages(info, headers, schemas)
-            messages.update(carried)
-            channels[info.name] = _channel(info, carried)
-        operations: dict[str, Any] = {}
-        for agent in self.agents:
-            operations.update(_operations(agent))
-        return {
-            "asyncapi": "3.0.0",
-            "info": {"title": title, "version": version},
-            "defaultContentType": "application/json",
-            "channels": channels,
-            "operations": operations,
-            "components": {"messages": messages, "schemas": schemas},
-        }
+    def asyncapi(
+        self, title: str = "busagents swarm", version: str = "1.0.0", nats_url: str | None = None
+    ) -> dict[str, Any]:
+        """An AsyncAPI 3.0 document of every contract, every agent's operations and the dead letters.
 
-
-def _headers_schema() -> dict[str, Any]:
-    """The envelope headers every message carries."""
-    return {
-        "type": "object",
-        "properties": {
-            MSG_ID: {"type": "string", "description": "message id (JetStream de-duplication)"},
-            CONTRACT: {"type": "string"},
-            VERSION: {"type": "string", "description": "integer contract version"},
-            CONVERSATION_ID: {"type": "string"},
-            CAUSATION_ID: {"type": "string"},
-            SENDER: {"type": "string"},
-            SENT_AT: {"type": "string", "description": "ns since the Unix epoch"},
-            TRACEPARENT: {"type": "string", "description": "W3C trace context"},
-        },
-    }
-
-
-def _messages(info: ContractInfo, headers: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
-    """The messages on a contract's channel: the contract's own, then its reply's if it is a query."""
-    messages: dict[str, Any] = {
-        info.name: {
-            "name": info.name,
-            "title": info.name,
-            "summary": info.description or info.name,
-            "contentType": "application/json",
-            "headers": headers,
-            "payload": _component_schema(info, schemas),
-        }
-    }
-    if info.reply is not None:
-        reply = contract_info(info.reply)
-        messages[reply.name] = {
-            "name": reply.name,
-            "contentType": "application/json",
-            "payload": _component_schema(reply, schemas),
-        }
-    return messages
-
-
-def _channel(info: ContractInfo, messages: dict[str, Any]) -> dict[str, Any]:
-    """A contract's channel: its subject (with the key as a parameter) and the messages it carries."""
-    channel: dict[str, Any] = {
-        "address": f"{info.subject}.{{{info.key}}}" if info.key else info.subject,
-        "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in messages},
-        "x-busagents": {"kind": info.kind.value, "version": info.version, "durable": info.durable},
-    }
-    if info.key:
-        channel["parameters"] = {info.key: {"description": f"the message's {info.key} field"}}
-    return channel
-
-
-def _operations(agent: type[Agent]) -> dict[str, Any]:
-    """An agent's operations: it receives what it consumes (replying to queries) and sends what it produces."""
-    operations: dict[str, Any] = {}
-    for contract in agent.consumes():
-        info = contract_info(contract)
-        receive: dict[str, Any] = {
-            "action": "receive",
-            "channel": {"$ref": f"#/channels/{info.name}"},
-            "summary": f"{agent.name} handles {info.name} ({info.kind.value})",
-            "bindings": {"nats": {"queue": agent.name}},
-        }
-        if info.reply is not None:
-            receive["reply"] = {"channel": {"$ref": f"#/channels/{info.name}"}}
-        operations[f"{agent.name}.receive.{info.name}"] = receive
-    for contract in agent.produces:
-        info = contract_info(contract)
-        operations[f"{agent.name}.send.{info.name}"] = {
-            "action": "send",
-            "channel": {"$ref": f"#/channels/{info.name}"},
-            "summary": f"{agent.name} sends {info.name} ({info.kind.value})",
-        }
-    return operations
-
-
-def _component_schema(info: ContractInfo, schemas: dict[str, Any]) -> dict[str, Any]:
-    """The payload schema with its definitions hoisted into ``components.schemas``."""
-    template = "#/components/schemas/{name}"
-    if info.is_struct:
-        (ref,), components = msgspec.json.schema_components([info.cls], ref_template=template)
-        schemas.update(components)
-        return dict(ref)
-    schema = info.cls.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(schema.pop("$defs", {}))
-    schemas[info.cls.__name__] = schema
-    return {"$ref": template.format(name=info.cls.__name__)}
+        ``servers`` names ``nats_url`` (default: nats://127.0.0.1:4222); see :mod:`busagents.swarm.asyncapi`.
+        """
+        return asyncapi_document(self, title=title, version=version, nats_url=nats_url)
 
 
 def _waits_for(agent: type[Agent]) -> tuple[str, ...]:
