@@ -17,6 +17,7 @@ from ..agent import Agent
 from ..contract import ContractInfo, Kind, contract_info
 from ..dlq import dlq_permissions
 from ..durable import jetstream_permissions, stream_name
+from ..micro import service_subjects
 from ..state import state_permissions
 from ..subjects import inbox_prefix, stats_subject
 from ..view import view_permissions
@@ -112,7 +113,8 @@ class Graph:
         Derived from each agent's declarations (handlers, ``produces``, durability,
         ``awaits``, ``state_buckets``, ``waits_for``) plus what every worker does: heartbeats, dead letters
         (:data:`~busagents.durable.DLQ_STREAM`) and requests answered on the agent's own inbox
-        (:func:`inbox_prefix`; ``busagents run`` connects with it). An agent answering queries
+        (:func:`inbox_prefix`; ``busagents run`` connects with it), and the NATS services protocol
+        (:mod:`busagents.micro`). Every agent answers requests (``$SRV.PING`` at least), so it
         gets ``allow_responses`` (one reply to each request it received) instead of a publish
         right on other connections' inboxes. The dicts are nats-server ``permissions`` blocks.
         """
@@ -122,7 +124,6 @@ class Graph:
             # JetStream API replies (the dead-letter stream at start), publish acks, query replies,
             # pulled messages and watched keys all come to the agent's inbox
             sub = {f"{inbox_prefix(agent.name)}.>"}
-            answers = False
             for handler in agent.handlers.values():
                 info = handler.contract
                 if handler.view and handler.durability is not None:  # an ordered consumer per replica
@@ -132,7 +133,6 @@ class Graph:
                     _add(pub, sub, jetstream_permissions(info, handler.durability, consumer=agent.name))
                 else:
                     sub.add(handler.subject or info.subscribe_subject)
-                answers = answers or info.kind is Kind.QUERY
             for bucket in agent.state_buckets:
                 _add(pub, sub, state_permissions(bucket))
             for contract in agent.produces:
@@ -142,13 +142,11 @@ class Graph:
                     _add(pub, sub, jetstream_permissions(info, info.durability, consumer=None))
             for contract in agent.awaits:  # a handler waits for it itself, and confirms it
                 sub.add(contract_info(contract).subscribe_subject)
-                answers = True
             for name in _waits_for(agent):  # Bus.wait_for_agents: their heartbeats
                 sub.add(stats_subject(name))
-            perms: dict[str, Any] = {"publish": sorted(pub), "subscribe": sorted(sub)}
-            if answers:
-                perms["allow_responses"] = True
-            out[agent.name] = perms
+            sub.update(service_subjects(agent.name))  # $SRV.PING/INFO/STATS: busagents ps, nats micro ls
+            # allow_responses: one reply to each request received (queries, awaited answers, $SRV)
+            out[agent.name] = {"publish": sorted(pub), "subscribe": sorted(sub), "allow_responses": True}
         return out
 
     def asyncapi(
