@@ -15,6 +15,7 @@ from .dlq import dlq_group
 from .llm import llm_group
 from .new import new_command
 from .ps import ps_command
+from .watch import watch_command
 from .swarm import swarm_group
 
 __all__ = ["cli", "main"]
@@ -48,6 +49,7 @@ cli.add_command(ps_command)
 cli.add_command(publish_command)
 cli.add_command(request_command)
 cli.add_command(swarm_group)
+cli.add_command(watch_command)
 
 
 def main() -> None:
