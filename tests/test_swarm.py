@@ -188,13 +188,13 @@ def test_a_singleton_agent_in_two_swarm_entries_is_an_error_too(tmp_path: Path) 
     swarm = tmp_path / "swarm.toml"
     swarm.write_text(f'[agents.a]\nagent = "{LEDGER}"\n[agents.b]\nagent = "{LEDGER}"\n')
     config, agents = _load(swarm)
-    assert [str(p) for p in config.check(agents)] == [
+    assert [str(p) for p in config.check(agents) if p.severity == "error"] == [
         "error: agents ['a', 'b'] all run Ledger, which declares singleton = True (it must run as one instance), "
         "as 2 instances; keep one of them, with replicas = 1"
     ]
     swarm.write_text(f'[agents.a]\nagent = "{LEDGER}"\n[agents.b]\nagent = "{__name__}:Actor"\nreplicas = 3\n')
     config, agents = _load(swarm)
-    assert config.check(agents) == []
+    assert [p for p in config.check(agents) if p.severity == "error"] == []  # keys that are not names only warn
 
 
 async def test_swarm_up_restarts_a_killed_replica_and_drains_on_sigterm(

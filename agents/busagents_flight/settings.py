@@ -1,11 +1,17 @@
 """Configuration of the flight assistant: ``BUSAGENTS_FLIGHT_*`` environment variables and CLI flags.
 
 Agents started on their own (``busagents run flight-context``) read the same
-settings as the demo, so every process generates the same seeded day.
+settings as the demo, so every process generates the same seeded day. A relative store or
+outbox path is taken in ``BUSAGENTS_DATA_DIR`` when it is set (``busagents swarm up`` sets it
+to the swarm's data directory), else in the current directory.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["FlightSettings"]
@@ -28,3 +34,14 @@ class FlightSettings(BaseSettings):
     store: str = "bookings.sqlite3"
     #: Notification outbox file (JSON lines).
     outbox: str = "outbox.jsonl"
+
+    @model_validator(mode="after")
+    def _in_data_dir(self) -> FlightSettings:
+        """Relative file paths in the data directory, when there is one."""
+        data = os.environ.get("BUSAGENTS_DATA_DIR")
+        if data:
+            if "://" not in self.store and not Path(self.store).is_absolute():
+                self.store = str(Path(data) / self.store)
+            if not Path(self.outbox).is_absolute():
+                self.outbox = str(Path(data) / self.outbox)
+        return self

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import signal
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
+import platformdirs
 
 from ..agent import Agent
 from ..errors import ConfigError
 from ..plugins import load_agent
 from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from ._nats import nats_url
+from ._swarm_view import SwarmView
 
 swarm_file = click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 
@@ -42,29 +48,76 @@ def _graph(path: Path) -> Graph:
 @swarm_group.command("up")
 @swarm_file
 @click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: the file's, else embedded).")
+@click.option("--force", is_flag=True, help="Start the swarm even when 'swarm check' reports errors.")
+@click.option("--external", multiple=True, help="A contract fed or answered from outside the swarm (repeatable).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the agents write their files (BUSAGENTS_DATA_DIR of each replica); default: per user and swarm file.",
+)
 @click.pass_context
-def up(ctx: click.Context, path: Path, nats: str | None) -> None:
-    """Start every agent as supervised OS processes until SIGTERM/SIGINT."""
+def up(
+    ctx: click.Context, path: Path, nats: str | None, force: bool, external: tuple[str, ...], data_dir: Path | None
+) -> None:
+    """Start every agent as supervised OS processes until SIGTERM/SIGINT.
+
+    Refuses a swarm whose check reports errors (a query nobody answers...) unless --force. In a
+    terminal, shows a live table of agents, replicas, restarts and handled messages.
+    """
     config, agents = _load(path)
-    refused = config.check(agents)
-    if refused:  # graph problems only warn: contracts may be fed or answered from outside the swarm
-        raise ConfigError(f"{path}: " + "; ".join(p.message for p in refused))
-    for problem in Graph(list(agents.values())).check():
-        click.echo(f"graph {problem}", err=True)
+    _refuse_errors(path, config, agents, external, force=force)
+    data = (data_dir or default_data_dir(path)).absolute()
+    data.mkdir(parents=True, exist_ok=True)
+    click.echo(f"data directory: {data}", err=True)
     with nats_url(nats or config.nats_url, embedded=not (nats or config.nats_url)) as url:
         level = ctx.find_root().params.get("log_level")
-        supervisor = Supervisor(config, url, on_event=lambda t: click.echo(t, err=True), log_level=level)
-        failed = asyncio.run(_up(supervisor))
+        supervisor = Supervisor(config, url, on_event=lambda t: click.echo(t, err=True), log_level=level, data_dir=data)
+        view = SwarmView(supervisor, agents) if sys.stdout.isatty() else None
+        failed = asyncio.run(_up(supervisor, url, view))
     if failed:
         raise SystemExit(1)
 
 
-async def _up(supervisor: Supervisor) -> int:
+def _refuse_errors(
+    path: Path, config: SwarmConfig, agents: Mapping[str, type[Agent]], external: tuple[str, ...], *, force: bool
+) -> None:
+    """Print what 'swarm check' reports; refuse its errors unless ``force`` (a singleton with replicas: always)."""
+    problems = config.check(agents)
+    never = [p for p in problems if p.severity == "error"]
+    if never:  # a second instance of a singleton would corrupt its state: --force does not start it
+        raise ConfigError(f"{path}: " + "; ".join(p.message for p in never))
+    problems += Graph(list(agents.values())).check(external)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    errors = sum(1 for p in problems if p.severity == "error")
+    if errors and not force:
+        raise ConfigError(
+            f"{path}: 'swarm check' reports {errors} error(s) (listed above); fix them, name the contracts "
+            "fed or answered from outside with --external, or start the swarm anyway with --force"
+        )
+    if errors:
+        click.echo(f"--force: starting the swarm despite {errors} error(s)", err=True)
+
+
+def default_data_dir(path: Path) -> Path:
+    """The data directory of a swarm file: per user (BUSAGENTS_DATA_DIR or the platform's), per file."""
+    root = os.environ.get("BUSAGENTS_DATA_DIR") or platformdirs.user_data_dir("busagents", appauthor=False)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return Path(root).expanduser() / "swarms" / f"{path.stem}-{digest}"
+
+
+async def _up(supervisor: Supervisor, url: str, view: SwarmView | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await supervisor.run(stop)
+    if view is None:
+        return await supervisor.run(stop)
+    async with asyncio.TaskGroup() as tasks:
+        running = tasks.create_task(supervisor.run(stop), name="swarm:supervisor")
+        tasks.create_task(view.show(url, running), name="swarm:view")
+    return running.result()
 
 
 @swarm_group.command("check")

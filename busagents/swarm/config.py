@@ -2,7 +2,9 @@
 
 ::
 
+    [swarm]                              # optional: the swarm-level keys (also accepted at the top)
     nats_url = "nats://127.0.0.1:4222"   # optional: unset starts an embedded nats-server
+    max_restarts = 5
 
     [agents.monitor]
     replicas = 1
@@ -13,15 +15,20 @@
 
     [agents.worker]
     agent = "my_package.worker:Worker"   # an import path instead of the plugin name
+
+Every key, with its type, default and meaning: README, "Swarm file reference" (a test keeps the two in
+step). A key in the wrong place is an error that says where it belongs.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..agent import Agent
 from ..errors import ConfigError
@@ -42,6 +49,8 @@ class AgentSpec(BaseModel):
 
 
 class SwarmConfig(BaseModel):
+    """The whole file: the swarm-level keys (in ``[swarm]`` or at the top) and ``[agents.NAME]`` tables."""
+
     model_config = ConfigDict(extra="forbid")
 
     nats_url: str | None = None
@@ -49,15 +58,49 @@ class SwarmConfig(BaseModel):
     restart_window: float = Field(default=60.0, gt=0)
     agents: dict[str, AgentSpec]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _swarm_table(cls, data: Any) -> Any:
+        """``[swarm]`` holds the swarm-level keys; the same key also at the top is an error."""
+        if not isinstance(data, dict) or "swarm" not in data:
+            return data
+        table = data["swarm"]
+        if not isinstance(table, dict):
+            raise ValueError("swarm must be a table: [swarm] with the swarm-level keys under it")
+        rest = {k: v for k, v in data.items() if k != "swarm"}
+        twice = sorted(set(table) & set(rest))
+        if twice:
+            raise ValueError(f"{', '.join(twice)} set both in [swarm] and at the top of the file; keep one")
+        return {**rest, **table}
+
     def targets(self) -> dict[str, str]:
         """Swarm key -> what `busagents run` is given."""
         return {key: spec.agent or key for key, spec in self.agents.items()}
 
     def check(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
-        """Errors in running these ``agents`` (swarm key -> class) as configured; ``swarm up`` refuses each.
+        """Problems in running these ``agents`` (swarm key -> class) as configured.
 
-        A ``singleton`` agent must run as one instance: one entry with ``replicas = 1``.
+        Errors (``swarm up`` refuses them, even with ``--force``): a ``singleton`` agent must run
+        as one instance, one entry with ``replicas = 1``. Warnings: a swarm key that is not the
+        agent's name (permissions, the graph, queue groups and stats go by the name).
         """
+        return self._singletons(agents) + self._names(agents)
+
+    def _names(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
+        problems = []
+        for key, cls in agents.items():
+            if cls.name != key:
+                problems.append(
+                    GraphProblem(
+                        "warning",
+                        f"agents.{key} runs agent {cls.name!r} ({cls.__qualname__}.name): its permissions, graph "
+                        f"entries, queue group, dead letters and stats go by {cls.name!r}, not {key!r}; "
+                        f"name the table [agents.{cls.name}] to match",
+                    )
+                )
+        return problems
+
+    def _singletons(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
         targets = self.targets()
         entries: dict[type[Agent], list[str]] = {}
         for key, cls in agents.items():
@@ -95,8 +138,47 @@ def load_swarm(path: str | Path) -> SwarmConfig:
     try:
         config = SwarmConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_explain(e["loc"], e["type"], e["msg"], e.get("input")) for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from None
     if not config.agents:
         raise ConfigError(f"{path}: no [agents.NAME] tables; a swarm needs at least one agent")
     return config
+
+
+SWARM_KEYS = tuple(k for k in SwarmConfig.model_fields if k != "agents")
+AGENT_KEYS = tuple(AgentSpec.model_fields)
+
+
+def _explain(loc: tuple[int | str, ...], kind: str, message: str, value: Any) -> str:
+    """One validation error as a user can act on it: a misplaced key says where it belongs."""
+    where = ".".join(str(p) for p in loc)
+    key = str(loc[-1]) if loc else ""
+    if kind == "extra_forbidden" and len(loc) == 3 and loc[0] == "agents":
+        if key in SWARM_KEYS:
+            return (
+                f"{where}: {key} is a swarm-level key ([swarm]), not an agent key; "
+                f"move it from [agents.{loc[1]}] to the [swarm] table"
+            )
+        return (
+            f"{where}: unknown agent key {key!r}{_close(key, AGENT_KEYS)}; an agent's keys are {', '.join(AGENT_KEYS)}"
+        )
+    if kind == "extra_forbidden" and len(loc) == 1:
+        if key == "agent" and isinstance(value, dict):
+            return f"{where}: agents are [agents.NAME] tables (agents, plural), not [agent.NAME]"
+        if key in AGENT_KEYS:
+            return (
+                f"{where}: {key} is an agent key ([agents.NAME]), not a swarm-level key; "
+                "set it in the [agents.NAME] table of each agent it is for"
+            )
+        known = (*SWARM_KEYS, "agents")
+        return f"{where}: unknown swarm key {key!r}{_close(key, known)}; the swarm's keys are {', '.join(SWARM_KEYS)}"
+    if kind == "missing" and loc == ("agents",):
+        return "no [agents.NAME] tables; a swarm needs at least one agent"
+    if not loc:
+        return message.removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+def _close(key: str, known: tuple[str, ...]) -> str:
+    match = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..process import die_with_parent
 from .config import SwarmConfig
@@ -59,11 +60,14 @@ class Supervisor:
         on_event: Callable[[str], None] | None = None,
         stop_timeout: float = 40.0,
         log_level: str | None = None,
+        data_dir: Path | None = None,
     ) -> None:
-        """``log_level`` becomes each replica's BUSAGENTS_LOG_LEVEL unless its ``env`` sets one."""
+        """``log_level`` becomes each replica's BUSAGENTS_LOG_LEVEL, ``data_dir`` its BUSAGENTS_DATA_DIR
+        (where it writes its files), unless its ``env`` sets them."""
         self.config = config
         self.nats_url = nats_url
         self.log_level = log_level
+        self.data_dir = data_dir
         self.stop_timeout = stop_timeout
         self._say = on_event or (lambda text: log.info("%s", text))
         self._stopping = False
@@ -77,7 +81,8 @@ class Supervisor:
 
     async def _spawn(self, replica: Replica) -> None:
         level = {"BUSAGENTS_LOG_LEVEL": self.log_level} if self.log_level else {}
-        env = {**os.environ, **level, **replica.env, "BUSAGENTS_NATS_URL": self.nats_url}
+        data = {"BUSAGENTS_DATA_DIR": str(self.data_dir)} if self.data_dir is not None else {}
+        env = {**os.environ, **level, **data, **replica.env, "BUSAGENTS_NATS_URL": self.nats_url}
         replica.process = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "busagents", "run", replica.target, "--nats", self.nats_url),
