@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import re
 import signal
 import sys
@@ -18,7 +19,7 @@ from busagents.server import NatsServer
 from busagents.swarm import load_swarm
 from busagents.swarm.config import AGENT_KEYS, SWARM_KEYS
 
-from .drain_agent import child_env
+from .drain_agent import Done, Job, child_env
 
 README = Path(__file__).parent.parent / "README.md"
 ASKER = "asker_agent:Asker"  # sends a query nobody in its swarm answers
@@ -171,3 +172,57 @@ def test_the_default_data_dir_is_per_user_and_per_swarm_file(tmp_path: Path, mon
     assert one.parent == other.parent == tmp_path / "user" / "swarms"
     assert one.name.startswith("swarm-") and one != other
     assert default_data_dir(tmp_path / "a" / "swarm.toml") == one
+
+
+def plain(screen: bytes) -> str:
+    """What a terminal shows, roughly: the text without its escape sequences."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+
+
+async def test_swarm_up_in_a_terminal_shows_a_live_table_of_its_agents(
+    tmp_path: Path, nats_server: NatsServer, bus: Bus
+) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text('[agents.slow]\nagent = "drain_agent:Slow"\n')
+    terminal, stdout = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "busagents", "swarm", "up", str(swarm), "--nats", nats_server.url),
+        *("--data-dir", str(tmp_path / "data")),
+        env=child_env(),
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(stdout)
+    loop = asyncio.get_running_loop()
+    screen = bytearray()
+    shown = asyncio.Event()
+    row = re.compile(r"│ slow +│ +1/1 │ +0 │ +1 │ +0 │ +0 │")  # one replica of one running, no restart, one handled
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the last process holding the terminal exited
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+            if row.search(plain(bytes(screen))):
+                loop.call_soon_threadsafe(shown.set)
+
+    reader = asyncio.create_task(asyncio.to_thread(read))
+    try:
+        await bus.wait_for_agents(["slow"], timeout=30)
+        async with bus.expect(Done, where=lambda d: d.n == 71, timeout=10):
+            await bus.publish(Job(n=71))
+        await asyncio.wait_for(shown.wait(), 20)  # the next heartbeats reach the table
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await asyncio.wait_for(reader, 10)
+        os.close(terminal)
+    assert proc.returncode == 0, err.decode()
+    assert "┃ agent ┃ replicas ┃ restarts ┃ handled ┃ in flight ┃ dead letters ┃ last beat ┃" in plain(bytes(screen))
