@@ -26,3 +26,9 @@ class Settings(BaseSettings):
     ack_wait: float | None = None
     #: Deliveries of a durable message before it is dead-lettered; unset: as declared.
     max_deliver: int | None = None
+    #: Keep core messages in the conversation log for ``busagents trace`` (:mod:`busagents.convlog`).
+    conversation_log: bool = False
+    #: Seconds the conversation log keeps a message.
+    conversation_log_max_age: float = 3600.0
+    #: Bytes the conversation log keeps at most (the oldest messages go first).
+    conversation_log_max_bytes: int = 256 * 1024 * 1024

@@ -41,6 +41,7 @@ from .bus import ERROR_HEADER, Bus, Mailbox
 from .codec import codec_for, encode
 from .context import Context
 from .contract import ContractInfo, Durability, Kind, contract_info
+from .convlog import ConversationLog, ensure_conversation_log
 from .dlq import (
     bounded_reason,
     ensure_dlq_stream,
@@ -116,6 +117,7 @@ class Worker:
         *,
         drain_timeout: float = 30.0,
         heartbeat_interval: float = 0.0,
+        conversation_log: ConversationLog | None = None,
     ) -> None:
         names = [a.name for a in agents]
         if len(set(names)) != len(names):
@@ -124,6 +126,8 @@ class Worker:
         self.bus = bus
         self.drain_timeout = drain_timeout
         self.heartbeat_interval = heartbeat_interval
+        #: Keep the agents' core messages in the conversation log (:mod:`busagents.convlog`); None: off.
+        self.conversation_log = conversation_log
         self.stats = {a.name: AgentStats(a.name) for a in agents}
         #: Each agent's answers to the NATS services protocol ($SRV.PING/INFO/STATS: :mod:`busagents.micro`).
         self.services = {a.name: AgentService(a, bus) for a in agents}
@@ -165,6 +169,8 @@ class Worker:
             await agent.on_start(self._root_context(agent))
             self._on.append(agent)
         await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
+        if self.conversation_log is not None:
+            await ensure_conversation_log(self.bus, self.agents, self.conversation_log)
         for agent in self.agents:
             handlers = type(agent).handlers.values()
             views = [h for h in handlers if h.view]

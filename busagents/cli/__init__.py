@@ -15,8 +15,9 @@ from .dlq import dlq_group
 from .llm import llm_group
 from .new import new_command
 from .ps import ps_command
-from .watch import watch_command
+from .server import server_group
 from .swarm import swarm_group
+from .watch import watch_command
 
 __all__ = ["cli", "main"]
 
@@ -48,6 +49,7 @@ cli.add_command(new_command)
 cli.add_command(ps_command)
 cli.add_command(publish_command)
 cli.add_command(request_command)
+cli.add_command(server_group)
 cli.add_command(swarm_group)
 cli.add_command(watch_command)
 

@@ -13,6 +13,7 @@ import click
 from ..agent import Agent
 from ..bus import Bus
 from ..contract import contract_info
+from ..convlog import conversation_log
 from ..errors import ConfigError, ConnectionLostError
 from ..plugins import available_agents, load_agent
 from ..process import die_with_parent
@@ -21,7 +22,7 @@ from ..subjects import inbox_prefix
 from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker
-from ._nats import nats_url
+from ._nats import nats_option, nats_url
 from ._reload import run_reloading, source_dirs
 
 
@@ -53,7 +54,7 @@ def list_agents() -> None:
 
 @click.command("run")
 @click.argument("name")
-@click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: local, else embedded).")
+@nats_option
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64), help="OS processes.")
 @click.option("--reload", is_flag=True, help="Development: restart the agent when a .py file of its source changes.")
 @click.pass_context
@@ -70,7 +71,7 @@ def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int, 
             f"but --replicas {replicas} was given; run it with --replicas 1"
         )
     settings = Settings()
-    with nats_url(nats) as url:
+    with nats_url(nats, embed=True) as url:  # an embedded server stops only after the agents drained
         if reload:  # the agent runs in a child process, started again after each change
             level = ctx.find_root().params.get("log_level")
             cmd = [sys.executable, "-m", "busagents", *(["--log-level", level] if level else [])]
@@ -109,6 +110,7 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
             bus,
             drain_timeout=settings.drain_timeout,
             heartbeat_interval=settings.heartbeat_interval,
+            conversation_log=conversation_log(settings),
         )
         drained = await worker.serve(stop)
         if bus.lost is not None:  # alive but deaf helps nobody: exit, and let the supervisor start us again
@@ -123,13 +125,17 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
 def _run_replicas(name: str, url: str, replicas: int, log_level: str | None) -> None:
     level = ["--log-level", log_level] if log_level else []
     cmd = [sys.executable, "-m", "busagents", *level, "run", name, "--nats", url, "--replicas", "1"]
-    children = [subprocess.Popen(cmd, preexec_fn=die_with_parent()) for _ in range(replicas)]
+    children = [
+        # its own session: a terminal's Ctrl-C reaches this process only, which asks each replica once to drain
+        subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent())
+        for _ in range(replicas)
+    ]
     click.echo(f"started {replicas} replicas of {name}: pids {[c.pid for c in children]}", err=True)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for child in children:
             if child.poll() is None:
-                child.send_signal(signum)
+                child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

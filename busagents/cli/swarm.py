@@ -18,7 +18,7 @@ from ..agent import Agent
 from ..errors import ConfigError
 from ..plugins import load_agent
 from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
-from ._nats import nats_url
+from ._nats import nats_option, nats_url
 from ._swarm_view import SwarmView
 
 swarm_file = click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
@@ -47,7 +47,7 @@ def _graph(path: Path) -> Graph:
 
 @swarm_group.command("up")
 @swarm_file
-@click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: the file's, else embedded).")
+@nats_option
 @click.option("--force", is_flag=True, help="Start the swarm even when 'swarm check' reports errors.")
 @click.option("--external", multiple=True, help="A contract fed or answered from outside the swarm (repeatable).")
 @click.option(
@@ -70,7 +70,8 @@ def up(
     data = (data_dir or default_data_dir(path)).absolute()
     data.mkdir(parents=True, exist_ok=True)
     click.echo(f"data directory: {data}", err=True)
-    with nats_url(nats or config.nats_url, embedded=not (nats or config.nats_url)) as url:
+    named = (config.nats_url, f"nats_url in {path}") if config.nats_url else None
+    with nats_url(nats, embed=True, named=named) as url:  # an embedded server stops after the replicas drained
         level = ctx.find_root().params.get("log_level")
         supervisor = Supervisor(config, url, on_event=lambda t: click.echo(t, err=True), log_level=level, data_dir=data)
         view = SwarmView(supervisor, agents) if sys.stdout.isatty() else None
