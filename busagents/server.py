@@ -117,12 +117,15 @@ class NatsServer:
         extra_args: list[str] | None = None,
         config_file: str | Path | None = None,
         name: str | None = None,
+        detached: bool = False,
     ) -> None:
+        """``detached``: the server outlives this process (``busagents server start``); stop it by its pid."""
         self.port = port or free_port()
         self.jetstream = jetstream
         self.extra_args = list(extra_args or [])
         self.config_file = config_file
         self.name = name
+        self.detached = detached
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else None
         self.process: subprocess.Popen[bytes] | None = None
@@ -190,8 +193,9 @@ class NatsServer:
             args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=die_with_parent(),
+            stderr=subprocess.DEVNULL if self.detached else subprocess.PIPE,  # detached: its log says why
+            start_new_session=True,  # a terminal's Ctrl-C reaches its owner, which stops it after the agents drain
+            preexec_fn=None if self.detached else die_with_parent(),
         )
         if self._own_store:
             (self.store_dir / _OWNER_FILE).write_text(f"{os.getpid()} {self.process.pid}\n")

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import platformdirs
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "data_dir"]
+
+DATA_DIR_ENV = "BUSAGENTS_DATA_DIR"
+
+
+def data_dir(override: str | Path | None = None) -> Path:
+    """Where busagents keeps data between runs (the development server's JetStream store and record):
+    ``override``, else ``BUSAGENTS_DATA_DIR``, else the per-user data directory (platformdirs)."""
+    chosen = override or os.environ.get(DATA_DIR_ENV) or platformdirs.user_data_dir("busagents", appauthor=False)
+    return Path(chosen).expanduser().absolute()
 
 
 class Settings(BaseSettings):
@@ -12,8 +25,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BUSAGENTS_", extra="ignore")
 
-    #: NATS URL. Unset: use nats://127.0.0.1:4222 if reachable, else start an embedded server.
+    #: NATS URL. Unset: the busagents development server if one runs, else an embedded server.
     nats_url: str | None = None
+    #: Data directory (see :func:`data_dir`); unset: the per-user data directory.
+    data_dir: str | None = None
     #: Seconds a drain waits for in-flight handlers before giving up.
     drain_timeout: float = 30.0
     #: Seconds between stats heartbeats on ``busagents.stats.<agent>`` (0: off).

@@ -56,6 +56,8 @@ async def test_watch_shows_the_request_and_reject_refuses_it(bus: Bus, nats_serv
         stderr=asyncio.subprocess.PIPE,
     )
     assert watcher.stderr is not None
+    which = await asyncio.wait_for(watcher.stderr.readline(), 60)
+    assert which == f"nats: {nats_server.url} (from --nats)\n".encode()
     ready = await asyncio.wait_for(watcher.stderr.readline(), 60)  # subscribed
     assert ready.startswith(b"watching")
     held = asyncio.create_task(gate.ask(context(bus), Rebook("B8", "F3", 900.0, "business"), cost=900.0))

@@ -95,8 +95,10 @@ async def test_swarm_replicas_and_embedded_server_exit_when_the_supervisor_is_si
     seen: list[str] = []
     children: list[int] = []
     try:
-        store = Path((await line_matching(proc.stderr, r"JetStream in (\S+)\)", seen))[1])
+        await line_matching(proc.stderr, r"^nats: embedded nats-server on ", seen)
         replicas = [int((await line_matching(proc.stderr, rf"started slow\[{i}\] pid (\d+)", seen))[1]) for i in (0, 1)]
+        (server,) = [p for p in psutil.Process(proc.pid).children() if p.pid not in replicas]
+        store = Path(server.cmdline()[server.cmdline().index("-sd") + 1])  # its JetStream store
         server_pid = int((store / "busagents-owner").read_text().split()[1])
         children = [*replicas, server_pid]
         assert sorted(c.pid for c in psutil.Process(proc.pid).children()) == sorted(children)

@@ -1,4 +1,9 @@
-"""Where the CLI finds NATS: the configured URL, the default local one, or an embedded server."""
+"""The CLI's side of :mod:`busagents.locate`: the ``--nats`` option and the "nats: URL (why)" line.
+
+Every command that talks to NATS takes ``@nats_option`` and opens ``with nats_url(nats) as url``
+(``embed=True`` for commands that can run on an embedded server of their own); the line goes to
+stderr, and a missing server is a clear error, not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,44 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
+from click.core import ParameterSource
 
-from ..errors import NatsUnavailableError
-from ..server import NatsServer, check_nats_url, is_reachable
+from ..locate import NATS_URL_ENV, use_nats
 
+__all__ = ["nats_option", "nats_url"]
+
+#: Old API, kept only until every caller is moved: ``nats_url(nats or DEFAULT_URL)`` *names* 4222,
+#: which defeats the rule; call ``nats_url(nats)`` instead.
 DEFAULT_URL = "nats://127.0.0.1:4222"
+
+nats_option = click.option(
+    "--nats",
+    "nats",
+    envvar=NATS_URL_ENV,
+    show_envvar=True,
+    help="NATS URL (default: the busagents server if running; see 'busagents server').",
+)
 
 
 @contextmanager
-def nats_url(configured: str | None, *, embedded: bool = False, quiet: bool = False) -> Iterator[str]:
-    """Yield a NATS URL: ``configured`` (must be reachable), else embedded or the local default."""
-    if configured:
-        check_nats_url(configured)
-        if not is_reachable(configured):
-            raise NatsUnavailableError(f"no NATS reachable at {configured}")
-        yield configured
-        return
-    if not embedded and is_reachable(DEFAULT_URL):
-        yield DEFAULT_URL
-        return
-    with NatsServer() as server:
-        if not quiet:
-            click.echo(f"started embedded nats-server on {server.url} (JetStream in {server.store_dir})", err=True)
-        yield server.url
+def nats_url(
+    flag: str | None, *, embed: bool = False, named: tuple[str, str] | None = None, quiet: bool = False
+) -> Iterator[str]:
+    """Yield the URL this command uses (see :func:`busagents.locate.use_nats`), saying which and why.
+
+    ``quiet`` is ignored (old API): every command says which server it uses.
+    """
+    with use_nats(flag, embed=embed, say=_say, flag_source=_flag_source(), named=named) as url:
+        yield url
+
+
+def _say(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def _flag_source() -> str:
+    """``--nats`` or, when click read the option from the environment, the variable's name."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("nats") is ParameterSource.ENVIRONMENT:
+        return NATS_URL_ENV
+    return "--nats"

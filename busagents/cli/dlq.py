@@ -13,13 +13,9 @@ import click
 from ..bus import Bus
 from ..dlq import DeadLetter, Replayed, ReplayError, dead_letters, get_dead_letter, replay_dead_letter
 from ..errors import ConfigError
-from ._nats import DEFAULT_URL, nats_url
+from ._nats import nats_option, nats_url
 
 T = TypeVar("T")
-
-_nats_option = click.option(
-    "--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: nats://127.0.0.1:4222)."
-)
 
 
 @click.group("dlq")
@@ -28,7 +24,7 @@ def dlq_group() -> None:
 
 
 @dlq_group.command("list")
-@_nats_option
+@nats_option
 @click.option("--agent", default=None, help="Only this agent's dead letters.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
 def list_command(nats: str | None, agent: str | None, limit: int) -> None:
@@ -48,7 +44,7 @@ def list_command(nats: str | None, agent: str | None, limit: int) -> None:
 
 
 @dlq_group.command("show")
-@_nats_option
+@nats_option
 @click.argument("seq", type=int)
 def show_command(nats: str | None, seq: int) -> None:
     """Show one dead letter: its headers and its body."""
@@ -71,7 +67,7 @@ def show_command(nats: str | None, seq: int) -> None:
 
 
 @dlq_group.command("replay")
-@_nats_option
+@nats_option
 @click.argument("seqs", nargs=-1, type=int)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter (of --agent, if given).")
 @click.option("--agent", default=None, help="With --all: only this agent's dead letters.")
@@ -116,7 +112,7 @@ def replay_command(nats: str | None, seqs: tuple[int, ...], replay_all: bool, ag
 
 
 def _run(nats: str | None, action: Callable[[Bus], Awaitable[T]]) -> T:
-    with nats_url(nats or DEFAULT_URL, quiet=True) as url:  # dead letters live on a real server, never embedded
+    with nats_url(nats) as url:  # dead letters live on a server that keeps them, never an embedded one
 
         async def main() -> T:
             bus = await Bus.connect(url, name="busagents-dlq")

@@ -22,11 +22,7 @@ from ..contract import contract_info, subject_for
 from ..envelope import Envelope
 from ..errors import ConfigError, DecodeError
 from ..llm.contracts import ApprovalDecided, ApprovalRequested, ReviewRequested
-from ._nats import nats_url
-
-_nats_option = click.option(
-    "--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: nats://127.0.0.1:4222)."
-)
+from ._nats import nats_option, nats_url
 
 
 @click.group("llm")
@@ -35,7 +31,7 @@ def llm_group() -> None:
 
 
 @llm_group.command("watch")
-@_nats_option
+@nats_option
 @click.option("--count", type=click.IntRange(1), default=None, help="Stop after this many messages.")
 def watch_command(nats: str | None, count: int | None) -> None:
     """Print approval requests and review cases as they arrive (Ctrl-C to stop)."""
@@ -79,7 +75,7 @@ def watch_command(nats: str | None, count: int | None) -> None:
         finally:
             await bus.close()
 
-    with nats_url(nats, quiet=True) as url:
+    with nats_url(nats) as url:
         asyncio.run(watch(url))
 
 
@@ -101,13 +97,13 @@ def _answer(nats: str | None, request_id: str, approved: bool, by: str, note: st
         finally:
             await bus.close()
 
-    with nats_url(nats, quiet=True) as url:
+    with nats_url(nats) as url:
         asyncio.run(send(url))
     click.echo(f"{'approved' if approved else 'rejected'} {request_id} as {by}")
 
 
 @llm_group.command("approve")
-@_nats_option
+@nats_option
 @click.argument("request_id")
 @click.option("--by", default=None, help="Who approves (default: the login name).")
 @click.option("--note", default="", help="A note for the record.")
@@ -117,7 +113,7 @@ def approve_command(nats: str | None, request_id: str, by: str | None, note: str
 
 
 @llm_group.command("reject")
-@_nats_option
+@nats_option
 @click.argument("request_id")
 @click.option("--by", default=None, help="Who rejects (default: the login name).")
 @click.option("--note", required=True, help="Why: the agent records it with the case it hands to review.")

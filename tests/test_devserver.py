@@ -1,0 +1,72 @@
+"""``busagents server start|status|stop``: a development server that keeps its data between runs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import msgspec
+
+from busagents import Bus, devserver
+from busagents.process import pid_alive
+
+
+class Count(msgspec.Struct):
+    n: int
+
+
+async def server_cli(command: str, data: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", "server", command, "--data-dir", str(data)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_server_start_status_stop_and_its_state_survives_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert await server_cli("status", data) == (1, f"not running (no server recorded in {data})\n")
+
+    code, out = await server_cli("start", data)
+    assert code == 0, out
+    record = devserver.recorded(data)
+    assert record is not None and record.running  # it outlives the command that started it
+    assert out.startswith(f"started: {record.url} (pid {record.pid}, busagents server, started "), out
+    assert (await server_cli("start", data))[1].startswith(f"already running: {record.url}")
+    code, out = await server_cli("status", data)
+    assert code == 0 and out.startswith(f"running: {record.url} (pid {record.pid}, "), out
+
+    bus = await Bus.connect(record.url)
+    try:
+        counts = await bus.state("devserver-test", Count)
+        await counts.put("k", Count(41))
+    finally:
+        await bus.close()
+
+    code, out = await server_cli("stop", data)
+    assert (code, out) == (0, f"stopped: {record.url} (pid {record.pid}); data kept in {data}\n")
+    assert not pid_alive(record.pid)
+    assert devserver.recorded(data) is None
+    code, out = await server_cli("status", data)
+    assert code == 1 and out.startswith("not running"), out
+
+    code, out = await server_cli("start", data)
+    assert code == 0, out
+    again = devserver.recorded(data)
+    assert again is not None and again.pid != record.pid
+    try:
+        bus = await Bus.connect(again.url)
+        try:
+            counts = await bus.state("devserver-test", Count)
+            assert await counts.get("k") == Count(41)  # JetStream kept it in the data directory
+        finally:
+            await bus.close()
+    finally:
+        code, out = await server_cli("stop", data)
+    assert code == 0 and re.match(r"stopped: nats://127\.0\.0\.1:\d+ ", out), out
