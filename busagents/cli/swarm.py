@@ -18,6 +18,8 @@ from ..agent import Agent
 from ..errors import ConfigError
 from ..plugins import load_agent
 from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
+from ..swarm.asyncapi import DEFAULT_NATS_URL
+from ..swarm.docs import write_docs
 from ._nats import nats_option, nats_url
 from ._swarm_view import SwarmView
 
@@ -142,12 +144,23 @@ def graph(path: Path) -> None:
     click.echo(_graph(path).mermaid())
 
 
+_servers_option = click.option(
+    "--nats",
+    "nats",
+    envvar="BUSAGENTS_NATS_URL",
+    help=f"NATS URL the document's servers name (default: the file's nats_url, else {DEFAULT_NATS_URL}).",
+)
+
+
 @swarm_group.command("asyncapi")
 @swarm_file
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def asyncapi(path: Path, output: Path | None) -> None:
-    """Write the swarm's AsyncAPI 3 document (JSON)."""
-    text = json.dumps(_graph(path).asyncapi(title=path.stem), indent=2)
+@_servers_option
+def asyncapi(path: Path, output: Path | None, nats: str | None) -> None:
+    """Write the swarm's AsyncAPI 3 document (JSON): channels, messages, operations, servers, dead letters."""
+    config, agents = _load(path)
+    doc = Graph(list(agents.values())).asyncapi(title=path.stem, nats_url=nats or config.nats_url)
+    text = json.dumps(doc, indent=2)
     if output is None:
         click.echo(text)
     else:
@@ -160,3 +173,22 @@ def asyncapi(path: Path, output: Path | None) -> None:
 def permissions(path: Path) -> None:
     """Least-privilege NATS publish/subscribe permissions per agent (JSON)."""
     click.echo(json.dumps(_graph(path).permissions(), indent=2))
+
+
+@swarm_group.command("docs")
+@swarm_file
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory to write index.html and asyncapi.json into (created if missing).",
+)
+@_servers_option
+def docs(path: Path, out: Path, nats: str | None) -> None:
+    """Write a browsable HTML page of the swarm's contracts and flows, with its asyncapi.json beside it."""
+    config, agents = _load(path)
+    graph = Graph(list(agents.values()))
+    for written in write_docs(graph, out, title=path.stem, nats_url=nats or config.nats_url):
+        click.echo(f"wrote {written}", err=True)

@@ -76,7 +76,7 @@ def asyncapi_document(
         channels[info.name] = _channel(info)
         if info.reply is not None:
             reply = contract_info(info.reply)
-            messages[reply.name] = _reply_message(reply, _component_schema(reply, schemas))
+            messages[reply.name] = _message(reply, _component_schema(reply, schemas), _REPLY_REQUIRED)
             messages[_error_name(info)] = _error_message(info)
             channels[reply_channel(info)] = _reply_channel(info, reply)
     agents = [agent.name for agent in graph.agents]
@@ -133,7 +133,7 @@ def _error_name(info: ContractInfo) -> str:
     return f"{info.name}Failed"
 
 
-def _headers(required: Iterable[str], *, contract: str | None = None, version: int | None = None) -> dict[str, Any]:
+def _headers(required: Iterable[str], *, contract: str, version: int) -> dict[str, Any]:
     """The envelope headers (``Ba-Contract`` and ``Ba-Version`` fixed for one contract), ``required`` marked."""
     properties: dict[str, Any] = {
         MSG_ID: {"type": "string", "description": "unique message id (JetStream de-duplicates on it)"},
@@ -147,33 +147,23 @@ def _headers(required: Iterable[str], *, contract: str | None = None, version: i
         TRACESTATE: {"type": "string", "description": "W3C trace state"},
         REPLAY_OF: {"type": "string", "description": "on a replayed dead letter: the original message's id"},
     }
-    if contract is not None:
-        properties[CONTRACT] = {**properties[CONTRACT], "const": contract}
-    if version is not None:
-        properties[VERSION] = {**properties[VERSION], "const": str(version)}
+    properties[CONTRACT] = {**properties[CONTRACT], "const": contract}
+    properties[VERSION] = {**properties[VERSION], "const": str(version)}
     return {"type": "object", "required": list(required), "properties": properties}
 
 
-def _message(info: ContractInfo, payload: dict[str, Any]) -> dict[str, Any]:
+def _message(
+    info: ContractInfo, payload: dict[str, Any], required: tuple[str, ...] = _ENVELOPE_REQUIRED
+) -> dict[str, Any]:
+    """A contract's message (a query's reply: with its ``required`` headers): payload and headers."""
     return {
         "name": info.name,
         "title": info.name,
         "summary": info.description or f"{info.kind.value} {info.name}",
         "contentType": "application/json",
-        "headers": _headers(_ENVELOPE_REQUIRED, contract=info.name, version=info.version),
+        "headers": _headers(required, contract=info.name, version=info.version),
         "payload": payload,
         "x-busagents": {"kind": info.kind.value, "version": info.version, "durable": info.durable},
-    }
-
-
-def _reply_message(reply: ContractInfo, payload: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": reply.name,
-        "title": reply.name,
-        "summary": reply.description or f"the reply {reply.name}",
-        "contentType": "application/json",
-        "headers": _headers(_REPLY_REQUIRED, contract=reply.name, version=reply.version),
-        "payload": payload,
     }
 
 
@@ -260,7 +250,7 @@ def _dead_letter_channel(agents: list[str]) -> dict[str, Any]:
         "parameters": {
             "agent": {
                 "description": "the agent that dead-lettered the message",
-                "enum": sorted(set(agents)),
+                **({"enum": sorted(set(agents))} if agents else {}),
                 "location": f"$message.header#/{DLQ_AGENT}",
             }
         },
