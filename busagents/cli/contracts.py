@@ -16,13 +16,12 @@ from ..errors import ConfigError, ContractError, DecodeError, NoResponderError, 
 from ..plugins import find_contract
 from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
-from ._nats import nats_url
+from ._nats import nats_option, nats_url
 
 #: ``Ba-Sender`` of what the CLI sends.
 SENDER = "busagents-cli"
 
 _body = click.argument("body", metavar="JSON")
-_nats = click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: local, else embedded).")
 _conversation = click.option("--conversation", default=None, help="Join this conversation (default: a new one).")
 
 
@@ -30,7 +29,7 @@ _conversation = click.option("--conversation", default=None, help="Join this con
 @click.argument("contract", metavar="CONTRACT")
 @_body
 @_conversation
-@_nats
+@nats_option
 def publish_command(contract: str, body: str, conversation: str | None, nats: str | None) -> None:
     """Publish an event or command: CONTRACT by name, JSON its body ('-': read it from stdin).
 
@@ -52,7 +51,7 @@ def publish_command(contract: str, body: str, conversation: str | None, nats: st
 @_body
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @_conversation
-@_nats
+@nats_option
 def request_command(query: str, body: str, timeout: float, conversation: str | None, nats: str | None) -> None:
     """Send the query QUERY with JSON as its body ('-': stdin) and print the typed reply as JSON.
 
