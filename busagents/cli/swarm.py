@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import click
-import platformdirs
 
 from ..agent import Agent
 from ..errors import ConfigError
 from ..plugins import load_agent
+from ..settings import data_dir
 from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from ..swarm.asyncapi import DEFAULT_NATS_URL
 from ..swarm.docs import write_docs
@@ -104,10 +103,9 @@ def _refuse_errors(
 
 
 def default_data_dir(path: Path) -> Path:
-    """The data directory of a swarm file: per user (BUSAGENTS_DATA_DIR or the platform's), per file."""
-    root = os.environ.get("BUSAGENTS_DATA_DIR") or platformdirs.user_data_dir("busagents", appauthor=False)
+    """The data directory of a swarm file: one per file, in busagents' data directory (see ``data_dir``)."""
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    return Path(root).expanduser() / "swarms" / f"{path.stem}-{digest}"
+    return data_dir() / "swarms" / f"{path.stem}-{digest}"
 
 
 async def _up(supervisor: Supervisor, url: str, view: SwarmView | None) -> int:
