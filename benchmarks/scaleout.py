@@ -382,7 +382,7 @@ class _Watch:
             ("travel.flight.delayed.>", self._disruption),
             ("travel.flight.cancelled.>", self._disruption),
             ("travel.disruption.assessed.>", self._assessed),
-            ("travel.booking.changed.>", self._changed),
+            ("travel.booking.changes", self._changed),
             ("travel.booking.rejected.>", self._rejected),
             ("travel.passenger.notified.>", self._notified),
             ("busagents.stats.>", self._heartbeat),

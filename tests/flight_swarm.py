@@ -29,7 +29,7 @@ from busagents_travel import (
     FlightCancelled,
     FlightDelayed,
     FlightStatusUpdated,
-    RebookPassenger,
+    RebookGroup,
     RebookRejected,
 )
 
@@ -238,7 +238,10 @@ async def outcome(bus: Bus, tmp: Path, day: AirlineDay) -> DayOutcome:
         assessed=assessed,
         affected=sum(assessed.values()),
         notices=notices,
-        decisions=len(await stream_messages(bus, RebookPassenger)),
+        decisions=sum(
+            len(msgspec.json.decode(data, type=RebookGroup).decisions)
+            for _, data in await stream_messages(bus, RebookGroup)
+        ),
         rejected=len(await stream_messages(bus, RebookRejected)),
         seat_conflicts=audit.seat_conflicts,
         stranded=audit.stranded_bookings,

@@ -8,6 +8,7 @@ from busagents_flight.monitor import FlightMonitor
 from busagents_flight.reasoner import affected_booking
 from busagents_travel import (
     BookingChanged,
+    BookingsChanged,
     Disruption,
     Flight,
     FlightCancelled,
@@ -115,7 +116,7 @@ async def test_a_rebooking_onto_a_flight_cancelled_meanwhile_is_a_disruption_for
         async with bus.expect(FlightCancelled, where=lambda c: c.flight_id == flight.flight_id, count=2) as got:
             await bus.publish(_update(flight, 1, "cancelled"))
             await monitor.wait_handled(1, timeout=5)
-            await bus.publish(change)
+            await bus.publish(BookingsChanged(group_id=change.decision_id, changes=[change]))
     first, again = (m.body for m in got.messages)
     assert first.bookings == []  # everyone on the flight
     assert again.bookings == [booking.booking_id]  # only the booking that landed on it

@@ -1,6 +1,6 @@
 """The notifier: one rendered notice per passenger and outcome, in the outbox before PassengerNotified says so.
 
-``BookingChanged`` is delivered at least once; the outbox must still end with exactly one line
+``BookingsChanged`` is delivered at least once; the outbox must still end with exactly one line
 per (decision_id, passenger_id), whatever the replicas sharing it, the redeliveries and the kills.
 """
 
@@ -20,7 +20,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from busagents_flight.notifier import Channel, Notice, Notifier, OutboxChannel
-from busagents_travel import BookingChanged, Cost, Leg, Passenger, PassengerNotified
+from busagents_travel import BookingChanged, BookingsChanged, Cost, Leg, Passenger, PassengerNotified
 from busagents_travel.messages import RebookAction
 from nats.aio.msg import Msg
 
@@ -30,7 +30,7 @@ from busagents.testing import run_agents
 
 OLD = Leg("BX124-25NOV", "BX124", "LHR", "AMS", 1_764_064_800, 1_764_069_000, "Y", ["12A", "12B", "12C"])
 NEW = Leg("BX128-25NOV", "BX128", "LHR", "AMS", 1_764_079_200, 1_764_083_400, "Y", ["7C", "7D", "7E"])
-STREAM, CONSUMER = "BA_BookingChanged", "flight-notifier"
+STREAM, CONSUMER = "BA_BookingsChanged", "flight-notifier"
 
 
 def two_passenger_change() -> BookingChanged:
@@ -62,6 +62,11 @@ def changes(n: int) -> list[BookingChanged]:
             )
         )
     return out
+
+
+def one(change: BookingChanged) -> BookingsChanged:
+    """A change as the rebooker sends a single decision's: a group of one."""
+    return BookingsChanged(group_id=change.decision_id, changes=[change])
 
 
 def keys_of(batch: Sequence[BookingChanged]) -> Counter[tuple[str, str]]:
@@ -107,7 +112,7 @@ async def test_each_passenger_is_in_the_outbox_when_their_notification_is_publis
     async with run_agents(bus, Notifier(OutboxChannel(outbox))):
         sub = await bus.nc.subscribe("travel.passenger.notified.>", cb=on_notified)
         async with bus.expect(PassengerNotified, count=2) as got:
-            await bus.publish(two_passenger_change())
+            await bus.publish(one(two_passenger_change()))
         await asyncio.wait_for(both.wait(), 10)
         await sub.unsubscribe()
         # read while the notifier still runs: nothing may wait in a buffer until it stops
@@ -126,8 +131,8 @@ async def test_a_change_delivered_twice_writes_each_passenger_once_and_is_report
     change = two_passenger_change()
     async with run_agents(bus, Notifier(OutboxChannel(outbox))):
         async with bus.expect(PassengerNotified, count=4, timeout=10) as got:
-            await bus.publish(change, msg_id="change-1")
-            await bus.publish(change, msg_id="change-1-again")
+            await bus.publish(one(change), msg_id="change-1")
+            await bus.publish(one(change), msg_id="change-1-again")
     assert key_counts(valid_notices(outbox)) == keys_of([change])
     # the second delivery still publishes its events (the outbox had them already)
     assert Counter(m.envelope.causation_id for m in got.messages) == {"change-1": 2, "change-1-again": 2}
@@ -149,9 +154,9 @@ async def test_two_notifiers_sharing_one_outbox_write_each_passenger_once_per_ou
         ):
             async with bus.expect(PassengerNotified, count=reports, timeout=60) as got:
                 for i, change in enumerate(batch):
-                    await bus.publish(change, msg_id=f"change-{i}")
+                    await bus.publish(one(change), msg_id=f"change-{i}")
                     if i % 3 == 0:
-                        await bus.publish(change, msg_id=f"change-{i}-again")
+                        await bus.publish(one(change), msg_id=f"change-{i}-again")
             handled = [w.stats[CONSUMER].handled for w in (first_worker, second_worker)]
     finally:
         await other.close()
@@ -169,7 +174,7 @@ async def test_a_torn_last_line_is_cut_and_a_notice_sent_before_a_restart_is_not
     outbox.write_bytes(msgspec.json.encode(before) + b"\n" + torn)  # a notifier was killed mid-write
     async with run_agents(bus, Notifier(OutboxChannel(outbox))):
         async with bus.expect(PassengerNotified, count=2) as got:
-            await bus.publish(two_passenger_change())
+            await bus.publish(one(two_passenger_change()))
     notices = valid_notices(outbox)
     assert [(n["decision_id"], n["passenger_id"]) for n in notices] == [("d-1", "p-1"), ("d-1", "p-2")]
     assert notices[0]["text"] == "written before the restart"
@@ -299,7 +304,7 @@ async def test_a_notifier_replica_killed_mid_stream_and_restarted_notifies_each_
 
     async def published(changes: Sequence[BookingChanged], suffix: str = "") -> None:
         for change in changes:
-            await bus.publish(change, msg_id=f"{change.decision_id}{suffix}")
+            await bus.publish(one(change), msg_id=f"{change.decision_id}{suffix}")
 
     sub = await bus.nc.subscribe("travel.passenger.notified.>", cb=on_notified)
     replicas = [await spawn_notifier(nats_server.url, outbox), await spawn_notifier(nats_server.url, outbox)]

@@ -13,11 +13,12 @@ from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SeatMaps, SqliteStore
 from busagents_flight.view import LiveView
-from busagents_travel import Booking, BookingChanged, Disruption, Flight, Leg, RebookPassenger, RebookRejected
+from busagents_travel import Booking, Disruption, Flight, Leg, RebookPassenger, RebookRejected
 
 from busagents import Bus, Worker
 from busagents.testing import run_agents
 
+from .flight_expect import expect_changes
 from .test_flight_store import filler_booking
 
 DAY = generate(flights=24, passengers=1500, seed=9)
@@ -88,7 +89,7 @@ async def test_two_rebookers_racing_for_the_last_seat_of_a_cabin_sell_it_once_an
     second = Rebooker(SqliteStore(path), day)
     async with run_agents(bus, ContextAgent(day), ReasonerAgent("offline"), first):
         async with Worker([second], bus):
-            changed = bus.expect(BookingChanged, where=lambda c: c.booking_id in (a.booking_id, b.booking_id), count=2)
+            changed = expect_changes(bus, where=lambda c: c.booking_id in (a.booking_id, b.booking_id), count=2)
             rejected = bus.expect(RebookRejected, where=lambda r: r.booking_id in (a.booking_id, b.booking_id))
             async with changed, rejected:
                 await bus.publish(race.decision(a))
@@ -96,7 +97,7 @@ async def test_two_rebookers_racing_for_the_last_seat_of_a_cabin_sell_it_once_an
     loser = rejected.message.body
     assert loser.reason == "seat_taken"
     assert loser.taken_seats == [f"{race.target.flight_id}/{race.seat}"]
-    by_booking = {m.body.booking_id: m.body for m in changed.messages}
+    by_booking = {c.booking_id: c for c in changed.items}
     winner = by_booking[a.booking_id if loser.booking_id == b.booking_id else b.booking_id]
     redecided = by_booking[loser.booking_id]
     assert winner.new_legs[0].seats == [race.seat]
@@ -117,11 +118,11 @@ async def test_two_rebookers_racing_for_a_seat_with_others_free_in_the_cabin_sea
     second = Rebooker(SqliteStore(path), DAY)
     async with run_agents(bus, first):
         async with Worker([second], bus):
-            changed = bus.expect(BookingChanged, where=lambda c: c.booking_id in (a.booking_id, b.booking_id), count=2)
+            changed = expect_changes(bus, where=lambda c: c.booking_id in (a.booking_id, b.booking_id), count=2)
             async with changed:
                 await bus.publish(race.decision(a))
                 await bus.publish(race.decision(b))
-    outcomes = [m.body for m in changed.messages]
+    outcomes = list(changed.items)
     assert sorted(c.decision_id for c in outcomes) == sorted(f"race-{x.booking_id}" for x in (a, b))
     assert (first.rejected + second.rejected, first.applied + second.applied) == (0, 2)  # no RebookRejected
     legs = [c.new_legs[0] for c in outcomes]
@@ -162,21 +163,21 @@ async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_ro
     rebooker = Rebooker(SqliteStore(path), day, load=True)
     ids = (race.a.booking_id, race.b.booking_id)
     async with run_agents(bus, rebooker):
-        changed = bus.expect(BookingChanged, where=lambda c: c.booking_id in ids, count=2)
+        changed = expect_changes(bus, where=lambda c: c.booking_id in ids, count=2)
         async with changed:
             await bus.publish(a)
             await bus.publish(b)
-        again = bus.expect(BookingChanged, where=lambda c: c.booking_id == race.b.booking_id)
+        again = expect_changes(bus, where=lambda c: c.booking_id == race.b.booking_id)
         async with again:
             await bus.publish(b)  # redelivered: the recorded outcome again
     assert rebooker.rejected == 0  # no RebookRejected: nothing to re-decide
-    by_booking = {m.body.booking_id: m.body for m in changed.messages}
+    by_booking = {c.booking_id: c for c in changed.items}
     first, second = by_booking[race.a.booking_id], by_booking[race.b.booking_id]  # a was applied first
     assert (first.new_legs[0].flight_id, first.new_legs[0].seats) == (t.flight_id, [race.seat])
     assert second.decision_id.startswith(f"{b.decision_id}+")  # after the target's higher cabins, all full
     assert (second.new_legs[0].flight_id, second.new_legs[0].cabin) == (other.flight_id, race.cabin)
     assert f"first choice full when booked ({t.flight_id}/{race.seat}); rebooked on {other.number}" in second.rationale
-    assert again.message.body == second
+    assert again.items[0] == second
     assert (rebooker.applied, rebooker.fell_back) == (3, 2)
     store = SqliteStore(path)
     assert await store.seat_conflicts() == 0
@@ -193,10 +194,10 @@ async def test_a_decision_whose_cabin_filled_up_is_upgraded_on_the_same_flight_w
     rebooker = Rebooker(SqliteStore(path), day, load=True)
     ids = (race.a.booking_id, race.b.booking_id)
     async with run_agents(bus, rebooker):
-        async with bus.expect(BookingChanged, where=lambda c: c.booking_id in ids, count=2) as changed:
+        async with expect_changes(bus, where=lambda c: c.booking_id in ids, count=2) as changed:
             await bus.publish(race.decision(race.a))
             await bus.publish(race.decision(race.b))
-    by_booking = {m.body.booking_id: m.body for m in changed.messages}
+    by_booking = {c.booking_id: c for c in changed.items}
     upgraded = by_booking[race.b.booking_id].new_legs[0]
     assert upgraded.flight_id == race.target.flight_id  # same itinerary, a higher cabin: within the policy
     assert ("Y", "W", "J", "F").index(upgraded.cabin) > ("Y", "W", "J", "F").index(race.cabin)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from busagents_travel import (
     Alternatives,
     AlternativesReply,
-    BookingChanged,
+    BookingsChanged,
     BookingsOnFlight,
     BookingsOnFlightReply,
     FlightStatusUpdated,
@@ -45,9 +45,10 @@ class ContextAgent(Agent):
     async def status(self, update: FlightStatusUpdated, ctx: Context) -> None:
         self.view.apply_status(update)
 
-    @on(BookingChanged, view=True)
-    async def changed(self, change: BookingChanged, ctx: Context) -> None:
-        self.view.apply_change(change)
+    @on(BookingsChanged, view=True)
+    async def changed(self, changed: BookingsChanged, ctx: Context) -> None:
+        for change in changed.changes:
+            self.view.apply_change(change)
 
     @on(BookingsOnFlight)
     async def bookings_on_flight(self, q: BookingsOnFlight, ctx: Context) -> BookingsOnFlightReply:

@@ -26,7 +26,7 @@ from typing import Any
 import click
 import msgspec
 from busagents_travel import (
-    BookingChanged,
+    BookingsChanged,
     DisruptionAssessed,
     FlightCancelled,
     FlightDelayed,
@@ -204,17 +204,18 @@ def _on_assessed(t: _Tally, e: DisruptionAssessed, msg: Msg) -> None:
     t.changed.set()
 
 
-def _on_changed(t: _Tally, e: BookingChanged, msg: Msg) -> None:
-    n = len(e.passengers)
-    if e.action == "rebook":
-        t.rebooked += n
-        route = " + ".join(f"{leg.number} seats {','.join(leg.seats)}" for leg in e.new_legs)
-        t.say(f"  [green]rebooked[/]  {e.booking_id} ({n} pax) on {route}")
-    elif e.action == "refund":
-        t.refunded += n
-        t.say(f"  [magenta]refunded[/]  {e.booking_id} ({n} pax)")
-    else:
-        t.kept += n
+def _on_changed(t: _Tally, e: BookingsChanged, msg: Msg) -> None:
+    for change in e.changes:
+        n = len(change.passengers)
+        if change.action == "rebook":
+            t.rebooked += n
+            route = " + ".join(f"{leg.number} seats {','.join(leg.seats)}" for leg in change.new_legs)
+            t.say(f"  [green]rebooked[/]  {change.booking_id} ({n} pax) on {route}")
+        elif change.action == "refund":
+            t.refunded += n
+            t.say(f"  [magenta]refunded[/]  {change.booking_id} ({n} pax)")
+        else:
+            t.kept += n
 
 
 def _on_rejected(t: _Tally, e: RebookRejected, msg: Msg) -> None:
@@ -249,7 +250,7 @@ _LISTENS: tuple[tuple[str, type[Any] | None, Callable[[_Tally, Any, Msg], None]]
     (contract_info(FlightDelayed).subscribe_subject, FlightDelayed, _on_delayed),
     (contract_info(FlightCancelled).subscribe_subject, FlightCancelled, _on_cancelled),
     (contract_info(DisruptionAssessed).subscribe_subject, DisruptionAssessed, _on_assessed),
-    (contract_info(BookingChanged).subscribe_subject, BookingChanged, _on_changed),
+    (contract_info(BookingsChanged).subscribe_subject, BookingsChanged, _on_changed),
     (contract_info(RebookRejected).subscribe_subject, RebookRejected, _on_rejected),
     (contract_info(PassengerNotified).subscribe_subject, _Notified, _on_notified),
     (DLQ_SUBJECTS, None, _on_dead_letter),

@@ -12,9 +12,15 @@ Replicable and restartable: the per-flight state lives in the agent-state bucket
 ``flight-monitor`` (JetStream KV), not in the process. The status feed's stream is
 partitioned by flight and each partition has one update in flight across all
 replicas, so one flight's updates are handled one at a time, in feed order, by
-whichever replica pulls them; each reads the flight's state, writes back the new
-state with compare-and-set, *with the disruption it reveals recorded in it*, then
-announces the disruption and clears it from the state. A disruption's id comes
+whichever replica pulls them. An update that reveals a disruption is written to the
+flight's state with compare-and-set, *with the disruption recorded in it*; then the
+disruption is announced and cleared from the state. Updates that reveal nothing (most
+of them) write nothing: each replica keeps a copy of the states it read or wrote, with
+their revisions, and moves its copy on. A copy can only be behind the bucket (states
+only grow: a later seq, a larger reported delay, more missed connections, a
+cancellation), and a copy that is behind reveals at least what the bucket would, so a
+disruption is never missed; writing it from a copy that is behind fails the
+compare-and-set, and the replica reads the bucket and decides again. A disruption's id comes
 from the update that caused it (``<flight>#<seq>``) and its message id from the
 disruption id, so a replica that dies between the steps leaves the disruption in
 the state and the next update of that flight (or the redelivery) announces it; if
@@ -28,10 +34,9 @@ after the announcement finds the booking there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import msgspec
-from busagents_travel import BookingChanged, FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
+from busagents_travel import BookingsChanged, FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
 
 from busagents import Agent, Context, State, StateConflictError, on
 
@@ -76,37 +81,52 @@ class FlightMonitor(Agent):
         self.ignored = 0  # repeated or out-of-order updates
         self.disruptions = 0  # disruptions this replica published
         self.conflicts = 0  # state writes that lost a compare-and-set (another replica wrote first)
+        #: This replica's copy of each flight's state, with the bucket revision it was read or written
+        #: at (0: no key yet). Updates that reveal nothing only move the copy on; a write starts
+        #: from it and fails (compare-and-set) if the bucket moved meanwhile.
+        self._known: dict[str, tuple[FlightWatch, int]] = {}
+        self._cancelled: dict[str, FlightStatusUpdated] = {}  # flights seen cancelled: that is final
         self._progress = asyncio.Condition()
 
     @on(FlightStatusUpdated)
     async def watch(self, update: FlightStatusUpdated, ctx: Context) -> None:
         watches = await ctx.state(BUCKET, FlightWatch)
+        fid = update.flight_id
         try:
             while True:
-                entry = await watches.entry(update.flight_id)
-                state = entry.value if entry is not None else FlightWatch()
+                known = self._known.get(fid)
+                if known is None:
+                    entry = await watches.entry(fid)
+                    known = (entry.value, entry.revision) if entry is not None else (FlightWatch(), 0)
+                    self._known[fid] = known
+                state, revision = msgspec.structs.replace(known[0]), known[1]
                 if state.delayed is not None or state.cancelling is not None:
                     # recorded by a replica that died before it could announce it: announce it now
-                    await self._announce(watches, update.flight_id, state, entry.revision if entry else 0, ctx)
+                    await self._announce(watches, fid, state, revision, ctx)
                     continue
                 if update.seq <= state.seq or state.cancelled is not None:
                     self.ignored += 1
                     return
                 disruption = await self._update(state, update, ctx)
+                if disruption is None:  # nothing to record: the copy moves on, the bucket does not
+                    self._known[fid] = (state, revision)
+                    return
                 if isinstance(disruption, FlightDelayed):
                     state.delayed = disruption
-                elif isinstance(disruption, FlightCancelled):
+                else:
                     state.cancelling = disruption
                 try:  # first the state (a cancellation is known before it is announced), then the news
-                    if entry is None:
-                        revision = await watches.create(update.flight_id, state)
+                    if revision == 0:
+                        revision = await watches.create(fid, state)
                     else:
-                        revision = await watches.update(update.flight_id, state, revision=entry.revision)
+                        revision = await watches.update(fid, state, revision=revision)
                 except StateConflictError:
-                    self.conflicts += 1  # a redelivered update raced its first delivery: read again
+                    # another replica wrote meanwhile (or a redelivered update raced its first
+                    # delivery): this replica's copy is behind; read the bucket and decide again
+                    self.conflicts += 1
+                    self._known.pop(fid, None)
                     continue
-                if disruption is not None:
-                    await self._announce(watches, update.flight_id, state, revision, ctx)
+                await self._announce(watches, fid, state, revision, ctx)
                 return
         finally:
             self.updates += 1
@@ -127,8 +147,12 @@ class FlightMonitor(Agent):
         self.disruptions += 1
         ctx.log.info("disruption %s", disruption)
         state.delayed = state.cancelling = None
-        with contextlib.suppress(StateConflictError):  # another replica announced and cleared it meanwhile
-            await watches.update(flight_id, state, revision=revision)
+        if state.cancelled is not None:
+            self._cancelled[flight_id] = state.cancelled
+        try:
+            self._known[flight_id] = (state, await watches.update(flight_id, state, revision=revision))
+        except StateConflictError:  # another replica announced and cleared it meanwhile
+            self._known.pop(flight_id, None)
 
     async def _update(
         self, state: FlightWatch, u: FlightStatusUpdated, ctx: Context
@@ -165,22 +189,35 @@ class FlightMonitor(Agent):
             long_delay=long_delay,
         )
 
-    @on(BookingChanged)
-    async def moved(self, change: BookingChanged, ctx: Context) -> None:
+    @on(BookingsChanged)
+    async def moved(self, changed: BookingsChanged, ctx: Context) -> None:
         """A rebooking that lands on a flight cancelled meanwhile is a disruption for that booking."""
-        if not change.new_legs:
+        landed = {leg.flight_id for change in changed.changes for leg in change.new_legs}
+        if not landed:
             return
-        watches = await ctx.state(BUCKET, FlightWatch)
-        for leg in change.new_legs:
-            state = await watches.get(leg.flight_id)
-            if state is None or state.cancelled is None:
-                continue
-            u = state.cancelled
-            disruption_id = f"{u.flight_id}#{u.seq}/{change.booking_id}@{change.version}"
-            await ctx.publish(
-                _disruption(FlightCancelled, u, disruption_id, reason=u.reason, bookings=[change.booking_id])
-            )
-            self.disruptions += 1
+        cancelled = await self._cancellations(landed, ctx)
+        for change in changed.changes:
+            for leg in change.new_legs:
+                u = cancelled.get(leg.flight_id)
+                if u is None:
+                    continue
+                disruption_id = f"{u.flight_id}#{u.seq}/{change.booking_id}@{change.version}"
+                await ctx.publish(
+                    _disruption(FlightCancelled, u, disruption_id, reason=u.reason, bookings=[change.booking_id]),
+                    msg_id=f"disruption.{disruption_id}",
+                )
+                self.disruptions += 1
+
+    async def _cancellations(self, flights: set[str], ctx: Context) -> dict[str, FlightStatusUpdated]:
+        """The cancelled ones of ``flights``, as the bucket has them now (a cancellation is final:
+        the ones this replica saw need no read)."""
+        unknown = sorted(flights - self._cancelled.keys())
+        if unknown:
+            watches = await ctx.state(BUCKET, FlightWatch)
+            for fid, state in zip(unknown, await asyncio.gather(*(watches.get(f) for f in unknown)), strict=True):
+                if state is not None and state.cancelled is not None:
+                    self._cancelled[fid] = state.cancelled
+        return {fid: self._cancelled[fid] for fid in flights if fid in self._cancelled}
 
     async def _missed_connections(self, u: FlightStatusUpdated, ctx: Context) -> set[str]:
         reply = await ctx.request(OnwardConnections(flight_id=u.flight_id))

@@ -1,7 +1,7 @@
 """The notifier: tells every passenger of a changed booking what happened, through a channel.
 
 The channel is pluggable (:class:`Channel`); the default appends each message to
-a local outbox file (JSON lines), standing in for e-mail / SMS / push. ``BookingChanged``
+a local outbox file (JSON lines), standing in for e-mail / SMS / push. ``BookingsChanged``
 arrives at least once, so channels send idempotently on ``(decision_id, passenger_id)``:
 each passenger is notified once per outcome, whatever the replicas, kills and redeliveries.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import msgspec
-from busagents_travel import BookingChanged, Leg, PassengerNotified
+from busagents_travel import BookingChanged, BookingsChanged, Leg, PassengerNotified
 
 from busagents import Agent, Context, on
 
@@ -51,7 +51,7 @@ class Notice(msgspec.Struct, kw_only=True):
 class Channel(abc.ABC):
     """Where notices go. ``name`` is recorded in ``PassengerNotified.channel``.
 
-    ``BookingChanged`` is delivered at least once: a notifier that dies before the ack gets
+    ``BookingsChanged`` is delivered at least once: a notifier that dies before the ack gets
     the change again, maybe in another replica, and sends the same notices again. For each
     passenger to be notified exactly once per outcome, a channel must be idempotent on
     ``(notice.decision_id, notice.passenger_id)``: a notice whose key was already sent (by this
@@ -70,7 +70,7 @@ class Channel(abc.ABC):
         """Deliver one notice, unless its ``(decision_id, passenger_id)`` was sent already."""
 
     async def send_many(self, notices: Sequence[Notice]) -> None:
-        """Deliver the notices of one booking change, in order; the default calls :meth:`send` for each.
+        """Deliver the notices of one ``BookingsChanged``, in order; the default calls :meth:`send` for each.
 
         Override it to send them in one go; each notice is still sent at most once. When it
         returns, every notice is sent (now or before): ``PassengerNotified`` follows.
@@ -234,7 +234,7 @@ class OutboxChannel(Channel):
 
 
 class Notifier(Agent):
-    """``BookingChanged`` -> one notice per passenger (once per outcome) -> ``PassengerNotified``."""
+    """``BookingsChanged`` -> one notice per passenger of each change (once per outcome) -> ``PassengerNotified``."""
 
     name = "flight-notifier"
     produces = (PassengerNotified,)
@@ -249,33 +249,34 @@ class Notifier(Agent):
     async def on_stop(self, ctx: Context) -> None:
         await self.channel.close()
 
-    @on(BookingChanged)
-    async def notify(self, change: BookingChanged, ctx: Context) -> list[PassengerNotified]:
+    @on(BookingsChanged)
+    async def notify(self, changed: BookingsChanged, ctx: Context) -> list[PassengerNotified]:
         notices, out = [], []
-        for index, passenger in enumerate(change.passengers):
-            subject, text = render(change, index)
-            notices.append(
-                Notice(
-                    decision_id=change.decision_id,
-                    disruption_id=change.disruption_id,
-                    passenger_id=passenger.passenger_id,
-                    name=passenger.name,
-                    booking_id=change.booking_id,
-                    subject=subject,
-                    text=text,
+        for change in changed.changes:
+            for index, passenger in enumerate(change.passengers):
+                subject, text = render(change, index)
+                notices.append(
+                    Notice(
+                        decision_id=change.decision_id,
+                        disruption_id=change.disruption_id,
+                        passenger_id=passenger.passenger_id,
+                        name=passenger.name,
+                        booking_id=change.booking_id,
+                        subject=subject,
+                        text=text,
+                    )
                 )
-            )
-            out.append(
-                PassengerNotified(
-                    disruption_id=change.disruption_id,
-                    decision_id=change.decision_id,
-                    booking_id=change.booking_id,
-                    passenger_id=passenger.passenger_id,
-                    action=change.action,
-                    channel=self.channel.name,
-                    text=text,
+                out.append(
+                    PassengerNotified(
+                        disruption_id=change.disruption_id,
+                        decision_id=change.decision_id,
+                        booking_id=change.booking_id,
+                        passenger_id=passenger.passenger_id,
+                        action=change.action,
+                        channel=self.channel.name,
+                        text=text,
+                    )
                 )
-            )
         # Sent now or by an earlier delivery: either way the passengers know, and say so again
         # (the events' ids derive from this message's id, so a redelivery's copies are dropped).
         await self.channel.send_many(notices)

@@ -11,8 +11,10 @@ rebooker reported.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import defaultdict
 
+import msgspec
 from busagents_travel import (
     AlternativeItinerary,
     Alternatives,
@@ -22,6 +24,7 @@ from busagents_travel import (
     DisruptionAssessed,
     FlightCancelled,
     FlightDelayed,
+    RebookGroup,
     RebookPassenger,
     RebookRejected,
 )
@@ -42,10 +45,11 @@ _MIN = 60
 
 
 class ReasonerAgent(Agent):
-    """Turns ``FlightDelayed`` / ``FlightCancelled`` into one ``RebookPassenger`` per affected booking."""
+    r"""Turns ``FlightDelayed`` / ``FlightCancelled`` into one ``RebookPassenger`` per affected booking,
+    sent in ``RebookGroup``\ s."""
 
     name = "flight-reasoner"
-    produces = (RebookPassenger, DisruptionAssessed, BookingsOnFlight, Alternatives, ApprovalRequested, ReviewRequested)
+    produces = (RebookGroup, DisruptionAssessed, BookingsOnFlight, Alternatives, ApprovalRequested, ReviewRequested)
     awaits = (ApprovalDecided,)  # Approvals: a costly decision waits for a human's answer
     max_concurrency = 8
 
@@ -87,20 +91,17 @@ class ReasonerAgent(Agent):
                 if attempt <= MAX_ATTEMPTS
                 else f"no seat could be confirmed after {MAX_ATTEMPTS} attempts; an agent will follow up"
             )
-            decision_id = f"{d.disruption_id}/{rejection.booking_id}/{attempt}"
-            await ctx.publish(
-                RebookPassenger(
-                    decision_id=decision_id,
-                    disruption=d,
-                    booking_id=rejection.booking_id,
-                    action="keep",
-                    passenger_ids=rejection.passenger_ids,
-                    rationale=f"{d.number}: {note}",
-                    attempt=attempt,
-                    reasoner=self.fallback.name,
-                ),
-                msg_id=_decision_msg_id(decision_id),
+            keep = RebookPassenger(
+                decision_id=f"{d.disruption_id}/{rejection.booking_id}/{attempt}",
+                disruption=d,
+                booking_id=rejection.booking_id,
+                action="keep",
+                passenger_ids=rejection.passenger_ids,
+                rationale=f"{d.number}: {note}",
+                attempt=attempt,
+                reasoner=self.fallback.name,
             )
+            await _publish_all(ctx, [keep])
             return
         await _publish_all(ctx, await self._decide(d, [affected], ctx, attempt))
 
@@ -191,20 +192,47 @@ class ReasonerAgent(Agent):
         return out
 
 
-async def _publish_all(ctx: Context, decisions: list[RebookPassenger], window: int = 64) -> None:
-    """Publish the decisions of one case together (up to ``window`` waiting for their acknowledgement at
-    once): their seats reach the rebooker, and the other replicas, while they are still free."""
-    for start in range(0, len(decisions), window):
-        await asyncio.gather(
-            *(ctx.publish(d, msg_id=_decision_msg_id(d.decision_id)) for d in decisions[start : start + window])
-        )
+#: Decisions per ``RebookGroup`` at most, and its encoded size (well under NATS' 1 MiB max_payload).
+GROUP_SIZE = 64
+GROUP_BYTES = 256 * 1024
 
 
-def _decision_msg_id(decision_id: str) -> str:
-    """A decision's message id comes from the decision id, not from its place in the handler's output:
-    a redelivered disruption may be decided in another order (the world moved on), and a
-    decision already stored for a booking must not be dropped in place of another booking's."""
-    return f"decision.{decision_id}"
+async def _publish_all(ctx: Context, decisions: list[RebookPassenger]) -> None:
+    r"""Publish the decisions of one case in ``RebookGroup``\ s, all at once: their seats reach the
+    rebooker, and the other replicas, while they are still free.
+
+    A group's message id comes from its decisions' ids, not from its place in the handler's
+    output: a redelivered disruption may be decided in another order (the world moved on), and
+    a group already stored must not be dropped in place of another. A decision sent twice in
+    different groups is applied once (the rebooker is idempotent on the decision id).
+    """
+    await asyncio.gather(*(ctx.publish(g, msg_id=f"decisions.{g.group_id}") for g in _groups(decisions)))
+
+
+def _groups(decisions: list[RebookPassenger]) -> list[RebookGroup]:
+    groups: list[RebookGroup] = []
+    chunk: list[RebookPassenger] = []
+    size = 0
+    for decision in decisions:
+        n = len(_encode(decision))
+        if chunk and (len(chunk) == GROUP_SIZE or size + n > GROUP_BYTES):
+            groups.append(_group(chunk))
+            chunk, size = [], 0
+        chunk.append(decision)
+        size += n
+    if chunk:
+        groups.append(_group(chunk))
+    return groups
+
+
+def _group(decisions: list[RebookPassenger]) -> RebookGroup:
+    ids = "\n".join(d.decision_id for d in decisions).encode()
+    first = decisions[0].decision_id
+    group_id = first if len(decisions) == 1 else f"{first}+{len(decisions) - 1}:{hashlib.sha1(ids).hexdigest()[:12]}"
+    return RebookGroup(group_id=group_id, decisions=decisions)
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 def affected_booking(d: Disruption, booking: Booking, mct_minutes: dict[str, int]) -> AffectedBooking | None:

@@ -1,5 +1,9 @@
 """The rebooker: applies each decision to the booking store, then reports what happened.
 
+Decisions come one by one (``RebookPassenger``) or in groups (``RebookGroup``); either way
+the changes go out as one ``BookingsChanged`` (so every change of the store is in one stream,
+in order) and each rejection as its own ``RebookRejected``.
+
 The side effect is the store's :meth:`~busagents_flight.store.BookingStore.apply`
 (atomic, idempotent on the decision id). Seats that do not exist on the aircraft
 or lie in another cabin are rejected before the store is touched. The rebooker
@@ -9,8 +13,10 @@ by a free one of the same cabin inside the store's transaction.
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
-from busagents_travel import BookingChanged, Leg, RebookPassenger, RebookRejected
+from busagents_travel import BookingChanged, BookingsChanged, Leg, RebookGroup, RebookPassenger, RebookRejected
 
 from busagents import Agent, Context, on
 
@@ -24,10 +30,10 @@ _CABINS = ("Y", "W", "J", "F")  # lowest to highest
 
 
 class Rebooker(Agent):
-    """``RebookPassenger`` -> store -> ``BookingChanged`` or ``RebookRejected``."""
+    """``RebookPassenger`` / ``RebookGroup`` -> store -> ``BookingsChanged`` and ``RebookRejected``."""
 
     name = "flight-rebooker"
-    produces = (BookingChanged, RebookRejected)
+    produces = (BookingsChanged, RebookRejected)
     max_concurrency = 32  # decisions handled together share a store transaction
 
     def __init__(
@@ -60,7 +66,17 @@ class Rebooker(Agent):
         await self.store.close()
 
     @on(RebookPassenger)
-    async def rebook(self, decision: RebookPassenger, ctx: Context) -> Outcome:
+    async def rebook(self, decision: RebookPassenger, ctx: Context) -> list[BookingsChanged | RebookRejected]:
+        return _report(decision.decision_id, [await self.apply(decision)])
+
+    @on(RebookGroup)
+    async def rebook_group(self, group: RebookGroup, ctx: Context) -> list[BookingsChanged | RebookRejected]:
+        # applied together: the store commits the decisions that arrive together in one transaction
+        outcomes = await asyncio.gather(*(self.apply(d) for d in group.decisions))
+        return _report(group.group_id, outcomes)
+
+    async def apply(self, decision: RebookPassenger) -> Outcome:
+        """Apply one decision (checked, then settled against the inventory); its outcome."""
         problem = self._invalid_seat(decision)
         if problem:
             self.rejected += 1
@@ -134,3 +150,10 @@ class Rebooker(Agent):
                 if self.seat_maps.cabin(leg.flight_id, seat) != leg.cabin:
                     return f"seat {seat} is not a {leg.cabin} seat of {leg.flight_id} ({aircraft})"
         return ""
+
+
+def _report(group_id: str, outcomes: list[Outcome]) -> list[BookingsChanged | RebookRejected]:
+    """The changes together, in the order of the decisions, then each rejection."""
+    changes = [o for o in outcomes if isinstance(o, BookingChanged)]
+    rejections: list[BookingsChanged | RebookRejected] = [o for o in outcomes if isinstance(o, RebookRejected)]
+    return [BookingsChanged(group_id=group_id, changes=changes), *rejections] if changes else rejections

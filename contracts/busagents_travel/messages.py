@@ -2,10 +2,12 @@
 
 Flow: a status feed publishes ``FlightStatusUpdated``; the monitor turns the ones
 that matter into ``FlightDelayed`` / ``FlightCancelled`` (disruptions); the
-reasoner asks the context agent (``BookingsOnFlight``, ``Alternatives``) and sends
-one ``RebookPassenger`` decision per affected booking; the rebooker applies it and
-publishes ``BookingChanged`` (or ``RebookRejected``, which the reasoner re-decides);
-the notifier tells every passenger (``PassengerNotified``).
+reasoner asks the context agent (``BookingsOnFlight``, ``Alternatives``) and decides
+one ``RebookPassenger`` per affected booking, sent in groups (``RebookGroup``: the
+decisions of one disruption travel together, not one message each); the rebooker applies
+them and publishes what changed as ``BookingsChanged`` (one ``BookingChanged`` per booking,
+a group's together) or ``RebookRejected`` per decision, which the reasoner re-decides; the
+notifier tells every passenger (``PassengerNotified``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "Alternatives",
     "AlternativesReply",
     "BookingChanged",
+    "BookingsChanged",
     "BookingsOnFlight",
     "BookingsOnFlightReply",
     "Cost",
@@ -38,6 +41,7 @@ __all__ = [
     "OnwardConnectionsReply",
     "PassengerNotified",
     "RebookAction",
+    "RebookGroup",
     "RebookPassenger",
     "RebookRejected",
 ]
@@ -210,9 +214,25 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
     reasoner: str = ""
 
 
-@event("travel.booking.changed", key="booking_id", durable=True)
+@command("travel.booking.rebook-group", durable=True)
+class RebookGroup(msgspec.Struct, kw_only=True):
+    """Several decisions (of one disruption, as a rule) for the rebooker to apply together.
+
+    Each is applied as if it came alone (its own checks, atomicity and idempotency on its
+    ``decision_id``); the group only saves a message, a store transaction and an
+    acknowledgement per booking. ``group_id`` is unique per group and names its outcomes.
+    """
+
+    group_id: str
+    decisions: list[RebookPassenger]
+
+
 class BookingChanged(msgspec.Struct, kw_only=True):
-    """A decision was applied to the booking store (``keep`` included: nothing moved)."""
+    """A decision was applied to the booking store (``keep`` included: nothing moved).
+
+    Sent inside ``BookingsChanged``: every change of the booking store goes through that one
+    stream, so a booking's changes are replayed in the order they were made.
+    """
 
     decision_id: str
     disruption_id: str
@@ -226,6 +246,15 @@ class BookingChanged(msgspec.Struct, kw_only=True):
     hotel: bool = False
     rationale: str = ""
     version: int = 0
+
+
+@event("travel.booking.changes", durable=True)
+class BookingsChanged(msgspec.Struct, kw_only=True):
+    """What the rebooker changed for one ``RebookGroup`` (or one ``RebookPassenger``): one
+    ``BookingChanged`` per booking applied, in the order of the decisions."""
+
+    group_id: str  # the decision's id for a single RebookPassenger
+    changes: list[BookingChanged]
 
 
 @event("travel.booking.rejected", key="booking_id", durable=True)
