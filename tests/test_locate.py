@@ -18,7 +18,7 @@ import pytest
 from busagents import Bus, devserver
 from busagents.server import NatsServer
 
-from .drain_agent import child_env
+from .drain_agent import child_env, exited
 
 LINE = re.compile(r"^nats: (\S+) \((.*)\)$", re.M)
 
@@ -144,6 +144,7 @@ async def test_a_stale_record_is_noticed_and_passed_over(env: dict[str, str], tm
     data = tmp_path / "data"
     server = devserver.start(data)
     os.kill(server.pid, signal.SIGKILL)  # gone without a word: the record stays behind
+    assert await asyncio.to_thread(exited, [server.pid]) == []
     assert not devserver.recorded(data).running  # type: ignore[union-attr]
 
     code, _, err = await busagents("dlq", "list", env=env)

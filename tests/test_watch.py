@@ -43,6 +43,8 @@ async def test_watch_decodes_a_running_agents_messages_of_one_conversation(bus: 
     )
     assert watch.stdout is not None and watch.stderr is not None
     try:
+        which = await asyncio.wait_for(watch.stderr.readline(), 30)
+        assert which == f"nats: {nats_server.url} (from --nats)\n".encode()
         ready = await asyncio.wait_for(watch.stderr.readline(), 30)  # subscribed: nothing published is missed
         assert b"watching > on" in ready
         other, watched = DAY.flights[2], DAY.flights[5]

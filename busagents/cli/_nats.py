@@ -17,10 +17,6 @@ from ..locate import NATS_URL_ENV, use_nats
 
 __all__ = ["nats_option", "nats_url"]
 
-#: Old API, kept only until every caller is moved: ``nats_url(nats or DEFAULT_URL)`` *names* 4222,
-#: which defeats the rule; call ``nats_url(nats)`` instead.
-DEFAULT_URL = "nats://127.0.0.1:4222"
-
 nats_option = click.option(
     "--nats",
     "nats",
@@ -31,13 +27,8 @@ nats_option = click.option(
 
 
 @contextmanager
-def nats_url(
-    flag: str | None, *, embed: bool = False, named: tuple[str, str] | None = None, quiet: bool = False
-) -> Iterator[str]:
-    """Yield the URL this command uses (see :func:`busagents.locate.use_nats`), saying which and why.
-
-    ``quiet`` is ignored (old API): every command says which server it uses.
-    """
+def nats_url(flag: str | None, *, embed: bool = False, named: tuple[str, str] | None = None) -> Iterator[str]:
+    """Yield the URL this command uses (see :func:`busagents.locate.use_nats`), saying which and why."""
     with use_nats(flag, embed=embed, say=_say, flag_source=_flag_source(), named=named) as url:
         yield url
 

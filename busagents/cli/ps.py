@@ -23,7 +23,7 @@ from rich.table import Table
 from ..bus import Bus
 from ..errors import ConfigError
 from ..micro import discover
-from ._nats import DEFAULT_URL, nats_url
+from ._nats import nats_option, nats_url
 
 __all__ = ["AgentStatus", "InstanceStatus", "ps_command", "swarm_status"]
 
@@ -142,7 +142,7 @@ async def _lag(bus: Bus, consumers: set[tuple[str, str]]) -> int | None:
 
 
 @click.command("ps")
-@click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: nats://127.0.0.1:4222).")
+@nats_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: a list of agents with their instances.")
 @click.option(
     "--wait",
@@ -157,7 +157,7 @@ def ps_command(nats: str | None, as_json: bool, wait: float) -> None:
     Per agent: replicas, messages handled, failed (dead-lettered or retried), dead-lettered,
     the lag of its durable consumers (pending + unacknowledged), and when it last handled one.
     """
-    with nats_url(nats or DEFAULT_URL, quiet=True) as url:  # a swarm runs on a real server, never embedded
+    with nats_url(nats) as url:  # a swarm runs on a real server, never embedded
 
         async def main() -> list[AgentStatus]:
             bus = await Bus.connect(url, name="busagents-ps")

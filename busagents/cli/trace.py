@@ -15,14 +15,14 @@ from ..bus import Bus
 from ..conversation import Hop, causal_tree, read_conversation
 from ..errors import ConfigError
 from ..observe import Catalog, Seen
-from ._nats import DEFAULT_URL, nats_url
+from ._nats import nats_option, nats_url
 
 __all__ = ["trace_command"]
 
 
 @click.command("trace")
 @click.argument("conversation_id")
-@click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: nats://127.0.0.1:4222).")
+@nats_option
 @click.option("--json", "as_json", is_flag=True, help="The tree as JSON: each message with what it caused.")
 @click.option("--width", default=80, show_default=True, type=click.IntRange(20), help="Characters of body shown.")
 def trace_command(conversation_id: str, nats: str | None, as_json: bool, width: int) -> None:
@@ -33,7 +33,7 @@ def trace_command(conversation_id: str, nats: str | None, as_json: bool, width: 
     Dead letters are marked, and so are messages whose cause is not kept.
     """
     catalog = Catalog.installed()
-    with nats_url(nats or DEFAULT_URL, quiet=True) as url:
+    with nats_url(nats) as url:
 
         async def main() -> list[Hop]:
             bus = await Bus.connect(url, name="busagents-trace")

@@ -17,14 +17,14 @@ from ..contract import contract_info
 from ..errors import ConfigError
 from ..observe import Catalog, Seen, is_internal
 from ..plugins import find_contract
-from ._nats import DEFAULT_URL, nats_url
+from ._nats import nats_option, nats_url
 
 __all__ = ["watch_command"]
 
 
 @click.command("watch")
 @click.argument("target", required=False)
-@click.option("--nats", "nats", envvar="BUSAGENTS_NATS_URL", help="NATS URL (default: nats://127.0.0.1:4222).")
+@nats_option
 @click.option("--conversation", default=None, help="Only the messages of this conversation id.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line, for scripts.")
 @click.option("--all", "show_all", is_flag=True, help="Also JetStream API, inboxes, heartbeats, $SRV.")
@@ -47,7 +47,7 @@ def watch_command(
     """
     view = _View(Catalog.installed(), conversation, as_json, show_all, count, width)
     subject = _subject(target)
-    with nats_url(nats or DEFAULT_URL, quiet=True) as url, contextlib.suppress(KeyboardInterrupt):
+    with nats_url(nats) as url, contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_watch(url, subject, view))
 
 
