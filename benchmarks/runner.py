@@ -14,7 +14,7 @@ from pathlib import Path
 
 from busagents.server import NatsServer
 
-from . import durable, memory, replicas, reqreply, scale, scaleout, throughput
+from . import durable, memory, replicas, reqreply, scale, scaleout, throughput, tracing
 from .report import Check, LoadMeter, Machine, Result, checks_table, render, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -41,6 +41,8 @@ class Sizes:
     flights: int = 2_000
     passengers: int = 200_000
     day_seconds: float = 8.0  # the demo's default
+    tracing_flights: int = 400
+    tracing_passengers: int = 30_000
 
 
 QUICK = Sizes(
@@ -57,6 +59,8 @@ QUICK = Sizes(
     flights=20,
     passengers=600,
     day_seconds=0.0,
+    tracing_flights=20,
+    tracing_passengers=600,
 )
 
 BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
@@ -73,6 +77,8 @@ BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
     "scale": lambda url, s, reps: scale.run(flights=s.flights, passengers=s.passengers, day=s.day_seconds, reps=reps),
     # The day as fast as it goes, in one process and as a swarm of processes, each on its own nats-server.
     "scaleout": lambda url, s, reps: scaleout.run(flights=s.flights, passengers=s.passengers, reps=reps),
+    # The day as fast as it goes with tracing off, on and sampled, spans exported over OTLP/HTTP.
+    "tracing": lambda url, s, reps: tracing.run(flights=s.tracing_flights, passengers=s.tracing_passengers, reps=reps),
 }
 
 

@@ -250,6 +250,8 @@ class Bus:
 
         ``url`` may list several servers separated by commas (a cluster). An outage is logged
         once when it starts and once when it ends; a connection closed for good sets :attr:`lost`.
+        Without ``telemetry``, the standard ``OTEL_*`` variables decide whether it traces
+        (:func:`busagents.telemetry.configure_from_env`): every agent run on it exports.
         """
         link = _Link(url)
         options.setdefault("error_cb", link.error)
@@ -270,6 +272,10 @@ class Bus:
                 "start a nats-server there, pass another --nats URL, or let busagents start an embedded one"
             ) from None
         link.nc = nc
+        if telemetry is None:  # the standard OTEL_* variables decide (None when they ask for nothing)
+            from .telemetry import configure_from_env
+
+            telemetry = configure_from_env(service_name=name)
         current = nc.connected_url
         link.url = current.geturl() if current is not None else url
         bus = cls(

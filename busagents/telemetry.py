@@ -15,18 +15,29 @@ processing duration. Without a Telemetry the hot path pays nothing.
 from __future__ import annotations
 
 import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context as OtelContext
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.util.types import AttributeValue
 
-from .envelope import TRACEPARENT, TRACESTATE, Envelope
+from .envelope import CONVERSATION_ID, MSG_ID, TRACEPARENT, TRACESTATE, Envelope
 from .errors import ConfigError
 from .worker import Outcome
 
@@ -35,28 +46,45 @@ if TYPE_CHECKING:
 
 __all__ = ["Telemetry", "configure_from_env"]
 
-_propagator = TraceContextTextMapPropagator()
 _SCOPE = "busagents"
 _FAILED = {Outcome.DEAD_LETTERED: "dead-lettered", Outcome.RETRY: "failed; redelivered later"}
 
 
 class Telemetry:
-    """Tracer and meter of busagents; uses the global OpenTelemetry providers unless given others."""
+    """Tracer and meter of busagents; uses the global OpenTelemetry providers unless given others.
+
+    ``provider_for`` gives the tracer provider of one agent (a resource of its own, so that each
+    agent shows as its own service); without it every span uses ``tracer_provider``.
+    """
 
     def __init__(
         self,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        *,
+        provider_for: Callable[[str], trace.TracerProvider] | None = None,
     ) -> None:
         from . import __version__
 
+        self._version = __version__
         self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
+        self._provider_for = provider_for
+        self._tracers: dict[str, trace.Tracer] = {}
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
-        self.sent = meter.create_counter(
-            "messaging.client.sent.messages", unit="{message}", description="Messages published"
+        # Counted in plain ints on the hot path, read by the SDK when it collects.
+        self._sent: dict[tuple[str, str], int] = {}
+        self._processed: dict[tuple[str, str, str], int] = {}
+        meter.create_observable_counter(
+            "messaging.client.sent.messages",
+            callbacks=[self._observe_sent],
+            unit="{message}",
+            description="Messages published",
         )
-        self.processed = meter.create_counter(
-            "messaging.client.consumed.messages", unit="{message}", description="Messages handled, by outcome"
+        meter.create_observable_counter(
+            "messaging.client.consumed.messages",
+            callbacks=[self._observe_processed],
+            unit="{message}",
+            description="Messages handled, by outcome",
         )
         self.duration = meter.create_histogram(
             "messaging.process.duration", unit="s", description="Time to handle one message"
@@ -69,37 +97,75 @@ class Telemetry:
             "gen_ai.client.operation.duration", unit="s", description="Time of one model call, retries included"
         )
 
+    def tracer_for(self, service: str | None) -> trace.Tracer:
+        """The tracer of one agent (or sender), under its own service name when configured so."""
+        if service is None or self._provider_for is None:
+            return self.tracer
+        tracer = self._tracers.get(service)
+        if tracer is None:
+            provider = self._provider_for(service)
+            tracer = self._tracers[service] = trace.get_tracer(_SCOPE, self._version, tracer_provider=provider)
+        return tracer
+
+    def _observe_sent(self, options: CallbackOptions) -> Iterable[Observation]:
+        for (template, contract), n in list(self._sent.items()):
+            yield Observation(n, {"messaging.destination.name": template, "busagents.contract": contract})
+
+    def _observe_processed(self, options: CallbackOptions) -> Iterable[Observation]:
+        for (template, agent, outcome), n in list(self._processed.items()):
+            attributes = {"messaging.destination.name": template, "busagents.agent": agent}
+            yield Observation(n, {**attributes, "busagents.outcome": outcome})
+
     @contextmanager
     def publish_span(self, subject: str, template: str, envelope: Envelope, *, request: bool = False) -> Iterator[Span]:
-        """A PRODUCER (or CLIENT, for a query) span whose context travels in the envelope."""
-        operation = "send" if request else "publish"
-        with self.tracer.start_as_current_span(
-            f"{operation} {template}",
+        """A PRODUCER (or CLIENT, for a query) span whose context travels in the envelope.
+
+        The span is not made current (nothing runs inside a send); its attributes are computed
+        only when it is recorded (sampled).
+        """
+        key = (template, envelope.contract)
+        self._sent[key] = self._sent.get(key, 0) + 1
+        span = self.tracer_for(envelope.sender).start_span(
+            f"send {template}" if request else f"publish {template}",
             kind=SpanKind.CLIENT if request else SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.operation.name": operation,
-                "messaging.operation.type": "send",
-                "messaging.destination.name": subject,
-                "messaging.message.id": envelope.id,
-                "messaging.message.conversation_id": envelope.conversation_id,
-                "busagents.contract": envelope.contract,
-                "busagents.sender": envelope.sender or "",
-            },
-        ) as span:
-            carrier: dict[str, str] = {}
-            _propagator.inject(carrier)
-            envelope.traceparent = carrier.get(TRACEPARENT)
-            envelope.tracestate = carrier.get(TRACESTATE)
-            self.sent.add(1, {"messaging.destination.name": template, "busagents.contract": envelope.contract})
+        )
+        sc = span.get_span_context()
+        envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+        envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "messaging.system": "nats",
+                    "messaging.operation.name": "send" if request else "publish",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": subject,
+                    "messaging.message.id": envelope.id,
+                    "messaging.message.conversation_id": envelope.conversation_id,
+                    "busagents.contract": envelope.contract,
+                    "busagents.agent": envelope.sender or "",
+                }
+            )
+        try:
             yield span
+        except BaseException as exc:
+            if span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            span.end()
 
     @contextmanager
     def span(
-        self, name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, AttributeValue] | None = None
+        self,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        agent: str | None = None,
     ) -> Iterator[Span]:
-        """A span of the current trace (an LLM call, a tool call...): raised errors mark it failed."""
-        with self.tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
+        """A span of the current trace (an LLM call, a tool call...) of ``agent``: raised errors mark it failed."""
+        with self.tracer_for(agent).start_as_current_span(name, kind=kind, attributes=attributes) as span:
             yield span
 
     def traced_handle(
@@ -109,15 +175,18 @@ class Telemetry:
         agent: str,
         contract: str,
         template: str,
+        query: bool = False,
     ) -> Callable[[Msg], Awaitable[Outcome]]:
-        """Wrap a worker's message handler in a CONSUMER span parented by the sender's span.
+        """Wrap a worker's message handler in a CONSUMER span (SERVER for a query) parented by the sender's span.
 
-        The span's status is the outcome ``handle`` returns: an error when the message was
+        The span is current while the handler runs, so what it publishes or asks is its child.
+        Its status is the outcome ``handle`` returns: an error when the message was
         dead-lettered or is to be retried.
         """
         name = f"process {template}"
-        tracer = self.tracer
-        base: dict[str, str | int] = {
+        tracer = self.tracer_for(agent)
+        kind = SpanKind.SERVER if query else SpanKind.CONSUMER
+        base: dict[str, AttributeValue] = {
             "messaging.system": "nats",
             "messaging.operation.name": "process",
             "messaging.operation.type": "process",
@@ -126,29 +195,87 @@ class Telemetry:
             "busagents.contract": contract,
         }
         metric_attrs = {"messaging.destination.name": template, "busagents.agent": agent}
+        record = self.duration.record
+        processed = self._processed
+        keys = {outcome: (template, agent, outcome.value) for outcome in Outcome}
 
         async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
-            parent: OtelContext | None = _propagator.extract(headers) if headers and TRACEPARENT in headers else None
-            attributes = dict(base)
-            attributes["messaging.destination.name"] = msg.subject
-            attributes["messaging.message.body.size"] = len(msg.data)
-            if headers:
-                attributes["messaging.message.id"] = headers.get("Nats-Msg-Id", "")
-                attributes["messaging.message.conversation_id"] = headers.get("Ba-Conversation-Id", "")
+            parent = _remote_parent(headers)
+            span = tracer.start_span(name, context=parent, kind=kind)
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes(base)
+                span.set_attributes(
+                    {
+                        "messaging.destination.name": msg.subject,
+                        "messaging.message.body.size": len(msg.data),
+                        "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
+                        "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
+                    }
+                )
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
             start = time.perf_counter()
-            with tracer.start_as_current_span(
-                name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-            ) as span:
+            try:
                 outcome = await handle(msg)
-                if outcome is not Outcome.HANDLED:
-                    span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
-                span.set_attribute("busagents.outcome", outcome.value)
-            self.duration.record(time.perf_counter() - start, metric_attrs)
-            self.processed.add(1, {**metric_attrs, "busagents.outcome": outcome.value})
+            except BaseException as exc:
+                if recording:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise
+            else:
+                if recording:
+                    if outcome is not Outcome.HANDLED:
+                        span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
+                    span.set_attribute("busagents.outcome", outcome.value)
+            finally:
+                otel_context.detach(token)
+                span.end()
+            record(time.perf_counter() - start, metric_attrs)
+            key = keys[outcome]
+            processed[key] = processed.get(key, 0) + 1
             return outcome
 
         return traced
+
+
+def _remote_parent(headers: Mapping[str, str] | None) -> OtelContext | None:
+    """The sender's span from a W3C ``traceparent`` header, or None (a malformed one starts a new trace)."""
+    if not headers:
+        return None
+    value = headers.get(TRACEPARENT)
+    if value is None or len(value) != 55:
+        return None
+    version, trace_id, span_id, flags = value[:2], value[3:35], value[36:52], value[53:]
+    if version == "ff" or value[2] != "-" or value[35] != "-" or value[52] != "-":
+        return None
+    try:
+        ids = int(trace_id, 16), int(span_id, 16), int(flags, 16)
+    except ValueError:
+        return None
+    if not ids[0] or not ids[1]:
+        return None
+    state = headers.get(TRACESTATE)
+    span_context = SpanContext(
+        ids[0],
+        ids[1],
+        is_remote=True,
+        trace_flags=TraceFlags(ids[2] & 1),
+        trace_state=TraceState.from_header([state]) if state else None,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(span_context))
+
+
+#: Batch processor settings unless the ``OTEL_BSP_*`` variables say otherwise: a queue that holds
+#: a burst (a span dropped is a hop missing from a trace), large batches (one HTTP request per
+#: 2048 spans), exported every second off the event loop's thread.
+_BATCH = {
+    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_size", 65536),
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_millis", 1000),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", 2048),
+}
+
+_from_env: list[Telemetry | None] = []  # the process's telemetry, once configure_from_env ran
 
 
 def configure_from_env(service_name: str) -> Telemetry | None:
@@ -159,7 +286,19 @@ def configure_from_env(service_name: str) -> Telemetry | None:
     ``BUSAGENTS_TELEMETRY=1``; ``OTEL_TRACES_EXPORTER=console`` prints spans on stdout
     instead; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turns it off.
     OTLP goes over HTTP (``http/protobuf``): another protocol is a :class:`ConfigError`.
+
+    Configured once per process (the first call's ``service_name`` names the process's own
+    spans; ``OTEL_SERVICE_NAME`` wins over it and also becomes every resource's
+    ``service.namespace``); later calls return the same :class:`Telemetry`. Each agent (and
+    each sender, like a feed) exports under a resource of its own, ``service.name`` = its name.
+    The sampler is the standard one from ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``.
     """
+    if not _from_env:
+        _from_env.append(_configure(service_name))
+    return _from_env[0]
+
+
+def _configure(service_name: str) -> Telemetry | None:
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
@@ -183,26 +322,41 @@ def configure_from_env(service_name: str) -> Telemetry | None:
             "OTEL_EXPORTER_OTLP_ENDPOINT at the collector's HTTP port (usually 4318) and unset the protocol"
         )
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-    resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME", service_name)})
-    tracer_provider = TracerProvider(resource=resource)
+    base: dict[str, AttributeValue] = {
+        SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or service_name,
+        "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    if env.get("OTEL_SERVICE_NAME"):
+        base["service.namespace"] = env["OTEL_SERVICE_NAME"]
+    resource = Resource.create(base)
     if exporter == "console":  # spans as JSON on stdout: a look without a backend
         span_exporter: SpanExporter = ConsoleSpanExporter()
         readers = []
     else:
-        span_exporter = OTLPSpanExporter()
+        from ._otlp import FastOTLPSpanExporter
+
+        span_exporter = FastOTLPSpanExporter()
         readers = [PeriodicExportingMetricReader(OTLPMetricExporter())]
-    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    batch: dict[str, Any] = {arg: default for name, (arg, default) in _BATCH.items() if name not in env}
+    processor = BatchSpanProcessor(span_exporter, **batch)
+    tracer_provider = TracerProvider(resource=resource)  # flushes the shared processor at exit
+    tracer_provider.add_span_processor(processor)
+
+    def provider_for(service: str) -> trace.TracerProvider:
+        provider = TracerProvider(resource=resource.merge(Resource({SERVICE_NAME: service})), shutdown_on_exit=False)
+        provider.add_span_processor(processor)
+        return provider
+
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
-    return Telemetry(tracer_provider, meter_provider)
+    return Telemetry(tracer_provider, meter_provider, provider_for=provider_for)
 
 
 def shutdown() -> None:

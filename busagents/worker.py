@@ -288,7 +288,11 @@ class Worker:
         handle = self.services[agent.name].counted(handler, handle)
         if self.bus.telemetry is not None:
             handle = self.bus.telemetry.traced_handle(
-                handle, agent=agent.name, contract=handler.contract.name, template=handler.contract.subscribe_subject
+                handle,
+                agent=agent.name,
+                contract=handler.contract.name,
+                template=handler.contract.subscribe_subject,
+                query=handler.contract.kind is Kind.QUERY,
             )
         return cast(Callable[[Msg], Awaitable[None]], handle)
 

@@ -156,7 +156,7 @@ class Decider(Generic[D]):
             "gen_ai.conversation.id": conversation,
             "openinference.span.kind": "AGENT",
         }
-        with _span(telemetry, f"invoke_agent {self.agent_name}", attributes) as span:
+        with _span(telemetry, f"invoke_agent {self.agent_name}", attributes, agent=ctx.agent.name) as span:
             outcome = await self._decide(ctx, telemetry, conversation, task, case, fallback, check)
             if span is not None:
                 span.set_attributes(
@@ -250,7 +250,7 @@ class Decider(Generic[D]):
         """One model turn, forced to call the decision tool once ``talk.force``; the breaker counts failures."""
         choice: dict[str, Any] = {"type": "tool", "name": self.decision.name} if talk.force else {"type": "any"}
         try:
-            message = await self._call(talk.telemetry, talk.messages, choice, talk.outcome, talk.id)
+            message = await self._call(talk.ctx, talk.messages, choice, talk.outcome, talk.id)
         except ModelUnavailableError as exc:
             self.breaker.failed(str(exc))
             raise
@@ -395,7 +395,7 @@ class Decider(Generic[D]):
             "openinference.span.kind": "TOOL",
             "tool.name": tool.name,
         }
-        with _span(telemetry, f"execute_tool {tool.name}", attributes) as span:
+        with _span(telemetry, f"execute_tool {tool.name}", attributes, agent=ctx.agent.name) as span:
             try:
                 query = tool.parse(use.get("input") or {})
                 reply = await ctx.request(query, timeout=self.settings.query_timeout)
@@ -411,13 +411,14 @@ class Decider(Generic[D]):
 
     async def _call(
         self,
-        telemetry: Telemetry | None,
+        ctx: Context,
         messages: list[dict[str, Any]],
         choice: dict[str, Any],
         outcome: Outcome[D],
         conversation: str,
     ) -> anthropic.types.Message:
         s = self.settings
+        telemetry, agent = ctx.bus.telemetry, ctx.agent.name
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "anthropic",
@@ -427,11 +428,12 @@ class Decider(Generic[D]):
             "gen_ai.conversation.id": conversation,
             "openinference.span.kind": "LLM",
             "llm.provider": "anthropic",
+            "llm.system": "anthropic",
             "llm.model_name": s.model,
         }
         if s.temperature is not None:
             attributes["gen_ai.request.temperature"] = s.temperature
-        with _span(telemetry, f"chat {s.model}", attributes, client=True) as span:
+        with _span(telemetry, f"chat {s.model}", attributes, agent=agent, client=True) as span:
             calls = len(outcome.calls)
             try:
                 message = await self._call_model(messages, choice, outcome, conversation)
@@ -581,12 +583,18 @@ def _record_metrics(telemetry: Telemetry, record: ModelCall, requested: str) -> 
 
 
 def _span(
-    telemetry: Telemetry | None, name: str, attributes: Mapping[str, Any], *, client: bool = False
+    telemetry: Telemetry | None,
+    name: str,
+    attributes: Mapping[str, Any],
+    *,
+    agent: str | None,
+    client: bool = False,
 ) -> AbstractContextManager[Span | None]:
-    """A span when the bus has telemetry; nothing (and no cost) otherwise."""
+    """A span of ``agent`` when the bus has telemetry; nothing (and no cost) otherwise."""
     if telemetry is None:
         return nullcontext()
-    return telemetry.span(name, kind=SpanKind.CLIENT if client else SpanKind.INTERNAL, attributes=attributes)
+    kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
+    return telemetry.span(name, kind=kind, attributes=attributes, agent=agent)
 
 
 def _error(use: dict[str, Any], text: str) -> dict[str, Any]:
