@@ -9,6 +9,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -63,18 +64,33 @@ async def run_until_serving(bus: Bus, *args: str, replicas: int, env: dict[str, 
     )
     instances: set[str] = set()
     try:
-        while len(instances) < replicas:
-            beat = await stats.next_msg(timeout=20)
-            instances.add(msgspec.json.decode(beat.data)["instance"])
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        async with reaped(proc):
+            while len(instances) < replicas:
+                beat = await stats.next_msg(timeout=20)
+                instances.add(msgspec.json.decode(beat.data)["instance"])
+            _, err = await sigterm(proc)
+    finally:
+        await stats.unsubscribe()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@contextlib.asynccontextmanager
+async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The child process, killed and waited for if it still runs when the block ends (a test that failed)."""
+    try:
+        yield proc
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await stats.unsubscribe()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+
+
+async def sigterm(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> tuple[bytes, bytes]:
+    """SIGTERM to the child, then its stdout and stderr (those it was given pipes for) once it exited."""
+    proc.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return out or b"", err or b""
 
 
 def exited(pids: list[int], timeout: float = 20.0) -> list[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import msgspec
 
 from busagents import Bus, query
 from busagents.server import NatsServer
+
+from .drain_agent import reaped, sigterm
 
 AGENT = """
 import msgspec
@@ -68,17 +69,14 @@ async def test_reload_restarts_the_agent_with_the_changed_source(
                 return instance
 
     try:
-        first = await next_instance(None)
-        assert await bus.request(WhichVersion()) == Version(text="first")
-        module.write_text(AGENT.format(text="second"))
-        await next_instance(first)  # another process: the agent was started again
-        assert await bus.request(WhichVersion()) == Version(text="second")
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        async with reaped(proc):
+            first = await next_instance(None)
+            assert await bus.request(WhichVersion()) == Version(text="first")
+            module.write_text(AGENT.format(text="second"))
+            await next_instance(first)  # another process: the agent was started again
+            assert await bus.request(WhichVersion()) == Version(text="second")
+            _, err = await sigterm(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         await stats.unsubscribe()
     text = err.decode()
     assert f"--reload: watching {tmp_path}" in text

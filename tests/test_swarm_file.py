@@ -6,7 +6,6 @@ import asyncio
 import os
 import pty
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from busagents.server import NatsServer
 from busagents.swarm import load_swarm
 from busagents.swarm.config import AGENT_KEYS, SWARM_KEYS
 
-from .drain_agent import Done, Job, child_env
+from .drain_agent import Done, Job, child_env, reaped, sigterm
 
 README = Path(__file__).parent.parent / "README.md"
 ASKER = "asker_agent:Asker"  # sends a query nobody in its swarm answers
@@ -101,7 +100,8 @@ async def test_swarm_up_refuses_a_swarm_whose_check_reports_errors(tmp_path: Pat
         env=swarm_env(),
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    async with reaped(proc):
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
     text = err.decode()
     assert proc.returncode == 1, text
     assert "error: query AskQuote is sent by ['asker'] but nobody answers" in text
@@ -128,15 +128,12 @@ async def test_swarm_up_force_starts_it_warns_of_keys_that_are_not_names_and_wri
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        serving: set[str] = set()
-        while serving != names:
-            serving.add(msgspec.json.decode((await stats.next_msg(timeout=30)).data)["agent"])
-        proc.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(proc.communicate(), 40)
+        async with reaped(proc):
+            serving: set[str] = set()
+            while serving != names:
+                serving.add(msgspec.json.decode((await stats.next_msg(timeout=30)).data)["agent"])
+            out, err = await sigterm(proc, 40)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         await stats.unsubscribe()
     text = err.decode()
     assert proc.returncode == 0, text
@@ -212,16 +209,13 @@ async def test_swarm_up_in_a_terminal_shows_a_live_table_of_its_agents(
 
     reader = asyncio.create_task(asyncio.to_thread(read))
     try:
-        await bus.wait_for_agents(["slow"], timeout=30)
-        async with bus.expect(Done, where=lambda d: d.n == 71, timeout=10):
-            await bus.publish(Job(n=71))
-        await asyncio.wait_for(shown.wait(), 20)  # the next heartbeats reach the table
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        async with reaped(proc):
+            await bus.wait_for_agents(["slow"], timeout=30)
+            async with bus.expect(Done, where=lambda d: d.n == 71, timeout=10):
+                await bus.publish(Job(n=71))
+            await asyncio.wait_for(shown.wait(), 20)  # the next heartbeats reach the table
+            _, err = await sigterm(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         await asyncio.wait_for(reader, 10)
         os.close(terminal)
     assert proc.returncode == 0, err.decode()
