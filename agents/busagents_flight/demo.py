@@ -43,10 +43,15 @@ from rich.table import Table
 from rich.text import Text
 
 from busagents import Agent, Bus, NatsServer, Worker
+from busagents.cli.trace import render_tree
 from busagents.contract import contract_info
+from busagents.conversation import causal_tree, read_conversation
+from busagents.convlog import conversation_log
 from busagents.dlq import DLQ_REASON
-from busagents.envelope import SENT_AT
+from busagents.envelope import CONVERSATION_ID, SENT_AT
+from busagents.observe import Catalog
 from busagents.process import die_with_parent
+from busagents.settings import Settings
 from busagents.subjects import DLQ_SUBJECTS
 
 from .context import ContextAgent
@@ -84,6 +89,8 @@ class DemoReport(msgspec.Struct, kw_only=True):
     wall_seconds: float  # everything: generating the day, loading the store, the run, the audit
     run_seconds: float  # first status update published -> last passenger notified
     msgs_per_second: float  # messages / run_seconds
+    #: A few conversations that rebooked or refunded someone, the smallest first: ``busagents trace ID``.
+    conversations: list[str] = []
 
 
 @dataclass
@@ -114,6 +121,7 @@ class _Tally:
     notified: set[tuple[str, str]] = field(default_factory=set)
     disrupted_at: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    conversations: dict[str, int] = field(default_factory=dict)  # id -> passengers rebooked or refunded in it
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def say(self, text: str) -> None:
@@ -224,6 +232,9 @@ def _on_rejected(t: _Tally, e: RebookRejected, msg: Msg) -> None:
 
 
 def _on_notified(t: _Tally, e: _Notified, msg: Msg) -> None:
+    conversation = (msg.headers or {}).get(CONVERSATION_ID)
+    if conversation and e.action != "keep":
+        t.conversations[conversation] = t.conversations.get(conversation, 0) + 1
     key = (e.disruption_id, e.passenger_id)
     if key not in t.notified:
         t.notified.add(key)
@@ -345,7 +356,8 @@ async def run_demo(
             kids = stack.enter_context(_AgentProcesses(_CHILD_AGENTS if processes else (), server.url, child_env, tmp))
             bus = await Bus.connect(server.url, name="flight-demo")
             try:
-                worker = Worker(agents, bus, drain_timeout=30)
+                # BUSAGENTS_CONVERSATION_LOG=1 keeps the core messages too (the agent processes read it as well)
+                worker = Worker(agents, bus, drain_timeout=30, conversation_log=conversation_log(Settings()))
                 await worker.start()
                 await kids.serving(bus, timeout)
                 try:
@@ -353,6 +365,8 @@ async def run_demo(
                 finally:
                     await worker.drain()
                     await kids.stop()
+                if console is not None:
+                    await _show_conversation(bus, tally, console)
                 await booking_store.open()
                 audit = await booking_store.audit(u.flight_id for u in feed if u.status == "cancelled")
                 await booking_store.close()
@@ -409,7 +423,23 @@ def _report(
         wall_seconds=round(wall, 2),
         run_seconds=round(run_seconds, 2),
         msgs_per_second=round(tally.messages / run_seconds, 1) if run_seconds else 0.0,
+        conversations=_traceable(tally),
     )
+
+
+def _traceable(tally: _Tally) -> list[str]:
+    """Three conversations that rebooked or refunded someone, the smallest first."""
+    return sorted(tally.conversations, key=lambda c: (tally.conversations[c], c))[:3]
+
+
+async def _show_conversation(bus: Bus, tally: _Tally, console: Console) -> None:
+    """The causal tree of the smallest of them, as ``busagents trace`` prints it, while the server still runs."""
+    picks = _traceable(tally)
+    if not picks:
+        return
+    roots = causal_tree(await read_conversation(bus, picks[0], Catalog.installed()))
+    console.rule(f"one conversation, as 'busagents trace {picks[0]}' shows it")
+    console.print(render_tree(picks[0], roots, width=60, most=4))
 
 
 async def _play(
@@ -600,6 +630,11 @@ def flight_demo(
         f"{'throughput':>16}: {report.messages} messages in {report.run_seconds}s ({report.msgs_per_second}/s); "
         f"{report.wall_seconds}s in all"
     )
+    if report.conversations:
+        console.print(
+            f"{'conversations':>16}: {', '.join(report.conversations)} "
+            "(busagents trace ID --nats URL, on a server that keeps them)"
+        )
     if report_path:
         Path(report_path).write_text(json.dumps(summary, indent=2) + "\n")
         console.print(f"report written to {report_path}")

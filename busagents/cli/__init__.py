@@ -17,6 +17,7 @@ from .new import new_command
 from .ps import ps_command
 from .server import server_group
 from .swarm import swarm_group
+from .trace import trace_command
 from .watch import watch_command
 
 __all__ = ["cli", "main"]
@@ -51,6 +52,7 @@ cli.add_command(publish_command)
 cli.add_command(request_command)
 cli.add_command(server_group)
 cli.add_command(swarm_group)
+cli.add_command(trace_command)
 cli.add_command(watch_command)
 
 

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..observe import Catalog, Seen
 from ._nats import nats_option, nats_url
 
-__all__ = ["trace_command"]
+__all__ = ["render_tree", "trace_command"]
 
 
 @click.command("trace")
@@ -54,16 +54,26 @@ def trace_command(conversation_id: str, nats: str | None, as_json: bool, width: 
             f"nothing kept of conversation {conversation_id!r} on {url} (core messages are kept only "
             "with the conversation log on: BUSAGENTS_CONVERSATION_LOG=1)"
         )
+    Console().print(render_tree(conversation_id, roots, width))
+
+
+def render_tree(conversation_id: str, roots: list[Hop], width: int = 80, most: int = 0) -> Tree:
+    """The causal tree of a conversation (see :func:`busagents.conversation.causal_tree`) for rich.
+
+    ``most``: at most this many messages caused by one message are shown, the rest counted (0: all).
+    """
     tree = Tree(f"[bold]conversation {escape(conversation_id)}[/]")
-    for root in roots:
-        _add(tree, root, None, width)
-    Console().print(tree)
+    _add_all(tree, roots, None, width, most)
+    return tree
 
 
-def _add(tree: Tree, hop: Hop, parent: Seen | None, width: int) -> None:
-    branch = tree.add(_label(hop, parent, width))
-    for child in hop.children:
-        _add(branch, child, hop.seen, width)
+def _add_all(tree: Tree, hops: list[Hop], parent: Seen | None, width: int, most: int) -> None:
+    shown = hops[:most] if most else hops
+    for hop in shown:
+        branch = tree.add(_label(hop, parent, width))
+        _add_all(branch, hop.children, hop.seen, width, most)
+    if len(shown) < len(hops):
+        tree.add(f"[dim]... and {len(hops) - len(shown)} more[/]")
 
 
 def _label(hop: Hop, parent: Seen | None, width: int) -> str:
