@@ -8,12 +8,18 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
 import pytest
+from busagents_flight.context import ContextAgent
+from busagents_flight.data import generate
+from busagents_flight.reasoner import ReasonerAgent
+from busagents_travel import FlightCancelled
 from nats.aio.msg import Msg
 
 from busagents import Agent, Bus, ConfigError, Context, PermanentError, command, event, on, query
@@ -181,56 +187,107 @@ def _pattern(address: str) -> re.Pattern[str]:
     return re.compile("".join("[^.]+" if p.startswith("{") else re.escape(p) for p in parts))
 
 
-async def test_live_traffic_carries_every_required_header(bus: Bus, nats_server: NatsServer) -> None:
-    doc = _document()
-    messages = doc["components"]["messages"]
-    channels = {
-        name: (_pattern(ch["address"]), [messages[m] for m in ch["messages"]])
-        for name, ch in doc["channels"].items()
-        if ch["address"] is not None
-    }
-    requests: set[str] = set()  # reply subjects of captured queries
-    captured: list[tuple[str, Msg]] = []  # (channel, message)
-    replies: list[Msg] = []
-    done = asyncio.Event()
+class _Traffic:
+    """Every message on a document's channels, and each reply to a query, as a second connection sees them."""
 
-    def complete() -> bool:
-        letters = {m.headers.get("Ba-Dlq-Agent") for c, m in captured if c == "dead-letters" and m.headers}
-        finished = any(c == "Finished" for c, _ in captured)
-        errors = sum(1 for m in replies if m.headers and "Ba-Error" in m.headers)
-        return finished and letters >= {"actor", "pricer", "watcher"} and errors >= 1 and len(replies) > errors
+    def __init__(self, doc: dict[str, Any], done: Callable[[_Traffic], bool]) -> None:
+        self.doc = doc
+        self.messages: dict[str, Any] = doc["components"]["messages"]
+        self.patterns = {
+            name: _pattern(channel["address"])
+            for name, channel in doc["channels"].items()
+            if channel["address"] is not None
+        }
+        self.captured: list[tuple[str, Msg]] = []  # (channel, message)
+        self.replies: list[tuple[str, Msg]] = []  # (query channel, reply)
+        self._asked: dict[str, str] = {}  # reply subject of a captured query -> its channel
+        self._done = done
+        self.finished = asyncio.Event()
 
-    async def capture(msg: Msg) -> None:
-        if msg.subject in requests:
-            replies.append(msg)
-        for name, (pattern, _) in channels.items():
+    async def capture(self, msg: Msg) -> None:
+        asked = self._asked.pop(msg.subject, None)
+        if asked is not None:
+            self.replies.append((asked, msg))
+        for name, pattern in self.patterns.items():
             if pattern.fullmatch(msg.subject):
-                captured.append((name, msg))
-                if name == "PriceOf" and msg.reply:
-                    requests.add(msg.reply)
-        if complete():
-            done.set()
+                self.captured.append((name, msg))
+                if f"{name}-reply" in self.doc["channels"] and msg.reply:
+                    self._asked[msg.reply] = name
+        if self._done(self):
+            self.finished.set()
 
+    def channels(self) -> set[str]:
+        return {name for name, _ in self.captured}
+
+    def assert_required_headers(self) -> None:
+        """Every captured message has the headers its channel's message marks required; every reply its reply's."""
+        for name, msg in self.captured:
+            (ref,) = self.doc["channels"][name]["messages"].values()
+            self._assert_has(self.messages[_ref_name(ref)], msg, f"{name} on {msg.subject}")
+        for asked, msg in self.replies:
+            failed = msg.headers is not None and "Ba-Error" in msg.headers
+            names = [_ref_name(r) for r in self.doc["channels"][f"{asked}-reply"]["messages"].values()]
+            (name,) = [n for n in names if n.endswith("Failed") == failed]
+            self._assert_has(self.messages[name], msg, f"reply {name} to {asked}")
+            if not failed:
+                assert msg.headers is not None and msg.headers["Ba-Contract"] == name
+
+    @staticmethod
+    def _assert_has(message: dict[str, Any], msg: Msg, what: str) -> None:
+        missing = _required(message) - set(msg.headers or {})
+        assert not missing, f"{what} lacks required headers {sorted(missing)}"
+
+
+def _ref_name(ref: dict[str, str]) -> str:
+    return ref["$ref"].rsplit("/", 1)[-1]
+
+
+@asynccontextmanager
+async def _watching(nats_server: NatsServer, traffic: _Traffic) -> AsyncIterator[None]:
     spy = await nats.connect(nats_server.url)
     try:
-        await spy.subscribe(">", cb=capture)
+        await spy.subscribe(">", cb=traffic.capture)
         await spy.flush()
-        async with run_agents(bus, *(agent() for agent in SWARM)):
-            for item in ("a", "poison", "unpriced"):
-                await bus.publish(Seen(item=item))
-            await asyncio.wait_for(done.wait(), timeout=20)
+        yield
     finally:
         await spy.close()
 
-    seen_channels = {name for name, _ in captured}
-    assert {"Seen", "Act", "PriceOf", "Finished", "dead-letters"} <= seen_channels
-    for name, msg in captured:
-        (message,) = channels[name][1]
-        missing = _required(message) - set(msg.headers or {})
-        assert not missing, f"{name} on {msg.subject} lacks required headers {missing}"
-    by_name = {m["name"]: m for m in (messages["Price"], messages["PriceOfFailed"])}
-    for msg in replies:
-        message = by_name["PriceOfFailed" if msg.headers and "Ba-Error" in msg.headers else "Price"]
-        missing = _required(message) - set(msg.headers or {})
-        assert not missing, f"reply {message['name']} lacks required headers {missing}"
-        assert msg.headers is not None and msg.headers.get("Ba-Contract", "Price") == "Price"
+
+def _test_swarm_done(traffic: _Traffic) -> bool:
+    captured = traffic.captured
+    letters = {m.headers.get("Ba-Dlq-Agent") for c, m in captured if c == "dead-letters" and m.headers}
+    errors = sum(1 for _, m in traffic.replies if m.headers and "Ba-Error" in m.headers)
+    finished = any(c == "Finished" for c, _ in captured)
+    return finished and letters >= {"actor", "pricer", "watcher"} and 1 <= errors < len(traffic.replies)
+
+
+async def test_live_traffic_carries_every_required_header(bus: Bus, nats_server: NatsServer) -> None:
+    traffic = _Traffic(_document(), _test_swarm_done)
+    async with _watching(nats_server, traffic), run_agents(bus, *(agent() for agent in SWARM)):
+        for item in ("a", "poison", "unpriced"):  # a price and an act; a dead act; a failed query
+            await bus.publish(Seen(item=item))
+        await asyncio.wait_for(traffic.finished.wait(), timeout=20)
+    assert {"Seen", "Act", "PriceOf", "Finished", "dead-letters"} <= traffic.channels()
+    traffic.assert_required_headers()
+
+
+def _flight_done(traffic: _Traffic) -> bool:
+    answered = {asked for asked, _ in traffic.replies}
+    return {"DisruptionAssessed", "RebookGroup"} <= traffic.channels() and "BookingsOnFlight" in answered
+
+
+async def test_the_flight_agents_traffic_carries_every_required_header(bus: Bus, nats_server: NatsServer) -> None:
+    day = generate(flights=8, passengers=200, seed=3)
+    flight = max(day.flights, key=lambda f: sum(1 for b in day.bookings if b.legs[0].flight_id == f.flight_id))
+    traffic = _Traffic(Graph([ContextAgent, ReasonerAgent]).asyncapi(), _flight_done)
+    async with _watching(nats_server, traffic), run_agents(bus, ContextAgent(day), ReasonerAgent("offline")):
+        await bus.publish(
+            FlightCancelled(
+                disruption_id=f"{flight.flight_id}#1", flight_id=flight.flight_id, number=flight.number,
+                origin=flight.origin, destination=flight.destination, reason="crew",
+                observed_at=flight.departure - 7200,
+            )
+        )  # fmt: skip
+        await asyncio.wait_for(traffic.finished.wait(), timeout=30)
+    assert {"FlightCancelled", "BookingsOnFlight", "DisruptionAssessed", "RebookGroup"} <= traffic.channels()
+    traffic.assert_required_headers()
