@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import msgspec
 from busagents import Bus, query
 from busagents.server import NatsServer
 
-from .drain_agent import reaped, sigterm
+from .drain_agent import reaped
 
 AGENT = """
 import msgspec
@@ -59,6 +60,7 @@ async def test_reload_restarts_the_agent_with_the_changed_source(
         *("--nats", nats_server.url),
         cwd=tmp_path,
         env=env,
+        start_new_session=True,  # a process group of its own, as a shell gives it
         stderr=asyncio.subprocess.PIPE,
     )
 
@@ -75,7 +77,8 @@ async def test_reload_restarts_the_agent_with_the_changed_source(
             module.write_text(AGENT.format(text="second"))
             await next_instance(first)  # another process: the agent was started again
             assert await bus.request(WhichVersion()) == Version(text="second")
-            _, err = await sigterm(proc)
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         await stats.unsubscribe()
     text = err.decode()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
+import logging
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -12,6 +15,7 @@ import watchfiles
 
 from ..agent import Agent
 from ..contract import contract_info
+from ..process import die_with_parent
 
 __all__ = ["run_reloading", "source_dirs"]
 
@@ -41,23 +45,46 @@ def source_dirs(agent_cls: type[Agent]) -> list[Path]:
 
 
 def run_reloading(cmd: list[str], paths: list[Path], *, label: str, drain_timeout: float) -> int:
-    """Run ``cmd`` until SIGTERM/SIGINT, stopping it (SIGINT: it drains) and starting it again on each
+    """Run ``cmd`` until SIGTERM/SIGINT, stopping it (SIGTERM: it drains) and starting it again on each
     change of a ``.py`` file under ``paths``. Returns how many times it was restarted.
     """
     if not paths:
         raise click.UsageError(f"--reload: found no source directory of {label} to watch")
     watched = ", ".join(str(p) for p in paths)
     click.echo(f"--reload: watching {watched}; {label} restarts when a .py file there changes", err=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the watch as Ctrl-C does
+    logging.getLogger("watchfiles").setLevel(logging.ERROR)  # not a WARNING for the Ctrl-C that stops it
+    process = _start(cmd)
+    restarts = 0
+    try:
+        for changes in watchfiles.watch(*paths, watch_filter=watchfiles.PythonFilter(), raise_interrupt=False):
+            files = sorted({Path(path).name for _, path in changes})
+            click.echo(f"--reload: {', '.join(files)} changed; restarting {label}", err=True)
+            _stop(process, drain_timeout)
+            process = _start(cmd)
+            restarts += 1
+    finally:
+        _stop(process, drain_timeout)
+    return restarts
 
-    def changed(changes: set[tuple[watchfiles.Change, str]]) -> None:
-        files = sorted({Path(path).name for _, path in changes})
-        click.echo(f"--reload: {', '.join(files)} changed; restarting {label}", err=True)
 
-    return watchfiles.run_process(
-        *paths,
-        target=shlex.join(cmd),
-        target_type="command",
-        callback=changed,
-        watch_filter=watchfiles.PythonFilter(),
-        sigint_timeout=int(drain_timeout) + 5,  # SIGKILL only after the drain timeout
-    )
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _start(cmd: list[str]) -> subprocess.Popen[bytes]:
+    # its own session: a terminal's Ctrl-C reaches this process only, which asks the agent once to drain
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent())
+
+
+def _stop(process: subprocess.Popen[bytes], drain_timeout: float) -> None:
+    """SIGTERM (the agent drains), SIGKILL only when it is still there after the drain timeout."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(drain_timeout + 5)
+    except subprocess.TimeoutExpired:
+        click.echo(f"--reload: the agent did not stop within {drain_timeout + 5:.0f}s; killing it", err=True)
+        process.kill()
+        process.wait()
