@@ -40,6 +40,7 @@ class Context:
         "_derive_ids",
         "_envelope",
         "_headers",
+        "_llm",
         "_message_id",
         "_published",
         "_views",
@@ -73,6 +74,7 @@ class Context:
         self._derive_ids = derive_ids
         self._published = 0
         self._views = views
+        self._llm: str | None = None
 
     @property
     def envelope(self) -> Envelope | None:
@@ -128,9 +130,28 @@ class Context:
             if msg_id is None and cause_id is not None:
                 msg_id = derived_id(cause_id, self.agent.name, self._published)
             self._published += 1
+        if self._llm is not None:
+            info = contract_info(type(message))
+            envelope = Envelope.new(
+                info.name,
+                info.version,
+                sender=self.agent.name,
+                cause=self.envelope,
+                conversation_id=conversation_id,
+                msg_id=msg_id,
+            )
+            envelope.llm = self._llm
+            return await self.bus.publish(message, envelope=envelope)
         return await self.bus.publish(
             message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id, msg_id=msg_id
         )
+
+    def note_llm(self, note: str) -> None:
+        """Say that what this handler publishes from now on was decided with model calls (``Ba-Llm``).
+
+        :class:`~busagents.llm.Decider` calls it; ``busagents trace`` marks such messages.
+        """
+        self._llm = note
 
     async def catch_up(self, timeout: float = 10.0) -> None:
         """Wait until the agent's views (``@on(C, view=True)``) hold every event stored before this call.

@@ -13,6 +13,8 @@ Header names (all plain ASCII strings, so an agent in any language can read them
 ``traceparent``           W3C trace context (filled by telemetry when enabled)
 ``tracestate``            W3C trace state
 ``Ba-Replay-Of``          id of the dead letter's original message, on a replayed message
+``Ba-Llm``                the model calls that decided this message (``<model> calls=<n> tokens=<t>
+                          source=<model|offline|review>``), set through :meth:`Context.note_llm`
 ========================  ==============================================================
 
 The ids (message, conversation, causation) are copied from a message into the messages it
@@ -40,6 +42,7 @@ __all__ = [
     "CAUSATION_ID",
     "CONTRACT",
     "CONVERSATION_ID",
+    "LLM",
     "MAX_ID",
     "MSG_ID",
     "REPLAY_OF",
@@ -63,6 +66,7 @@ SENT_AT = "Ba-Sent-At"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 REPLAY_OF = "Ba-Replay-Of"
+LLM = "Ba-Llm"
 
 _ALPHABET = string.digits + string.ascii_letters
 #: The longest id kept as it is (see the module doc).
@@ -121,6 +125,7 @@ class Envelope(msgspec.Struct, kw_only=True):
     sent_at_ns: int = 0
     traceparent: str | None = None
     tracestate: str | None = None
+    llm: str | None = None
 
     @classmethod
     def new(
@@ -171,6 +176,8 @@ class Envelope(msgspec.Struct, kw_only=True):
             headers[TRACEPARENT] = self.traceparent
         if self.tracestate is not None:
             headers[TRACESTATE] = self.tracestate
+        if self.llm is not None:
+            headers[LLM] = self.llm
         return headers
 
     @classmethod
@@ -197,6 +204,7 @@ class Envelope(msgspec.Struct, kw_only=True):
             sent_at_ns=_int(get(SENT_AT), 0),
             traceparent=get(TRACEPARENT),
             tracestate=get(TRACESTATE),
+            llm=get(LLM),
         )
 
     @property

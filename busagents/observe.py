@@ -20,7 +20,7 @@ import msgspec
 from .codec import codec_for
 from .contract import ContractInfo, contract_info
 from .dlq import DLQ_AGENT, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT
-from .envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, MSG_ID, SENDER, SENT_AT, VERSION
+from .envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, LLM, MSG_ID, SENDER, SENT_AT, VERSION
 from .errors import DecodeError
 from .subjects import DLQ_PREFIX, STATS_PREFIX
 
@@ -50,6 +50,7 @@ class Seen:
     body: Any  # the decoded contract as builtins; else the JSON; else the text
     known: bool  # decoded with an installed contract
     dead_letter: dict[str, str] | None = None  # agent, stage, reason, subject, original id
+    llm: str | None = None  # the model calls that decided it (Ba-Llm)
     stream: str | None = None
     seq: int | None = None
 
@@ -125,6 +126,7 @@ class Catalog:
             body=body,
             known=known,
             dead_letter=dead,
+            llm=get(LLM),
             stream=stream,
             seq=seq,
         )

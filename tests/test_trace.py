@@ -13,9 +13,16 @@ from nats.aio.msg import Msg
 from busagents import Agent, Bus, Context, command, contract_info, event, on
 from busagents.conversation import causal_tree, read_conversation
 from busagents.convlog import CONVERSATION_LOG_STREAM, ConversationLog
+from busagents.llm import LLMSettings
+from busagents.llm.testing import MessagesServer, tool_use
 from busagents.observe import Catalog
 from busagents.server import NatsServer
 from busagents.worker import Worker
+
+from .llm_agents import ContextAgent as LLMContext
+from .llm_agents import Disrupted, FindFlights, LLMReasoner, Rebook
+
+_DECISION = {"booking_id": "B1", "flight_id": "F2", "cost": 80.0, "rationale": "F2 arrives first"}
 
 
 @event("test.trace.ordered", key="order_id")
@@ -125,3 +132,27 @@ async def _trace(url: str, conversation: str, *args: str) -> str:
 
 def _wide() -> dict[str, str]:
     return {**os.environ, "COLUMNS": "250"}  # rich wraps at the terminal's width
+
+
+async def test_trace_marks_the_decision_a_model_made_and_keeps_the_queries_it_sent(
+    bus: Bus, nats_server: NatsServer, messages_server: MessagesServer
+) -> None:
+    messages_server.script(
+        tool_use("find_flights", {"origin": "LHR", "destination": "JFK"}, input_tokens=100, output_tokens=20),
+        tool_use("decide", _DECISION, input_tokens=300, output_tokens=40),
+    )
+    reasoner = LLMReasoner(LLMSettings.for_agent("test_llm_reasoner", max_retries=0), messages_server)
+    log = ConversationLog(max_age=600)
+    async with Worker([reasoner, LLMContext()], bus, drain_timeout=10, conversation_log=log):
+        async with bus.expect(Rebook, where=lambda r: r.booking_id == "B1", timeout=15):
+            await bus.publish(Disrupted(booking_id="B1", origin="LHR", destination="JFK"), conversation_id="conv-llm")
+
+    (root,) = causal_tree(await read_conversation(bus, "conv-llm", Catalog([Disrupted, FindFlights, Rebook])))
+    by_contract = {hop.seen.contract: hop.seen for _, hop in root.walk()}
+    # the model's query went through the log (no_ack: the requester still got the context agent's answer)
+    assert by_contract[contract_info(FindFlights).name].body == {"origin": "LHR", "destination": "JFK"}
+    rebook = by_contract[contract_info(Rebook).name]
+    assert rebook.llm == "claude-test calls=2 tokens=460 source=model"
+    assert by_contract[contract_info(FindFlights).name].llm is None  # asked during the decision, not decided by it
+    text = await _trace(nats_server.url, "conv-llm")
+    assert "LLM claude-test calls=2" in text, text

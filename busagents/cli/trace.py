@@ -30,7 +30,8 @@ def trace_command(conversation_id: str, nats: str | None, as_json: bool, width: 
 
     Read from what JetStream keeps: the durable contracts' streams, the dead letters, and
     the conversation log of core messages when it is on (BUSAGENTS_CONVERSATION_LOG=1).
-    Dead letters are marked, and so are messages whose cause is not kept.
+    Dead letters are marked, and so are messages decided with model calls (Ba-Llm: model, calls,
+    tokens), the LLM layer's review and approval messages, and messages whose cause is not kept.
     """
     catalog = Catalog.installed()
     with nats_url(nats) as url:
@@ -85,7 +86,7 @@ def _label(hop: Hop, parent: Seen | None, width: int) -> str:
         d = s.dead_letter
         head = f"[bold red]DEAD LETTER[/] {contract} at [bold]{escape(d['agent'])}[/] ({escape(d['stage'])})"
         return f"{when}{after} {head}: [red]{escape(d['reason'])}[/]"
-    llm = " [bold magenta]LLM[/]" if _is_llm(s) else ""
+    llm = f" [bold magenta]LLM {escape(s.llm)}[/]" if s.llm else " [bold magenta]LLM[/]" if _is_llm(s) else ""
     sender = escape(s.sender or "outside")
     handled_by = sorted({c.seen.sender for c in hop.children if c.seen.sender and c.seen.dead_letter is None})
     to = f" -> {escape(', '.join(handled_by))}" if handled_by else ""

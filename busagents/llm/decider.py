@@ -169,6 +169,9 @@ class Decider(Generic[D]):
                         "gen_ai.usage.output_tokens": outcome.output_tokens,
                     }
                 )
+        if outcome.calls:  # what the handler publishes next carries it (Ba-Llm): busagents trace marks it
+            tokens = outcome.input_tokens + outcome.output_tokens
+            ctx.note_llm(f"{outcome.model} calls={len(outcome.calls)} tokens={tokens} source={outcome.source}")
         return outcome
 
     async def _decide(
