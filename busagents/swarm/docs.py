@@ -185,18 +185,21 @@ class _Page:
         header_rows = [
             [
                 f"<code>{escape(h)}</code>",
+                self._type(spec),
                 '<span class="req">required</span>' if h in required else "",
-                escape(spec.get("description", ""))
-                + (f" = <code>{escape(spec['const'])}</code>" if "const" in spec else ""),
+                escape(spec.get("description", "")),
             ]
             for h, spec in headers.get("properties", {}).items()
         ]
+        others = headers.get("additionalProperties")
+        if isinstance(others, dict):
+            header_rows.append(["<em>any other</em>", self._type(others), "", escape(others.get("description", ""))])
         return (
             f"<h{level}>{escape(message['name'])}</h{level}><p>{escape(message.get('summary', ''))}</p>"
             f"<p>Body ({escape(message.get('contentType', 'application/json'))}):</p>"
             + self._fields(message["payload"])
             + "<p>Headers:</p>"
-            + _table(["header", "", "description"], header_rows)
+            + _table(["header", "value", "", "description"], header_rows)
         )
 
     def _fields(self, schema: dict[str, Any]) -> str:
