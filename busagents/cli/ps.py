@@ -196,9 +196,9 @@ def _table(agents: list[AgentStatus]) -> Table:
             _ago(a.last_handled, now),
         )
         for i in a.instances:
-            where = f"{i.host}:{i.pid}" if i.pid is not None else i.host
+            where = f"{i.host}:{i.pid}" if i.pid is not None else i.id  # the instance id is in --json
             table.add_row(
-                f"  {i.id} {where}",
+                f"  {where}",
                 "",
                 str(i.handled),
                 str(i.failed),
