@@ -116,3 +116,38 @@ async def test_ctrl_c_to_run_with_two_replicas_drains_both_before_the_embedded_s
     assert_clean(code, err, elapsed)
     assert err.count("INFO busagents.worker: worker drained") == 2, err
     print(f"run --replicas 2: exit {code} {elapsed:.1f}s after SIGINT to its process group")
+
+
+async def test_ctrl_c_to_demo_with_agent_processes_drains_them_and_exits_0(tmp_path: Path) -> None:
+    env = interrupted_env(tmp_path)
+    args = ("demo", "--processes", "--day-seconds", "30", "--no-live", "--timeout", "60")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", *args),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(60):  # the agent processes are at work: a booking was changed
+            while not re.match(r"\s+(rebooked|refunded) ", line := (await proc.stdout.readline()).decode()):
+                assert line, "".join(seen)
+                seen.append(line)
+        os.killpg(proc.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = await asyncio.wait_for(proc.communicate(), 40)
+        elapsed = time.monotonic() - interrupted
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    text, errors = out.decode(), err.decode()
+    assert proc.returncode == 0, errors + text
+    assert "Traceback" not in errors and "WARNING" not in errors and "ERROR" not in errors, errors
+    assert "interrupted before the day settled; every agent drained" in text, text
+    assert re.search(r"dead_lettered: 0\n", text), text
+    assert elapsed < 30, elapsed  # the demo's drain timeout
+    print(f"demo --processes: exit 0 {elapsed:.1f}s after SIGINT to its process group")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from busagents_flight.demo import run_demo
 
+from busagents.server import NatsServer
+
 REPORT_KEYS = {"disruptions", "affected", "rebooked", "notified", "dead_lettered", "latency_ms"}
 
 
@@ -63,3 +65,13 @@ async def test_demo_with_agents_in_their_own_processes_serves_every_affected_pas
     assert report.notified == report.affected
     assert report.dead_lettered == 0
     assert report.seat_conflicts == 0
+
+
+async def test_the_demo_on_a_server_that_outlives_it_plays_a_fresh_day_each_time(nats_server: NatsServer) -> None:
+    # the last run's streams would replay into the context view, its monitor state hide the
+    # disruptions and JetStream drop its message ids as duplicates: the demo deletes them first
+    for _ in range(2):
+        report = await run_demo(flights=12, passengers=600, seed=5, timeout=60, nats_url=nats_server.url)
+        assert report.disruptions > 0
+        assert report.notified == report.affected > 0
+        assert report.dead_lettered == 0

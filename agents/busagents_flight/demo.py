@@ -1,9 +1,11 @@
 """``busagents demo``: the flight assistant on an embedded nats-server, end to end.
 
-It generates the seeded airline day, starts a private nats-server (a free
-loopback port, never a server already running), runs the five agents in this
-process, plays the status feed, shows what happens as it happens, and stops
+It generates the seeded airline day, finds NATS as every busagents command does
+(``--nats``, ``BUSAGENTS_NATS_URL``, the busagents server, else a private embedded
+nats-server on a free loopback port; see :mod:`busagents.locate`), runs the five agents
+in this process, plays the status feed, shows what happens as it happens, and stops
 when every disruption has been assessed and every affected passenger notified.
+Ctrl-C (SIGINT or SIGTERM) stops it early: the agents drain, then the server stops.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,9 @@ from busagents.contract import contract_info
 from busagents.conversation import causal_tree, read_conversation
 from busagents.convlog import conversation_log
 from busagents.dlq import DLQ_REASON
+from busagents.durable import stream_name
 from busagents.envelope import CONVERSATION_ID, SENT_AT
+from busagents.locate import use_nats
 from busagents.observe import Catalog
 from busagents.process import die_with_parent
 from busagents.settings import Settings
@@ -80,6 +84,7 @@ class DemoReport(msgspec.Struct, kw_only=True):
     seat_conflicts: int
     stranded: int  # active bookings still holding a leg on a cancelled flight (should be 0)
     redecided: int
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM before the day settled (then drained)
     latency_ms: dict[str, float]
     flights: int
     passengers: int
@@ -317,8 +322,14 @@ async def run_demo(
     console: Console | None = None,
     live: bool = False,
     processes: bool = False,
+    nats_url: str | None = None,
+    stop: asyncio.Event | None = None,
 ) -> DemoReport:
-    """Run the whole flight assistant once on a private nats-server and return the summary.
+    """Run the whole flight assistant once and return the summary.
+
+    ``nats_url``: the NATS to run on (None: a private embedded nats-server, stopped at the end).
+    ``stop``: set it to stop early (Ctrl-C): the agents drain, then the server stops; the report
+    says ``interrupted``.
 
     ``day_seconds``: real seconds the simulated day's status feed takes (0: as fast as possible).
     ``live``: show the rich live view on ``console`` instead of printing each event.
@@ -352,19 +363,23 @@ async def run_demo(
                 f"in {len(day.bookings)} bookings, {len(feed)} status updates (seed {seed}), reasoner {reasoner!r}"
             )
         async with contextlib.AsyncExitStack() as stack:  # the server's start and stop wait off the loop
-            server = await stack.enter_async_context(NatsServer())
-            kids = stack.enter_context(_AgentProcesses(_CHILD_AGENTS if processes else (), server.url, child_env, tmp))
-            bus = await Bus.connect(server.url, name="flight-demo")
+            url = nats_url or (await stack.enter_async_context(NatsServer())).url
+            if nats_url is not None:  # a server that outlives the demo keeps the last run's day
+                await _fresh_day(url, console)
+            kids = stack.enter_context(_AgentProcesses(_CHILD_AGENTS if processes else (), url, child_env, tmp))
+            bus = await Bus.connect(url, name="flight-demo")
             try:
                 # BUSAGENTS_CONVERSATION_LOG=1 keeps the core messages too (the agent processes read it as well)
                 worker = Worker(agents, bus, drain_timeout=30, conversation_log=conversation_log(Settings()))
                 await worker.start()
                 await kids.serving(bus, timeout)
                 try:
-                    run_seconds = await _play(bus, tally, monitor, feed, speed, timeout)
+                    run_seconds = await _play(bus, tally, monitor, feed, speed, timeout, stop)
                 finally:
-                    await worker.drain()
-                    await kids.stop()
+                    drained = await worker.drain()
+                    drained = await kids.stop() and drained
+                if not drained:
+                    raise click.ClickException("the agents did not drain within 30s")
                 if console is not None:
                     await _show_conversation(bus, tally, console)
                 await booking_store.open()
@@ -377,7 +392,29 @@ async def run_demo(
         console.rule("some of the messages sent to passengers")
         for sample in tally.samples:
             console.print(sample, highlight=False)
-    return _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
+    report = _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
+    report.interrupted = stop is not None and stop.is_set()
+    return report
+
+
+_FLIGHT_AGENTS: tuple[type[Agent], ...] = (ContextAgent, FlightMonitor, ReasonerAgent, Rebooker, Notifier)
+
+
+async def _fresh_day(url: str, console: Console | None) -> None:
+    """Delete the flight app's streams and key-value buckets on ``url``: the context view would replay
+    the last run's day, the monitor remember its disruptions, and JetStream drop its message ids."""
+    infos = {contract_info(c) for cls in _FLIGHT_AGENTS for c in (*cls.consumes(), *cls.produces)}
+    streams = {stream_name(i, i.durability) for i in infos if i.durability is not None}
+    streams |= {f"KV_{bucket}" for cls in _FLIGHT_AGENTS for bucket in cls.state_buckets}
+    bus = await Bus.connect(url, name="flight-demo-reset")
+    try:
+        existing = {info.config.name for info in await bus.js.streams_info()}
+        for name in sorted(streams & existing):
+            await bus.js.delete_stream(name)
+    finally:
+        await bus.close()
+    if console is not None and streams & existing:
+        console.print(f"a fresh day on {url}: deleted the last run's {', '.join(sorted(streams & existing))}")
 
 
 async def _local_agents(
@@ -443,10 +480,16 @@ async def _show_conversation(bus: Bus, tally: _Tally, console: Console) -> None:
 
 
 async def _play(
-    bus: Bus, tally: _Tally, monitor: FlightMonitor, feed: list[FlightStatusUpdated], speed: float, timeout: float
+    bus: Bus,
+    tally: _Tally,
+    monitor: FlightMonitor,
+    feed: list[FlightStatusUpdated],
+    speed: float,
+    timeout: float,
+    stop: asyncio.Event | None,
 ) -> float:
     """Play the status feed and wait until every disruption is assessed and every affected passenger
-    notified, watching it all on the demo's subscriptions; the seconds it took."""
+    notified (or ``stop`` is set), watching it all on the demo's subscriptions; the seconds it took."""
     subs = await _subscribe(bus, tally)
     board: contextlib.AbstractContextManager[object] = (
         Live(console=tally.console, get_renderable=tally.board, refresh_per_second=4)
@@ -461,22 +504,47 @@ async def _play(
     tally.started = run_started = time.monotonic()
     try:
         board.__enter__()
-        await publish_feed(bus, feed, speed=speed, on_published=progress)
-        await monitor.wait_handled(len(feed), timeout)
-        await _until(
-            tally,
-            lambda: (
-                tally.disruptions >= monitor.disruptions
-                and tally.assessed >= tally.disruptions
-                and len(tally.notified) >= tally.affected
-            ),
-            timeout,
-        )
+        await _unless_stopped(_settle(bus, tally, monitor, feed, speed, timeout, progress), stop)
         return time.monotonic() - run_started
     finally:
         board.__exit__(None, None, None)
         for sub in subs:
             await sub.unsubscribe()
+
+
+async def _settle(
+    bus: Bus,
+    tally: _Tally,
+    monitor: FlightMonitor,
+    feed: list[FlightStatusUpdated],
+    speed: float,
+    timeout: float,
+    progress: Callable[[FlightStatusUpdated], None],
+) -> None:
+    await publish_feed(bus, feed, speed=speed, on_published=progress)
+    await monitor.wait_handled(len(feed), timeout)
+    await _until(
+        tally,
+        lambda: (
+            tally.disruptions >= monitor.disruptions
+            and tally.assessed >= tally.disruptions
+            and len(tally.notified) >= tally.affected
+        ),
+        timeout,
+    )
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event | None) -> None:
+    """Await ``work``, or cancel it once ``stop`` is set."""
+    if stop is None:
+        await work
+        return
+    async with asyncio.TaskGroup() as tasks:
+        doing = tasks.create_task(work, name="demo:play")
+        stopped = tasks.create_task(stop.wait(), name="demo:stop")
+        await asyncio.wait([doing, stopped], return_when=asyncio.FIRST_COMPLETED)
+        doing.cancel()
+        stopped.cancel()
 
 
 _CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier")
@@ -502,6 +570,7 @@ class _AgentProcesses:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a terminal's Ctrl-C reaches the demo only, which drains them in order
                     preexec_fn=die_with_parent(),  # gone with the demo, even if it is killed
                 )
             self.children.append((name, child, log))
@@ -516,17 +585,21 @@ class _AgentProcesses:
         except TimeoutError as exc:
             raise click.ClickException(f"{exc}\n{self._tails()}") from None
 
-    async def stop(self, timeout: float = 30.0) -> None:
+    async def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM (each drains); killed after ``timeout``. True when every one exited cleanly in time."""
         for _, child, _ in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        clean = True
         for _, child, _ in self.children:
             try:
-                await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic()))
+                clean = await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic())) == 0 and clean
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+                clean = False
+        return clean
 
     def _tails(self) -> str:
         return "\n".join(
@@ -539,6 +612,20 @@ class _AgentProcesses:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+
+
+async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[DemoReport]]) -> DemoReport:
+    """``run(stop)`` with SIGINT and SIGTERM setting ``stop``: Ctrl-C drains the agents instead of
+    tearing the run down (the server and the agent processes have their own sessions)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await run(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _hm(t: int) -> str:
@@ -570,6 +657,11 @@ def _hm(t: int) -> str:
     "--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the summary as JSON."
 )
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option(
+    "--nats",
+    default=None,
+    help="NATS URL (else BUSAGENTS_NATS_URL, else the busagents server if running, else an embedded one).",
+)
 @click.option("--quiet", is_flag=True, help="Only the summary.")
 @click.help_option("-h", "--help")
 def flight_demo(
@@ -584,27 +676,33 @@ def flight_demo(
     processes: bool,
     report_path: str | None,
     timeout: float,
+    nats: str | None,
     quiet: bool,
 ) -> None:
     """The flight assistant on an embedded NATS: status feed -> monitor -> reasoner -> rebooker -> notifier."""
     s = FlightSettings()
     console = Console()
     try:
-        report = asyncio.run(
-            run_demo(
-                flights=flights or s.flights,
-                passengers=passengers or s.passengers,
-                seed=s.seed if seed is None else seed,
-                reasoner=reasoner or s.reasoner,
-                store=store,
-                outbox=outbox,
-                day_seconds=day_seconds,
-                timeout=timeout,
-                console=None if quiet else console,
-                live=console.is_terminal if live is None else live,
-                processes=processes,
+        with use_nats(nats, embed=True, say=lambda line: click.echo(line, err=True)) as url:
+            report = asyncio.run(
+                _until_signalled(
+                    lambda stop: run_demo(
+                        flights=flights or s.flights,
+                        passengers=passengers or s.passengers,
+                        seed=s.seed if seed is None else seed,
+                        reasoner=reasoner or s.reasoner,
+                        store=store,
+                        outbox=outbox,
+                        day_seconds=day_seconds,
+                        timeout=timeout,
+                        console=None if quiet else console,
+                        live=console.is_terminal if live is None else live,
+                        processes=processes,
+                        nats_url=url,
+                        stop=stop,
+                    )
+                )
             )
-        )
     except TimeoutError:
         raise click.ClickException(f"the demo did not settle within {timeout}s") from None
     summary = msgspec.to_builtins(report)
@@ -638,5 +736,8 @@ def flight_demo(
     if report_path:
         Path(report_path).write_text(json.dumps(summary, indent=2) + "\n")
         console.print(f"report written to {report_path}")
+    if report.interrupted:  # what was in hand was finished: a clean stop, not a failed run
+        console.print("interrupted before the day settled; every agent drained")
+        return
     if report.notified != report.affected or report.dead_lettered or report.seat_conflicts:
         raise click.ClickException("the run did not reconcile: see the summary")
