@@ -170,6 +170,15 @@ class AgentService:
 
         return handle_counted
 
+    def dead_lettered_in(self, stream: str) -> None:
+        """Count a message of ``stream`` that JetStream gave up on (a max-deliveries advisory)."""
+        for ep in self.endpoints:
+            if ep.metadata.get("delivery") == "durable" and ep.metadata.get("stream") == stream:
+                ep.num_errors += 1
+                ep.dead_lettered += 1
+                ep.last_error = "max deliveries reached without an ack"
+                return
+
     def _endpoint(self, handler: Handler) -> EndpointCounters:
         ep = self._by_handler.get(handler.attr)
         if ep is not None:

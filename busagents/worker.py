@@ -359,6 +359,7 @@ class Worker:
             )
             return
         self.stats[agent.name].dead_lettered += 1
+        self.services[agent.name].dead_lettered_in(advisory.subject.split(".")[5])  # ...MAX_DELIVERIES.<stream>.<c>
         log.warning("dead letter from %s (max-deliveries): %s", agent.name, reason)
 
     def _durable_handler(

@@ -114,6 +114,15 @@ async def test_each_agent_of_a_worker_answers_ping_info_and_stats_as_nats_micro_
         direct = await discover(bus.nc, ServiceVerb.STATS, f"till.{ids['till']}")
         assert [s["name"] for s in direct] == ["till"]
 
+        # a message JetStream gave up on (its handler's process died each time) counts as dead-lettered too
+        stream = packer[_name(Pack)].metadata["stream"]
+        seq = (await bus.js.stream_info(stream)).state.first_seq
+        advisory = {"stream": stream, "stream_seq": seq, "deliveries": 5}
+        await bus.nc.publish(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.packer", json.dumps(advisory).encode()
+        )
+        await _stats_until(bus, lambda s: _data(s, "packer", _name(Pack))["dead_lettered"] == 2)
+
         status = {a.agent: a for a in await swarm_status(bus)}
         assert status["packer"].lag == 0  # a durable consumer with nothing waiting
         assert status["till"].lag is None  # core NATS only
