@@ -219,4 +219,7 @@ async def test_swarm_up_in_a_terminal_shows_a_live_table_of_its_agents(
         await asyncio.wait_for(reader, 10)
         os.close(terminal)
     assert proc.returncode == 0, err.decode()
-    assert "┃ agent ┃ replicas ┃ restarts ┃ handled ┃ in flight ┃ dead letters ┃ last beat ┃" in plain(bytes(screen))
+    text = plain(bytes(screen))
+    assert "┃ agent ┃ replicas ┃ restarts ┃ handled ┃ in flight ┃ dead letters ┃ last beat ┃" in text
+    assert "started slow[0] pid" in text, err.decode()  # the events, and what a replica prints, above the table
+    assert f"slow[0]: running slow on {nats_server.url}" in text

@@ -23,6 +23,7 @@ from ..agent import Agent
 from ..bus import Bus
 from ..subjects import STATS_PREFIX
 from ..swarm import Supervisor
+from ..swarm.supervisor import Replica
 
 __all__ = ["SwarmView"]
 
@@ -44,13 +45,22 @@ class _Seen:
 
 
 class SwarmView:
-    """Keeps the last heartbeat of every instance and renders one row per swarm entry."""
+    """Keeps the last heartbeat of every instance and renders one row per swarm entry.
 
-    def __init__(self, supervisor: Supervisor, agents: Mapping[str, type[Agent]]) -> None:
-        self.supervisor = supervisor
+    It owns the terminal while it shows: the supervisor's events and what the replicas print
+    (``Supervisor(capture_output=True)``) go through :meth:`say`, above the table.
+    """
+
+    def __init__(self, agents: Mapping[str, type[Agent]], console: Console | None = None) -> None:
         self.names = {key: cls.name for key, cls in agents.items()}
+        self.console = console or Console()
         self.seen: dict[str, _Seen] = {}  # instance -> its last heartbeat
         self._decode = msgspec.json.Decoder(_Beat).decode
+        self._replicas: list[Replica] = []
+
+    def say(self, text: str) -> None:
+        """One line above the table."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def beat(self, data: bytes) -> None:
         try:
@@ -65,7 +75,7 @@ class SwarmView:
             table.add_column(column, justify="left" if column == "agent" else "right")
         now = time.monotonic()
         for key, name in self.names.items():
-            replicas = [r for r in self.supervisor.replicas if r.key == key]
+            replicas = [r for r in self._replicas if r.key == key]
             running = sum(1 for r in replicas if r.process is not None and r.process.returncode is None)
             seen = [s for s in self.seen.values() if s.beat.agent == name]
             last = f"{now - max(s.at for s in seen):.0f}s ago" if seen else "-"
@@ -80,8 +90,9 @@ class SwarmView:
             )
         return table
 
-    async def show(self, url: str, running: asyncio.Task[int], console: Console | None = None) -> None:
-        """Render until ``running`` (the supervisor) ends; a view that cannot connect says so and ends."""
+    async def show(self, supervisor: Supervisor, url: str, running: asyncio.Task[int]) -> None:
+        """Render until ``running`` (the supervisor's run) ends; a view that cannot connect says so and ends."""
+        self._replicas = supervisor.replicas
         try:
             bus = await Bus.connect(url, name="busagents-swarm-view")
         except Exception as exc:
@@ -93,7 +104,7 @@ class SwarmView:
                 self.beat(msg.data)
 
             await bus.nc.subscribe(f"{STATS_PREFIX}.*", cb=on_beat)
-            with Live(self.table(), console=console or Console(), refresh_per_second=2) as live:
+            with Live(self.table(), console=self.console, refresh_per_second=2) as live:
                 while not running.done():
                     await asyncio.wait({running}, timeout=0.5)
                     live.update(self.table())

@@ -74,8 +74,10 @@ def up(
     named = (config.nats_url, f"nats_url in {path}") if config.nats_url else None
     with nats_url(nats, embed=True, named=named) as url:  # an embedded server stops after the replicas drained
         level = ctx.find_root().params.get("log_level")
-        supervisor = Supervisor(config, url, on_event=lambda t: click.echo(t, err=True), log_level=level, data_dir=data)
-        view = SwarmView(supervisor, agents) if sys.stdout.isatty() else None
+        # in a terminal, the live view owns it: the events and what the replicas print come through the view
+        view = SwarmView(agents) if sys.stdout.isatty() else None
+        say = view.say if view is not None else lambda text: click.echo(text, err=True)
+        supervisor = Supervisor(config, url, on_event=say, log_level=level, data_dir=data, capture_output=bool(view))
         failed = asyncio.run(_up(supervisor, url, view))
     if failed:
         raise SystemExit(1)
@@ -117,7 +119,7 @@ async def _up(supervisor: Supervisor, url: str, view: SwarmView | None) -> int:
         return await supervisor.run(stop)
     async with asyncio.TaskGroup() as tasks:
         running = tasks.create_task(supervisor.run(stop), name="swarm:supervisor")
-        tasks.create_task(view.show(url, running), name="swarm:view")
+        tasks.create_task(view.show(supervisor, url, running), name="swarm:view")
     return running.result()
 
 

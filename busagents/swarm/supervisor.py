@@ -61,13 +61,17 @@ class Supervisor:
         stop_timeout: float = 40.0,
         log_level: str | None = None,
         data_dir: Path | None = None,
+        capture_output: bool = False,
     ) -> None:
         """``log_level`` becomes each replica's BUSAGENTS_LOG_LEVEL, ``data_dir`` its BUSAGENTS_DATA_DIR
-        (where it writes its files), unless its ``env`` sets them."""
+        (where it writes its files), unless its ``env`` sets them. With ``capture_output``, what a
+        replica prints comes to ``on_event`` line by line, after its label (a live view owns the terminal).
+        """
         self.config = config
         self.nats_url = nats_url
         self.log_level = log_level
         self.data_dir = data_dir
+        self.capture_output = capture_output
         self.stop_timeout = stop_timeout
         self._say = on_event or (lambda text: log.info("%s", text))
         self._stopping = False
@@ -83,10 +87,13 @@ class Supervisor:
         level = {"BUSAGENTS_LOG_LEVEL": self.log_level} if self.log_level else {}
         data = {"BUSAGENTS_DATA_DIR": str(self.data_dir)} if self.data_dir is not None else {}
         env = {**os.environ, **level, **data, **replica.env, "BUSAGENTS_NATS_URL": self.nats_url}
+        capture = self.capture_output
         replica.process = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "busagents", "run", replica.target, "--nats", self.nats_url),
             env=env,
+            stdout=asyncio.subprocess.PIPE if capture else None,
+            stderr=asyncio.subprocess.STDOUT if capture else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only; it forwards SIGTERM once
             preexec_fn=die_with_parent(),  # spawned on the loop's thread: SIGTERM when the supervisor dies
         )
@@ -99,7 +106,13 @@ class Supervisor:
             assert replica.process is not None
             if self._stopping:  # stop came while it was being started: it missed the SIGTERM
                 self._terminate(replica)
-            code = await replica.process.wait()
+            relay = asyncio.create_task(self._relay(replica)) if self.capture_output else None
+            try:
+                code = await replica.process.wait()
+            finally:
+                if relay is not None:  # the rest of what it printed, unless a child of its own keeps the pipe open
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(relay, 1.0)
             if self._stopping:
                 self._say(f"{replica.label} stopped (exit {code})")
                 return
@@ -123,6 +136,12 @@ class Supervisor:
             if self._stopping:
                 return
             replica.restarts += 1
+
+    async def _relay(self, replica: Replica) -> None:
+        """Each line the replica prints, to ``on_event`` after its label, until it closes its output."""
+        assert replica.process is not None and replica.process.stdout is not None
+        async for line in replica.process.stdout:
+            self._say(f"{replica.label}: {line.decode(errors='replace').rstrip()}")
 
     def _live(self) -> list[Replica]:
         return [r for r in self.replicas if r.process is not None and r.process.returncode is None]
