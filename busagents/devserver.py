@@ -73,7 +73,11 @@ def start(data_dir: Path, *, port: int | None = None, timeout: float = 20.0) -> 
     try:
         server.start(timeout)
     except NatsUnavailableError as exc:
-        raise NatsUnavailableError(f"the busagents server did not start: {exc}") from None
+        fatal = [line for line in server.log_tail(50).splitlines() if "[FTL] " in line or "[ERR] " in line]
+        why = fatal[-1].split("] ", 2)[-1] if fatal else str(exc)  # the server's own words, not its banner
+        raise NatsUnavailableError(
+            f"the busagents server did not start: {why} (log: {data_dir / STORE / 'nats-server.log'})"
+        ) from None
     assert server.process is not None
     record = DevServer(url=server.url, pid=server.process.pid, data_dir=str(data_dir), started=time.time())
     written = data_dir / f".{RECORD}.tmp"

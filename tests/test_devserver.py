@@ -11,6 +11,7 @@ import msgspec
 
 from busagents import Bus, devserver
 from busagents.process import pid_alive
+from busagents.server import NatsServer
 
 
 class Count(msgspec.Struct):
@@ -70,3 +71,19 @@ async def test_server_start_status_stop_and_its_state_survives_a_restart(tmp_pat
     finally:
         code, out = await server_cli("stop", data)
     assert code == 0 and re.match(r"stopped: nats://127\.0\.0\.1:\d+ ", out), out
+
+
+async def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path, nats_server: NatsServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "busagents", "server", "start", "--data-dir", str(tmp_path), "--port", str(nats_server.port)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert err.decode() == (
+        f"error: the busagents server did not start: Error listening on port: 127.0.0.1:{nats_server.port}, "
+        f'"listen tcp 127.0.0.1:{nats_server.port}: bind: address already in use" '
+        f"(log: {tmp_path / 'nats' / 'nats-server.log'})\n"
+    )
+    assert devserver.recorded(tmp_path) is None
