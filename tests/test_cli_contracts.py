@@ -143,6 +143,10 @@ async def test_an_invalid_body_names_the_field_and_sends_nothing(nats_server: Na
     assert str(bad.exception) == "invalid Noted, nothing sent: Noted: Expected `int`, got `str` - at `$.count`"
     assert good.exit_code == 0, good.output
     assert json.loads(first.data) == {"item": "seat-2", "count": 2}
+    headers = first.headers or {}
+    assert (headers["Ba-Contract"], headers["Ba-Version"], headers["Ba-Sender"]) == ("Noted", "1", "busagents-cli")
+    assert headers["Ba-Conversation-Id"] == headers["Nats-Msg-Id"]  # a new conversation, rooted in this message
+    assert int(headers["Ba-Sent-At"]) > 0
 
 
 async def test_publish_refuses_a_query_and_request_an_event() -> None:
