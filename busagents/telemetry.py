@@ -165,6 +165,8 @@ class Telemetry:
         agent: str | None = None,
     ) -> Iterator[Span]:
         """A span of the current trace (an LLM call, a tool call...) of ``agent``: raised errors mark it failed."""
+        if agent is not None:
+            attributes = {**(attributes or {}), "busagents.agent": agent}
         with self.tracer_for(agent).start_as_current_span(name, kind=kind, attributes=attributes) as span:
             yield span
 
