@@ -22,17 +22,17 @@ from .contract import ContractInfo, contract_info
 from .dlq import DLQ_AGENT, DLQ_MSG_ID, DLQ_REASON, DLQ_STAGE, DLQ_SUBJECT
 from .envelope import CAUSATION_ID, CONTRACT, CONVERSATION_ID, LLM, MSG_ID, SENDER, SENT_AT, VERSION
 from .errors import DecodeError
-from .subjects import DLQ_PREFIX, STATS_PREFIX
+from .subjects import DLQ_PREFIX, STATS_PREFIX, is_inbox
 
 __all__ = ["Catalog", "Seen", "is_internal"]
 
 #: Subjects of the machinery rather than of a conversation: not shown unless asked for.
-_INTERNAL = ("$JS.", "$SRV.", "$KV.", "$O.", "$SYS.", "_INBOX.", f"{STATS_PREFIX}.")
+_INTERNAL = ("$JS.", "$SRV.", "$KV.", "$O.", "$SYS.", f"{STATS_PREFIX}.")
 
 
 def is_internal(subject: str) -> bool:
     """JetStream API and acks, services protocol, inboxes (replies), KV, heartbeats."""
-    return subject.startswith(_INTERNAL)
+    return subject.startswith(_INTERNAL) or is_inbox(subject)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ __all__ = [
     "STATS_PREFIX",
     "dead_letter_subject",
     "inbox_prefix",
+    "is_inbox",
     "is_reserved",
     "stats_subject",
 ]
@@ -41,6 +42,11 @@ def dead_letter_subject(agent_name: str) -> str:
 def inbox_prefix(agent_name: str) -> str:
     """The inbox prefix of an agent's connection (``_INBOX.<agent>``): only it may read its replies."""
     return f"{_INBOX}.{agent_name}"
+
+
+def is_inbox(subject: str) -> bool:
+    """Whether ``subject`` is a reply inbox (``_INBOX.``...): answers go there, not conversations."""
+    return subject.startswith(_INBOX + ".")
 
 
 def is_reserved(subject: str) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from busagents import Agent, Bus, ConfigError, Context, command, event, on, query
+from busagents.micro import service_subjects
 from busagents.process import pid_alive
 from busagents.server import NatsServer
 from busagents.swarm import Graph, Supervisor, SwarmConfig, load_swarm
@@ -105,13 +106,15 @@ def test_two_contracts_on_one_subject_are_an_error() -> None:
 
 def test_permissions_are_least_privilege() -> None:
     perms = Graph([Watcher, Actor, Pricer]).permissions()
-    assert perms["actor"]["subscribe"] == ["_INBOX.actor.>", "test.graph.act"]  # inbox: the DLQ stream set-up
+    # inbox: the DLQ stream set-up; $SRV: the services protocol every instance answers (busagents ps)
+    assert perms["actor"]["subscribe"] == sorted(["_INBOX.actor.>", "test.graph.act", *service_subjects("actor")])
     assert "test.graph.done" in perms["actor"]["publish"]
     assert "test.graph.act" not in perms["watcher"]["subscribe"]
     assert "_INBOX.watcher.>" in perms["watcher"]["subscribe"]  # replies to its queries, on its own inbox
     assert not any(s.startswith("_INBOX") for s in perms["pricer"]["publish"])  # it answers with...
     assert perms["pricer"]["allow_responses"] is True  # ...a reply to each request it received only
-    assert "allow_responses" not in perms["watcher"]
+    assert perms["watcher"]["allow_responses"] is True  # it answers $SRV.PING, INFO and STATS
+    assert not any(s.startswith("_INBOX") for s in perms["watcher"]["publish"])
 
 
 def test_swarm_file_errors_name_the_field(tmp_path: Path) -> None:
