@@ -4,12 +4,14 @@ A :class:`Telemetry` given to a :class:`~busagents.bus.Bus` makes every publish 
 PRODUCER span (and every query a CLIENT span) that writes W3C ``traceparent`` /
 ``tracestate`` into the envelope, and every handled message a CONSUMER span whose
 parent is the sender's span, following the OpenTelemetry messaging semantic
-conventions. Metrics: messages sent and processed (with their outcome) and the
-processing duration. Without a Telemetry the hot path pays nothing.
+conventions (a query's handler: a SERVER span). Metrics: messages sent and processed
+(with their outcome) and the processing duration. Without a Telemetry the hot path pays
+nothing; with one, a span that is not sampled costs no attributes.
 
-``configure_from_env`` sets up the SDK with OTLP/HTTP export when the standard
-``OTEL_*`` variables ask for it (``OTEL_EXPORTER_OTLP_ENDPOINT``,
-``OTEL_TRACES_EXPORTER``...), so traces show in Jaeger, Phoenix or any OTLP backend.
+``configure_from_env`` (called by :meth:`Bus.connect <busagents.bus.Bus.connect>` when it
+is given no telemetry) sets up the SDK with OTLP/HTTP export when the standard ``OTEL_*``
+variables ask for it (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_TRACES_EXPORTER``...), a
+resource per agent, so traces show in Jaeger, Phoenix or any OTLP backend.
 """
 
 from __future__ import annotations

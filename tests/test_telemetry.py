@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from busagents import Agent, Bus, Context, on
 from busagents.server import NatsServer
 from busagents.telemetry import Telemetry
-from busagents.testing import delete_streams, run_agents
+from busagents.testing import OtlpReceiver, delete_streams, run_agents
 
 from .drain_agent import Done, Job
 from .test_envelope import First, HopA, HopD, Second, Third
@@ -295,3 +296,59 @@ def test_console_exporter_prints_spans_and_other_otlp_protocols_are_clear_errors
     assert grpc.returncode == 1
     assert "OTLP protocol 'grpc': busagents exports OTLP over HTTP" in grpc.stderr
     assert "Traceback" not in grpc.stderr
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+_SAMPLED_PROBE = """
+import asyncio, json
+from nats.aio.msg import Msg
+from busagents.envelope import Envelope
+from busagents.telemetry import configure_from_env, shutdown
+from busagents.worker import Outcome
+
+t = configure_from_env("probe")
+parents = []
+for _ in range(400):
+    envelope = Envelope.new("Probe", 1, sender="probe-feed")
+    with t.publish_span("probe.a.1", "probe.a.*", envelope):
+        pass
+    parents.append(envelope.to_headers())
+
+async def handled(msg):
+    return Outcome.HANDLED
+
+handle = t.traced_handle(handled, agent="probe-agent", contract="Probe", template="probe.a.*")
+
+async def main():
+    for headers in parents:
+        await handle(Msg(None, subject="probe.a.1", data=b"{}", headers=headers))
+
+asyncio.run(main())
+shutdown()
+print(json.dumps([h["traceparent"][-2:] for h in parents]))
+"""
+
+
+def test_the_standard_sampler_variables_decide_which_conversations_are_kept(otlp_receiver: OtlpReceiver) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+    }
+    probe = subprocess.run([sys.executable, "-c", _SAMPLED_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    flags = json.loads(probe.stdout)
+    sampled = sum(int(f, 16) & 1 for f in flags)
+    assert 120 < sampled < 280  # about half of 400 roots
+    spans = otlp_receiver.snapshot()
+    roots = [s for s in spans if s.name == "publish probe.a.*"]
+    handled = [s for s in spans if s.name == "process probe.a.*"]
+    assert len(roots) == len(handled) == sampled  # a hop is kept exactly when its conversation's root was
+    assert {s.trace_id for s in roots} == {s.trace_id for s in handled}
+    assert {s.service for s in roots} == {"probe-feed"} and {s.service for s in handled} == {"probe-agent"}
