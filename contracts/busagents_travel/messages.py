@@ -39,6 +39,8 @@ __all__ = [
     "OnwardConnection",
     "OnwardConnections",
     "OnwardConnectionsReply",
+    "PassengerAnswered",
+    "PassengerAsked",
     "PassengerNotified",
     "RebookAction",
     "RebookGroup",
@@ -283,6 +285,33 @@ class PassengerNotified(msgspec.Struct, kw_only=True):
     action: RebookAction
     channel: str
     text: str
+
+
+# The passenger conversation (the concierge)
+
+
+@event("travel.passenger.asked", key="conversation_id", durable=True)
+class PassengerAsked(msgspec.Struct, kw_only=True):
+    """A traveller's message in a conversation with the assistant."""
+
+    question_id: str  # unique per message (the gateway makes it: uuid4 hex)
+    conversation_id: str  # a passenger's chat: "chat-<passenger_id>" by default
+    passenger_id: str
+    text: str
+    channel: str = "chat"
+
+
+@event("travel.passenger.answered", key="conversation_id")
+class PassengerAnswered(msgspec.Struct, kw_only=True):
+    """The assistant's answer to one PassengerAsked."""
+
+    question_id: str
+    conversation_id: str
+    passenger_id: str
+    text: str
+    facts: list[str] = []  # the facts the answer used, one line each ("BA117 LHR->JFK delayed 3h10, now departs 14:40")
+    action: str = ""  # what it did: "" (nothing), "rebook", "refund", "refused"
+    outcome: str = ""  # e.g. "rebooked on BA118, seat 14C" once BookingsChanged/RebookRejected arrived
 
 
 # Context queries (answered by the context agent)
