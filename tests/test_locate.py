@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from busagents import Bus, devserver
+from busagents import Bus, NatsUnavailableError, devserver
+from busagents.locate import Located, locate
 from busagents.server import NatsServer
 
 from .drain_agent import child_env, exited
@@ -161,3 +162,17 @@ async def test_a_stale_record_is_noticed_and_passed_over(env: dict[str, str], tm
     assert code == 0
     assert f"removed a stale record (pid {server.pid} is gone)" in out
     assert devserver.recorded(data) is None
+
+
+def test_a_swarm_files_url_comes_after_the_flag_and_the_variable(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BUSAGENTS_NATS_URL", raising=False)
+    named = (nats_server.url, "nats_url in swarm.toml")
+    assert locate(None, named=named, data=tmp_path) == Located(nats_server.url, "from nats_url in swarm.toml")
+    assert locate(None, data=tmp_path) is None  # nothing named, no busagents server: the caller embeds or stops
+    with pytest.raises(NatsUnavailableError, match=r"no NATS reachable at nats://127\.0\.0\.1:1 \(from --nats\)"):
+        locate("nats://127.0.0.1:1", named=named, data=tmp_path)
+    monkeypatch.setenv("BUSAGENTS_NATS_URL", "nats://127.0.0.1:1")
+    with pytest.raises(NatsUnavailableError, match=r"\(from BUSAGENTS_NATS_URL\)"):
+        locate(None, named=named, data=tmp_path)
