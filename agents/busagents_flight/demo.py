@@ -501,37 +501,28 @@ async def _play(
         tally.feed_published += 1
         tally.sim_clock = max(tally.sim_clock, update.observed_at)
 
+    async def settle() -> None:
+        await publish_feed(bus, feed, speed=speed, on_published=progress)
+        await monitor.wait_handled(len(feed), timeout)
+        await _until(
+            tally,
+            lambda: (
+                tally.disruptions >= monitor.disruptions
+                and tally.assessed >= tally.disruptions
+                and len(tally.notified) >= tally.affected
+            ),
+            timeout,
+        )
+
     tally.started = run_started = time.monotonic()
     try:
         board.__enter__()
-        await _unless_stopped(_settle(bus, tally, monitor, feed, speed, timeout, progress), stop)
+        await _unless_stopped(settle(), stop)
         return time.monotonic() - run_started
     finally:
         board.__exit__(None, None, None)
         for sub in subs:
             await sub.unsubscribe()
-
-
-async def _settle(
-    bus: Bus,
-    tally: _Tally,
-    monitor: FlightMonitor,
-    feed: list[FlightStatusUpdated],
-    speed: float,
-    timeout: float,
-    progress: Callable[[FlightStatusUpdated], None],
-) -> None:
-    await publish_feed(bus, feed, speed=speed, on_published=progress)
-    await monitor.wait_handled(len(feed), timeout)
-    await _until(
-        tally,
-        lambda: (
-            tally.disruptions >= monitor.disruptions
-            and tally.assessed >= tally.disruptions
-            and len(tally.notified) >= tally.affected
-        ),
-        timeout,
-    )
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event | None) -> None:

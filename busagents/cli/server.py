@@ -52,10 +52,8 @@ def start_command(data: Path | None, port: int) -> None:
 @data_dir_option
 def status_command(data: Path | None) -> None:
     """Say whether the server is up (exit 0) or not (exit 1)."""
-    where = data_dir(data)
-    server = devserver.recorded(where)
+    where, server = _recorded(data)
     if server is None:
-        click.echo(f"not running (no server recorded in {where})")
         sys.exit(1)
     if server.running:
         click.echo(f"running: {server.url} (pid {server.pid}, {server.describe()})")
@@ -69,10 +67,8 @@ def status_command(data: Path | None) -> None:
 @data_dir_option
 def stop_command(data: Path | None) -> None:
     """Stop the server (its data stays in the data directory for the next start)."""
-    where = data_dir(data)
-    server = devserver.recorded(where)
+    where, server = _recorded(data)
     if server is None:
-        click.echo(f"not running (no server recorded in {where})")
         return
     running = server.running
     devserver.stop(where)
@@ -80,3 +76,12 @@ def stop_command(data: Path | None) -> None:
         click.echo(f"stopped: {server.url} (pid {server.pid}); data kept in {server.data_dir}")
     else:
         click.echo(f"not running: removed a stale record (pid {server.pid} is gone); data kept in {server.data_dir}")
+
+
+def _recorded(data: Path | None) -> tuple[Path, devserver.DevServer | None]:
+    """The data directory and the server recorded there; without one, says so."""
+    where = data_dir(data)
+    server = devserver.recorded(where)
+    if server is None:
+        click.echo(f"not running (no server recorded in {where})")
+    return where, server
