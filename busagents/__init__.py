@@ -3,7 +3,7 @@
 from .agent import Agent, on
 from .bus import Bus, Received
 from .context import Context
-from .contract import Durability, Kind, command, contract_info, event, json_schema, query
+from .contract import Durability, Kind, command, contract_info, event, json_schema, query, upcaster
 from .envelope import Envelope
 from .errors import (
     BusagentsError,
@@ -48,6 +48,7 @@ __all__ = [
     "json_schema",
     "on",
     "query",
+    "upcaster",
 ]
 
 __version__ = "0.1.0"

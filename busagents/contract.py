@@ -38,9 +38,13 @@ __all__ = [
     "json_schema",
     "query",
     "subject_for",
+    "upcaster",
+    "upcasters",
 ]
 
 T = TypeVar("T")
+Old = TypeVar("Old")
+New = TypeVar("New")
 
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _KEY_UNSAFE = re.compile(r"[\s.*>]")
@@ -293,3 +297,61 @@ def json_schema(cls: type[Any]) -> dict[str, Any]:
         **({"reply": contract_info(info.reply).name} if info.reply is not None else {}),
     }
     return schema
+
+
+def upcaster(old: type[Old], new: type[New]) -> Callable[[Callable[[Old], New]], Callable[[Old], New]]:
+    """Register the decorated function as the upcaster of contract ``old`` to ``new``, a later version::
+
+        @event("travel.flight.delayed", name="FlightDelayed", version=1)
+        class FlightDelayedV1(msgspec.Struct): ...
+
+        @event("travel.flight.delayed", version=2)
+        class FlightDelayed(msgspec.Struct): ...
+
+        @upcaster(FlightDelayedV1, FlightDelayed)
+        def delayed_v2(old: FlightDelayedV1) -> FlightDelayed:
+            return FlightDelayed(flight_id=old.flight_id, delay=Delay(minutes=old.delay_minutes))
+
+    A handler of ``new`` then also receives messages sent as ``old`` (and as any version with a
+    chain of upcasters to it), converted; other versions are dead-lettered. Register it in the
+    module that declares ``new``, so whoever imports the contract has its upcasters.
+    """
+    old_info, new_info = contract_info(old), contract_info(new)
+    if old_info.name != new_info.name:
+        raise ContractError(
+            f"an upcaster converts versions of one contract: {old.__name__} is {old_info.name}, "
+            f"{new.__name__} is {new_info.name} (declare the old class with name={new_info.name!r})"
+        )
+    if old_info.version >= new_info.version:
+        raise ContractError(
+            f"an upcaster goes to a later version: {old.__name__} is version {old_info.version}, "
+            f"{new.__name__} version {new_info.version}"
+        )
+
+    def register(fn: Callable[[Old], New]) -> Callable[[Old], New]:
+        registered: dict[int, tuple[type[Any], Callable[[Any], Any]]] = new.__dict__.get("__busagents_upcasters__", {})
+        if old_info.version in registered:
+            raise ContractError(f"{new_info.name}: an upcaster from version {old_info.version} is already registered")
+        new.__busagents_upcasters__ = {**registered, old_info.version: (old, fn)}  # type: ignore[attr-defined]
+        return fn
+
+    return register
+
+
+def upcasters(cls: type[T]) -> dict[int, tuple[type[Any], Callable[[Any], T]]]:
+    """The earlier versions a handler of ``cls`` accepts: version -> (its contract class, the chain of
+    upcasters from it to ``cls``, as one function). Empty when ``cls`` has no upcaster."""
+    chains: dict[int, tuple[type[Any], Callable[[Any], T]]] = {}
+    pending: list[tuple[type[Any], Callable[[Any], T]]] = [(cls, lambda message: message)]
+    while pending:
+        target, to_cls = pending.pop()
+        for version, (source, fn) in target.__dict__.get("__busagents_upcasters__", {}).items():
+            if version not in chains:
+                chain = _compose(fn, to_cls)
+                chains[version] = (source, chain)
+                pending.append((source, chain))
+    return chains
+
+
+def _compose(first: Callable[[Any], Any], then: Callable[[Any], T]) -> Callable[[Any], T]:
+    return lambda message: then(first(message))

@@ -40,7 +40,7 @@ from .agent import Agent, Handler
 from .bus import ERROR_HEADER, Bus, Mailbox
 from .codec import codec_for, encode
 from .context import Context
-from .contract import ContractInfo, Durability, Kind, contract_info
+from .contract import ContractInfo, Durability, Kind, contract_info, upcasters
 from .convlog import ConversationLog, ensure_conversation_log
 from .dlq import (
     bounded_reason,
@@ -554,10 +554,12 @@ class _Refused(Exception):
 
 def _reader(info: ContractInfo) -> Callable[[Msg], Any]:
     """What core and durable handlers check before the handler runs: the contract and version a message
-    says it carries, then its body, decoded; raises :class:`_Refused` with the dead letter's stage."""
+    says it carries, then its body, decoded (and upcast from an earlier version, when the contract has
+    an upcaster for it); raises :class:`_Refused` with the dead letter's stage."""
     decode = codec_for(info.cls).decode
     name = info.name
     version = str(info.version)
+    upcast = _upcaster(info)
 
     def read(msg: Msg) -> Any:
         headers = msg.headers
@@ -567,13 +569,45 @@ def _reader(info: ContractInfo) -> Callable[[Msg], Any]:
                 raise _Refused("contract", f"expected contract {name}, got {sent}")
             sent = headers.get(VERSION)
             if sent is not None and sent != version:
-                raise _Refused("version", f"{name}: this agent handles version {version}, got {sent}")
+                return upcast(sent, msg.data)
         try:
             return decode(msg.data)
         except DecodeError as exc:
             raise _Refused("decode", str(exc)) from None
 
     return read
+
+
+def _upcaster(info: ContractInfo) -> Callable[[str, bytes], Any]:
+    """Decodes a body sent as another version of ``info`` and upcasts it, or refuses the version
+    naming those accepted (``accepted 1 (upcast), 2``); off the path of messages of ``info``'s version."""
+    chains = {str(v): (codec_for(source).decode, chain) for v, (source, chain) in upcasters(info.cls).items()}
+    accepted = ", ".join(
+        f"{v} (upcast)" if v != info.version else str(v) for v in sorted({*map(int, chains), info.version})
+    )
+
+    def upcast(sent: str, data: bytes) -> Any:
+        found = chains.get(sent)
+        if found is None:
+            raise _Refused("version", f"version {sent} of {info.name} is not accepted here: accepted {accepted}")
+        decode, chain = found
+        try:
+            old = decode(data)
+        except DecodeError as exc:
+            raise _Refused("decode", f"{exc} (sent as version {sent})") from None
+        try:
+            new = chain(old)
+        except Exception as exc:
+            raise _Refused(
+                "upcast", f"upcasting {info.name} {sent} -> {info.version}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(new, info.cls):
+            raise _Refused(
+                "upcast", f"the upcaster of {info.name} {sent} returned {type(new).__name__}, not {info.cls.__name__}"
+            )
+        return new
+
+    return upcast
 
 
 async def _reply(bus: Bus, agent: Agent, msg: Msg, ctx: Context, result: Any, reply_cls: type[Any]) -> None:

@@ -172,7 +172,7 @@ async def test_wrong_contract_or_version_is_dead_lettered(bus: Bus) -> None:
     assert wrong_contract.headers[DLQ_STAGE] == "contract"
     assert "expected contract Order, got Refund" in wrong_contract.headers[DLQ_REASON]
     assert wrong_version.headers[DLQ_STAGE] == "version"
-    assert "handles version 1, got 2" in wrong_version.headers[DLQ_REASON]
+    assert "version 2 of Order is not accepted here: accepted 1" in wrong_version.headers[DLQ_REASON]
 
 
 async def test_undeclared_output_never_leaves_the_process(bus: Bus) -> None:
