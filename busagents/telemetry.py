@@ -209,9 +209,9 @@ class Telemetry:
             span = tracer.start_span(name, context=parent, kind=kind)
             recording = span.is_recording()
             if recording:
-                span.set_attributes(base)
                 span.set_attributes(
                     {
+                        **base,
                         "messaging.destination.name": msg.subject,
                         "messaging.message.body.size": len(msg.data),
                         "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
