@@ -21,10 +21,12 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict, deque
 from importlib import resources
 from typing import Any
 
 import msgspec
+import nats.errors
 from aiohttp import WSMsgType, web
 from busagents_travel import PassengerAnswered, PassengerAsked, PassengerNotified
 from nats.aio.msg import Msg
@@ -35,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from busagents import Agent, Bus, Context
 from busagents.contract import contract_info
 from busagents.envelope import SENT_AT
-from busagents.errors import ConfigError
+from busagents.errors import BusagentsError, ConfigError
 
 from .data import AirlineDay, generate
 from .feed import status_feed
@@ -81,7 +83,12 @@ class ChatSettings(BaseSettings):
 
 
 class ChatGateway:
-    """The chat page and its WebSockets, on ``bus``; ``async with`` serves it until the block ends."""
+    """The chat page and its WebSockets, on ``bus``; ``async with`` serves it until the block ends.
+
+    It keeps the last :data:`HISTORY` messages of each passenger's thread (questions, answers and
+    notices, for at most :data:`THREADS` passengers) so a page opened or reloaded later shows the
+    notices that came before it.
+    """
 
     def __init__(
         self,
@@ -96,7 +103,11 @@ class ChatGateway:
         self.port = port
         self.passengers = passengers or []  # (id, what happens to them): suggestions shown on the page
         self._runner: web.AppRunner | None = None
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._subs: list[Subscription] = []
+        self._threads: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._pages: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
+        self._answer = msgspec.json.Decoder(PassengerAnswered).decode
+        self._notice = msgspec.json.Decoder(PassengerNotified).decode
 
     @property
     def url(self) -> str:
@@ -104,28 +115,42 @@ class ChatGateway:
         return f"http://{self.host}:{self.port}/"
 
     async def start(self) -> str:
+        """Subscribe to the passengers' answers and notices, then serve the page; its URL."""
+        self._subs = [
+            await self.bus.nc.subscribe(contract_info(PassengerAnswered).subscribe_subject, cb=self._on_answer),
+            await self.bus.nc.subscribe(contract_info(PassengerNotified).subscribe_subject, cb=self._on_notice),
+        ]
+        await self.bus.nc.flush()
         app = web.Application()
         app.router.add_get("/", self._page)
         app.router.add_get("/passengers", self._passengers)
         app.router.add_get("/ws", self._socket)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
         try:
-            await site.start()
+            await web.TCPSite(runner, self.host, self.port).start()
         except OSError as exc:
             await runner.cleanup()
+            await self._unsubscribe()
             raise ConfigError(f"the chat page cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
         self._runner = runner
         self.port = runner.addresses[0][1]  # the bound port, when 0 asked for a free one
         return self.url
 
     async def stop(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
+        for pages in self._pages.values():
+            for queue in pages:
+                queue.put_nowait(None)  # each page's socket closes
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._subs = []
 
     async def __aenter__(self) -> ChatGateway:
         await self.start()
@@ -147,71 +172,51 @@ class ChatGateway:
             raise web.HTTPBadRequest(text="passenger: 1-64 letters, digits, '_' or '-'")
         ws = web.WebSocketResponse(heartbeat=20)
         await ws.prepare(request)
-        self._sockets.add(ws)
+        outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=_PAGE_QUEUE)
+        outbox.put_nowait(
+            {"kind": "ready", "passenger_id": passenger_id, "conversation_id": conversation_of(passenger_id)}
+        )
+        for frame in self._threads.get(passenger_id, ()):  # then live: nothing can come between
+            outbox.put_nowait(frame)
+        pages = self._pages.setdefault(passenger_id, set())
+        pages.add(outbox)
         try:
-            async with _Thread(self.bus, ws, passenger_id) as thread:
-                async for frame in ws:
-                    if frame.type == WSMsgType.TEXT:
-                        await thread.ask(frame.data)
+            async with asyncio.TaskGroup() as tasks:
+                sender = tasks.create_task(_forward(outbox, ws), name=f"chat:{passenger_id}:send")
+                async for incoming in ws:
+                    if incoming.type == WSMsgType.TEXT:
+                        await self._ask(passenger_id, incoming.data, outbox)
+                sender.cancel()
         finally:
-            self._sockets.discard(ws)
+            pages.discard(outbox)
+            if not pages:
+                self._pages.pop(passenger_id, None)
         return ws
 
-
-class _Thread:
-    """One open page: the passenger's answers and notices forwarded to it, its questions published."""
-
-    def __init__(self, bus: Bus, ws: web.WebSocketResponse, passenger_id: str) -> None:
-        self.bus = bus
-        self.ws = ws
-        self.passenger_id = passenger_id
-        self.conversation_id = conversation_of(passenger_id)
-        self._subs: list[Subscription] = []
-        self._answer = msgspec.json.Decoder(PassengerAnswered).decode
-        self._notice = msgspec.json.Decoder(PassengerNotified).decode
-
-    async def __aenter__(self) -> _Thread:
-        answered = contract_info(PassengerAnswered).subject
-        notified = contract_info(PassengerNotified).subject
-        self._subs = [
-            await self.bus.nc.subscribe(f"{answered}.{self.conversation_id}", cb=self._on_answer),
-            await self.bus.nc.subscribe(f"{notified}.{self.passenger_id}", cb=self._on_notice),
-        ]
-        await self.bus.nc.flush()
-        await self._send({"kind": "ready", "passenger_id": self.passenger_id, "conversation_id": self.conversation_id})
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def ask(self, data: str) -> None:
+    async def _ask(self, passenger_id: str, data: str, outbox: asyncio.Queue[dict[str, Any] | None]) -> None:
+        """Publish the page's question as a PassengerAsked."""
         try:
             text = str(json.loads(data).get("text", "")).strip()
         except (ValueError, AttributeError):
-            await self._send({"kind": "error", "text": 'not a question: send {"text": ...}'})
+            _offer(outbox, {"kind": "error", "text": 'not a question: send {"text": ...}'})
             return
         if not text:
             return
         if len(text) > MAX_QUESTION:
-            await self._send({"kind": "error", "text": f"a question is at most {MAX_QUESTION} characters"})
+            _offer(outbox, {"kind": "error", "text": f"a question is at most {MAX_QUESTION} characters"})
             return
+        conversation_id = conversation_of(passenger_id)
         question = PassengerAsked(
-            question_id=uuid.uuid4().hex,
-            conversation_id=self.conversation_id,
-            passenger_id=self.passenger_id,
-            text=text,
+            question_id=uuid.uuid4().hex, conversation_id=conversation_id, passenger_id=passenger_id, text=text
         )
         try:
-            envelope = await self.bus.publish(question, sender=_SENDER, conversation_id=self.conversation_id)
-        except Exception as exc:  # the bus is down or refused it: the traveller should know
-            log.warning("could not publish the question of %s: %r", self.passenger_id, exc)
-            await self._send({"kind": "error", "text": f"the question could not be sent: {exc}"})
+            envelope = await self.bus.publish(question, sender=_SENDER, conversation_id=conversation_id)
+        except (BusagentsError, nats.errors.Error) as exc:  # the bus is down or refused it: the traveller should know
+            log.warning("could not publish the question of %s: %s", passenger_id, exc)
+            _offer(outbox, {"kind": "error", "text": f"the question could not be sent: {exc}"})
             return
-        await self._send(
-            {"kind": "asked", "question_id": question.question_id, "text": text, "at": envelope.sent_at_ns // 1_000_000}
-        )
+        at = envelope.sent_at_ns // 1_000_000
+        self._deliver(passenger_id, {"kind": "asked", "question_id": question.question_id, "text": text, "at": at})
 
     async def _on_answer(self, msg: Msg) -> None:
         try:
@@ -219,7 +224,8 @@ class _Thread:
         except msgspec.ValidationError as exc:
             log.warning("an answer on %s that is not a PassengerAnswered: %s", msg.subject, exc)
             return
-        await self._send({"kind": "answer", "at": _at(msg), **msgspec.to_builtins(answer)})
+        if answer.conversation_id == conversation_of(answer.passenger_id):  # the chat's, not another channel's
+            self._deliver(answer.passenger_id, {"kind": "answer", "at": _at(msg), **msgspec.to_builtins(answer)})
 
     async def _on_notice(self, msg: Msg) -> None:
         try:
@@ -227,13 +233,43 @@ class _Thread:
         except msgspec.ValidationError as exc:
             log.warning("a notice on %s that is not a PassengerNotified: %s", msg.subject, exc)
             return
-        await self._send({"kind": "notice", "at": _at(msg), **msgspec.to_builtins(notice)})
+        self._deliver(notice.passenger_id, {"kind": "notice", "at": _at(msg), **msgspec.to_builtins(notice)})
 
-    async def _send(self, frame: dict[str, Any]) -> None:
-        if self.ws.closed:
+    def _deliver(self, passenger_id: str, frame: dict[str, Any]) -> None:
+        """Keep ``frame`` in the passenger's thread and send it to each page open on it."""
+        thread = self._threads.get(passenger_id)
+        if thread is None:
+            thread = self._threads[passenger_id] = deque(maxlen=HISTORY)
+            if len(self._threads) > THREADS:
+                self._threads.popitem(last=False)
+        else:
+            self._threads.move_to_end(passenger_id)
+        thread.append(frame)
+        for outbox in self._pages.get(passenger_id, ()):
+            _offer(outbox, frame)
+
+
+#: Messages kept per passenger's thread, and passengers whose threads are kept (the least recent go first).
+HISTORY, THREADS = 50, 20_000
+#: Frames waiting for one page's socket; a page that falls that far behind misses the newest.
+_PAGE_QUEUE = 256
+
+
+def _offer(outbox: asyncio.Queue[dict[str, Any] | None], frame: dict[str, Any]) -> None:
+    try:
+        outbox.put_nowait(frame)
+    except asyncio.QueueFull:
+        log.warning("a chat page is %d messages behind: dropped one", _PAGE_QUEUE)
+
+
+async def _forward(outbox: asyncio.Queue[dict[str, Any] | None], ws: web.WebSocketResponse) -> None:
+    """Send a page its frames in order; close its socket when the gateway stops (None)."""
+    while (frame := await outbox.get()) is not None:
+        if ws.closed:
             return
         with contextlib.suppress(ConnectionError):
-            await self.ws.send_str(json.dumps(frame))
+            await ws.send_str(json.dumps(frame))
+    await ws.close()
 
 
 def _at(msg: Msg) -> int:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from busagents.process import die_with_parent
 from busagents.settings import Settings
 from busagents.subjects import DLQ_SUBJECTS
 
+from .chat import ChatGateway, affected_passengers
 from .context import ContextAgent
 from .data import AirlineDay, generate
 from .feed import publish_feed, status_feed
@@ -324,6 +325,7 @@ async def run_demo(
     processes: bool = False,
     nats_url: str | None = None,
     stop: asyncio.Event | None = None,
+    chat_port: int | None = None,
 ) -> DemoReport:
     """Run the whole flight assistant once and return the summary.
 
@@ -335,6 +337,8 @@ async def run_demo(
     ``live``: show the rich live view on ``console`` instead of printing each event.
     ``processes``: run the reasoner, rebooker and notifier as OS processes (``busagents run``),
     so they use other cores; the context agent and the monitor stay in this process.
+    ``chat_port``: also serve the chat page (:class:`~busagents_flight.chat.ChatGateway`) on this
+    loopback port (0: a free one) and, once the day has settled, keep running until ``stop`` is set.
     """
     started = time.monotonic()
     day = generate(flights, passengers, seed)
@@ -374,7 +378,11 @@ async def run_demo(
                 await worker.start()
                 await kids.serving(bus, timeout)
                 try:
-                    run_seconds = await _play(bus, tally, monitor, feed, speed, timeout, stop)
+                    async with _chat_page(bus, day, chat_port, console) as chatting:
+                        run_seconds = await _play(bus, tally, monitor, feed, speed, timeout, stop)
+                        interrupted = stop is not None and stop.is_set()
+                        if chatting and stop is not None and not interrupted:
+                            await _keep_chatting(console, stop)
                 finally:
                     drained = await worker.drain()
                     drained = await kids.stop() and drained
@@ -393,8 +401,35 @@ async def run_demo(
         for sample in tally.samples:
             console.print(sample, highlight=False)
     report = _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
-    report.interrupted = stop is not None and stop.is_set()
+    report.interrupted = interrupted
     return report
+
+
+@contextlib.asynccontextmanager
+async def _chat_page(bus: Bus, day: AirlineDay, port: int | None, console: Console | None) -> AsyncIterator[bool]:
+    """The chat page beside the day when ``port`` is given (True), else nothing (False)."""
+    if port is None:
+        yield False
+        return
+    async with ChatGateway(bus, port=port, passengers=affected_passengers(day)) as gateway:
+        who = f" (e.g. passenger {gateway.passengers[0][0]})" if gateway.passengers else ""
+        line = f"chat with the assistant: {gateway.url}{who}"
+        _say(console, f"[bold]{line}[/]")
+        yield True
+
+
+async def _keep_chatting(console: Console | None, stop: asyncio.Event) -> None:
+    """After the day: the chat page stays up until Ctrl-C."""
+    _say(console, "the day has settled; the chat page stays up until Ctrl-C")
+    await stop.wait()
+
+
+def _say(console: Console | None, line: str) -> None:
+    """A line on the console (rich markup), or plain on stdout when the demo is quiet."""
+    if console is None:
+        click.echo(Text.from_markup(line).plain)
+    else:
+        console.print(line, highlight=False)
 
 
 _FLIGHT_AGENTS: tuple[type[Agent], ...] = (ContextAgent, FlightMonitor, ReasonerAgent, Rebooker, Notifier)
@@ -654,6 +689,10 @@ def _hm(t: int) -> str:
     help="NATS URL (else BUSAGENTS_NATS_URL, else the busagents server if running, else an embedded one).",
 )
 @click.option("--quiet", is_flag=True, help="Only the summary.")
+@click.option("--chat", is_flag=True, help="Also serve the chat page and keep running after the day until Ctrl-C.")
+@click.option(
+    "--chat-port", type=click.IntRange(0, 65535), default=8350, show_default=True, help="Port of the chat page."
+)
 @click.help_option("-h", "--help")
 def flight_demo(
     flights: int | None,
@@ -669,6 +708,8 @@ def flight_demo(
     timeout: float,
     nats: str | None,
     quiet: bool,
+    chat: bool,
+    chat_port: int,
 ) -> None:
     """The flight assistant on an embedded NATS: status feed -> monitor -> reasoner -> rebooker -> notifier."""
     s = FlightSettings()
@@ -690,6 +731,7 @@ def flight_demo(
                         live=console.is_terminal if live is None else live,
                         processes=processes,
                         nats_url=url,
+                        chat_port=chat_port if chat else None,
                         stop=stop,
                     )
                 )
