@@ -5,8 +5,9 @@ PRODUCER span (and every query a CLIENT span) that writes W3C ``traceparent`` /
 ``tracestate`` into the envelope, and every handled message a CONSUMER span whose
 parent is the sender's span, following the OpenTelemetry messaging semantic
 conventions (a query's handler: a SERVER span). Metrics: messages sent and processed
-(with their outcome) and the processing duration. Without a Telemetry the hot path pays
-nothing; with one, a span that is not sampled costs no attributes.
+(with their outcome), and the processing duration of the messages whose span is sampled.
+Without a Telemetry the hot path pays nothing; with one, a span that is not sampled costs
+no attributes.
 
 ``configure_from_env`` (called by :meth:`Bus.connect <busagents.bus.Bus.connect>` when it
 is given no telemetry) sets up the SDK with OTLP/HTTP export when the standard ``OTEL_*``
@@ -213,7 +214,6 @@ class Telemetry:
                     {
                         **base,
                         "messaging.destination.name": msg.subject,
-                        "messaging.message.body.size": len(msg.data),
                         "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
                         "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
                     }
@@ -235,7 +235,8 @@ class Telemetry:
             finally:
                 otel_context.detach(token)
                 span.end()
-            record(time.perf_counter() - start, metric_attrs)
+            if recording:  # durations are a distribution: sampled messages tell it (counts stay exact)
+                record(time.perf_counter() - start, metric_attrs)
             key = keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
