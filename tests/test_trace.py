@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 import msgspec
 from nats.aio.msg import Msg
@@ -19,6 +20,7 @@ from busagents.observe import Catalog
 from busagents.server import NatsServer
 from busagents.worker import Worker
 
+from .drain_agent import run_until_serving
 from .llm_agents import ContextAgent as LLMContext
 from .llm_agents import Disrupted, FindFlights, LLMReasoner, Rebook
 
@@ -156,3 +158,16 @@ async def test_trace_marks_the_decision_a_model_made_and_keeps_the_queries_it_se
     assert by_contract[contract_info(FindFlights).name].llm is None  # asked during the decision, not decided by it
     text = await _trace(nats_server.url, "conv-llm")
     assert "LLM claude-test calls=2" in text, text
+
+
+async def test_swarm_up_with_the_conversation_log_keeps_its_agents_core_subjects(
+    tmp_path: Path, nats_server: NatsServer, bus: Bus
+) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text('[agents.slow]\nagent = "drain_agent:Slow"\n')
+    args = ("swarm", "up", str(swarm), "--nats", nats_server.url, "--conversation-log")
+    code, text = await run_until_serving(bus, *args, replicas=1)
+    assert code == 0, text
+    log = (await bus.js.stream_info(CONVERSATION_LOG_STREAM)).config
+    assert set(log.subjects or []) == {"test.drain.job", "test.drain.started", "test.drain.done"}
+    assert log.no_ack and log.max_age == 3600 and log.max_bytes == 256 * 1024 * 1024

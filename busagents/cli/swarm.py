@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -57,9 +58,20 @@ def _graph(path: Path) -> Graph:
     default=None,
     help="Where the agents write their files (BUSAGENTS_DATA_DIR of each replica); default: per user and swarm file.",
 )
+@click.option(
+    "--conversation-log",
+    is_flag=True,
+    help="Keep core messages for 'busagents trace' (BUSAGENTS_CONVERSATION_LOG=1 in every replica).",
+)
 @click.pass_context
 def up(
-    ctx: click.Context, path: Path, nats: str | None, force: bool, external: tuple[str, ...], data_dir: Path | None
+    ctx: click.Context,
+    path: Path,
+    nats: str | None,
+    force: bool,
+    external: tuple[str, ...],
+    data_dir: Path | None,
+    conversation_log: bool,
 ) -> None:
     """Start every agent as supervised OS processes until SIGTERM/SIGINT.
 
@@ -71,6 +83,8 @@ def up(
     data = (data_dir or default_data_dir(path)).absolute()
     data.mkdir(parents=True, exist_ok=True)
     click.echo(f"data directory: {data}", err=True)
+    if conversation_log:  # the replicas inherit this process's environment (busagents.convlog)
+        os.environ["BUSAGENTS_CONVERSATION_LOG"] = "1"
     named = (config.nats_url, f"nats_url in {path}") if config.nats_url else None
     with nats_url(nats, embed=True, named=named) as url:  # an embedded server stops after the replicas drained
         level = ctx.find_root().params.get("log_level")
