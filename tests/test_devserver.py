@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import msgspec
+from click.testing import CliRunner
 
 from busagents import Bus, devserver
+from busagents.cli import cli
 from busagents.process import pid_alive
 from busagents.server import NatsServer
 
@@ -18,10 +20,15 @@ class Count(msgspec.Struct):
     n: int
 
 
-async def server_cli(command: str, data: Path) -> tuple[int, str]:
+async def server_cli(command: str, data: Path, *, process: bool = False) -> tuple[int, str]:
+    """``busagents server COMMAND --data-dir DATA``: exit code and output; in this process unless ``process``."""
+    args = ("server", command, "--data-dir", str(data))
+    if not process:
+        result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        return result.exit_code, result.output
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "busagents", "server", command, "--data-dir", str(data)),
+        *("-m", "busagents", *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -34,7 +41,7 @@ async def test_server_start_status_stop_and_its_state_survives_a_restart(tmp_pat
     data = tmp_path / "data"
     assert await server_cli("status", data) == (1, f"not running (no server recorded in {data})\n")
 
-    code, out = await server_cli("start", data)
+    code, out = await server_cli("start", data, process=True)
     assert code == 0, out
     record = devserver.recorded(data)
     assert record is not None and record.running  # it outlives the command that started it
