@@ -1,4 +1,4 @@
-"""The context agent: keeps the live view of the day and answers the reasoner's queries.
+"""The context agent: keeps the live view of the day and answers the reasoner's and the concierge's queries.
 
 Replicable: every replica builds the same view. It starts from the day's snapshot and
 replays the status feed's and the booking changes' streams from their start (view
@@ -15,9 +15,18 @@ from busagents_travel import (
     BookingsChanged,
     BookingsOnFlight,
     BookingsOnFlightReply,
+    Fare,
+    FareRules,
+    FareRulesReply,
+    FlightInfo,
+    FlightInfoReply,
     FlightStatusUpdated,
     OnwardConnections,
     OnwardConnectionsReply,
+    PassengerBookings,
+    PassengerBookingsReply,
+    PassengerPreferences,
+    PassengerPreferencesReply,
 )
 
 from busagents import Agent, Context, on
@@ -26,7 +35,7 @@ from .data import AirlineDay, generate
 from .settings import FlightSettings
 from .view import LiveView
 
-__all__ = ["ContextAgent"]
+__all__ = ["ContextAgent", "fare_rules"]
 
 
 class ContextAgent(Agent):
@@ -84,3 +93,70 @@ class ContextAgent(Agent):
             limit=q.limit,
         )
         return AlternativesReply(itineraries=found)
+
+    # The concierge's queries: a traveller's bookings, a flight's status, fare rules, preferences.
+    # Each catches up first: an answer a traveller reads must not be older than the event stream.
+
+    @on(PassengerBookings)
+    async def passenger_bookings(self, q: PassengerBookings, ctx: Context) -> PassengerBookingsReply:
+        await ctx.catch_up()
+        bookings = self.view.bookings_of(q.passenger_id)
+        passenger = next((p for b in bookings for p in b.passengers if p.passenger_id == q.passenger_id), None)
+        return PassengerBookingsReply(
+            passenger_id=q.passenger_id, passenger=passenger, bookings=bookings, cities=self.view.cities
+        )
+
+    @on(FlightInfo)
+    async def flight_info(self, q: FlightInfo, ctx: Context) -> FlightInfoReply:
+        await ctx.catch_up()
+        view = self.view
+        flight = view.flights.get(q.flight_id)
+        if flight is None:
+            return FlightInfoReply(flight_id=q.flight_id, flight=None, status="unknown")
+        update = view.status.get(q.flight_id)
+        departure, arrival = view.times(q.flight_id)
+        return FlightInfoReply(
+            flight_id=q.flight_id,
+            flight=flight,
+            status=update.status if update is not None else "scheduled",
+            estimated_departure=departure,
+            estimated_arrival=arrival,
+            delay_minutes=max(0, departure - flight.departure) // 60,
+            gate=update.gate if update is not None else None,
+            reason=update.reason if update is not None else "",
+        )
+
+    @on(FareRules)
+    async def fare_rules(self, q: FareRules, ctx: Context) -> FareRulesReply:
+        await ctx.catch_up()
+        booking = self.view.bookings.get(q.booking_id)
+        if booking is None:
+            return FareRulesReply(booking_id=q.booking_id, fare=None)
+        return FareRulesReply(booking_id=q.booking_id, fare=booking.fare, rules=fare_rules(booking.fare))
+
+    @on(PassengerPreferences)
+    async def preferences(self, q: PassengerPreferences, ctx: Context) -> PassengerPreferencesReply:
+        await ctx.catch_up()
+        bookings = self.view.bookings_of(q.passenger_id)
+        p = next((p for b in bookings for p in b.passengers if p.passenger_id == q.passenger_id), None)
+        if p is None:
+            return PassengerPreferencesReply(passenger_id=q.passenger_id)
+        return PassengerPreferencesReply(
+            passenger_id=p.passenger_id, name=p.name, tier=p.tier, seat_preference=p.seat_preference, known=True
+        )
+
+
+def fare_rules(fare: Fare) -> list[str]:
+    """A fare's change and refund rules, in words (what the concierge tells a traveller and checks)."""
+    money = f"{fare.currency} {fare.change_fee / 100:,.2f}"
+    return [
+        f"fare class {fare.fare_class}, cabin {fare.cabin}",
+        f"a change the passenger asks for costs {money} per passenger; free when the airline disrupted the flight",
+        "changes keep the booked cabin and need a free seat for every passenger of the booking",
+        (
+            "refundable: a refund returns the fare in full, once"
+            if fare.refundable
+            else "non-refundable: a refund is given only when the airline cancelled the flight or delayed it "
+            "beyond the rebooking threshold"
+        ),
+    ]

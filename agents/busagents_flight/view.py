@@ -35,12 +35,15 @@ class LiveView:
     def __init__(self, day: AirlineDay) -> None:
         self.flights: dict[str, Flight] = {f.flight_id: f for f in day.flights}
         self.mct: dict[str, int] = {a.code: a.mct_minutes for a in day.airports}
+        self.cities: dict[str, str] = {a.code: a.city for a in day.airports}
         self.seat_maps = day.seat_maps
         self.estimated: dict[str, tuple[int, int]] = {}  # flight id -> (departure, arrival)
         self.cancelled: set[str] = set()
         self.last_seq: dict[str, int] = {}
+        self.status: dict[str, FlightStatusUpdated] = {}  # flight id -> the newest update of the feed
         self.bookings: dict[str, Booking] = {}
         self.by_flight: dict[str, set[str]] = defaultdict(set)
+        self.by_passenger: dict[str, list[str]] = defaultdict(list)  # passenger id -> booking ids
         self.taken: dict[str, set[str]] = defaultdict(set)  # flight id -> seat numbers
         self._routes: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # -> (sched dep, id)
         self._served: dict[str, set[str]] = defaultdict(set)  # origin -> destinations flown to
@@ -51,6 +54,8 @@ class LiveView:
             deps.sort()
         for booking in day.bookings:
             self._add(booking)
+            for p in booking.passengers:
+                self.by_passenger[p.passenger_id].append(booking.booking_id)
 
     # Feeding
 
@@ -71,6 +76,7 @@ class LiveView:
         if update.seq <= self.last_seq.get(update.flight_id, 0):
             return  # repeated or stale
         self.last_seq[update.flight_id] = update.seq
+        self.status[update.flight_id] = update
         if update.status == "cancelled":
             self.cancelled.add(update.flight_id)
         elif update.estimated_departure is not None and update.estimated_arrival is not None:
@@ -94,6 +100,10 @@ class LiveView:
             return est
         f = self.flights[flight_id]
         return f.departure, f.arrival
+
+    def bookings_of(self, passenger_id: str) -> list[Booking]:
+        """Every booking naming ``passenger_id`` (refunded ones too), as they are now."""
+        return [self.bookings[b] for b in self.by_passenger.get(passenger_id, ())]
 
     def bookings_on(self, flight_id: str) -> list[Booking]:
         ids = self.by_flight.get(flight_id, ())

@@ -7,7 +7,9 @@ one ``RebookPassenger`` per affected booking, sent in groups (``RebookGroup``: t
 decisions of one disruption travel together, not one message each); the rebooker applies
 them and publishes what changed as ``BookingsChanged`` (one ``BookingChanged`` per booking,
 a group's together) or ``RebookRejected`` per decision, which the reasoner re-decides; the
-notifier tells every passenger (``PassengerNotified``).
+notifier tells every passenger (``PassengerNotified``). The concierge answers a traveller's
+``PassengerAsked`` with ``PassengerAnswered``, from the context agent's passenger queries
+(``PassengerBookings``, ``FlightInfo``, ``FareRules``, ``PassengerPreferences``, ``Alternatives``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import msgspec
 
 from busagents import Durability, command, event, query
 
-from .model import Booking, Flight, Leg, Passenger, Seat
+from .model import Booking, Fare, Flight, Leg, Passenger, Seat
 
 __all__ = [
     "STATUS_FEED",
@@ -32,8 +34,12 @@ __all__ = [
     "Cost",
     "Disruption",
     "DisruptionAssessed",
+    "FareRules",
+    "FareRulesReply",
     "FlightCancelled",
     "FlightDelayed",
+    "FlightInfo",
+    "FlightInfoReply",
     "FlightStatus",
     "FlightStatusUpdated",
     "OnwardConnection",
@@ -41,7 +47,11 @@ __all__ = [
     "OnwardConnectionsReply",
     "PassengerAnswered",
     "PassengerAsked",
+    "PassengerBookings",
+    "PassengerBookingsReply",
     "PassengerNotified",
+    "PassengerPreferences",
+    "PassengerPreferencesReply",
     "RebookAction",
     "RebookGroup",
     "RebookPassenger",
@@ -215,6 +225,10 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
     attempt: int = 1
     reasoner: str = ""
 
+    def shadow_decisions(self) -> dict[str, object]:
+        """What was decided for the booking, as ``busagents shadow report`` compares it."""
+        return {self.booking_id: _decided(self)}
+
 
 @command("travel.booking.rebook-group", durable=True)
 class RebookGroup(msgspec.Struct, kw_only=True):
@@ -227,6 +241,20 @@ class RebookGroup(msgspec.Struct, kw_only=True):
 
     group_id: str
     decisions: list[RebookPassenger]
+
+    def shadow_decisions(self) -> dict[str, object]:
+        """The group's decisions by booking, as ``busagents shadow report`` compares them."""
+        return {d.booking_id: _decided(d) for d in self.decisions}
+
+
+def _decided(d: RebookPassenger) -> dict[str, object]:
+    """A decision's substance: rebook or refund or keep, onto which flights, in which cabin."""
+    return {
+        "action": d.action,
+        "flights": [leg.flight_id for leg in d.new_legs],
+        "cabin": sorted({leg.cabin for leg in d.new_legs}),
+        "refund": d.cost.refund,
+    }
 
 
 class BookingChanged(msgspec.Struct, kw_only=True):
@@ -373,3 +401,63 @@ class Alternatives(msgspec.Struct, kw_only=True):
     min_free: int = 1  # at least this many free seats in ``cabin`` on every flight
     cabin: str | None = None
     limit: int = 8
+
+
+class PassengerBookingsReply(msgspec.Struct, kw_only=True):
+    passenger_id: str
+    passenger: Passenger | None  # None: no booking of the day names this passenger
+    bookings: list[Booking]  # every booking of the passenger (refunded ones too), as the view knows them now
+    cities: dict[str, str] = {}  # airport code -> city, for every airport of the day
+
+
+@query("travel.context.passenger-bookings", reply=PassengerBookingsReply, key="passenger_id")
+class PassengerBookings(msgspec.Struct, kw_only=True):
+    """The bookings of one passenger, with their current legs and seats."""
+
+    passenger_id: str
+
+
+class FlightInfoReply(msgspec.Struct, kw_only=True):
+    flight_id: str
+    flight: Flight | None  # the schedule (None: unknown flight)
+    status: str = "scheduled"  # the last status the feed reported (FlightStatus), "scheduled" before any
+    estimated_departure: int | None = None
+    estimated_arrival: int | None = None
+    delay_minutes: int = 0  # estimated departure after the scheduled one
+    gate: str | None = None
+    reason: str = ""
+
+
+@query("travel.context.flight-info", reply=FlightInfoReply, key="flight_id")
+class FlightInfo(msgspec.Struct, kw_only=True):
+    """A flight's schedule and its live status, with the estimated times the feed reported."""
+
+    flight_id: str
+
+
+class FareRulesReply(msgspec.Struct, kw_only=True):
+    booking_id: str
+    fare: Fare | None  # None: unknown booking
+    rules: list[str] = []  # the fare's change and refund rules, one sentence each
+
+
+@query("travel.context.fare-rules", reply=FareRulesReply, key="booking_id")
+class FareRules(msgspec.Struct, kw_only=True):
+    """The fare of a booking and its change and refund rules."""
+
+    booking_id: str
+
+
+class PassengerPreferencesReply(msgspec.Struct, kw_only=True):
+    passenger_id: str
+    name: str = ""
+    tier: str = "none"  # loyalty tier
+    seat_preference: str = "any"  # window, aisle or any
+    known: bool = False  # False: no booking of the day names this passenger
+
+
+@query("travel.context.passenger-preferences", reply=PassengerPreferencesReply, key="passenger_id")
+class PassengerPreferences(msgspec.Struct, kw_only=True):
+    """A passenger's loyalty tier and seating preference."""
+
+    passenger_id: str
