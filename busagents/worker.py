@@ -64,6 +64,7 @@ from .durable import (
 from .envelope import CONTRACT, MSG_ID, VERSION, Envelope
 from .errors import ContractError, DecodeError, PermanentError, UndeclaredContractError
 from .micro import AgentService
+from .registry import publish_schemas, withdraw_schemas
 from .subjects import stats_subject
 from .view import ViewConsumer
 
@@ -139,6 +140,7 @@ class Worker:
         self.view_ready_seconds: dict[str, float] = {}
         self._unlisten: list[Callable[[], None]] = []
         self._dlq_stream = False
+        self._registry_keys: list[str] = []  # what this worker wrote to the contracts registry
         self._tasks: list[asyncio.Task[None]] = []
         self._on: list[Agent] = []  # agents whose on_start ran: each gets its on_stop
         self._started = False
@@ -192,6 +194,8 @@ class Worker:
             await service.start(self.bus.nc)
         if self.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        # off the start-up path: serving does not wait for the registry, nor fails without it
+        self._tasks.append(asyncio.create_task(self._publish_schemas(), name="contracts-registry"))
         await self.bus.flush()
         log.info("worker started: %s", ", ".join(a.name for a in self.agents))
 
@@ -240,6 +244,7 @@ class Worker:
         for service in self.services.values():
             await service.stop()
         stopped = await cancel_and_wait(self._tasks, self.drain_timeout)
+        await withdraw_schemas(self.bus, self._registry_keys)
         for unlisten in self._unlisten:
             unlisten()
         for view in self._views:
@@ -454,6 +459,11 @@ class Worker:
             raise
         except Exception:
             log.exception("agent %s: run() failed; its handlers keep serving", agent.name)
+
+    async def _publish_schemas(self) -> None:
+        """Write the schemas of the contracts the agents use to the contracts registry (:mod:`busagents.registry`)."""
+        instances = [(agent, self.services[agent.name].id) for agent in self.agents]
+        self._registry_keys = await publish_schemas(self.bus, instances)
 
     async def _heartbeat(self) -> None:
         encoder = msgspec.json.Encoder()

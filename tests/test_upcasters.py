@@ -90,7 +90,8 @@ async def test_an_unknown_version_is_dead_lettered_naming_the_accepted_versions(
     assert newer.headers[DLQ_STAGE] == "version"
     assert newer.headers[DLQ_REASON] == "version 4 of Delayed is not accepted here: accepted 1 (upcast), 2 (upcast), 3"
     assert undecodable.headers[DLQ_STAGE] == "decode"
-    assert undecodable.headers[DLQ_REASON] == "Delayed: Expected `int`, got `str` - at `$.delay_minutes` (sent as version 1)"
+    reason = "Delayed: Expected `int`, got `str` - at `$.delay_minutes` (sent as version 1)"
+    assert undecodable.headers[DLQ_REASON] == reason
 
 
 def test_upcasters_compose_into_one_function_per_earlier_version() -> None:

@@ -13,6 +13,7 @@ from .contracts import publish_command, request_command
 from .demo import demo_command
 from .dlq import dlq_group
 from .llm import llm_group
+from .lock import contracts_group
 from .new import new_command
 from .ps import ps_command
 from .server import server_group
@@ -42,6 +43,7 @@ def cli(log_level: str) -> None:
 
 
 cli.add_command(agents_group)
+cli.add_command(contracts_group)
 cli.add_command(run_command)
 cli.add_command(demo_command)
 cli.add_command(dlq_group)

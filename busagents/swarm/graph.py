@@ -18,6 +18,7 @@ from ..contract import ContractInfo, Kind, contract_info
 from ..dlq import dlq_permissions
 from ..durable import jetstream_permissions, stream_name
 from ..micro import service_subjects
+from ..registry import registry_permissions
 from ..state import state_permissions
 from ..subjects import inbox_prefix, stats_subject
 from ..view import view_permissions
@@ -112,7 +113,8 @@ class Graph:
 
         Derived from each agent's declarations (handlers, ``produces``, durability,
         ``awaits``, ``state_buckets``, ``waits_for``) plus what every worker does: heartbeats, dead letters
-        (:data:`~busagents.durable.DLQ_STREAM`) and requests answered on the agent's own inbox
+        (:data:`~busagents.durable.DLQ_STREAM`), its schemas in the contracts registry
+        (:mod:`busagents.registry`) and requests answered on the agent's own inbox
         (:func:`inbox_prefix`; ``busagents run`` connects with it), and the NATS services protocol
         (:mod:`busagents.micro`). Every agent answers requests (``$SRV.PING`` at least), so it
         gets ``allow_responses`` (one reply to each request it received) instead of a publish
@@ -120,7 +122,7 @@ class Graph:
         """
         out: dict[str, dict[str, Any]] = {}
         for agent in self.agents:
-            pub = {stats_subject(agent.name)} | dlq_permissions(agent.name)
+            pub = {stats_subject(agent.name)} | dlq_permissions(agent.name) | registry_permissions(agent.name)
             # JetStream API replies (the dead-letter stream at start), publish acks, query replies,
             # pulled messages and watched keys all come to the agent's inbox
             sub = {f"{inbox_prefix(agent.name)}.>"}
