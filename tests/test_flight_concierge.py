@@ -4,6 +4,7 @@ live context, and acts only through the rebooker, within the policy."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -13,6 +14,7 @@ import pytest
 from busagents_flight import ContextAgent
 from busagents_flight.concierge import ConciergeAgent, Conversation, Turn
 from busagents_flight.data import AirlineDay, generate
+from busagents_flight.llm_concierge import AnthropicConcierge
 from busagents_flight.notifier import Notifier, OutboxChannel
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SqliteStore
@@ -27,6 +29,8 @@ from busagents_travel import (
 from nats.aio.msg import Msg
 
 from busagents import Bus, NatsServer
+from busagents.llm import LLMSettings, make_client
+from busagents.llm.testing import MessagesServer, RecordedRequest, Reply, tool_use
 from busagents.testing import run_agents
 
 from .flight_expect import expect_changes
@@ -219,3 +223,78 @@ def _decode(data: bytes) -> BookingsChanged:
 
     decoded: BookingsChanged = codec_for(BookingsChanged).decode(data)
     return decoded
+
+
+# The anthropic backend: the real SDK against the local Messages API
+
+
+def concierge_model(request: RecordedRequest) -> Reply:
+    """A scripted model: looks things up with the tools, jumps once to an action the rules refuse."""
+    case = json.loads(request.messages[2]["content"][0]["content"])
+    step = (len(request.messages) - 3) // 2  # turns taken in this conversation so far
+    results = [
+        json.loads(r["content"]) if r["content"].startswith(("{", "[")) else r["content"]
+        for r in request.tool_results()
+    ]
+    if case["message"] == "What about my flight to JFK?":
+        if step == 0:
+            return tool_use("passenger_bookings", {"passenger_id": case["passenger_id"]})
+        if step == 1:
+            leg = next(leg for b in results[0]["bookings"] for leg in b["legs"] if leg["destination"] == "JFK")
+            return tool_use("flight_info", {"flight_id": leg["flight_id"]})
+        info = results[0]
+        fact = f"{info['flight']['number']} {info['flight']['origin']}->JFK {info['status']}"
+        return tool_use(
+            "decide",
+            {"text": f"Your flight {fact}.", "facts": [fact], "flight_id": info["flight_id"], "destination": "JFK"},
+        )
+    # "And the one after that?": only the summary says which flight is in play
+    summary = case["summary"]
+    if step == 0:  # an action nobody asked for, onto a flight of another route: refused by the rules
+        return tool_use(
+            "decide", {"text": "Moved.", "action": "rebook", "booking_id": BOOKING, "flight_id": "BX100-25NOV"}
+        )
+    if step == 1:
+        return tool_use("flight_info", {"flight_id": summary["flight_id"]})
+    if step == 2:
+        info = results[0]
+        query = {
+            "origin": info["flight"]["origin"],
+            "destination": summary["destination"],
+            "not_before": info["estimated_departure"] + 60,
+            "exclude": [summary["flight_id"]],
+        }
+        return tool_use("alternatives", query)
+    first = results[0][0]["flights"][0]
+    number = first.split("-")[0]
+    return tool_use(
+        "decide", {"text": f"The next one is {number}: {first}.", "facts": [first], "flight_id": first.split()[0]}
+    )
+
+
+async def test_a_follow_up_with_the_anthropic_backend_uses_the_queries_and_a_validated_answer(
+    bus: Bus, day: AirlineDay, messages_server: MessagesServer
+) -> None:
+    messages_server.responder = concierge_model
+    settings = LLMSettings.for_agent("flight-concierge", max_retries=0, concurrency=1, timeout=10)
+    client = make_client(settings, base_url=messages_server.url, api_key="sk-test-not-a-real-key")
+    backend = AnthropicConcierge(settings, client)
+    async with run_agents(bus, ContextAgent(day), ConciergeAgent(backend)):
+        first = await ask(bus, "What about my flight to JFK?")
+        second = await ask(bus, "And the one after that?")
+    assert first.text == "Your flight BX137 LHR->JFK scheduled." and first.action == ""
+    assert second.text.startswith("The next one is BX125: BX125-25NOV LHR 15:40 -> JFK 22:45")
+    assert second.action == ""  # the refused rebook was corrected, never acted on
+    one, two = backend.outcomes
+    assert [c.tool for c in one.tool_calls] == ["passenger_bookings", "flight_info", "decide"]
+    assert one.source == "model" and one.corrections == 0
+    assert [c.tool for c in two.tool_calls] == ["decide", "flight_info", "alternatives", "decide"]
+    assert two.source == "model" and two.corrections == 1
+    correction = next(
+        r for r in messages_server.requests if len(r.messages) == 5 and "the one after that" in str(r.messages[2])
+    )
+    assert "a change keeps your journey's airports" in correction.tool_results()[0]["content"]
+    # the follow-up reached the model as data: the summary the first turn left
+    assert '"flight_id":"BX137-25NOV"' in correction.messages[2]["content"][0]["content"]
+    for request in messages_server.requests:
+        assert "the one after that" not in request.system_text

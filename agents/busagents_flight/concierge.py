@@ -89,6 +89,7 @@ __all__ = [
     "flight_fact",
     "load_concierge",
     "outcome_text",
+    "remember",
 ]
 
 log = logging.getLogger("busagents_flight.concierge")
@@ -168,7 +169,7 @@ def _state_key(conversation_id: str) -> str:
     return "c-" + hashlib.sha256(conversation_id.encode()).hexdigest()[:32]
 
 
-def _remember(items: list[str], *new: str) -> list[str]:
+def remember(items: list[str], *new: str) -> list[str]:
     kept = [i for i in items if i not in new]
     return [*kept, *(n for n in new if n)][-_KEPT:]
 
@@ -389,7 +390,7 @@ class OfflineConcierge(Concierge):
         first = shown[0].flights[0]
         facts = [_option_fact(it, leg.cabin) for it in shown]
         summary.options = [it.flights[0].flight_id for it in shown]
-        summary.flights = _remember(summary.flights, *summary.options)
+        summary.flights = remember(summary.flights, *summary.options)
         others = "; ".join(facts[1:])
         return Draft(
             text=(
@@ -482,8 +483,8 @@ def _focus(mine: PassengerBookingsReply, summary: Summary, place: str | None, nu
 def _focus_on(summary: Summary, leg: Leg) -> None:
     summary.flight_id = leg.flight_id
     summary.destination = leg.destination
-    summary.flights = _remember(summary.flights, leg.flight_id)
-    summary.cities = _remember(summary.cities, leg.origin, leg.destination)
+    summary.flights = remember(summary.flights, leg.flight_id)
+    summary.cities = remember(summary.cities, leg.origin, leg.destination)
 
 
 # The rules an action must keep, whichever backend asked for it
