@@ -94,6 +94,9 @@ class FlightMonitor(Agent):
         fid = update.flight_id
         try:
             while True:
+                if fid in self._cancelled:  # final: nothing after a cancellation changes anything
+                    self.ignored += 1
+                    return
                 known = self._known.get(fid)
                 if known is None:
                     entry = await watches.entry(fid)
@@ -109,7 +112,10 @@ class FlightMonitor(Agent):
                     return
                 disruption = await self._update(state, update, ctx)
                 if disruption is None:  # nothing to record: the copy moves on, the bucket does not
-                    self._known[fid] = (state, revision)
+                    if update.status == "arrived":
+                        self._known.pop(fid, None)  # the flight is over: keep no copy (a late update reads)
+                    else:
+                        self._known[fid] = (state, revision)
                     return
                 if isinstance(disruption, FlightDelayed):
                     state.delayed = disruption
@@ -147,12 +153,16 @@ class FlightMonitor(Agent):
         self.disruptions += 1
         ctx.log.info("disruption %s", disruption)
         state.delayed = state.cancelling = None
-        if state.cancelled is not None:
-            self._cancelled[flight_id] = state.cancelled
         try:
-            self._known[flight_id] = (state, await watches.update(flight_id, state, revision=revision))
+            revision = await watches.update(flight_id, state, revision=revision)
         except StateConflictError:  # another replica announced and cleared it meanwhile
             self._known.pop(flight_id, None)
+            return
+        if state.cancelled is not None:  # final: later updates of the flight are ignored
+            self._cancelled[flight_id] = state.cancelled
+            self._known.pop(flight_id, None)
+        else:
+            self._known[flight_id] = (state, revision)
 
     async def _update(
         self, state: FlightWatch, u: FlightStatusUpdated, ctx: Context
