@@ -289,7 +289,8 @@ def configure_from_env(service_name: str) -> Telemetry | None:
     Returns None (telemetry off, zero cost) unless ``OTEL_EXPORTER_OTLP_ENDPOINT``,
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER=otlp`` is set, or
     ``BUSAGENTS_TELEMETRY=1``; ``OTEL_TRACES_EXPORTER=console`` prints spans on stdout
-    instead; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turns it off.
+    instead; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turns it off, and
+    ``OTEL_METRICS_EXPORTER=none`` exports traces without metrics.
     OTLP goes over HTTP (``http/protobuf``): another protocol is a :class:`ConfigError`.
 
     Configured once per process (the first call's ``service_name`` names the process's own
@@ -347,7 +348,9 @@ def _configure(service_name: str) -> Telemetry | None:
         from ._otlp import FastOTLPSpanExporter
 
         span_exporter = FastOTLPSpanExporter()
-        readers = [PeriodicExportingMetricReader(OTLPMetricExporter())]
+        # OTEL_METRICS_EXPORTER=none: traces only (Phoenix, for one, takes no metrics)
+        none = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none"
+        readers = [] if none else [PeriodicExportingMetricReader(OTLPMetricExporter())]
     batch: dict[str, Any] = {arg: default for name, (arg, default) in _BATCH.items() if name not in env}
     processor = BatchSpanProcessor(span_exporter, **batch)
     tracer_provider = TracerProvider(resource=resource)  # flushes the shared processor at exit
