@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import msgspec
 import pytest
 
@@ -11,6 +15,8 @@ from busagents.dlq import DLQ_REASON, DLQ_STAGE
 from busagents.testing import run_agents
 
 from .test_worker import DeadLetters
+
+README = Path(__file__).parent.parent / "README.md"
 
 
 @event("test.upcast.delayed", name="Delayed", version=1, key="flight_id")
@@ -110,3 +116,14 @@ def test_an_upcaster_converts_versions_of_one_contract_to_a_later_one() -> None:
         upcaster(DelayedV1, Seen)
     with pytest.raises(ContractError, match="already registered"):
         upcaster(DelayedV1, DelayedV2)(_minutes_to_seconds)
+
+
+def test_the_readme_upcaster_example_converts_v1_to_v2() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (example,) = [b for b in blocks if "@upcaster" in b]
+    namespace: dict[str, Any] = {"__name__": "readme_upcaster"}
+    exec(example, namespace)
+    v1, v2 = namespace["FlightDelayedV1"], namespace["FlightDelayed"]
+    (source, chain), *_ = upcasters(v2).values()
+    assert source is v1
+    assert chain(v1(flight_id="BA117", delay_minutes=3)) == v2(flight_id="BA117", delay_seconds=180)
