@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
-from busagents_flight import ContextAgent
+from busagents_flight import ContextAgent, stand_in
 from busagents_flight.approval import airline_cost
 from busagents_flight.data import AirlineDay, generate
 from busagents_flight.demo import run_demo
@@ -123,11 +123,15 @@ def cancel(day: AirlineDay) -> FlightCancelled:
     )
 
 
-def reasoner_for(messages_server: MessagesServer, **overrides: Any) -> AnthropicReasoner:
+def reasoner_for(
+    messages_server: MessagesServer, *, groups: bool = False, triage: bool = False, **overrides: Any
+) -> AnthropicReasoner:
+    """The reasoner on the local server: one conversation per booking, every booking to the model, unless asked."""
     overrides.setdefault("timeout", 10)
-    settings = LLMSettings.for_agent("flight-reasoner", max_retries=0, concurrency=1, **overrides)
+    overrides.setdefault("concurrency", 1)
+    settings = LLMSettings.for_agent("flight-reasoner", max_retries=0, **overrides)
     client = make_client(settings, base_url=messages_server.url, api_key="sk-test-not-a-real-key")
-    return AnthropicReasoner(settings, client)
+    return AnthropicReasoner(settings, client, groups=groups, triage=triage)
 
 
 async def test_injected_instruction_in_a_passenger_note_produces_no_action_outside_the_policy(
@@ -232,19 +236,36 @@ async def test_costly_flight_decision_waits_for_approval_before_the_rebooker_act
     assert first.cost == airline_cost(msgspec.convert(first.decision, RebookPassenger))
 
 
-async def test_demo_with_the_anthropic_reasoner_serves_every_affected_passenger(
+async def test_demo_with_the_anthropic_reasoner_serves_every_affected_passenger_and_reports_its_cost(
     messages_server: MessagesServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # `busagents demo --reasoner anthropic` as a user runs it, the key and base URL from the environment.
+    # `busagents demo --reasoner anthropic` as a user runs it, the key and base URL from the environment:
+    # group decisions and triage (the defaults), a stand-in model that follows the policy.
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.url)
     monkeypatch.setenv("BUSAGENTS_LLM_MAX_RETRIES", "0")
-    messages_server.responder = model
+    messages_server.auto(lambda request: stand_in.answer(messages_server, request))
     report = await run_demo(flights=40, passengers=3000, seed=11, reasoner="anthropic", timeout=120)
     assert report.affected > 0
     assert report.notified == report.affected
     assert report.seat_conflicts == 0 and report.dead_lettered == 0
-    assert len(messages_server.requests) >= report.disruptions
+    # Triage and groups: far fewer model calls than affected passengers, all of them answered.
+    assert 0 < len(messages_server.requests) < report.affected / 5
+    # The cost report adds up to what the server counted.
+    usage = messages_server.usage
+    assert report.llm["requests"] == messages_server.answered == len(messages_server.requests)
+    assert report.llm["input_tokens"] == usage["input_tokens"]
+    assert report.llm["cache_read_tokens"] == usage["cache_read_input_tokens"] > 0
+    assert report.llm["cache_creation_tokens"] == usage["cache_creation_input_tokens"]
+    assert report.llm["output_tokens"] == usage["output_tokens"]
+    expected = LLMSettings().cost(  # the stand-in answers as the model asked for: Sonnet's list prices
+        usage["input_tokens"],
+        usage["output_tokens"],
+        usage["cache_creation_input_tokens"],
+        usage["cache_read_input_tokens"],
+        model="claude-sonnet-4-6",
+    )
+    assert report.llm["estimated_cost_usd"] == pytest.approx(expected, abs=1e-4) and expected > 0
 
 
 def _bad(kind: str, case: dict[str, Any]) -> dict[str, Any]:

@@ -298,7 +298,7 @@ async def test_concurrency_limit_bounds_model_calls_in_flight(bus: Bus, messages
         return slow(tool_use("decide", {**GOOD, "booking_id": case["booking_id"]}), 0.2)
 
     messages_server.responder = answer
-    reasoner = LLMReasoner(settings(concurrency=2), messages_server)
+    reasoner = LLMReasoner(settings(concurrency=2, concurrency_max=2), messages_server)
     bookings = [f"C{i}" for i in range(6)]
     async with run_agents(bus, reasoner, ContextAgent()):
         async with bus.expect(Rebook, where=lambda r: r.booking_id.startswith("C"), count=6, timeout=20) as got:

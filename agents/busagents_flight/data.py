@@ -166,7 +166,7 @@ def generate(flights: int = 40, passengers: int = 3000, seed: int = 7) -> Airlin
     maps = {name: seat_map(name) for name in _AIRCRAFT}
     inventory = {f.flight_id: _inventory(maps[f.aircraft]) for f in schedule}
     mct = {a.code: a.mct_minutes * _MIN for a in airports}
-    bookings = list(_bookings(schedule, inventory, mct, passengers, rng))
+    bookings = _with_requests(list(_bookings(schedule, inventory, mct, passengers, rng)), seed)
     return AirlineDay(seed=seed, airports=airports, flights=schedule, bookings=bookings, seat_maps=maps)
 
 
@@ -272,6 +272,38 @@ def _bookings(
         ]
         yield Booking(booking_id, people, legs, fare)
         made += size
+
+
+#: Free-text notes and special service requests that a few passengers leave (what the LLM reasoner
+#: judges; the offline policy serves them like any other booking).
+_NOTES = (
+    "Travelling with a newborn, a bassinet row would help.",
+    "My father uses a wheelchair; we need to sit together near the front.",
+    "I must be in Boston for a wedding tomorrow at noon, any airport nearby is fine.",
+    "Connecting to a cruise ship, please get us there today even if in another cabin.",
+    "Medical appointment on arrival: an earlier flight matters more than the seat.",
+    "Please keep our group of four together, the children are 6 and 9.",
+)
+_SSRS = ("WCHR", "WCHS", "BLND", "DEAF", "UMNR", "PETC", "MEDA")
+_NOTE_SHARE = 0.02  # of bookings
+_SSR_SHARE = 0.015  # of passengers
+
+
+def _with_requests(bookings: list[Booking], seed: int) -> list[Booking]:
+    """Notes on a few bookings and SSRs on a few passengers, from a generator of their own (the
+    rest of the day is the same as without them)."""
+    rng = random.Random(f"{seed}/requests")
+    out: list[Booking] = []
+    for booking in bookings:
+        note = rng.choice(_NOTES) if rng.random() < _NOTE_SHARE else ""
+        people = [
+            msgspec.structs.replace(p, ssr=[rng.choice(_SSRS)]) if rng.random() < _SSR_SHARE else p
+            for p in booking.passengers
+        ]
+        if note or people != booking.passengers:
+            booking = msgspec.structs.replace(booking, note=note, passengers=people)
+        out.append(booking)
+    return out
 
 
 def _pick_cabin(aircraft: str, rng: random.Random) -> str:

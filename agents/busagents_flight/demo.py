@@ -59,6 +59,7 @@ from busagents.settings import Settings
 from busagents.subjects import DLQ_SUBJECTS
 
 from .chat import ChatGateway, affected_passengers
+from .concierge import ConciergeAgent
 from .context import ContextAgent
 from .data import AirlineDay, generate
 from .feed import publish_feed, status_feed
@@ -97,6 +98,10 @@ class DemoReport(msgspec.Struct, kw_only=True):
     msgs_per_second: float  # messages / run_seconds
     #: A few conversations that rebooked or refunded someone, the smallest first: ``busagents trace ID``.
     conversations: list[str] = []
+    #: The LLM reasoner's model use (in-process runs): requests, input_tokens, cache_read_tokens,
+    #: output_tokens, estimated_cost_usd...; per disruption in ``llm_by_disruption`` (the costliest 10).
+    llm: dict[str, float] = {}
+    llm_by_disruption: dict[str, dict[str, float]] = {}
 
 
 @dataclass
@@ -402,7 +407,20 @@ async def run_demo(
             console.print(sample, highlight=False)
     report = _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
     report.interrupted = interrupted
+    report.llm, report.llm_by_disruption = _llm_usage(agents)
     return report
+
+
+def _llm_usage(agents: list[Agent]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """What the in-process reasoner's model use was, for the report (nothing for the offline policy)."""
+    for agent in agents:  # duck-typed: busagents.llm (and anthropic) stay unimported for the offline policy
+        reasoner = getattr(agent, "reasoner", None)
+        usage = getattr(reasoner, "usage", None)
+        if usage is not None and hasattr(usage, "report"):
+            per: dict[str, Any] = getattr(reasoner, "by_disruption", {})
+            costliest = sorted(per, key=lambda d: -per[d].cost)[:10]
+            return usage.report(), {d: per[d].report() for d in costliest}
+    return {}, {}
 
 
 @contextlib.asynccontextmanager
@@ -432,7 +450,14 @@ def _say(console: Console | None, line: str) -> None:
         console.print(line, highlight=False)
 
 
-_FLIGHT_AGENTS: tuple[type[Agent], ...] = (ContextAgent, FlightMonitor, ReasonerAgent, Rebooker, Notifier)
+_FLIGHT_AGENTS: tuple[type[Agent], ...] = (
+    ContextAgent,
+    FlightMonitor,
+    ReasonerAgent,
+    Rebooker,
+    Notifier,
+    ConciergeAgent,
+)
 
 
 async def _fresh_day(url: str, console: Console | None) -> None:
@@ -455,14 +480,20 @@ async def _fresh_day(url: str, console: Console | None) -> None:
 async def _local_agents(
     day: AirlineDay, monitor: FlightMonitor, store: BookingStore, reasoner: str, outbox: str, *, processes: bool
 ) -> list[Agent]:
-    """The agents of this process: all five, or the context agent and the monitor when the others
+    """The agents of this process: all six, or the context agent and the monitor when the others
     run as processes (the store is then loaded here, for them)."""
     agents: list[Agent] = [ContextAgent(day), monitor]
     if processes:
         async with store:
             await store.load(day.bookings)
         return agents
-    return [*agents, ReasonerAgent(reasoner), Rebooker(store, day, load=True), Notifier(OutboxChannel(outbox))]
+    return [
+        *agents,
+        ReasonerAgent(reasoner),
+        Rebooker(store, day, load=True),
+        Notifier(OutboxChannel(outbox)),
+        ConciergeAgent(),
+    ]
 
 
 def _report(
@@ -573,7 +604,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event |
         stopped.cancel()
 
 
-_CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier")
+_CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier", "flight-concierge")
 
 
 class _AgentProcesses:
@@ -761,6 +792,13 @@ def flight_demo(
         f"{'throughput':>16}: {report.messages} messages in {report.run_seconds}s ({report.msgs_per_second}/s); "
         f"{report.wall_seconds}s in all"
     )
+    if report.llm:
+        u = report.llm
+        console.print(
+            f"{'llm':>16}: {u['requests']:.0f} requests, {u['input_tokens']:.0f} input + "
+            f"{u['cache_read_tokens']:.0f} cache-read + {u['output_tokens']:.0f} output tokens, "
+            f"about ${u['estimated_cost_usd']:.2f} (list prices)"
+        )
     if report.conversations:
         console.print(
             f"{'conversations':>16}: {', '.join(report.conversations)} "

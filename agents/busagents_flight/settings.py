@@ -30,6 +30,11 @@ class FlightSettings(BaseSettings):
     rebook_threshold_minutes: int = 180
     #: Reasoner backend by name (entry-point group ``busagents_flight.reasoners``).
     reasoner: str = "offline"
+    #: LLM reasoner: decide the bookings of one disruption in groups, one model call each (else
+    #: one conversation per booking), and send to the model only the bookings that need judgement
+    #: (notes, special service requests, tier/family cases, re-decisions), the policy decides the rest.
+    llm_groups: bool = True
+    llm_triage: bool = True
     #: Booking store: SQLite file path, or a PostgreSQL DSN (``postgresql://...``).
     store: str = "bookings.sqlite3"
     #: Notification outbox file (JSON lines).

@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from .approval import ApprovalGate
     from .budget import Budget
     from .client import Attempt, ModelUnavailableError, RetryAfterTooLongError, make_client
+    from .concurrency import AdaptiveLimit
     from .contracts import ApprovalDecided, ApprovalRequested, ReviewRequested
     from .decider import Check, Decider, Fallback
-    from .outcome import ModelCall, Outcome, Source, ToolCall
+    from .outcome import ModelCall, Outcome, Source, ToolCall, Usage
     from .settings import LLMSettings, has_api_key
     from .tools import DecisionTool, QueryTool, input_schema, tool_name
 
@@ -42,6 +43,8 @@ _WHERE: dict[str, str] = {
     "ReviewRequested": "contracts",
     "Source": "outcome",
     "ToolCall": "outcome",
+    "Usage": "outcome",
+    "AdaptiveLimit": "concurrency",
     "has_api_key": "settings",
     "input_schema": "tools",
     "make_client": "client",
@@ -59,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AdaptiveLimit",
     "ApprovalDecided",
     "ApprovalGate",
     "ApprovalRequested",
@@ -77,6 +81,7 @@ __all__ = [
     "ReviewRequested",
     "Source",
     "ToolCall",
+    "Usage",
     "has_api_key",
     "input_schema",
     "make_client",

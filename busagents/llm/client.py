@@ -44,6 +44,8 @@ class Attempt:
     seconds: float
     retry_after: float | None = None
     error: str = ""
+    #: ``anthropic-ratelimit-requests-remaining``: requests the API still accepts in its window.
+    remaining_requests: int | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +67,13 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 class _RetryPolicy:
     """SDK middleware: records attempts and refuses to wait for an overlong retry-after."""
 
@@ -83,7 +92,8 @@ class _RetryPolicy:
         status = response.status_code
         retry_after = _retry_after(response.headers)
         if log is not None:
-            log.attempts.append(Attempt(status, time.perf_counter() - started, retry_after))
+            remaining = _int(response.headers.get("anthropic-ratelimit-requests-remaining"))
+            log.attempts.append(Attempt(status, time.perf_counter() - started, retry_after, "", remaining))
         retryable = status in _RETRYABLE or status >= 500
         if retryable and retry_after is not None and retry_after > self.max_retry_wait:
             raise RetryAfterTooLongError(

@@ -42,7 +42,8 @@ from ..contract import contract_info, is_contract
 from ..envelope import new_id
 from ..errors import BusagentsError, ConfigError, DecodeError
 from .budget import Budget
-from .client import ModelUnavailableError, attempt_log, end_attempt_log, make_client
+from .client import Attempt, ModelUnavailableError, attempt_log, end_attempt_log, make_client
+from .concurrency import AdaptiveLimit
 from .contracts import ReviewRequested, builtins
 from .outcome import ModelCall, Outcome, ToolCall
 from .settings import LLMSettings
@@ -117,7 +118,8 @@ class Decider(Generic[D]):
             hourly_max_tokens=s.hourly_max_tokens,
             hourly_max_cost=s.hourly_max_cost,
         )
-        self._slots = asyncio.Semaphore(s.concurrency)
+        #: Model calls in flight: adapts to the API's answers (429s), serves the most urgent first.
+        self.limit = AdaptiveLimit(s.concurrency, maximum=s.concurrency_max)
         self.breaker = _Breaker(s.breaker_failures, s.breaker_cooldown)
         self.in_flight = 0  # model calls running now (bounded by settings.concurrency)
         rules = _RULES.format(agent=self.agent_name, decide=self.decision.name)
@@ -142,11 +144,17 @@ class Decider(Generic[D]):
         case: Any,
         fallback: Fallback[D],
         check: Check[D] | None = None,
+        shared: Any = None,
+        priority: float = 0.0,
     ) -> Outcome[D]:
         """Decide one case: the model's validated decision, else the fallback's.
 
         ``task`` is the instruction, written by the agent's author (never user text);
         ``case`` is the data (a contract or builtins) and reaches the model as a tool result.
+        ``shared``: data common to several calls (a group decision's case, when its items are
+        split over calls): sent as a first tool result marked for prompt caching, before ``case``,
+        so the calls that share it read it from the cache. ``priority``: smaller goes first when
+        model calls wait for a slot (e.g. the departure time of what is decided).
         """
         conversation = ctx.conversation_id or new_id()
         telemetry = ctx.bus.telemetry
@@ -157,7 +165,8 @@ class Decider(Generic[D]):
             "openinference.span.kind": "AGENT",
         }
         with _span(telemetry, f"invoke_agent {self.agent_name}", attributes, agent=ctx.agent.name) as span:
-            outcome = await self._decide(ctx, telemetry, conversation, task, case, fallback, check)
+            opening = _opening(task, _json(case), None if shared is None else _json(shared))
+            outcome = await self._decide(ctx, telemetry, conversation, task, case, opening, fallback, check, priority)
             if span is not None:
                 span.set_attributes(
                     {
@@ -167,6 +176,12 @@ class Decider(Generic[D]):
                         "busagents.llm.cost": outcome.cost,
                         "gen_ai.usage.input_tokens": outcome.input_tokens,
                         "gen_ai.usage.output_tokens": outcome.output_tokens,
+                        "gen_ai.usage.cache_read.input_tokens": outcome.cache_read_input_tokens,
+                        "gen_ai.usage.cache_creation.input_tokens": outcome.cache_creation_input_tokens,
+                        "llm.token_count.prompt": outcome.input_tokens,
+                        "llm.token_count.completion": outcome.output_tokens,
+                        "llm.token_count.total": outcome.tokens,
+                        "busagents.llm.requests": len(outcome.calls),
                     }
                 )
         if outcome.calls:  # what the handler publishes next carries it (Ba-Llm): busagents trace marks it
@@ -181,18 +196,21 @@ class Decider(Generic[D]):
         conversation: str,
         task: str,
         case: Any,
+        opening: list[dict[str, Any]],
         fallback: Fallback[D],
         check: Check[D] | None,
+        priority: float,
     ) -> Outcome[D]:
         outcome: Outcome[D] = Outcome()
         started = time.perf_counter()
-        case_json = msgspec.json.encode(builtins(case)).decode()
+        case_json = opening[-1]["content"][-1]["content"]
         reason: str | None = None
         last_attempt: Any = None
         deadline = asyncio.timeout(self.settings.deadline)
         try:
             async with deadline:
-                reason, last_attempt = await self._loop(ctx, telemetry, outcome, conversation, task, case_json, check)
+                talk = _Conversation(ctx, telemetry, outcome, conversation, case_json, check, opening, priority)
+                reason, last_attempt = await self._loop(talk)
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -219,19 +237,10 @@ class Decider(Generic[D]):
         outcome.seconds = time.perf_counter() - started
         return outcome
 
-    async def _loop(
-        self,
-        ctx: Context,
-        telemetry: Telemetry | None,
-        outcome: Outcome[D],
-        conversation: str,
-        task: str,
-        case_json: str,
-        check: Check[D] | None,
-    ) -> _End:
+    async def _loop(self, talk: _Conversation[D]) -> _End:
         """Run the conversation with the model; returns (why it failed, its last attempt) or (None, None)."""
         s = self.settings
-        talk = _Conversation(ctx, telemetry, outcome, conversation, case_json, check, _opening(task, case_json))
+        conversation = talk.id
         for _ in range(s.max_tool_calls + s.max_corrections + 2):
             spent = self.budget.spent(conversation)
             if spent is not None:
@@ -253,7 +262,7 @@ class Decider(Generic[D]):
         """One model turn, forced to call the decision tool once ``talk.force``; the breaker counts failures."""
         choice: dict[str, Any] = {"type": "tool", "name": self.decision.name} if talk.force else {"type": "any"}
         try:
-            message = await self._call(talk.ctx, talk.messages, choice, talk.outcome, talk.id)
+            message = await self._call(talk.ctx, talk.messages, choice, talk.outcome, talk.id, talk.priority)
         except ModelUnavailableError as exc:
             self.breaker.failed(str(exc))
             raise
@@ -419,6 +428,7 @@ class Decider(Generic[D]):
         choice: dict[str, Any],
         outcome: Outcome[D],
         conversation: str,
+        priority: float = 0.0,
     ) -> anthropic.types.Message:
         s = self.settings
         telemetry, agent = ctx.bus.telemetry, ctx.agent.name
@@ -439,7 +449,7 @@ class Decider(Generic[D]):
         with _span(telemetry, f"chat {s.model}", attributes, agent=agent, client=True) as span:
             calls = len(outcome.calls)
             try:
-                message = await self._call_model(messages, choice, outcome, conversation)
+                message = await self._call_model(messages, choice, outcome, conversation, priority)
             finally:
                 if telemetry is not None and len(outcome.calls) > calls:  # the call was made
                     _record_metrics(telemetry, outcome.calls[-1], s.model)
@@ -464,11 +474,16 @@ class Decider(Generic[D]):
         return message
 
     async def _call_model(
-        self, messages: list[dict[str, Any]], choice: dict[str, Any], outcome: Outcome[D], conversation: str
+        self,
+        messages: list[dict[str, Any]],
+        choice: dict[str, Any],
+        outcome: Outcome[D],
+        conversation: str,
+        priority: float = 0.0,
     ) -> anthropic.types.Message:
         s = self.settings
         extra: dict[str, Any] = {} if s.temperature is None else {"temperature": s.temperature}
-        async with self._slots:
+        async with self.limit.slot(priority):
             self.in_flight += 1
             record = ModelCall(model=s.model)
             outcome.calls.append(record)
@@ -498,6 +513,7 @@ class Decider(Generic[D]):
                 end_attempt_log(token)
                 record.seconds = time.perf_counter() - started
                 record.attempts = attempts.attempts
+                self._adapt(attempts.attempts)
         usage = message.usage
         record.model = message.model
         record.request_id = message.id
@@ -511,9 +527,19 @@ class Decider(Generic[D]):
             record.output_tokens,
             record.cache_creation_input_tokens,
             record.cache_read_input_tokens,
+            model=record.model,
         )
         self.budget.record(conversation, record.tokens, record.cost)
         return message
+
+    def _adapt(self, attempts: list[Attempt]) -> None:
+        """Tell the concurrency limit how the API answered this call's attempts."""
+        throttled = [a for a in attempts if a.status == 429]
+        if throttled:
+            waits = [a.retry_after for a in throttled if a.retry_after is not None]
+            self.limit.throttled_by(max(waits) if waits else None)
+        elif attempts and attempts[-1].status is not None and attempts[-1].status < 400:
+            self.limit.succeeded(attempts[-1].remaining_requests)
 
 
 class _Breaker:
@@ -559,18 +585,51 @@ class _Conversation(Generic[D]):
     case_json: str
     check: Check[D] | None
     messages: list[dict[str, Any]]
+    priority: float = 0.0  # smaller: the model call gets a slot first
     queries: int = 0  # bus queries the model asked for
     force: bool = False  # every further turn must call the decision tool
     last_attempt: Any = None  # the input of the model's last decision tool call
     last_error: str = ""  # why its last decision was invalid
 
 
-def _opening(task: str, case_json: str) -> list[dict[str, Any]]:
-    """The task as the user's text, then the case as the result of a read_case call the model never made."""
+def _json(data: Any) -> str:
+    return msgspec.json.encode(builtins(data)).decode()
+
+
+def _opening(task: str, case_json: str, shared_json: str | None = None) -> list[dict[str, Any]]:
+    """The task as the user's text, then the case as the result of a read_case call the model never made.
+
+    With ``shared_json`` the model reads the case in two parts: the shared one first, marked for
+    prompt caching (calls with the same task and shared part read it from the cache), then its own.
+    """
+    if shared_json is None:
+        return [
+            {"role": "user", "content": [{"type": "text", "text": task}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": _CASE_ID, "name": _CASE_TOOL, "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": _CASE_ID, "content": case_json}]},
+        ]
+    shared_id = f"{_CASE_ID}_shared"
     return [
         {"role": "user", "content": [{"type": "text", "text": task}]},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": _CASE_ID, "name": _CASE_TOOL, "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": _CASE_ID, "content": case_json}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": shared_id, "name": _CASE_TOOL, "input": {"part": "shared"}},
+                {"type": "tool_use", "id": _CASE_ID, "name": _CASE_TOOL, "input": {"part": "items"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": shared_id,
+                    "content": shared_json,
+                    "cache_control": {"type": "ephemeral"},
+                },
+                {"type": "tool_result", "tool_use_id": _CASE_ID, "content": case_json},
+            ],
+        },
     ]
 
 
@@ -581,6 +640,14 @@ def _record_metrics(telemetry: Telemetry, record: ModelCall, requested: str) -> 
     else:
         base["gen_ai.response.model"] = record.model
         telemetry.token_usage.record(record.input_tokens, {**base, "gen_ai.token.type": "input"})
+        # prompt-cache tokens are input tokens too (billed at other rates): told apart by busagents.llm.cache
+        for cache, tokens in (
+            ("read", record.cache_read_input_tokens),
+            ("creation", record.cache_creation_input_tokens),
+        ):
+            if tokens:
+                attributes = {**base, "gen_ai.token.type": "input", "busagents.llm.cache": cache}
+                telemetry.token_usage.record(tokens, attributes)
         telemetry.token_usage.record(record.output_tokens, {**base, "gen_ai.token.type": "output"})
     telemetry.operation_duration.record(record.seconds, base)
 

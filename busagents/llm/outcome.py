@@ -11,7 +11,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from .client import Attempt
 
-__all__ = ["ModelCall", "Outcome", "Source", "ToolCall"]
+__all__ = ["ModelCall", "Outcome", "Source", "ToolCall", "Usage"]
 
 D = TypeVar("D")
 
@@ -100,3 +100,46 @@ class Outcome(Generic[D]):
     @property
     def tokens(self) -> int:
         return sum(c.tokens for c in self.calls)
+
+
+@dataclass(slots=True)
+class Usage:
+    """Model requests and tokens summed over decisions (a disruption's, a day's), and their estimated cost."""
+
+    requests: int = 0  # model calls made (each may take several HTTP attempts)
+    attempts: int = 0  # HTTP attempts, retries after 429/5xx included
+    throttled: int = 0  # attempts answered 429
+    input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+
+    def add(self, outcome: Outcome[Any]) -> None:
+        """Count the model calls of one decision."""
+        for call in outcome.calls:
+            self.requests += 1
+            self.attempts += len(call.attempts)
+            self.throttled += sum(1 for a in call.attempts if a.status == 429)
+            self.input_tokens += call.input_tokens
+            self.cache_creation_input_tokens += call.cache_creation_input_tokens
+            self.cache_read_input_tokens += call.cache_read_input_tokens
+            self.output_tokens += call.output_tokens
+            self.cost += call.cost
+
+    def merge(self, other: Usage) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def report(self) -> dict[str, float]:
+        """The figures as the demo's report names them (``llm.requests``, ``llm.estimated_cost_usd``...)."""
+        return {
+            "requests": self.requests,
+            "attempts": self.attempts,
+            "throttled": self.throttled,
+            "input_tokens": self.input_tokens,
+            "cache_creation_tokens": self.cache_creation_input_tokens,
+            "cache_read_tokens": self.cache_read_input_tokens,
+            "output_tokens": self.output_tokens,
+            "estimated_cost_usd": round(self.cost, 4),
+        }

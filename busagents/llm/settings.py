@@ -22,6 +22,20 @@ __all__ = ["LLMSettings", "has_api_key"]
 
 _PREFIX = "BUSAGENTS_LLM_"
 
+#: List prices of the Claude models, USD per million tokens (input, output), from
+#: https://docs.anthropic.com/en/docs/about-claude/pricing (cache writes 1.25x, reads 0.1x input).
+_LIST_PRICES: dict[str, tuple[float, float]] = {
+    "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4-1": (15.0, 75.0),
+    "claude-opus-4-0": (15.0, 75.0),
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-3-7-sonnet": (3.0, 15.0),
+    "claude-haiku-4-5": (1.0, 5.0),
+    "claude-3-5-haiku": (0.8, 4.0),
+    "claude-3-haiku": (0.25, 1.25),
+}
+
 
 class LLMSettings(BaseSettings):
     """How one LLM agent calls the model, what it may spend, and what it does when it cannot."""
@@ -47,8 +61,11 @@ class LLMSettings(BaseSettings):
     breaker_cooldown: float = Field(default=30.0, ge=0)
     #: Seconds one whole decision (every model call and tool query) may take.
     deadline: float = Field(default=180.0, gt=0)
-    #: Model calls in flight at once, per agent replica.
+    #: Model calls in flight at once, per agent replica, at the start: the limit then adapts to the
+    #: API's answers (more while it accepts, halved on a 429) between 1 and ``concurrency_max``.
     concurrency: int = Field(default=4, ge=1)
+    #: The most model calls in flight the adaptive limit may reach (None: ``concurrency``, fixed).
+    concurrency_max: int | None = Field(default=32, ge=1)
     #: Tool calls (bus queries) the model may make for one decision before it must decide.
     max_tool_calls: int = Field(default=12, ge=0)
     #: Times an invalid decision is sent back to the model with the error before falling back.
@@ -63,7 +80,16 @@ class LLMSettings(BaseSettings):
     hourly_max_tokens: int | None = Field(default=2_000_000, ge=0)
     hourly_max_cost: float | None = Field(default=20.0, ge=0)
 
-    #: Prices in USD per million tokens; cache writes and reads are priced relative to input.
+    #: Group decisions (many items of one case in one call): at most this many items, and at most
+    #: about this many input tokens of items (estimated) and output tokens of answers per call.
+    group_max_items: int = Field(default=64, ge=1)
+    group_max_tokens: int = Field(default=12_000, ge=100)
+    group_max_output_tokens: int = Field(default=8_192, ge=256)
+
+    #: List prices in USD per million tokens (input, output) by model name or name prefix, the
+    #: longest match wins; override with ``BUSAGENTS_LLM_PRICES='{"my-model": [1.0, 5.0]}'``.
+    prices: dict[str, tuple[float, float]] = Field(default_factory=lambda: dict(_LIST_PRICES))
+    #: Prices of a model the table does not name.
     price_input_per_mtok: float = Field(default=3.0, ge=0)
     price_output_per_mtok: float = Field(default=15.0, ge=0)
     cache_write_factor: float = Field(default=1.25, ge=0)
@@ -91,14 +117,31 @@ class LLMSettings(BaseSettings):
         values.update(overrides)
         return cls.model_validate(values)
 
-    def cost(self, input_tokens: int, output_tokens: int, cache_write: int = 0, cache_read: int = 0) -> float:
-        """The price in USD of one call's usage."""
-        per_input = self.price_input_per_mtok / 1_000_000
+    def price(self, model: str | None = None) -> tuple[float, float]:
+        """USD per million (input, output) tokens of ``model`` (default: ``self.model``)."""
+        name = model or self.model
+        matches = [key for key in self.prices if name.startswith(key)]
+        if not matches:
+            return self.price_input_per_mtok, self.price_output_per_mtok
+        return self.prices[max(matches, key=len)]
+
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache_write: int = 0,
+        cache_read: int = 0,
+        *,
+        model: str | None = None,
+    ) -> float:
+        """The estimated price in USD of one call's usage, at the list price of ``model``."""
+        price_in, price_out = self.price(model)
+        per_input = price_in / 1_000_000
         return (
             input_tokens * per_input
             + cache_write * per_input * self.cache_write_factor
             + cache_read * per_input * self.cache_read_factor
-            + output_tokens * self.price_output_per_mtok / 1_000_000
+            + output_tokens * price_out / 1_000_000
         )
 
 

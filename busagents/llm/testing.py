@@ -16,11 +16,20 @@ Script the model's turns, point the SDK at the server, and inspect what was aske
 Replies are taken in order from the script; when it is empty, ``responder`` (if set)
 answers. Errors (:func:`error`), slow replies (:func:`slow`) and any status or header can
 be scripted. No key and no network are needed.
+
+For load (an auto-answering model), :meth:`MessagesServer.auto` sets a responder, a delay
+before each of its answers and a share of requests answered ``429`` with ``retry-after``;
+:meth:`MessagesServer.answer` builds a reply whose usage is counted from the request (about
+four characters a token; the prefix up to the last ``cache_control`` block is a cache write
+the first time and a cache read afterwards), and :attr:`MessagesServer.usage` sums the usage
+of every reply sent. ``python -m busagents.llm.testing --port N`` serves it on its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import threading
 import time
 from collections import deque
@@ -182,6 +191,15 @@ class MessagesServer:
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        #: Usage of every 200 reply sent: input, cache_creation_input, cache_read_input, output tokens.
+        self.usage: dict[str, int] = dict.fromkeys(_USAGE, 0)
+        self.answered = 0  # 200 replies sent
+        self.throttled = 0  # 429 replies sent by the throttle share
+        self.delay = 0.0  # seconds before each responder reply
+        self.throttle_share = 0.0  # share of requests answered 429 (before the script and the responder)
+        self.retry_after = 1.0
+        self._rng = random.Random(0)
+        self._cached: set[str] = set()  # prefixes written to the "cache"
         self._generation = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -209,6 +227,11 @@ class MessagesServer:
             self._script.clear()
             self.requests.clear()
             self.responder = None
+            self.delay = self.throttle_share = 0.0
+            self.usage = dict.fromkeys(_USAGE, 0)
+            self.answered = self.throttled = 0
+            self._cached.clear()
+            self._rng = random.Random(0)
             self._generation += 1  # requests still running (slow replies) no longer count
             self.in_flight = self.max_in_flight = 0
 
@@ -225,14 +248,72 @@ class MessagesServer:
                 raise AssertionError(f"expected {count} requests, got {len(self.requests)}")
             return list(self.requests)
 
+    def auto(
+        self,
+        responder: Callable[[RecordedRequest], Reply],
+        *,
+        delay: float = 0.0,
+        throttle: float = 0.0,
+        retry_after: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        """Answer every request with ``responder`` after ``delay`` seconds; a ``throttle`` share of
+        requests (seeded) is answered at once with 429 and ``retry-after: retry_after``."""
+        with self._lock:
+            self.responder = responder
+            self.delay = delay
+            self.throttle_share = throttle
+            self.retry_after = retry_after
+            self._rng = random.Random(seed)
+
+    def answer(
+        self, request: RecordedRequest, content: list[dict[str, Any]], *, stop_reason: str = "tool_use"
+    ) -> Reply:
+        """A reply with ``content`` and the usage of ``request``, its tokens counted from its size: the
+        longest prefix ending at a ``cache_control`` block that an earlier request wrote is read from the
+        cache, the rest up to the last such block is written to it, the remainder is input."""
+        prefixes, total = _cacheable(request.body)
+        keys = [hashlib.sha256(p.encode()).hexdigest() for p in prefixes]
+        with self._lock:
+            read = next((p for p, k in zip(reversed(prefixes), reversed(keys), strict=True) if k in self._cached), "")
+            self._cached.update(keys)
+        cached = _token_count(prefixes[-1]) if prefixes else 0
+        hit = _token_count(read) if read else 0
+        return message(
+            content,
+            stop_reason=stop_reason,
+            model=str(request.body.get("model", "claude-test")),
+            input_tokens=max(1, _token_count(total) - cached),
+            output_tokens=_token_count(json.dumps(content)),
+            cache_creation_input_tokens=cached - hit,
+            cache_read_input_tokens=hit,
+        )
+
     def _next(self, request: RecordedRequest) -> Reply:
         with self._lock:
+            if self.throttle_share and self._rng.random() < self.throttle_share:
+                self.throttled += 1
+                return error(429, retry_after=self.retry_after, message="rate limited (test throttle)")
             if self._script:
                 return self._script.popleft()
-            responder = self.responder
+            responder, delay = self.responder, self.delay
         if responder is not None:
-            return responder(request)
+            reply = responder(request)
+            if delay and not reply.delay:
+                reply = slow(reply, delay)
+            return reply
         return error(500, message="the test script has no reply left for this request")
+
+    def _count(self, reply: Reply, generation: int) -> None:
+        usage = reply.body.get("usage") if reply.status == 200 else None
+        if not isinstance(usage, dict):
+            return
+        with self._lock:
+            if generation != self._generation:
+                return
+            self.answered += 1
+            for name in _USAGE:
+                self.usage[name] += int(usage.get(name) or 0)
 
     def start(self) -> MessagesServer:
         server = self
@@ -271,6 +352,7 @@ class MessagesServer:
                     if reply.delay and server._stopping.wait(reply.delay):
                         return
                     payload = json.dumps(reply.body).encode()
+                    server._count(reply, generation)
                     done()
                     self.send_response(reply.status)
                     self.send_header("content-type", "application/json")
@@ -311,6 +393,30 @@ class MessagesServer:
         self.stop()
 
 
+_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+
+
+def _token_count(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+def _cacheable(body: dict[str, Any]) -> tuple[list[str], str]:
+    """(the request's text up to each of its cache_control blocks, all of it), in the API's order:
+    tools, system, messages."""
+    parts: list[tuple[str, bool]] = []
+    for tool in body.get("tools") or []:
+        parts.append((json.dumps(tool, sort_keys=True), "cache_control" in tool))
+    system = body.get("system")
+    for block in [system] if isinstance(system, str) else system or []:
+        parts.append((json.dumps(block, sort_keys=True), isinstance(block, dict) and "cache_control" in block))
+    for msg in body.get("messages") or []:
+        content = msg.get("content")
+        for block in [content] if isinstance(content, str) else content or []:
+            parts.append((json.dumps(block, sort_keys=True), isinstance(block, dict) and "cache_control" in block))
+    marks = [i for i, (_, marked) in enumerate(parts) if marked]
+    return ["".join(p for p, _ in parts[: i + 1]) for i in marks], "".join(p for p, _ in parts)
+
+
 @pytest.fixture(scope="session")
 def _messages_server_session() -> Iterator[MessagesServer]:
     with MessagesServer() as server:
@@ -323,3 +429,38 @@ def messages_server(_messages_server_session: MessagesServer) -> Iterator[Messag
     _messages_server_session.reset()
     yield _messages_server_session
     _messages_server_session.reset()
+
+
+def main() -> None:  # pragma: no cover - a manual and benchmark entry point
+    """Serve a MessagesServer with a responder from ``module:function`` until stopped."""
+    import argparse
+    import importlib
+    import signal
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("responder", help="module:function taking (server, request) and returning a Reply")
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--throttle", type=float, default=0.0)
+    parser.add_argument("--retry-after", type=float, default=1.0)
+    parser.add_argument("--port-file", required=True, help="where to write the URL once serving")
+    parser.add_argument("--usage-file", help="where to write the usage counted, on SIGTERM")
+    args = parser.parse_args()
+    module, _, name = args.responder.partition(":")
+    respond = getattr(importlib.import_module(module), name)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with MessagesServer() as server:
+        server.auto(
+            lambda r: respond(server, r), delay=args.delay, throttle=args.throttle, retry_after=args.retry_after
+        )
+        with open(args.port_file, "w") as f:
+            f.write(server.url)
+        stopped.wait()
+        if args.usage_file:
+            figures = {**server.usage, "requests": len(server.requests), "answered": server.answered}
+            with open(args.usage_file, "w") as f:
+                json.dump({**figures, "throttled": server.throttled}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -67,6 +67,8 @@ class Passenger(msgspec.Struct, frozen=True):
     name: str
     tier: LoyaltyTier = "none"
     seat_preference: SeatPreference = "any"
+    #: IATA special service requests (``WCHR`` wheelchair, ``UMNR`` unaccompanied minor...).
+    ssr: list[str] = []
 
 
 class Fare(msgspec.Struct, frozen=True):
