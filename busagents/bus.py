@@ -27,12 +27,13 @@ from nats.aio.subscription import Subscription
 from ._natspy import BusClient, pending_queue, taken
 from .codec import codec_for, encode
 from .contract import ContractInfo, Durability, Kind, contract_info, subject_for
-from .durable import ensure_stream
+from .dryrun import record
+from .durable import ensure_stream, stream_name
 from .envelope import MSG_ID, Envelope
 from .errors import ContractError, DecodeError, NatsUnavailableError, NoResponderError, QueryFailedError
 from .server import check_nats_url
 from .state import State, open_state
-from .subjects import stats_subject
+from .subjects import namespace_prefix, stats_subject, stream_token
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -216,8 +217,16 @@ class Bus:
         backoff: tuple[float, ...] | None = None,
         publish_timeout: float = 30.0,
         telemetry: Telemetry | None = None,
+        prefix: str = "",
+        dry_run: bool = False,
     ) -> None:
         self.nc = nc
+        #: Record what its agents send instead of sending it (:mod:`busagents.dryrun`).
+        self.dry_run = dry_run
+        #: Subject namespace (``replay.c1.``): prepended to every contract subject, stream and bucket
+        #: this bus uses, so agents can run on recorded input beside production (:mod:`busagents.subjects`).
+        self.prefix = namespace_prefix(prefix)
+        self._token = stream_token(self.prefix)
         #: OpenTelemetry spans and metrics for every publish and handled message (None: off, no cost).
         self.telemetry = telemetry
         self.js = nc.jetstream(timeout=5.0)
@@ -244,6 +253,8 @@ class Bus:
         ack_wait: float | None = None,
         max_deliver: int | None = None,
         backoff: tuple[float, ...] | None = None,
+        prefix: str = "",
+        dry_run: bool = False,
         **options: Any,
     ) -> Bus:
         """Connect to NATS; nats-py reconnects after a network failure or a server restart.
@@ -279,7 +290,14 @@ class Bus:
         current = nc.connected_url
         link.url = current.geturl() if current is not None else url
         bus = cls(
-            nc, replicas=replicas, ack_wait=ack_wait, max_deliver=max_deliver, backoff=backoff, telemetry=telemetry
+            nc,
+            replicas=replicas,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            backoff=backoff,
+            telemetry=telemetry,
+            prefix=prefix,
+            dry_run=dry_run,
         )
         bus._link = link
         return bus
@@ -313,7 +331,11 @@ class Bus:
         state = self._states.get((bucket, type_))
         if state is None:
             state = self._states[(bucket, type_)] = await open_state(
-                self.js, bucket, type_, replicas=self.replicas or 1, nc=self.nc
+                self.js,
+                ("dryrun_" if self.dry_run else "") + self._token + bucket,
+                type_,
+                replicas=self.replicas or 1,
+                nc=self.nc,
             )
         return state
 
@@ -337,7 +359,25 @@ class Bus:
     async def ensure_stream(self, contract: type[Any] | ContractInfo, declared: Durability | None = None) -> str:
         """Create or update the JetStream stream of a durable contract; returns its name."""
         info = contract if isinstance(contract, ContractInfo) else contract_info(contract)
-        return await ensure_stream(self.js, info, self.durability(info, declared))
+        d = self.durability(info, declared)
+        if self.prefix:
+            d = dataclasses.replace(d, stream=self._token + stream_name(info, d))
+            info = self.namespaced(info)
+        return await ensure_stream(self.js, info, d)
+
+    def namespaced(self, info: ContractInfo) -> ContractInfo:
+        """The contract as this bus sees it: its subject under :attr:`prefix` (itself without one)."""
+        if not self.prefix:
+            return info
+        return dataclasses.replace(info, subject=self.prefix + info.subject)
+
+    def subject(self, subject: str) -> str:
+        """``subject`` under this bus's :attr:`prefix`."""
+        return self.prefix + subject
+
+    def stream_name(self, name: str) -> str:
+        """A stream's name in this bus's namespace."""
+        return self._token + name
 
     @property
     def url(self) -> str:
@@ -367,6 +407,8 @@ class Bus:
                 info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id, msg_id=msg_id
             )
         subject = subject_for(info, message)
+        if self.prefix:
+            subject = self.prefix + subject
         if self.telemetry is not None:
             with self.telemetry.publish_span(subject, info.subscribe_subject, envelope):
                 await self._send(info, subject, encode(message), envelope.to_headers())
@@ -375,7 +417,9 @@ class Bus:
         return envelope
 
     async def _send(self, info: ContractInfo, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-        if info.durable:
+        if self.dry_run:
+            await record(self, subject, payload, headers)
+        elif info.durable:
             await self.publish_durable(info, subject, payload, headers)
         else:
             await self.nc.publish(subject, payload, headers=headers)
@@ -439,6 +483,8 @@ class Bus:
             raise ContractError(f"{info.name} is a {info.kind.value}, not a query: publish() it instead")
         envelope = Envelope.new(info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id)
         subject = subject_for(info, query)
+        if self.prefix:
+            subject = self.prefix + subject
         if self.telemetry is not None:
             with self.telemetry.publish_span(subject, info.subscribe_subject, envelope, request=True):
                 return await self._request(info, subject, query, envelope, timeout)
@@ -570,7 +616,7 @@ class Expectation(Generic[T]):
         self._where = where
         self._timeout = timeout
         self._count = count
-        self._subject = subject or self._info.subscribe_subject
+        self._subject = bus.prefix + (subject or self._info.subscribe_subject)
         self._sub: Subscription | None = None
         self._done: asyncio.Future[None] | None = None
         self.messages: list[Received[T]] = []

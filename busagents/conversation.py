@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from .observe import Catalog, Seen
 if TYPE_CHECKING:
     from .bus import Bus
 
-__all__ = ["Hop", "causal_tree", "read_conversation"]
+__all__ = ["Hop", "causal_tree", "read_conversation", "scan_streams"]
 
 _NOT_MESSAGES = ("KV_", "OBJ_")  # key-value and object buckets
 _BATCH = 1000
@@ -59,9 +59,7 @@ class Hop:
 
 async def read_conversation(bus: Bus, conversation_id: str, catalog: Catalog) -> list[Seen]:
     """Every kept message of the conversation, oldest first."""
-    found: list[Seen] = []
-    for stream in await _streams(bus):
-        found += await _scan(bus, stream, conversation_id, catalog)
+    found = await scan_streams(bus, catalog, lambda headers: headers.get(CONVERSATION_ID) == conversation_id)
     unique = {(s.stream, s.seq): s for s in found}
     return sorted(unique.values(), key=lambda s: (s.time or 0.0, s.seq or 0))
 
@@ -104,8 +102,16 @@ async def _streams(bus: Bus) -> list[str]:
     return sorted(names)
 
 
-async def _scan(bus: Bus, stream: str, conversation_id: str, catalog: Catalog) -> list[Seen]:
-    """The stream's messages of the conversation: headers read first, matches fetched whole."""
+async def scan_streams(bus: Bus, catalog: Catalog, match: Callable[[dict[str, str]], bool]) -> list[Seen]:
+    """Every kept message whose headers ``match``, stream by stream (not KV or object buckets)."""
+    found: list[Seen] = []
+    for stream in await _streams(bus):
+        found += await _scan(bus, stream, match, catalog)
+    return found
+
+
+async def _scan(bus: Bus, stream: str, match: Callable[[dict[str, str]], bool], catalog: Catalog) -> list[Seen]:
+    """The stream's messages that ``match``: headers read first, matches fetched whole."""
     try:
         info = await bus.js.stream_info(stream)
     except nats.js.errors.NotFoundError:
@@ -134,7 +140,7 @@ async def _scan(bus: Bus, stream: str, conversation_id: str, catalog: Catalog) -
                 break  # nothing more within the wait: what was kept at the start has been read
             for msg in batch:
                 seq = msg.metadata.sequence.stream
-                if (msg.headers or {}).get(CONVERSATION_ID) == conversation_id:
+                if match(msg.headers or {}):
                     matches.append(seq)
                 done = done or seq >= last or msg.metadata.num_pending == 0
     finally:

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     ack_wait: float | None = None
     #: Deliveries of a durable message before it is dead-lettered; unset: as declared.
     max_deliver: int | None = None
+    #: Subject namespace (``replay.c1``): every subject, stream and bucket of the agents goes under it.
+    subject_prefix: str = ""
+    #: Record what the agents send (``busagents.dryrun.<agent>``) instead of sending it.
+    dry_run: bool = False
     #: Keep core messages in the conversation log for ``busagents trace`` (:mod:`busagents.convlog`).
     conversation_log: bool = False
     #: Seconds the conversation log keeps a message.

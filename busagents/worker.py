@@ -49,6 +49,7 @@ from .dlq import (
     write_durable_dead_letter,
     write_max_deliveries_dead_letter,
 )
+from .dryrun import ensure_dryrun_stream, record
 from .durable import (
     DurableConsumer,
     ack,
@@ -171,6 +172,8 @@ class Worker:
             await agent.on_start(self._root_context(agent))
             self._on.append(agent)
         await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
+        if self.bus.dry_run:  # before the first record: a publish to a subject no stream keeps is lost
+            await ensure_dryrun_stream(self.bus)
         if self.conversation_log is not None:
             await ensure_conversation_log(self.bus, self.agents, self.conversation_log)
         for agent in self.agents:
@@ -200,7 +203,7 @@ class Worker:
         log.info("worker started: %s", ", ".join(a.name for a in self.agents))
 
     async def _subscribe(self, agent: Agent, handler: Handler) -> None:
-        subject = handler.subject or handler.contract.subscribe_subject
+        subject = self.bus.prefix + (handler.subject or handler.contract.subscribe_subject)
         handle = self._traced(agent, handler, self._handler(agent, handler))
         self._mailboxes.append(await self.bus.mailbox(subject, handle, queue=agent.name, lanes=agent.max_concurrency))
 
@@ -210,14 +213,14 @@ class Worker:
         started = loop.time()
         consumers = []
         for handler in views:
-            info = handler.contract
-            d = self.bus.durability(info, handler.durability)
-            stream = await self.bus.ensure_stream(info, handler.durability)
+            d = self.bus.durability(handler.contract, handler.durability)
+            stream = await self.bus.ensure_stream(handler.contract, handler.durability)
+            info, narrowed = self._namespaced(handler)
             if d.ordered_partitions:  # stored as <subject>.<partition>.<key>
-                narrow = handler.subject[len(info.subject) + 1 :] if handler.subject else "*"
+                narrow = narrowed[len(info.subject) + 1 :] if narrowed else "*"
                 filter_subject = f"{info.subject}.*.{narrow}"
             else:
-                filter_subject = handler.subject or info.subscribe_subject
+                filter_subject = narrowed or info.subscribe_subject
             handle = self._traced(agent, handler, self._handler(agent, handler))
             consumer = ViewConsumer(self.bus.js, stream, filter_subject, handle, label=f"{agent.name}:{info.name}")
             self._views.append(consumer)
@@ -314,14 +317,12 @@ class Worker:
             log.debug("no dead-letter stream (JetStream unavailable?): %r", exc)
 
     async def _start_durable(self, agent: Agent, handler: Handler) -> None:
-        info = handler.contract
-        d = self.bus.durability(info, handler.durability)
+        d = self.bus.durability(handler.contract, handler.durability)
         js = self.bus.js
-        stream = await self.bus.ensure_stream(info, handler.durability)
+        stream = await self.bus.ensure_stream(handler.contract, handler.durability)
+        info, narrowed = self._namespaced(handler)
         if d.ordered_partitions:
-            narrow = (
-                handler.subject[len(info.subject) + 1 :] if handler.subject and handler.subject != info.subject else ""
-            )
+            narrow = narrowed[len(info.subject) + 1 :] if narrowed and narrowed != info.subject else ""
             strip = unpartitioned(info.subject)
             handle = self._traced(agent, handler, self._durable_handler(agent, handler, d, strip))
             for p, filter_subject in enumerate(partition_filters(info, d)):
@@ -333,7 +334,7 @@ class Worker:
                     DurableConsumer(self.bus.nc, stream, name, handle, lanes=1, batch=1, ack_wait=d.ack_wait), agent
                 )
             return
-        await js.add_consumer(stream, consumer_config(agent.name, handler.subject or info.subscribe_subject, d))
+        await js.add_consumer(stream, consumer_config(agent.name, narrowed or info.subscribe_subject, d))
         handle = self._traced(agent, handler, self._durable_handler(agent, handler, d, None))
         await self._consume(
             DurableConsumer(
@@ -341,6 +342,11 @@ class Worker:
             ),
             agent,
         )
+
+    def _namespaced(self, handler: Handler) -> tuple[ContractInfo, str | None]:
+        """The handler's contract and narrowed subject under the bus's subject prefix."""
+        narrowed = self.bus.prefix + handler.subject if handler.subject else None
+        return self.bus.namespaced(handler.contract), narrowed
 
     async def _consume(self, consumer: DurableConsumer, agent: Agent) -> None:
         self._consumers.append(consumer)
@@ -546,7 +552,7 @@ class Worker:
             )
         except (nats.errors.Error, nats.js.errors.Error):
             log.exception("could not send the dead letter of %s; reason was: %s", agent.name, reason)
-        if answer and msg.reply:
+        if answer and msg.reply and not self.bus.dry_run:  # a dry run's error answers nobody either
             try:
                 await self.bus.nc.publish(msg.reply, b"", headers={ERROR_HEADER: reason})
             except nats.errors.Error:
@@ -627,4 +633,7 @@ async def _reply(bus: Bus, agent: Agent, msg: Msg, ctx: Context, result: Any, re
         return
     info = contract_info(reply_cls)
     envelope = Envelope.new(info.name, info.version, sender=agent.name, cause=ctx.envelope)
+    if bus.dry_run:  # a shadow answering beside the live agent: its answer is recorded, never sent
+        await record(bus, msg.subject, encode(result), envelope.to_headers())
+        return
     await bus.nc.publish(msg.reply, encode(result), headers=envelope.to_headers())

@@ -59,7 +59,7 @@ class Items(Generic[G, I]):
 
     async def __aenter__(self) -> Items[G, I]:
         self._done = asyncio.get_running_loop().create_future()
-        self._sub = await self._bus.nc.subscribe(self._info.subscribe_subject, cb=self._on_msg)
+        self._sub = await self._bus.nc.subscribe(self._bus.subject(self._info.subscribe_subject), cb=self._on_msg)
         await self._bus.nc.flush()
         return self
 

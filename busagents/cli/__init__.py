@@ -16,6 +16,7 @@ from .llm import llm_group
 from .lock import contracts_group
 from .new import new_command
 from .ps import ps_command
+from .replay import replay_command, shadow_group
 from .server import server_group
 from .swarm import swarm_group
 from .trace import trace_command
@@ -51,8 +52,10 @@ cli.add_command(llm_group)
 cli.add_command(new_command)
 cli.add_command(ps_command)
 cli.add_command(publish_command)
+cli.add_command(replay_command)
 cli.add_command(request_command)
 cli.add_command(server_group)
+cli.add_command(shadow_group)
 cli.add_command(swarm_group)
 cli.add_command(trace_command)
 cli.add_command(watch_command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from ..errors import ConfigError, ConnectionLostError
 from ..plugins import available_agents, load_agent
 from ..process import die_with_parent
 from ..settings import Settings
-from ..subjects import inbox_prefix
+from ..shadow import shadow_of
+from ..subjects import inbox_prefix, namespace_prefix
 from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker
@@ -57,14 +59,33 @@ def list_agents() -> None:
 @nats_option
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64), help="OS processes.")
 @click.option("--reload", is_flag=True, help="Development: restart the agent when a .py file of its source changes.")
+@click.option("--namespace", default=None, help="Subject prefix (e.g. replay.c1): run beside production, not in it.")
+@click.option("--dry-run", is_flag=True, help="Record what the agent sends (busagents.dryrun.<agent>); send nothing.")
+@click.option("--shadow", is_flag=True, help="A dry run as NAME-shadow on live traffic, for busagents shadow report.")
 @click.pass_context
-def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int, reload: bool) -> None:
+def run_command(
+    ctx: click.Context,
+    name: str,
+    nats: str | None,
+    replicas: int,
+    reload: bool,
+    namespace: str | None,
+    dry_run: bool,
+    shadow: bool,
+) -> None:
     """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT.
 
     Exits with status 1 when its NATS connection is closed for good (nats-py does not reconnect
     after a server's -ERR), so that a supervisor starts it again.
     """
     agent_cls = load_agent(name)
+    # as variables, so that replicas, a reloaded child and the agent's own settings see them
+    if namespace is not None:
+        os.environ["BUSAGENTS_SUBJECT_PREFIX"] = namespace_prefix(namespace)
+    if dry_run or shadow:
+        os.environ["BUSAGENTS_DRY_RUN"] = "1"
+    if shadow:
+        agent_cls = shadow_of(agent_cls)
     if agent_cls.singleton and replicas > 1:
         raise ConfigError(
             f"{name} declares singleton = True (it must run as one instance) "
@@ -75,16 +96,18 @@ def run_command(ctx: click.Context, name: str, nats: str | None, replicas: int, 
         if reload:  # the agent runs in a child process, started again after each change
             level = ctx.find_root().params.get("log_level")
             cmd = [sys.executable, "-m", "busagents", *(["--log-level", level] if level else [])]
-            cmd += ["run", name, "--nats", url, "--replicas", str(replicas)]
+            cmd += ["run", name, "--nats", url, "--replicas", str(replicas), *(["--shadow"] if shadow else [])]
             run_reloading(cmd, source_dirs(agent_cls), label=name, drain_timeout=settings.drain_timeout)
             return
         if replicas == 1:
-            click.echo(f"running {agent_cls.name} on {url}", err=True)
+            mode = " (dry run)" if settings.dry_run else ""
+            where = f" under {settings.subject_prefix}" if settings.subject_prefix else ""
+            click.echo(f"running {agent_cls.name}{mode} on {url}{where}", err=True)
             ok = asyncio.run(_serve(agent_cls, url, settings))
             if not ok:
                 raise SystemExit(3)
             return
-        _run_replicas(name, url, replicas, ctx.find_root().params.get("log_level"))
+        _run_replicas(name, url, replicas, ctx.find_root().params.get("log_level"), shadow=shadow)
 
 
 async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
@@ -97,6 +120,8 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
         replicas=settings.replicas,
         ack_wait=settings.ack_wait,
         max_deliver=settings.max_deliver,
+        prefix=settings.subject_prefix,
+        dry_run=settings.dry_run,
     )
     stop = asyncio.Event()  # SIGTERM/SIGINT, or the connection closed for good
 
@@ -122,9 +147,10 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
             shutdown_telemetry()
 
 
-def _run_replicas(name: str, url: str, replicas: int, log_level: str | None) -> None:
+def _run_replicas(name: str, url: str, replicas: int, log_level: str | None, *, shadow: bool = False) -> None:
     level = ["--log-level", log_level] if log_level else []
     cmd = [sys.executable, "-m", "busagents", *level, "run", name, "--nats", url, "--replicas", "1"]
+    cmd += ["--shadow"] if shadow else []
     children = [
         # its own session: a terminal's Ctrl-C reaches this process only, which asks each replica once to drain
         subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent())

@@ -1,0 +1,91 @@
+"""Replaying a recorded conversation in a namespace: decided again there, production sees nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from busagents_flight.context import ContextAgent
+from busagents_flight.data import generate
+from busagents_flight.reasoner import ReasonerAgent
+from busagents_flight.rebooker import Rebooker
+from busagents_flight.store import open_store
+from busagents_travel import FlightCancelled, RebookPassenger
+
+from busagents import Bus
+from busagents.errors import ConfigError
+from busagents.observe import Catalog
+from busagents.plugins import available_contracts
+from busagents.replay import default_namespace, replay_conversation
+from busagents.subjects import namespace_prefix
+from busagents.testing import run_agents
+
+from .flight_expect import expect_changes, expect_decisions
+
+DAY = generate(flights=24, passengers=1500, seed=9)
+
+
+def _decided(d: RebookPassenger) -> tuple[str, str, tuple[str, ...], tuple[str, ...], int]:
+    return (
+        d.booking_id,
+        d.action,
+        tuple(leg.flight_id for leg in d.new_legs),
+        tuple(leg.cabin for leg in d.new_legs),
+        d.cost.refund,
+    )
+
+
+def test_a_namespace_is_dot_separated_tokens_outside_reserved_subjects() -> None:
+    assert namespace_prefix("replay.c1") == namespace_prefix("replay.c1.") == "replay.c1."
+    assert namespace_prefix("") == ""
+    for bad in ("replay..c1", "replay c1", "busagents.dlq", "$JS.x", "_INBOX.x", "a.*"):
+        with pytest.raises(ConfigError):
+            namespace_prefix(bad)
+    assert default_namespace("a:b/c") == "replay.a_b_c."
+
+
+async def test_a_replayed_conversation_is_decided_again_in_its_namespace_and_production_sees_nothing(
+    bus: Bus, tmp_path: Path
+) -> None:
+    flight = max(DAY.flights, key=lambda f: sum(1 for b in DAY.bookings if b.legs[0].flight_id == f.flight_id))
+    on_it = [b for b in DAY.bookings if any(leg.flight_id == flight.flight_id for leg in b.legs)]
+    cancelled = FlightCancelled(
+        disruption_id=f"{flight.flight_id}#1", flight_id=flight.flight_id, number=flight.number,
+        origin=flight.origin, destination=flight.destination, reason="crew", observed_at=flight.departure - 7200,
+    )  # fmt: skip
+    store = open_store(f"{tmp_path}/live.sqlite3")
+    live = (ContextAgent(DAY), ReasonerAgent("offline"), Rebooker(store, DAY))
+    async with run_agents(bus, *live):
+        async with (
+            expect_changes(bus, count=len(on_it), timeout=30),
+            expect_decisions(bus, count=len(on_it), timeout=30) as decided,
+        ):
+            conversation = (await bus.publish(cancelled)).conversation_id
+        assert conversation
+        before = sorted(msgspec.json.encode(b) for b in await store.bookings())
+        assert len(before) == len(DAY.bookings)
+
+        # production agents still run: none of them may see the replay
+        seen_live: list[str] = []
+
+        async def on_live(msg: object) -> None:
+            seen_live.append(msg.subject)  # type: ignore[attr-defined]
+
+        watcher = await bus.nc.subscribe("travel.>", cb=on_live)
+        namespace = Bus(bus.nc, prefix=default_namespace(conversation))
+        catalog = Catalog(available_contracts()[0])
+        async with run_agents(namespace, ContextAgent(DAY), ReasonerAgent("offline")):
+            async with expect_decisions(namespace, count=len(on_it), timeout=30) as replayed:
+                done = await replay_conversation(bus, conversation, namespace, catalog, subjects=["travel.flight.>"])
+        await bus.nc.flush()
+        await watcher.unsubscribe()
+
+    assert [r.contract for r in done] == ["FlightCancelled"]
+    assert done[0].subject.startswith(namespace.prefix + "travel.flight.cancelled.")
+    assert sorted(map(_decided, replayed.items)) == sorted(map(_decided, decided.items))
+    assert seen_live == []
+    assert sorted(msgspec.json.encode(b) for b in await open_store(f"{tmp_path}/live.sqlite3").bookings()) == before
+    # the namespace kept its own streams: the replayed input and the new decisions are there, not in production's
+    assert (await bus.js.stream_info(namespace.stream_name("BA_RebookGroup"))).state.messages == replayed.groups
+    assert (await bus.js.stream_info("BA_FlightCancelled")).state.messages == 1

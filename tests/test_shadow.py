@@ -1,0 +1,169 @@
+"""A shadow reasoner beside the live one for a day: it decides every case, sends nothing, and is compared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+from busagents_flight.context import ContextAgent
+from busagents_flight.data import AirlineDay, generate
+from busagents_flight.feed import publish_feed, status_feed
+from busagents_flight.monitor import FlightMonitor
+from busagents_flight.notifier import Notifier, OutboxChannel
+from busagents_flight.reasoner import ReasonerAgent
+from busagents_flight.rebooker import Rebooker
+from busagents_flight.store import SqliteStore
+from busagents_travel import DisruptionAssessed, PassengerNotified, RebookGroup
+from nats.aio.msg import Msg
+
+from busagents import Agent, Bus, NatsServer
+from busagents.dryrun import read_records
+from busagents.envelope import SENDER
+from busagents.llm.testing import MessagesServer, RecordedRequest, Reply, tool_use
+from busagents.observe import Catalog
+from busagents.plugins import available_contracts
+from busagents.shadow import compare, shadow_of
+from busagents.testing import delete_streams, run_agents
+
+from .test_flight_llm_reasoner import choice_for, reasoner_for
+
+DAY_ARGS = (12, 300, 3)
+
+
+def later_model(request: RecordedRequest) -> Reply:
+    """A model that puts a lone traveller on the last option offered, others as the policy would."""
+    case = json.loads(request.messages[2]["content"][0]["content"])
+    if len(case["passengers"]) == 1:
+        case = {**case, "options": case["options"][::-1]}
+    return tool_use("decide", choice_for(case))
+
+
+async def _until(done: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def play_day(url: str, day: AirlineDay, tmp: Path, shadow: Agent | None = None) -> list[tuple[str, ...]]:
+    """The day with the live agents (offline reasoner), and ``shadow`` on a dry-run bus; the outbox's notices.
+
+    On a connection of its own: a bus remembers the key-value buckets it opened (deleted between days)."""
+    bus = await Bus.connect(url, name="day")
+    try:
+        return await _play(bus, day, tmp, shadow)
+    finally:
+        await bus.close()
+
+
+async def _play(bus: Bus, day: AirlineDay, tmp: Path, shadow: Agent | None) -> list[tuple[str, ...]]:
+    feed = status_feed(day)
+    monitor = FlightMonitor()
+    outbox = tmp / "outbox.jsonl"
+    live = [
+        ContextAgent(day),
+        monitor,
+        ReasonerAgent("offline"),
+        Rebooker(SqliteStore(tmp / "b.sqlite3"), day, load=True),
+    ]
+    affected: list[int] = []
+    notified: set[tuple[str, str]] = set()
+
+    async def on_assessed(msg: Msg) -> None:
+        affected.append(msgspec.json.decode(msg.data, type=DisruptionAssessed).affected_passengers)
+
+    async def on_notified(msg: Msg) -> None:
+        n = msgspec.json.decode(msg.data, type=PassengerNotified)
+        notified.add((n.decision_id, n.passenger_id))
+
+    subs = [await bus.nc.subscribe("travel.disruption.assessed.*", cb=on_assessed)]
+    subs.append(await bus.nc.subscribe("travel.passenger.notified.*", cb=on_notified))
+    dry = Bus(bus.nc, dry_run=True)
+    async with run_agents(bus, *live, Notifier(OutboxChannel(outbox))):
+        async with run_agents(dry, *([shadow] if shadow else [])) as shadow_worker:
+            await publish_feed(bus, feed)
+            await monitor.wait_handled(len(feed), 60)
+            await _until(
+                lambda: len(affected) >= monitor.disruptions and len(notified) >= sum(affected), 60, "every notice"
+            )
+            if shadow is not None:  # the shadow answers every disruption the live reasoner did
+                stats = shadow_worker.stats[shadow.name]
+                await _until(lambda: stats.handled + stats.dead_lettered >= monitor.disruptions, 60, "shadow decided")
+    for sub in subs:
+        await sub.unsubscribe()
+    lines = [json.loads(line) for line in outbox.read_text().splitlines()]
+    return sorted((n["passenger_id"], n["booking_id"], n["subject"], n["text"]) for n in lines)
+
+
+async def test_a_shadow_reasoner_decides_every_case_beside_the_live_one_and_sends_nothing(
+    bus: Bus, nats_server: NatsServer, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    day = generate(*DAY_ARGS)
+    (tmp_path / "alone").mkdir()
+    alone = await play_day(nats_server.url, day, tmp_path / "alone")
+    await delete_streams(bus)
+
+    messages_server.responder = later_model
+    shadow = shadow_of(ReasonerAgent)(reasoner_for(messages_server))
+    sent_by_shadow: list[str] = []
+
+    async def spy(msg: Msg) -> None:
+        if (msg.headers or {}).get(SENDER, "").endswith("-shadow") and not msg.subject.startswith("busagents.dryrun."):
+            sent_by_shadow.append(msg.subject)
+
+    spying = await bus.nc.subscribe(">", cb=spy)
+    (tmp_path / "shadowed").mkdir()
+    shadowed = await play_day(nats_server.url, day, tmp_path / "shadowed", shadow)
+    await bus.nc.flush()
+    await spying.unsubscribe()
+
+    assert alone and shadowed == alone  # the live outcome is unchanged: the same notices
+    assert shadow.name == "flight-reasoner-shadow"
+    # nothing of the shadow's was sent: it only asked the context agent (asking is not acting)
+    assert sent_by_shadow and all(s.startswith("travel.context.") for s in sent_by_shadow), sent_by_shadow
+    catalog = Catalog(available_contracts()[0])
+    records = [r.seen for r in await read_records(bus, catalog)]
+    assert {r.sender for r in records} == {"flight-reasoner-shadow"}
+    live_groups = await _stream_bodies(bus, "BA_RebookGroup", RebookGroup)
+    live_decided = {d.booking_id for g in live_groups for d in g.decisions}
+    shadow_decided = {d["booking_id"] for r in records if r.contract == "RebookGroup" for d in r.body["decisions"]}
+    assert live_decided and shadow_decided == live_decided  # a decision for every case
+
+    [report] = await compare(bus, catalog)
+    summary = report.summary()
+    assert summary["cases"] == len({r.causation for r in records})
+    # the model put lone travellers on the later flight: those decisions differ, the others agree
+    differing = [d for c in report.cases for d in c.differences()]
+    lone = {b.booking_id for b in day.bookings if len(b.passengers) == 1} & live_decided
+    assert lone and {d["decision"] for d in differing} == lone
+    assert all(d["shadow"]["flights"] != d["live"]["flights"] for d in differing)
+    assert summary["agreement"] == round(1 - len(lone) / summary["decisions"], 4) and summary["agreement"] > 0
+    assert summary["shadow_side"]["tokens"] > 0  # as its outputs' Ba-Llm marks say
+    assert summary["live"]["tokens"] == 0  # the offline policy
+    assert summary["live"]["median_latency_seconds"] > 0 and summary["shadow_side"]["median_latency_seconds"] > 0
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "busagents", "shadow", "report", "--nats", nats_server.url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert f"agreement: {summary['agreement']:.1%} of {summary['decisions']} decisions" in text
+    assert "flight-reasoner (live) vs flight-reasoner-shadow" in text
+    for d in differing:  # each differing decision, side by side
+        assert f"live:   {json.dumps(d['live'])}" in text and f"shadow: {json.dumps(d['shadow'])}" in text
+
+
+async def _stream_bodies(bus: Bus, stream: str, cls: type[RebookGroup]) -> list[RebookGroup]:
+    info = await bus.js.stream_info(stream)
+    return [
+        msgspec.json.decode((await bus.js.get_msg(stream, seq=seq)).data or b"", type=cls)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
