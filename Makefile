@@ -6,6 +6,9 @@ PKGS := -e '.[dev]' -e ./contracts -e ./agents
 # The official AsyncAPI parser (npm), for tests/test_asyncapi.py; that test skips, saying so, without node
 ASYNCAPI := tests/asyncapi
 PARSER := $(ASYNCAPI)/node_modules/.package-lock.json
+# Debian's chromium, for the chat page's browser test (tests/test_flight_chat_browser.py, Playwright drives it;
+# nothing is downloaded at run time). Installed with apt when missing; that test fails without it
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install demo test test-newest lint bench clean
 
@@ -24,8 +27,14 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(PARSER)
+test: lint $(PARSER) $(CHROMIUM)
 	$(BIN)/python -m pytest $(ARGS)
+
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium (apt-get) for tests/test_flight_chat_browser.py"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "no $(CHROMIUM): install Debian's chromium (apt-get install chromium) for tests/test_flight_chat_browser.py"; fi
 
 $(PARSER): $(ASYNCAPI)/package.json $(ASYNCAPI)/package-lock.json
 	@if command -v npm >/dev/null; then \
@@ -36,7 +45,7 @@ $(PARSER): $(ASYNCAPI)/package.json $(ASYNCAPI)/package-lock.json
 # second venv (pip warns that they conflict with those bounds: that is the point). For CI, on a
 # schedule: tests/test_adapters.py names what a new release broke in busagents/_natspy.py.
 NEWEST ?= $(VENV)/newest
-test-newest: $(PARSER)
+test-newest: $(PARSER) $(CHROMIUM)
 	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
 	$(NEWEST)/bin/python -m pip install --quiet $(PKGS)
