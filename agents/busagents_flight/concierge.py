@@ -73,6 +73,7 @@ from .policy import choose_seats
 from .settings import FlightSettings
 
 __all__ = [
+    "DECISION_PREFIX",
     "TURNS",
     "Checked",
     "Concierge",
@@ -94,6 +95,8 @@ __all__ = [
 
 log = logging.getLogger("busagents_flight.concierge")
 
+#: The id of every decision the concierge makes starts so: its rejections are the concierge's to tell.
+DECISION_PREFIX = "concierge/"
 #: Turns a conversation keeps (older ones live on in the summary).
 TURNS = 12
 _KEPT = 8  # flights and cities the summary keeps
@@ -634,7 +637,7 @@ def _base(question: PassengerAsked, booking: Booking, disrupted: FlightInfoReply
         reason="the passenger asked",
     )
     return {
-        "decision_id": f"concierge/{question.question_id}",
+        "decision_id": f"{DECISION_PREFIX}{question.question_id}",
         "disruption": disruption,
         "booking_id": booking.booking_id,
         "passenger_ids": [p.passenger_id for p in booking.passengers],

@@ -59,6 +59,7 @@ from busagents.settings import Settings
 from busagents.subjects import DLQ_SUBJECTS
 
 from .chat import ChatGateway, affected_passengers
+from .concierge import ConciergeAgent
 from .context import ContextAgent
 from .data import AirlineDay, generate
 from .feed import publish_feed, status_feed
@@ -449,7 +450,14 @@ def _say(console: Console | None, line: str) -> None:
         console.print(line, highlight=False)
 
 
-_FLIGHT_AGENTS: tuple[type[Agent], ...] = (ContextAgent, FlightMonitor, ReasonerAgent, Rebooker, Notifier)
+_FLIGHT_AGENTS: tuple[type[Agent], ...] = (
+    ContextAgent,
+    FlightMonitor,
+    ReasonerAgent,
+    Rebooker,
+    Notifier,
+    ConciergeAgent,
+)
 
 
 async def _fresh_day(url: str, console: Console | None) -> None:
@@ -472,14 +480,20 @@ async def _fresh_day(url: str, console: Console | None) -> None:
 async def _local_agents(
     day: AirlineDay, monitor: FlightMonitor, store: BookingStore, reasoner: str, outbox: str, *, processes: bool
 ) -> list[Agent]:
-    """The agents of this process: all five, or the context agent and the monitor when the others
+    """The agents of this process: all six, or the context agent and the monitor when the others
     run as processes (the store is then loaded here, for them)."""
     agents: list[Agent] = [ContextAgent(day), monitor]
     if processes:
         async with store:
             await store.load(day.bookings)
         return agents
-    return [*agents, ReasonerAgent(reasoner), Rebooker(store, day, load=True), Notifier(OutboxChannel(outbox))]
+    return [
+        *agents,
+        ReasonerAgent(reasoner),
+        Rebooker(store, day, load=True),
+        Notifier(OutboxChannel(outbox)),
+        ConciergeAgent(),
+    ]
 
 
 def _report(
@@ -590,7 +604,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event |
         stopped.cancel()
 
 
-_CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier")
+_CHILD_AGENTS = ("flight-reasoner", "flight-rebooker", "flight-notifier", "flight-concierge")
 
 
 class _AgentProcesses:

@@ -33,6 +33,7 @@ from busagents import Agent, Context, on
 from busagents.llm import ApprovalDecided, ApprovalRequested, LLMSettings, ReviewRequested
 
 from .approval import Approvals
+from .concierge import DECISION_PREFIX
 from .policy import OfflinePolicy
 from .reasoning import AffectedBooking, Case, Lookup, Reasoner, load_reasoner, search_key
 from .settings import FlightSettings
@@ -75,6 +76,8 @@ class ReasonerAgent(Agent):
 
     @on(RebookRejected)
     async def rejected(self, rejection: RebookRejected, ctx: Context) -> None:
+        if rejection.decision_id.startswith(DECISION_PREFIX):
+            return  # a change a traveller asked the concierge for: the concierge tells them, nothing to re-decide
         d = rejection.disruption
         for seat in rejection.taken_seats:
             flight_id, _, number = seat.partition("/")
