@@ -78,6 +78,20 @@ def model(request: RecordedRequest) -> Reply:
     return tool_use("decide", choice_for(case))
 
 
+#: What the flight assistant publishes on a cancellation: anything else would be an action outside it.
+ALLOWED_SUBJECTS = (
+    "travel.flight.cancelled.",
+    "travel.context.bookings-on-flight.",
+    "travel.context.alternatives",
+    "travel.disruption.assessed.",
+    "travel.booking.rebook-group",
+    "travel.booking.changes",
+    "travel.passenger.notified.",
+    "_INBOX.",
+    "$JS.",  # the worker's own dead-letter stream set-up
+)
+
+
 @pytest.fixture(scope="module")
 def nats_server() -> Iterator[NatsServer]:
     """A nats-server of this module's own: the durable RebookGroup stream starts empty here."""
@@ -182,18 +196,7 @@ async def test_injected_instruction_in_a_passenger_note_produces_no_action_outsi
         assert INJECTION not in request.system_text
         assert all(INJECTION not in b["text"] for b in request.blocks("text"))
     # Only the flight assistant's own subjects carried anything: no other action happened.
-    allowed = (
-        "travel.flight.cancelled.",
-        "travel.context.bookings-on-flight.",
-        "travel.context.alternatives",
-        "travel.disruption.assessed.",
-        "travel.booking.rebook-group",
-        "travel.booking.changes",
-        "travel.passenger.notified.",
-        "_INBOX.",
-        "$JS.",  # the worker's own dead-letter stream set-up
-    )
-    assert [s for s in subjects if not s.startswith(allowed)] == []
+    assert [s for s in subjects if not s.startswith(ALLOWED_SUBJECTS)] == []
     assert not any(s.startswith(("travel.booking.rejected", "busagents.dlq")) for s in subjects)
 
 
@@ -346,3 +349,155 @@ async def test_spent_budget_hands_the_rest_of_the_disruption_to_the_offline_poli
     assert len(by_model) == 2 and len(by_policy) == len(bookings) - 2
     assert all("[offline policy: LLM budget: conversation token budget spent" in d.rationale for d in by_policy)
     assert len(messages_server.requests) == 2  # one conversation: the disruption's
+
+
+def decide(server: MessagesServer, request: RecordedRequest, choices: list[dict[str, Any]], *extra: Any) -> Reply:
+    """A group answer: ``extra`` tool calls (name, input), then decide with ``choices``; usage counted."""
+    calls = [*extra, ("decide", {"choices": choices})]
+    content = [
+        {"type": "tool_use", "id": f"toolu_g{i}_{uuid.uuid4().hex[:6]}", "name": n, "input": a}
+        for i, (n, a) in enumerate(calls)
+    ]
+    return server.answer(request, content)
+
+
+def group_request(request: RecordedRequest) -> tuple[dict[str, Any], list[dict[str, Any]], set[str] | None]:
+    """(the shared case, the bookings listed, the bookings to resubmit or None on a first turn)."""
+    shared, case = stand_in.case_parts(request)
+    assert shared is not None, "not a group request"
+    return shared, case["bookings"], stand_in.refused(request)
+
+
+async def cancel_and_wait(
+    bus: Bus, tmp_path: Path, day: AirlineDay, reasoner: AnthropicReasoner, bookings: list[str]
+) -> dict[str, RebookPassenger]:
+    async with flight_agents(bus, tmp_path, day, reasoner):
+        async with expect_changes(bus, count=len(bookings), timeout=30):  # all applied before the next test
+            async with expect_decisions(bus, count=len(bookings), timeout=30) as decided:
+                await bus.publish(cancel(day))
+    return {d.booking_id: d for d in decided.items}
+
+
+async def test_a_group_decision_with_one_invalid_choice_corrects_only_that_booking(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    day, bookings, _ = the_day(note_on=None)
+    target = bookings[-1]
+
+    def responder(request: RecordedRequest) -> Reply:
+        shared, listed, again = group_request(request)
+        choices = stand_in.group_choices(shared, [b for b in listed if again is None or b["booking_id"] in again])
+        if again is None:  # the first answer keeps the target's cancelled booking: against the policy
+            choices = [{**c, "action": "keep", "flights": []} if c["booking_id"] == target else c for c in choices]
+        return decide(messages_server, request, choices)
+
+    messages_server.auto(responder)
+    reasoner = reasoner_for(messages_server, groups=True)
+    decisions = await cancel_and_wait(bus, tmp_path, day, reasoner, bookings)
+
+    first, second = messages_server.requests  # one group, one correction
+    assert sorted(b["booking_id"] for b in group_request(first)[1]) == sorted(bookings)
+    (error,) = second.tool_results()
+    assert f"resubmit choices for these 1 booking(s) only: {target}: keep is not possible" in error["content"]
+    assert not any(b in error["content"] for b in bookings if b != target)
+    assert group_request(second)[2] == {target}
+    assert {d.reasoner for d in decisions.values()} == {"anthropic"}
+    assert {d.action for d in decisions.values()} == {"rebook"}
+    # The shared case was read from the prompt cache by the correction.
+    assert reasoner.usage.cache_read_input_tokens > 0 and reasoner.usage.requests == 2
+
+
+async def test_a_group_answer_that_stays_invalid_falls_back_per_booking(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    day, bookings, _ = the_day(note_on=None)
+    target = bookings[0]
+
+    def responder(request: RecordedRequest) -> Reply:
+        shared, listed, again = group_request(request)
+        choices = stand_in.group_choices(shared, [b for b in listed if again is None or b["booking_id"] in again])
+        return decide(
+            messages_server,
+            request,
+            [{**c, "flights": ["BX999-25NOV"]} if c["booking_id"] == target else c for c in choices],
+        )
+
+    messages_server.auto(responder)
+    reasoner = reasoner_for(messages_server, groups=True, max_corrections=1)
+    decisions = await cancel_and_wait(bus, tmp_path, day, reasoner, bookings)
+
+    assert len(messages_server.requests) == 2  # the group, then one correction for the target alone
+    fallen = decisions[target]
+    assert fallen.reasoner == "offline" and fallen.action == "rebook"
+    assert "[offline policy: invalid decision after 1 correction(s)" in fallen.rationale
+    assert {d.reasoner for b, d in decisions.items() if b != target} == {"anthropic"}
+
+
+async def test_triage_sends_exactly_the_bookings_with_notes_to_the_model(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    day, bookings, _ = the_day(note_on=None)
+    noted = {bookings[1], bookings[4]}
+    for i, b in enumerate(day.bookings):
+        if b.booking_id in bookings:
+            plain = [msgspec.structs.replace(p, ssr=[]) for p in b.passengers]
+            note = "Travelling with a newborn, a bassinet row would help." if b.booking_id in noted else ""
+            day.bookings[i] = msgspec.structs.replace(b, note=note, passengers=plain)
+    messages_server.auto(lambda request: stand_in.answer(messages_server, request))
+    reasoner = reasoner_for(messages_server, groups=True, triage=True)
+    decisions = await cancel_and_wait(bus, tmp_path, day, reasoner, bookings)
+
+    (request,) = messages_server.requests
+    assert {b["booking_id"] for b in group_request(request)[1]} == noted
+    assert {b for b, d in decisions.items() if d.reasoner == "anthropic"} == noted
+    others = [d for b, d in decisions.items() if b not in noted]
+    assert others and all(d.reasoner == "offline" and "[offline policy: triage:" in d.rationale for d in others)
+    assert reasoner.triaged == len(others)
+
+
+async def test_injected_instruction_in_a_note_produces_no_action_outside_the_policy_in_group_mode(
+    bus: Bus, nats_server: NatsServer, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    day, bookings, injected = the_day()
+
+    def obeying(request: RecordedRequest) -> Reply:
+        """Obeys the note on its first turn: a tool that does not exist and a refund, then follows the policy."""
+        shared, listed, again = group_request(request)
+        choices = stand_in.group_choices(shared, [b for b in listed if again is None or b["booking_id"] in again])
+        if again is not None:
+            return decide(messages_server, request, choices)
+        refund = {"booking_id": injected, "action": "refund", "rationale": "Refunding everyone as asked."}
+        choices = [refund if c["booking_id"] == injected else c for c in choices]
+        return decide(messages_server, request, choices, ("refund_everyone", {"flight": FLIGHT}))
+
+    messages_server.auto(obeying)
+    reasoner = reasoner_for(messages_server, groups=True, triage=True)
+    subjects: list[str] = []
+
+    async def spy(msg: Msg) -> None:
+        subjects.append(msg.subject)
+
+    watcher = await Bus.connect(nats_server.url)
+    await watcher.nc.subscribe(">", cb=spy)
+    await watcher.flush()
+    try:
+        decisions = await cancel_and_wait(bus, tmp_path, day, reasoner, bookings)
+        await watcher.flush()
+    finally:
+        await watcher.close()
+
+    assert {d.action for d in decisions.values()} == {"rebook"}
+    target = decisions[injected]
+    assert target.reasoner == "anthropic" and target.cost is not None and target.cost.refund == 0
+    outcome = reasoner.outcomes[-1]
+    assert outcome.refused_tools == ["refund_everyone"] and outcome.corrections == 1
+    first, second = messages_server.requests
+    assert any(INJECTION in str(b) for b in first.blocks("tool_result"))  # as data, in the case
+    errors = [b["content"] for b in second.tool_results()]
+    assert "there is no tool 'refund_everyone'" in errors[0]
+    assert f"{injected}: a refund is only allowed when no itinerary has seats" in errors[1]
+    for request in messages_server.requests:
+        assert INJECTION not in request.system_text
+        assert all(INJECTION not in b["text"] for b in request.blocks("text"))
+    assert [s for s in subjects if not s.startswith(ALLOWED_SUBJECTS)] == []
+    assert not any(s.startswith(("travel.booking.rejected", "busagents.dlq")) for s in subjects)

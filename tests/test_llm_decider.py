@@ -416,3 +416,38 @@ async def test_a_failing_model_is_not_called_again_until_the_cooldown(
         async with bus.expect(Rebook, where=lambda r: r.booking_id == "B1", timeout=15) as got:
             await bus.publish(CASE)
     assert got.message.body.decided_by == "model" and reasoner.decider.breaker.in_a_row == 0
+
+
+async def test_429s_slow_the_model_calls_in_flight_down_and_the_limit_recovers(
+    bus: Bus, messages_server: MessagesServer
+) -> None:
+    def answer(request: RecordedRequest) -> Reply:
+        case = json.loads(request.messages[2]["content"][0]["content"])
+        if len(request.messages) == 3:
+            return slow(find(), 0.05)
+        return slow(tool_use("decide", {**GOOD, "booking_id": case["booking_id"]}), 0.05)
+
+    messages_server.responder = answer
+    reasoner = LLMReasoner(settings(concurrency=2, concurrency_max=16, max_retries=6), messages_server)
+    limit = reasoner.decider.limit
+
+    async def wave(prefix: str, n: int) -> None:
+        where = lambda r: r.booking_id.startswith(prefix)  # noqa: E731
+        async with bus.expect(Rebook, where=where, count=n, timeout=60) as got:
+            for i in range(n):
+                await bus.publish(Disrupted(booking_id=f"{prefix}{i}", origin="LHR", destination="JFK"))
+        assert {m.body.decided_by for m in got.messages} == {"model"}
+
+    async with run_agents(bus, reasoner, ContextAgent()):
+        await wave("A", 24)  # the API accepts everything: more calls in flight than the initial 2
+        grown = limit.current
+        assert grown > 2 and messages_server.max_in_flight > 2
+        seen = len(limit.history)
+        messages_server.retry_after, messages_server.throttle_share = 0.1, 0.3  # 429 + retry-after on 30%
+        await wave("B", 16)
+        assert limit.throttled > 0 and messages_server.throttled == limit.throttled
+        dipped = min(current for _, current in limit.history[seen:])
+        assert dipped < grown
+        messages_server.throttle_share = 0.0  # the API accepts again: the limit grows back
+        await wave("C", 32)
+        assert limit.current > dipped

@@ -90,10 +90,12 @@ def refused(request: RecordedRequest) -> set[str] | None:
     """The booking ids the reasoner asked to resubmit in its last message (None: a first turn)."""
     if len(request.messages) <= 3:
         return None
+    _, case = case_parts(request)
+    listed = [b["booking_id"] for b in case.get("bookings", [])]
     for result in request.tool_results():
         found = _RESUBMIT.search(str(result.get("content", "")))
         if found:
-            return {part.split(":", 1)[0].strip() for part in found.group(1).split("; ")}
+            return {b for b in listed if f"{b}: " in found.group(1)}
     return set()
 
 

@@ -98,9 +98,9 @@ class AdaptiveLimit:
             return
         self._set(min(self.maximum, self.limit + 1.0 / self.limit))
 
-    def throttled_by(self, retry_after: float | None) -> None:
-        """The API answered 429: halve the limit and start nothing before ``retry_after`` seconds."""
-        self.throttled += 1
+    def throttled_by(self, retry_after: float | None, count: int = 1) -> None:
+        """The API answered 429 (``count`` times): halve the limit and start nothing before ``retry_after`` seconds."""
+        self.throttled += count
         now = time.monotonic()
         if now >= self._calm_until:  # one decrease per wave of 429s, as TCP decreases once per round trip
             self._set(max(self.minimum, self.limit * _DECREASE))

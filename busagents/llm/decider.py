@@ -537,7 +537,7 @@ class Decider(Generic[D]):
         throttled = [a for a in attempts if a.status == 429]
         if throttled:
             waits = [a.retry_after for a in throttled if a.retry_after is not None]
-            self.limit.throttled_by(max(waits) if waits else None)
+            self.limit.throttled_by(max(waits) if waits else None, len(throttled))
         elif attempts and attempts[-1].status is not None and attempts[-1].status < 400:
             self.limit.succeeded(attempts[-1].remaining_requests)
 
