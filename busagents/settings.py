@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     subject_prefix: str = ""
     #: Record what the agents send (``busagents.dryrun.<agent>``) instead of sending it.
     dry_run: bool = False
+    #: Run the agent as ``<name>-shadow`` in dry-run mode (``busagents run --shadow``; swarm.toml ``shadow = true``).
+    shadow: bool = False
     #: Keep core messages in the conversation log for ``busagents trace`` (:mod:`busagents.convlog`).
     conversation_log: bool = False
     #: Seconds the conversation log keeps a message.

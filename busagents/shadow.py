@@ -19,7 +19,7 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
@@ -35,12 +35,14 @@ if TYPE_CHECKING:
 __all__ = ["SHADOW_SUFFIX", "Case", "ShadowReport", "compare", "shadow_of"]
 
 SHADOW_SUFFIX = "-shadow"
+A = TypeVar("A", bound=Agent)
 _TOKENS = re.compile(r"\btokens=(\d+)")
 
 
-def shadow_of(cls: type[Agent]) -> type[Agent]:
+def shadow_of(cls: type[A]) -> type[A]:
     """The agent class ``cls`` running as ``<name>-shadow`` (its own queue group and consumers)."""
-    return type(f"{cls.__name__}Shadow", (cls,), {"name": cls.name + SHADOW_SUFFIX, "__module__": cls.__module__})
+    shadow = type(f"{cls.__name__}Shadow", (cls,), {"name": cls.name + SHADOW_SUFFIX, "__module__": cls.__module__})
+    return cast("type[A]", shadow)
 
 
 @dataclass(slots=True)

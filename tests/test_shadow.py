@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 from busagents_flight.context import ContextAgent
 from busagents_flight.data import AirlineDay, generate
 from busagents_flight.feed import publish_feed, status_feed
@@ -16,19 +18,23 @@ from busagents_flight.monitor import FlightMonitor
 from busagents_flight.notifier import Notifier, OutboxChannel
 from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
+from busagents_flight.settings import FlightSettings
 from busagents_flight.store import SqliteStore
 from busagents_travel import DisruptionAssessed, PassengerNotified, RebookGroup
 from nats.aio.msg import Msg
 
-from busagents import Agent, Bus, NatsServer
-from busagents.dryrun import read_records
+from busagents import Agent, Bus, ConfigError, NatsServer
+from busagents.dryrun import DRY_SUBJECT, read_records
 from busagents.envelope import SENDER
 from busagents.llm.testing import MessagesServer, RecordedRequest, Reply, tool_use
 from busagents.observe import Catalog
 from busagents.plugins import available_contracts
 from busagents.shadow import compare, shadow_of
+from busagents.swarm.config import SwarmConfig
+from busagents.swarm.supervisor import Supervisor
 from busagents.testing import delete_streams, run_agents
 
+from .drain_agent import Job, child_env
 from .test_flight_llm_reasoner import choice_for, reasoner_for
 
 DAY_ARGS = (12, 300, 3)
@@ -167,3 +173,84 @@ async def _stream_bodies(bus: Bus, stream: str, cls: type[RebookGroup]) -> list[
         msgspec.json.decode((await bus.js.get_msg(stream, seq=seq)).data or b"", type=cls)
         for seq in range(info.state.first_seq, info.state.last_seq + 1)
     ]
+
+
+async def test_shadow_true_in_a_swarm_runs_the_agent_as_its_shadow_and_records_what_it_would_send(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    env = child_env()
+    config = SwarmConfig.model_validate(
+        {
+            "agents": {
+                "slow": {"agent": "drain_agent:Slow", "env": {"PYTHONPATH": env["PYTHONPATH"]}},
+                "slow-trial": {"agent": "drain_agent:Slow", "shadow": True, "env": {"PYTHONPATH": env["PYTHONPATH"]}},
+            }
+        }
+    )
+    heard: dict[str, list[Msg]] = {"live": [], "records": []}
+
+    async def live(msg: Msg) -> None:
+        heard["live"].append(msg)
+
+    async def recorded(msg: Msg) -> None:
+        heard["records"].append(msg)
+
+    beats = await bus.nc.subscribe("busagents.stats.*")
+    await bus.nc.subscribe("test.drain.done", cb=live)
+    await bus.nc.subscribe("busagents.dryrun.>", cb=recorded)
+    supervisor = Supervisor(config, nats_server.url, on_event=lambda _: None, stop_timeout=20)
+    stop = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop))
+    try:
+        names: set[str] = set()
+        while names != {"slow", "slow-shadow"}:  # both serve: the live agent and its shadow
+            names.add((await beats.next_msg(timeout=30)).subject.rsplit(".", 1)[1])
+        await bus.publish(Job(n=7))
+        await _until(lambda: len(heard["live"]) >= 1 and len(heard["records"]) >= 2, 30, "both handled the job")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 40)
+    # the shadow saw the job too (its own queue group) and sent nothing: its Started and Done are records
+    assert [m.subject for m in heard["records"]] == ["busagents.dryrun.slow-shadow"] * 2
+    assert sorted(m.headers[DRY_SUBJECT] for m in heard["records"] if m.headers) == [
+        "test.drain.done",
+        "test.drain.started",
+    ]
+    assert [(m.headers or {}).get(SENDER) for m in heard["live"]] == ["slow"]
+
+
+async def test_a_dry_run_gives_the_rebooker_and_the_notifier_scratch_copies_of_store_and_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    day = generate(*DAY_ARGS)
+    live_store, live_outbox = tmp_path / "bookings.sqlite3", tmp_path / "outbox.jsonl"
+    async with SqliteStore(live_store) as store:
+        await store.load(day.bookings)
+    live_outbox.write_text('{"notice": "already sent"}\n')
+    monkeypatch.setenv("BUSAGENTS_FLIGHT_STORE", str(live_store))
+    monkeypatch.setenv("BUSAGENTS_FLIGHT_OUTBOX", str(live_outbox))
+    monkeypatch.setenv("BUSAGENTS_DRY_RUN", "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    settings = FlightSettings()
+    assert Path(settings.store).parent == Path(settings.outbox).parent != tmp_path
+    assert (FlightSettings().store, FlightSettings().outbox) == (settings.store, settings.outbox)  # once a process
+    rebooker = Rebooker(day=day)  # as busagents run flight-rebooker --dry-run makes it
+    async with rebooker.store as scratch:
+        assert len(await scratch.bookings()) == len(day.bookings)
+        await scratch.load(day.bookings[:1])  # the scratch store changes...
+    async with SqliteStore(live_store) as store:
+        assert len(await store.bookings()) == len(day.bookings)  # ...the live one does not
+    _check_outbox_copy(Path(settings.outbox), live_outbox)
+    monkeypatch.setenv("BUSAGENTS_FLIGHT_STORE", "postgresql://db/bookings")
+    with pytest.raises(ConfigError, match="a dry run needs a SQLite booking store"):
+        FlightSettings()
+
+
+def _check_outbox_copy(scratch: Path, live: Path) -> None:
+    """The scratch outbox starts as the live one's copy (already sent: not again); what it gets stays there."""
+    assert scratch.read_text() == live.read_text()
+    with scratch.open("a") as out:
+        out.write('{"notice": "dry run"}\n')
+    assert live.read_text() == '{"notice": "already sent"}\n'

@@ -79,6 +79,7 @@ def run_command(
     after a server's -ERR), so that a supervisor starts it again.
     """
     agent_cls = load_agent(name)
+    shadow = shadow or Settings().shadow
     # as variables, so that replicas, a reloaded child and the agent's own settings see them
     if namespace is not None:
         os.environ["BUSAGENTS_SUBJECT_PREFIX"] = namespace_prefix(namespace)

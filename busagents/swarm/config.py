@@ -46,6 +46,8 @@ class AgentSpec(BaseModel):
     replicas: int = Field(default=1, ge=1, le=64)
     env: dict[str, str] = Field(default_factory=dict)
     restart: bool = True
+    #: Run it as ``<name>-shadow`` in dry-run mode beside the live one (``busagents run --shadow``).
+    shadow: bool = False
 
 
 class SwarmConfig(BaseModel):

@@ -78,7 +78,9 @@ class Supervisor:
         self._stopped = asyncio.Event()  # wakes replicas waiting to restart
         targets = config.targets()
         self.replicas = [
-            Replica(key, i, targets[key], spec.env, spec.restart)
+            Replica(
+                key, i, targets[key], {**spec.env, **({"BUSAGENTS_SHADOW": "1"} if spec.shadow else {})}, spec.restart
+            )
             for key, spec in config.agents.items()
             for i in range(spec.replicas)
         ]
