@@ -25,6 +25,7 @@ from busagents_travel import (
     PassengerAnswered,
     PassengerAsked,
     PassengerNotified,
+    RebookPassenger,
 )
 from nats.aio.msg import Msg
 
@@ -180,6 +181,18 @@ async def test_a_reply_to_a_notice_is_understood(bus: Bus, day: AirlineDay, tmp_
         earlier = await ask(bus, "put me on the earlier one")
     # "the earlier one" after the notice: the nearest earlier flight than the one they are on now
     assert earlier.action == "rebook" and earlier.outcome.startswith("rebooked on BX125"), earlier.text
+
+
+async def test_an_action_the_rebooker_does_not_confirm_in_time_is_reported_pending(bus: Bus, day: AirlineDay) -> None:
+    # no rebooker runs: the decision waits in its stream, and the answer says so instead of guessing
+    async with run_agents(bus, ContextAgent(day), ConciergeAgent(outcome_timeout=0.5)):
+        async with bus.expect(RebookPassenger, where=lambda d: d.booking_id == BOOKING) as sent:
+            answer = await ask(bus, "rebook me on BX125")
+    assert answer.action == "rebook" and answer.outcome == "pending"
+    assert "it is pending" in answer.text
+    decision = sent.message.body
+    assert decision.reasoner == "concierge" and decision.decision_id.startswith("concierge/")
+    assert [leg.flight_id for leg in decision.new_legs] == ["BX125-25NOV"] and decision.replaces == ["BX137-25NOV"]
 
 
 async def test_a_request_that_breaks_the_policy_is_refused_with_the_rule_it_breaks(
