@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import aiohttp
 import pytest
-from busagents_flight.chat import ChatGateway, affected_passengers, conversation_of
+from busagents_flight.chat import ChatAgent, ChatGateway, affected_passengers, conversation_of
 from busagents_flight.data import generate
-from busagents_travel import PassengerAsked, PassengerNotified
+from busagents_travel import PassengerAnswered, PassengerAsked, PassengerNotified
 
 from busagents import Bus
+from busagents.contract import contract_info
+from busagents.swarm.graph import Graph
 
 DAY = generate(flights=12, passengers=300, seed=11)
+SMALL_DAY = ("--flights", "8", "--passengers", "200", "--day-seconds", "0")
 
 
 async def test_a_question_from_the_page_is_a_passenger_asked_in_the_passengers_conversation(bus: Bus) -> None:
@@ -80,3 +88,42 @@ async def test_a_page_opened_after_a_notice_shows_it_then_the_live_ones(bus: Bus
             live = await ws.receive_json(timeout=10)
             assert (live["kind"], live["text"]) == ("notice", "notice 2")
             assert live["at"] >= earlier["at"] > 0
+
+
+def test_the_chat_agent_may_publish_questions_and_subscribe_to_answers_and_notices_only() -> None:
+    perms = Graph([ChatAgent]).permissions()["flight-chat"]
+    assert contract_info(PassengerAsked).subscribe_subject in perms["publish"]
+    assert {contract_info(c).subscribe_subject for c in (PassengerAnswered, PassengerNotified)} <= set(
+        perms["subscribe"]
+    )
+    assert not any(s.startswith("travel.") and "passenger" not in s for s in perms["subscribe"] + perms["publish"])
+
+
+def test_busagents_demo_chat_serves_the_page_and_stays_up_after_the_day_until_ctrl_c(tmp_path: Path) -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "busagents", "demo", "--chat", "--chat-port", "0", "--quiet", *SMALL_DAY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    assert demo.stdout is not None
+    try:
+        lines = iter(demo.stdout.readline, "")
+        url_line = next(line for line in lines if line.startswith("chat with the assistant:"))
+        url = re.search(r"http://127\.0\.0\.1:\d+/", url_line)
+        assert url is not None and "passenger" in url_line
+        settled = next(line for line in lines if "settled" in line)
+        assert "stays up until Ctrl-C" in settled
+        with urllib.request.urlopen(url.group(0), timeout=10) as page:  # still serving after the day
+            assert b"Flight assistant" in page.read()
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0, err
+    assert "summary" in out and "interrupted" not in out
+    assert "Traceback" not in err

@@ -284,6 +284,9 @@ class ChatAgent(Agent):
 
     name = "flight-chat"
     produces = (PassengerAsked,)
+    #: What the gateway's own subscriptions forward to the pages (no handlers): declared, so the swarm
+    #: graph shows who reads the answers and a least-privilege swarm lets the gateway subscribe to them.
+    awaits = (PassengerAnswered, PassengerNotified)
     singleton = True  # one page server on one port
 
     async def run(self, ctx: Context) -> None:
