@@ -14,7 +14,7 @@ from pathlib import Path
 
 from busagents.server import NatsServer
 
-from . import durable, memory, replicas, reqreply, scale, scaleout, throughput, tracing
+from . import durable, llm_storm, memory, replicas, reqreply, scale, scaleout, throughput, tracing
 from .report import Check, LoadMeter, Machine, Result, checks_table, render, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -43,6 +43,8 @@ class Sizes:
     day_seconds: float = 8.0  # the demo's default
     tracing_flights: int = 400
     tracing_passengers: int = 30_000
+    llm_small_flights: int = 40  # the per-booking comparison's day (the full day would take hours)
+    llm_small_passengers: int = 3_000
 
 
 QUICK = Sizes(
@@ -61,6 +63,8 @@ QUICK = Sizes(
     day_seconds=0.0,
     tracing_flights=20,
     tracing_passengers=600,
+    llm_small_flights=12,
+    llm_small_passengers=300,
 )
 
 BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
@@ -79,6 +83,10 @@ BENCHMARKS: dict[str, Callable[[str, Sizes, int], Awaitable[Outcome]]] = {
     "scaleout": lambda url, s, reps: scaleout.run(flights=s.flights, passengers=s.passengers, reps=reps),
     # The day as fast as it goes with tracing off, on and sampled, spans exported over OTLP/HTTP.
     "tracing": lambda url, s, reps: tracing.run(flights=s.tracing_flights, passengers=s.tracing_passengers, reps=reps),
+    # The storm day decided by the LLM reasoner against a stand-in Messages API (2 s a request, 5 % 429).
+    "llm_storm": lambda url, s, reps: llm_storm.run(
+        flights=s.flights, passengers=s.passengers, small=(s.llm_small_flights, s.llm_small_passengers), reps=reps
+    ),
 }
 
 

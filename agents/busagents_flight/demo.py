@@ -101,6 +101,7 @@ class DemoReport(msgspec.Struct, kw_only=True):
     #: The LLM reasoner's model use (in-process runs): requests, input_tokens, cache_read_tokens,
     #: output_tokens, estimated_cost_usd...; per disruption in ``llm_by_disruption`` (the costliest 10).
     llm: dict[str, float] = {}
+    affected_bookings: int = 0
     llm_by_disruption: dict[str, dict[str, float]] = {}
 
 
@@ -124,6 +125,7 @@ class _Tally:
     disruptions: int = 0
     assessed: int = 0
     affected: int = 0
+    affected_bookings: int = 0
     rebooked: int = 0
     refunded: int = 0
     kept: int = 0
@@ -217,6 +219,7 @@ def _on_cancelled(t: _Tally, e: FlightCancelled, msg: Msg) -> None:
 def _on_assessed(t: _Tally, e: DisruptionAssessed, msg: Msg) -> None:
     t.assessed += 1
     t.affected += e.affected_passengers
+    t.affected_bookings += e.affected_bookings
     t.say(
         f"  assessed  {e.disruption_id}: {e.affected_passengers} passengers in {e.affected_bookings} bookings affected"
     )
@@ -408,6 +411,7 @@ async def run_demo(
     report = _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
     report.interrupted = interrupted
     report.llm, report.llm_by_disruption = _llm_usage(agents)
+    report.affected_bookings = tally.affected_bookings
     return report
 
 
