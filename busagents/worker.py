@@ -197,9 +197,9 @@ class Worker:
             await service.start(self.bus.nc)
         if self.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        await self.bus.flush()
         # off the start-up path: serving does not wait for the registry, nor fails without it
         self._tasks.append(asyncio.create_task(self._publish_schemas(), name="contracts-registry"))
-        await self.bus.flush()
         log.info("worker started: %s", ", ".join(a.name for a in self.agents))
 
     async def _subscribe(self, agent: Agent, handler: Handler) -> None:
