@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import msgspec
@@ -13,7 +15,7 @@ from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import open_store
 from busagents_travel import FlightCancelled, RebookPassenger
 
-from busagents import Bus
+from busagents import Bus, NatsServer
 from busagents.errors import ConfigError
 from busagents.observe import Catalog
 from busagents.plugins import available_contracts
@@ -89,3 +91,50 @@ async def test_a_replayed_conversation_is_decided_again_in_its_namespace_and_pro
     # the namespace kept its own streams: the replayed input and the new decisions are there, not in production's
     assert (await bus.js.stream_info(namespace.stream_name("BA_RebookGroup"))).state.messages == replayed.groups
     assert (await bus.js.stream_info("BA_FlightCancelled")).state.messages == 1
+
+
+async def _busagents(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "busagents", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_busagents_replay_publishes_a_conversation_under_the_prefix_given(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    flight = DAY.flights[0]
+    cancelled = FlightCancelled(
+        disruption_id=f"{flight.flight_id}#9", flight_id=flight.flight_id, number=flight.number,
+        origin=flight.origin, destination=flight.destination, reason="weather", observed_at=flight.departure,
+    )  # fmt: skip
+    conversation = (await bus.publish(cancelled)).conversation_id
+    assert conversation
+    code, out, err = await _busagents(
+        "replay",
+        "--conversation",
+        conversation,
+        "--nats",
+        nats_server.url,
+        "--into",
+        "replay.cli",
+        "--speed",
+        "original",
+    )
+    assert code == 0, err
+    assert f"FlightCancelled          replay.cli.travel.flight.cancelled.{flight.flight_id}" in out
+    assert f"replayed 1 messages of {conversation} under replay.cli." in out
+    stored = await bus.js.get_last_msg(
+        "replay_cli_BA_FlightCancelled", f"replay.cli.travel.flight.cancelled.{flight.flight_id}"
+    )
+    assert msgspec.json.decode(stored.data or b"", type=FlightCancelled) == cancelled
+    assert (await bus.js.stream_info("BA_FlightCancelled")).state.messages == 1  # production's copy only
+
+    code, out, err = await _busagents("replay", "--conversation", "no-such-conversation", "--nats", nats_server.url)
+    assert code == 1 and "nothing to replay" in err and "Traceback" not in err
+    code, out, err = await _busagents(
+        "replay", "--conversation", conversation, "--nats", nats_server.url, "--into", "a..b"
+    )
+    assert code == 1 and "invalid subject prefix 'a..b'" in err and "Traceback" not in err
