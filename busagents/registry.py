@@ -31,7 +31,7 @@ import nats.js.errors
 
 from .compatibility import Change, compare_schemas
 from .contract import contract_info, is_contract, json_schema, upcasters
-from .errors import ConfigError
+from .errors import ConfigError, NatsUnavailableError
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -275,14 +275,21 @@ async def withdraw_schemas(bus: Bus, keys: list[str], timeout: float = 0.5) -> N
 
 
 async def running_schemas(bus: Bus) -> list[RunningSchema]:
-    """Every schema the agents wrote to :data:`BUCKET` (of instances running or not)."""
-    kv = await _bucket(bus, create=False)
-    if kv is None:
-        return []
+    """Every schema the agents wrote to :data:`BUCKET` (of instances running or not).
+
+    Raises :class:`~busagents.errors.NatsUnavailableError` when the server has no JetStream to read it from.
+    """
     try:
+        kv = await _bucket(bus, create=False)
+        if kv is None:
+            return []
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         return []
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+        raise NatsUnavailableError(
+            f"cannot read the {BUCKET} bucket at {bus.url}: no JetStream there ({type(exc).__name__})"
+        ) from None
     found = []
     for key in sorted(keys):
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from busagents_travel import FlightDelayed, PassengerNotified
 from click.testing import CliRunner, Result
 
-from busagents import Agent, Bus, Context, on
+from busagents import Agent, Bus, Context, NatsUnavailableError, on
 from busagents.registry import LOCK_FILE, check_against, installed_contracts, lock_text, read_lock, schemas_of
 from busagents.server import NatsServer
 from busagents.testing import run_agents
@@ -146,3 +146,14 @@ async def test_check_live_catches_a_running_agent_with_a_mismatching_schema(
     assert any("delay_minutes: removed field" in line for line in broken), broken
     assert any("delay_hours: new required field" in line for line in broken), broken
     assert "lock-listener" not in live.output  # the same schema as installed: nothing to say
+
+
+def test_check_live_without_jetstream_says_so(tmp_path: Path) -> None:
+    lock = tmp_path / "lock.json"
+    assert cli("contracts", "lock", "-o", str(lock)).exit_code == 0
+    with NatsServer(jetstream=False) as server:
+        result = cli("contracts", "check", "--lock", str(lock), "--live", "--nats", server.url)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, NatsUnavailableError)
+    assert "cannot read the busagents-contracts bucket" in str(result.exception)
+    assert "no JetStream there" in str(result.exception)
