@@ -100,6 +100,28 @@ async def test_an_unknown_version_is_dead_lettered_naming_the_accepted_versions(
     assert undecodable.headers[DLQ_REASON] == reason
 
 
+class DurableWatcher(Agent):
+    """The same handler on a JetStream durable consumer."""
+
+    name = "upcast-durable"
+    produces = (Seen,)
+
+    @on(Delayed, durable=True)
+    async def seen(self, msg: Delayed, ctx: Context) -> Seen:
+        return Seen(flight_id=msg.flight_id, delay_seconds=msg.delay_seconds, cause=msg.cause)
+
+
+async def test_a_durable_handler_upcasts_too_and_dead_letters_an_unknown_version(bus: Bus) -> None:
+    async with run_agents(bus, DurableWatcher()), DeadLetters(bus, "upcast-durable") as dlq:
+        async with bus.expect(Seen, where=lambda s: s.flight_id == "BD1") as v1:
+            await bus.publish(DelayedV1(flight_id="BD1", delay_minutes=1))
+        await bus.publish(DelayedV4(flight_id="BD4"))
+        newer = await dlq.next()
+    assert v1.message.body == Seen(flight_id="BD1", delay_seconds=60, cause="unknown")
+    assert newer.headers is not None
+    assert newer.headers[DLQ_REASON] == "version 4 of Delayed is not accepted here: accepted 1 (upcast), 2 (upcast), 3"
+
+
 def test_upcasters_compose_into_one_function_per_earlier_version() -> None:
     chains = upcasters(Delayed)
     assert sorted(chains) == [1, 2]
