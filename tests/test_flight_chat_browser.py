@@ -6,6 +6,7 @@ talks to the flight agents, the concierge among them, over the test's nats-serve
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -94,7 +95,13 @@ async def test_a_traveller_asks_twice_in_the_browser_and_sees_a_notice_of_their_
         await _ask(page, "and the next one?")
         await expect(answers).to_have_count(2, timeout=WAIT_MS)
         await expect(questions).to_have_count(2)
-        await expect(answers.nth(1)).not_to_have_text(await answers.nth(0).inner_text())
+        # "and the next one?" names no place: the answer knows the journey from the first turn
+        second = answers.nth(1)
+        await expect(second).not_to_have_text(await answers.nth(0).inner_text())
+        await expect(second).to_contain_text(flight.origin)
+        await expect(second).to_contain_text(flight.destination)
+        await expect(second.locator(".facts li").first).to_contain_text(flight.destination)
+        await expect(second.locator("time")).to_have_text(re.compile(r"\d\d:\d\d:\d\d"))
 
         await bus.publish(_cancel(flight), conversation_id="chat-test-disruption")
         notice = page.locator(".notice")
