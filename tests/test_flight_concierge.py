@@ -30,7 +30,7 @@ from busagents_travel import (
 from nats.aio.msg import Msg
 
 from busagents import Bus, NatsServer
-from busagents.llm import LLMSettings, make_client
+from busagents.llm import ApprovalDecided, ApprovalRequested, LLMSettings, make_client
 from busagents.llm.testing import MessagesServer, RecordedRequest, Reply, tool_use
 from busagents.testing import run_agents
 
@@ -47,11 +47,12 @@ def day() -> AirlineDay:
     return generate(40, 600, 23)
 
 
-async def ask(bus: Bus, text: str, *, timeout: float = 20.0) -> PassengerAnswered:
-    """Ask as passenger P in their chat; the concierge's answer."""
+async def ask(bus: Bus, text: str, *, passenger: str = P, timeout: float = 20.0) -> PassengerAnswered:
+    """Ask as ``passenger`` (P) in their chat; the concierge's answer."""
     qid = uuid.uuid4().hex
+    chat = f"chat-{passenger}"
     async with bus.expect(PassengerAnswered, where=lambda a: a.question_id == qid, timeout=timeout) as got:
-        await bus.publish(PassengerAsked(question_id=qid, conversation_id=CHAT, passenger_id=P, text=text))
+        await bus.publish(PassengerAsked(question_id=qid, conversation_id=chat, passenger_id=passenger, text=text))
     answer: PassengerAnswered = got.message.body
     return answer
 
@@ -193,6 +194,22 @@ async def test_an_action_the_rebooker_does_not_confirm_in_time_is_reported_pendi
     decision = sent.message.body
     assert decision.reasoner == "concierge" and decision.decision_id.startswith("concierge/")
     assert [leg.flight_id for leg in decision.new_legs] == ["BX125-25NOV"] and decision.replaces == ["BX137-25NOV"]
+
+
+async def test_a_costly_request_waits_for_a_humans_approval_before_the_rebooker_acts(
+    bus: Bus, day: AirlineDay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NPEKBA57-1 flies BX137 too, on a refundable Y fare (EUR 300.00): a refund costs the airline that much
+    monkeypatch.setenv("BUSAGENTS_LLM_FLIGHT_CONCIERGE_APPROVAL_THRESHOLD", "100")
+    async with acting(bus, day, tmp_path):
+        async with bus.expect(ApprovalRequested, subject="busagents.llm.approval.requested.*", timeout=20) as asked:
+            answering = asyncio.create_task(ask(bus, "I would like a refund please", passenger="NPEKBA57-1"))
+        request = asked.message.body
+        assert request.agent == "flight-concierge" and request.cost == 300.0
+        assert not answering.done()  # held: nothing reached the rebooker yet
+        await bus.publish(ApprovalDecided(request_id=request.request_id, approved=True, by="duty-manager"))
+        answer = await answering
+    assert answer.action == "refund" and answer.outcome == "refunded EUR 300.00"
 
 
 async def test_a_request_that_breaks_the_policy_is_refused_with_the_rule_it_breaks(
