@@ -44,7 +44,8 @@ METHOD = """\
 `ANTHROPIC_BASE_URL` pointing at `python -m busagents.llm.testing busagents_flight.stand_in:answer
 --delay {delay:g} --throttle {throttle:g} --retry-after {retry:g}`, a local Messages API in its own process:
 every request is answered after {delay:g} s with valid decisions (a stand-in that follows the policy), and
-{throttle:.0%} of requests get 429 with `retry-after: {retry:g}` at once. *Groups + triage* is the default
+{throttle:.0%} of requests get 429 with `retry-after: {retry:g}` at once (the SDK retries up to 4 times; the hourly
+token and cost budgets raised so that none is reached). *Groups + triage* is the default
 (`BUSAGENTS_FLIGHT_LLM_GROUPS`, `BUSAGENTS_FLIGHT_LLM_TRIAGE`); *per booking* is the behaviour before issue 12
 (both off, `BUSAGENTS_LLM_CONCURRENCY_MAX=4`: 4 calls in flight, the old fixed limit), run on the demo's
 default day ({small_flights} flights, {small_passengers:,} passengers) because on the full day it would take hours;
@@ -105,6 +106,9 @@ async def _demo(label: str, flights: int, passengers: int, env_extra: dict[str, 
             "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
             "ANTHROPIC_BASE_URL": url,
             "BUSAGENTS_LLM_MAX_RETRIES": "4",
+            # the budgets' defaults (2M tokens, $20 an hour) would hand part of the storm to the policy
+            "BUSAGENTS_LLM_HOURLY_MAX_TOKENS": str(10**10),
+            "BUSAGENTS_LLM_HOURLY_MAX_COST": str(10**6),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **env_extra,
         }

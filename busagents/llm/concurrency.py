@@ -1,11 +1,13 @@
 """How many model calls one agent replica keeps in flight: adapted to what the API answers.
 
-Additive increase, multiplicative decrease (the TCP idea): every call answered without a 429,
-while the limit is what holds calls back, adds ``1/limit`` (about one slot more per round of
-calls) up to ``maximum``; a wave of 429s halves the limit once (down to ``minimum``), and no
-new call starts before its ``retry-after`` has passed. When the API's rate-limit headers say
-fewer requests remain than are in flight, the limit does not grow. Waiting calls are served
-in order of ``priority`` (smaller first: the earliest departure), not of arrival.
+While calls wait for a slot, every call the API answers without a 429 adds one slot (up to
+``maximum``); a wave of 429s halves the limit once (down to ``minimum``): one halving per
+``retry-after`` window (at least a second), so sporadic 429s cost a little and a sustained
+push-back brings the limit down to what the API accepts. The 429'd request itself waits out its
+``retry-after`` (the SDK's retry); once the limit is at its minimum, no new call starts before
+that ``retry-after`` has passed either. When the API's rate-limit headers say fewer requests
+remain than are in flight, the limit does not grow. Waiting calls are served in order of
+``priority`` (smaller first: the earliest departure), not of arrival.
 """
 
 from __future__ import annotations
@@ -91,21 +93,23 @@ class AdaptiveLimit:
         self._release_waiters()
 
     def succeeded(self, remaining_requests: int | None = None) -> None:
-        """A call was answered without a 429: grow by ``1/limit`` unless the API says few requests remain."""
+        """A call was answered without a 429: one slot more while calls wait, unless the API says few
+        requests remain."""
         if remaining_requests is not None and remaining_requests <= self.in_flight:
             return
-        if self.in_flight + 1 < int(self.limit) and not self._waiters:  # the limit is not what holds calls back
+        if not self._waiters:  # the limit is not what holds calls back
             return
-        self._set(min(self.maximum, self.limit + 1.0 / self.limit))
+        self._set(min(self.maximum, self.limit + 1.0))
 
     def throttled_by(self, retry_after: float | None, count: int = 1) -> None:
         """The API answered 429 (``count`` times): halve the limit and start nothing before ``retry_after`` seconds."""
         self.throttled += count
         now = time.monotonic()
+        at_minimum = int(self.limit) <= self.minimum
         if now >= self._calm_until:  # one decrease per wave of 429s, as TCP decreases once per round trip
             self._set(max(self.minimum, self.limit * _DECREASE))
             self._calm_until = now + max(retry_after or 0.0, 1.0)
-        if retry_after:
+        if retry_after and at_minimum:  # pushed back even at the minimum: everyone waits
             self._paused_until = max(self._paused_until, now + retry_after)
 
     def _set(self, limit: float) -> None:
