@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections import defaultdict
+import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
-__all__ = ["FastOTLPSpanExporter", "encode_spans"]
+__all__ = ["EncodingSpanProcessor", "FastOTLPSpanExporter", "encode_spans"]
 
 log = logging.getLogger("busagents.telemetry")
 
@@ -77,6 +79,23 @@ def _value(value: Any) -> bytes:
     raise TypeError(f"cannot encode an attribute value of type {type(value).__name__}")
 
 
+#: A span's (resource, scope, span) bytes; the first two are shared by every span of that resource and scope.
+_Encoded = tuple[bytes, bytes, bytes]
+
+
+def assemble(encoded: Sequence[_Encoded]) -> bytes:
+    """The ``ExportTraceServiceRequest`` of spans encoded one by one: grouped by resource, then by scope."""
+    grouped: dict[int, tuple[bytes, dict[int, tuple[bytes, list[bytes]]]]] = {}
+    for resource_part, scope_part, span in encoded:
+        scopes = grouped.setdefault(id(resource_part), (resource_part, {}))[1]
+        scopes.setdefault(id(scope_part), (scope_part, []))[1].append(span)
+    out = []
+    for resource_part, scopes in grouped.values():
+        scope_spans = b"".join(_field(2, scope_part + b"".join(spans)) for scope_part, spans in scopes.values())
+        out.append(_field(1, resource_part + scope_spans))
+    return b"".join(out)
+
+
 class _Encoder:
     """Keeps what repeats from span to span encoded: attribute keys, span names, resources, scopes."""
 
@@ -87,26 +106,24 @@ class _Encoder:
         self._scopes: dict[int, tuple[InstrumentationScope | None, bytes]] = {}
 
     def request(self, spans: Sequence[ReadableSpan]) -> bytes:
-        grouped: dict[int, dict[int, list[bytes]]] = defaultdict(lambda: defaultdict(list))
-        for span in spans:
-            resource, scope = span.resource, span.instrumentation_scope
-            self._remember(resource, scope)
-            grouped[id(resource)][id(scope)].append(_field(2, self._span(span)))
-        out = []
-        for resource_id, scopes in grouped.items():
-            resource, resource_bytes = self._resources[resource_id]
-            scope_spans = b"".join(
-                _field(2, self._scopes[scope_id][1] + b"".join(encoded)) for scope_id, encoded in scopes.items()
-            )
-            schema = _field(3, resource.schema_url.encode()) if resource.schema_url else b""
-            out.append(_field(1, resource_bytes + scope_spans + schema))
-        return b"".join(out)
+        """``spans`` as the bytes of one ``ExportTraceServiceRequest``."""
+        return assemble([self.encode(span) for span in spans])
 
-    def _remember(self, resource: Resource, scope: InstrumentationScope | None) -> None:
-        if id(resource) not in self._resources:
+    def encode(self, span: ReadableSpan) -> _Encoded:
+        """One span's bytes, with those of its resource and scope (kept: the same objects every time)."""
+        resource_part, scope_part = self._remember(span.resource, span.instrumentation_scope)
+        return resource_part, scope_part, _field(2, self._span(span))
+
+    def _remember(self, resource: Resource, scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
+        known = self._resources.get(id(resource))
+        if known is None or known[0] is not resource:
             self._trim(self._resources)
-            self._resources[id(resource)] = (resource, _field(1, self._attributes(resource.attributes)))
-        if id(scope) not in self._scopes:
+            encoded = _field(1, self._attributes(resource.attributes))
+            if resource.schema_url:
+                encoded += _field(3, resource.schema_url.encode())
+            known = self._resources[id(resource)] = (resource, encoded)
+        known_scope = self._scopes.get(id(scope))
+        if known_scope is None or known_scope[0] is not scope:
             self._trim(self._scopes)
             encoded = b""
             if scope is not None:
@@ -117,7 +134,8 @@ class _Encoder:
                 encoded = _field(1, encoded)
                 if scope.schema_url:
                     encoded += _field(3, scope.schema_url.encode())
-            self._scopes[id(scope)] = (scope, encoded)
+            known_scope = self._scopes[id(scope)] = (scope, encoded)
+        return known[1], known_scope[1]
 
     @staticmethod
     def _trim(cache: dict[Any, Any]) -> None:
@@ -213,15 +231,100 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encoder = _Encoder()
-        self._fast = callable(getattr(getattr(self, "_client", None), "export", None))
+        #: This release of the library has the client the fast path sends with.
+        self.fast = callable(getattr(getattr(self, "_client", None), "export", None))
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not self._fast or self._shutdown:
+        if not self.fast or self._shutdown:
             return super().export(spans)
         try:
             data = self._encoder.request(spans)
         except Exception:  # an encoder bug must not lose the batch: the library encodes it
             log.exception("busagents' OTLP encoder failed; exporting with the library's")
             return super().export(spans)
-        result = self._client.export(data)
-        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS if self.export_encoded(data) else SpanExportResult.FAILURE
+
+    def export_encoded(self, data: bytes) -> bool:
+        """Send one encoded ``ExportTraceServiceRequest`` (the library's retries and timeout); True when taken."""
+        if self._shutdown:
+            return False
+        return bool(self._client.export(data).success)
+
+
+class EncodingSpanProcessor(SpanProcessor):
+    """Encodes each sampled span as it ends, and exports the bytes in batches from a thread of its own.
+
+    What waits for the export is bytes, not span objects: nothing for the garbage collector to
+    traverse and promote (in a process with a large heap, every span kept alive until its batch
+    left was promoted and paid for in full collections), and the export thread holds the GIL only
+    to join bytes, not to encode, so the event loop does not wait behind it.
+    """
+
+    def __init__(
+        self,
+        exporter: FastOTLPSpanExporter,
+        *,
+        max_queue_size: int = 65536,
+        schedule_delay_millis: float = 1000,
+        max_export_batch_size: int = 2048,
+    ) -> None:
+        self._exporter = exporter
+        self._encoder = _Encoder()
+        self._queue: deque[_Encoded] = deque()
+        self._max_queue = max_queue_size
+        self._delay = schedule_delay_millis / 1000
+        self._batch = max(1, max_export_batch_size)
+        self._wake = threading.Event()
+        self._exporting = threading.Lock()
+        self._done = False
+        #: Spans dropped because the queue was full (the collector too slow or down).
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="busagents-otlp-export", daemon=True)
+        self._thread.start()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if self._done or context is None or not context.trace_flags.sampled:
+            return
+        if len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            if self.dropped in (1, 1000) or self.dropped % 100_000 == 0:
+                log.warning("span export queue full (%d spans): %d spans dropped so far", self._max_queue, self.dropped)
+            return
+        try:
+            self._queue.append(self._encoder.encode(span))
+        except Exception:  # a span that does not encode is lost alone, with a trace of why
+            log.exception("busagents could not encode span %r for OTLP", span.name)
+            return
+        if len(self._queue) >= self._batch:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._done:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            self._export_queued()
+
+    def _export_queued(self) -> bool:
+        ok = True
+        with self._exporting:
+            while self._queue:
+                count = min(self._batch, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(count)]
+                ok = self._exporter.export_encoded(assemble(batch)) and ok
+        return ok
+
+    def shutdown(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._wake.set()
+        self._thread.join(30)
+        self._export_queued()
+        self._exporter.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._export_queued()

@@ -271,14 +271,28 @@ def _remote_parent(headers: Mapping[str, str] | None) -> OtelContext | None:
     return trace.set_span_in_context(NonRecordingSpan(span_context))
 
 
-#: Batch processor settings unless the ``OTEL_BSP_*`` variables say otherwise: a queue that holds
+#: Span processor settings unless the ``OTEL_BSP_*`` variables say otherwise: a queue that holds
 #: a burst (a span dropped is a hop missing from a trace), large batches (one HTTP request per
-#: 2048 spans), exported every second off the event loop's thread.
+#: 2048 spans), exported every second off the event loop's thread (spans are encoded as they end:
+#: busagents._otlp.EncodingSpanProcessor).
 _BATCH = {
     "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_size", 65536),
     "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_millis", 1000),
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", 2048),
 }
+
+
+def _batch_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The span processor's settings: the ``OTEL_BSP_*`` variables, else busagents' defaults."""
+    settings: dict[str, Any] = {}
+    for name, (arg, default) in _BATCH.items():
+        raw = env.get(name, "").strip()
+        try:
+            settings[arg] = int(raw) if raw else default
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+    return settings
+
 
 _from_env: list[Telemetry | None] = []  # the process's telemetry, once configure_from_env ran
 
@@ -331,8 +345,8 @@ def _configure(service_name: str) -> Telemetry | None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     base: dict[str, AttributeValue] = {
         SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or service_name,
@@ -341,18 +355,22 @@ def _configure(service_name: str) -> Telemetry | None:
     if env.get("OTEL_SERVICE_NAME"):
         base["service.namespace"] = env["OTEL_SERVICE_NAME"]
     resource = Resource.create(base)
+    batch = _batch_settings(env)
+    processor: SpanProcessor
     if exporter == "console":  # spans as JSON on stdout: a look without a backend
-        span_exporter: SpanExporter = ConsoleSpanExporter()
+        processor = BatchSpanProcessor(ConsoleSpanExporter(), **batch)
         readers = []
     else:
-        from ._otlp import FastOTLPSpanExporter
+        from ._otlp import EncodingSpanProcessor, FastOTLPSpanExporter
 
         span_exporter = FastOTLPSpanExporter()
+        if span_exporter.fast:
+            processor = EncodingSpanProcessor(span_exporter, **batch)
+        else:  # another release of the exporter: its own batch processor
+            processor = BatchSpanProcessor(span_exporter, **batch)
         # OTEL_METRICS_EXPORTER=none: traces only (Phoenix, for one, takes no metrics)
         none = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none"
         readers = [] if none else [PeriodicExportingMetricReader(OTLPMetricExporter())]
-    batch: dict[str, Any] = {arg: default for name, (arg, default) in _BATCH.items() if name not in env}
-    processor = BatchSpanProcessor(span_exporter, **batch)
     tracer_provider = TracerProvider(resource=resource)  # flushes the shared processor at exit
     tracer_provider.add_span_processor(processor)
 

@@ -96,5 +96,5 @@ def test_our_encoding_decodes_to_the_librarys_request() -> None:
 def test_the_exporter_keeps_the_library_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3")
     exporter = FastOTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
-    assert exporter._fast  # this release of the exporter has the client the fast path sends with
+    assert exporter.fast  # this release of the exporter has the client the fast path sends with
     exporter.shutdown()  # type: ignore[no-untyped-call]
