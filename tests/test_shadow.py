@@ -23,7 +23,7 @@ from busagents_flight.store import SqliteStore
 from busagents_travel import DisruptionAssessed, PassengerNotified, RebookGroup
 from nats.aio.msg import Msg
 
-from busagents import Agent, Bus, ConfigError, NatsServer
+from busagents import Agent, Bus, ConfigError, Context, NatsServer, on
 from busagents.dryrun import DRY_SUBJECT, read_records
 from busagents.durable import stream_name
 from busagents.envelope import SENDER
@@ -287,3 +287,25 @@ def _check_outbox_copy(scratch: Path, live: Path) -> None:
     with scratch.open("a") as out:
         out.write('{"notice": "dry run"}\n')
     assert live.read_text() == '{"notice": "already sent"}\n'
+
+
+def test_swarm_check_expects_a_shadow_entry_named_after_the_shadow_and_not_as_a_second_singleton() -> None:
+    class Once(Agent):
+        name = "once"
+        singleton = True
+
+        @on(Job)
+        async def work(self, job: Job, ctx: Context) -> None:
+            pass
+
+    def check(entries: dict[str, dict[str, object]]) -> list[str]:
+        config = SwarmConfig.model_validate({"agents": entries})
+        return [str(p) for p in config.check({key: Once for key in entries})]
+
+    assert check({"once": {}, "once-shadow": {"shadow": True}}) == []
+    [warning] = check({"once": {}, "trial": {"shadow": True}})
+    assert warning.startswith("warning: agents.trial runs agent 'once-shadow'")
+    assert "name the table [agents.once-shadow]" in warning
+    # a second live instance still is an error
+    [error] = [p for p in check({"once": {}, "again": {"agent": "once"}}) if p.startswith("error")]
+    assert error.startswith("error: agents ['once', 'again'] all run")

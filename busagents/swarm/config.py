@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..agent import Agent
 from ..errors import ConfigError
+from ..shadow import SHADOW_SUFFIX
 from .graph import GraphProblem
 
 __all__ = ["AgentSpec", "SwarmConfig", "load_swarm"]
@@ -91,13 +92,15 @@ class SwarmConfig(BaseModel):
     def _names(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
         problems = []
         for key, cls in agents.items():
-            if cls.name != key:
+            name = cls.name + SHADOW_SUFFIX if self.agents[key].shadow else cls.name  # a shadow runs as <name>-shadow
+            if name != key:
                 problems.append(
                     GraphProblem(
                         "warning",
-                        f"agents.{key} runs agent {cls.name!r} ({cls.__qualname__}.name): its permissions, graph "
-                        f"entries, queue group, dead letters and stats go by {cls.name!r}, not {key!r}; "
-                        f"name the table [agents.{cls.name}] to match",
+                        f"agents.{key} runs agent {name!r} ({cls.__qualname__}.name"
+                        f"{' + shadow' if name != cls.name else ''}): its permissions, graph "
+                        f"entries, queue group, dead letters and stats go by {name!r}, not {key!r}; "
+                        f"name the table [agents.{name}] to match",
                     )
                 )
         return problems
@@ -106,7 +109,7 @@ class SwarmConfig(BaseModel):
         targets = self.targets()
         entries: dict[type[Agent], list[str]] = {}
         for key, cls in agents.items():
-            if cls.singleton:
+            if cls.singleton and not self.agents[key].shadow:  # a shadow sends nothing: not a second instance
                 entries.setdefault(cls, []).append(key)
         problems = []
         for cls, keys in entries.items():
