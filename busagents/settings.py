@@ -51,5 +51,9 @@ class Settings(BaseSettings):
     conversation_log: bool = False
     #: Seconds the conversation log keeps a message.
     conversation_log_max_age: float = 3600.0
+    #: Port of an agent process's ``/healthz`` and ``/metrics`` (:mod:`busagents.health`); unset: none.
+    http_port: int | None = None
+    #: Address those listen on (``0.0.0.0`` in a container, for probes and scrapers from outside).
+    http_host: str = "127.0.0.1"
     #: Bytes the conversation log keeps at most (the oldest messages go first).
     conversation_log_max_bytes: int = 256 * 1024 * 1024

@@ -145,9 +145,22 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._on: list[Agent] = []  # agents whose on_start ran: each gets its on_stop
         self._started = False
+        self._serving = False
+        self._draining = False
         self._stopped = asyncio.Event()
 
     # Lifecycle
+
+    @property
+    def state(self) -> str:
+        """``new``, ``starting``, ``serving``, ``draining`` or ``stopped`` (what ``/healthz`` reports)."""
+        if self._stopped.is_set():
+            return "stopped"
+        if self._draining:
+            return "draining"
+        if self._serving:
+            return "serving"
+        return "starting" if self._started else "new"
 
     async def start(self) -> None:
         """Start every agent, then subscribe its handlers and start its ``run`` loop.
@@ -195,6 +208,7 @@ class Worker:
                 self._tasks.append(asyncio.create_task(self._run_loop(agent), name=f"run:{agent.name}"))
         for service in self.services.values():
             await service.start(self.bus.nc)
+        self._serving = True  # before the first heartbeat, which tells the world so
         if self.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         await self.bus.flush()
@@ -244,6 +258,7 @@ class Worker:
         """
         if not self._started or self._stopped.is_set():
             return True
+        self._draining = True
         for service in self.services.values():
             await service.stop()
         stopped = await cancel_and_wait(self._tasks, self.drain_timeout)

@@ -62,6 +62,12 @@ def list_agents() -> None:
 @click.option("--namespace", default=None, help="Subject prefix (e.g. replay.c1): run beside production, not in it.")
 @click.option("--dry-run", is_flag=True, help="Record what the agent sends (busagents.dryrun.<agent>); send nothing.")
 @click.option("--shadow", is_flag=True, help="A dry run as NAME-shadow on live traffic, for busagents shadow report.")
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve /healthz and /metrics on this port (BUSAGENTS_HTTP_PORT; replica i of --replicas gets PORT+i).",
+)
 @click.pass_context
 def run_command(
     ctx: click.Context,
@@ -72,6 +78,7 @@ def run_command(
     namespace: str | None,
     dry_run: bool,
     shadow: bool,
+    http_port: int | None,
 ) -> None:
     """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT.
 
@@ -87,6 +94,8 @@ def run_command(
         os.environ["BUSAGENTS_DRY_RUN"] = "1"
     if shadow:
         agent_cls = shadow_of(agent_cls)
+    if http_port is not None:
+        os.environ["BUSAGENTS_HTTP_PORT"] = str(http_port)
     if agent_cls.singleton and replicas > 1:
         raise ConfigError(
             f"{name} declares singleton = True (it must run as one instance) "
@@ -109,6 +118,14 @@ def run_command(
                 raise SystemExit(3)
             return
         _run_replicas(name, url, replicas, ctx.find_root().params.get("log_level"), shadow=shadow)
+
+
+def _replica_env(http_port: int | None, index: int) -> dict[str, str]:
+    """A replica's environment: its own ``/healthz`` port (``http_port + index``; 0 stays 0, any free one)."""
+    env = dict(os.environ)
+    if http_port:
+        env["BUSAGENTS_HTTP_PORT"] = str(http_port + index)
+    return env
 
 
 async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
@@ -138,7 +155,18 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
             heartbeat_interval=settings.heartbeat_interval,
             conversation_log=conversation_log(settings),
         )
-        drained = await worker.serve(stop)
+        health = None
+        if settings.http_port is not None:  # imported only then: aiohttp and the exporter take a while
+            from ..health import HealthServer
+
+            health = HealthServer(worker, host=settings.http_host, port=settings.http_port)
+            await health.start()
+            click.echo(f"{agent_cls.name}: /healthz and /metrics on {health.url}", err=True)
+        try:
+            drained = await worker.serve(stop)
+        finally:
+            if health is not None:
+                await health.stop()
         if bus.lost is not None:  # alive but deaf helps nobody: exit, and let the supervisor start us again
             raise ConnectionLostError(f"agent {agent_cls.name} stops: {bus.lost}")
         return drained
@@ -152,10 +180,11 @@ def _run_replicas(name: str, url: str, replicas: int, log_level: str | None, *, 
     level = ["--log-level", log_level] if log_level else []
     cmd = [sys.executable, "-m", "busagents", *level, "run", name, "--nats", url, "--replicas", "1"]
     cmd += ["--shadow"] if shadow else []
+    port = Settings().http_port
     children = [
         # its own session: a terminal's Ctrl-C reaches this process only, which asks each replica once to drain
-        subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent())
-        for _ in range(replicas)
+        subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent(), env=_replica_env(port, i))
+        for i in range(replicas)
     ]
     click.echo(f"started {replicas} replicas of {name}: pids {[c.pid for c in children]}", err=True)
 
