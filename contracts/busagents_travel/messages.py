@@ -229,10 +229,6 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
         """What was decided for the booking, as ``busagents shadow report`` compares it."""
         return {self.booking_id: _decided(self)}
 
-    def shadow_decisions(self) -> dict[str, object]:
-        """What was decided for the booking, as ``busagents shadow report`` compares it."""
-        return {self.booking_id: _decided(self)}
-
 
 @command("travel.booking.rebook-group", durable=True)
 class RebookGroup(msgspec.Struct, kw_only=True):
@@ -245,20 +241,6 @@ class RebookGroup(msgspec.Struct, kw_only=True):
 
     group_id: str
     decisions: list[RebookPassenger]
-
-    def shadow_decisions(self) -> dict[str, object]:
-        """The group's decisions by booking, as ``busagents shadow report`` compares them."""
-        return {d.booking_id: _decided(d) for d in self.decisions}
-
-
-def _decided(d: RebookPassenger) -> dict[str, object]:
-    """A decision's substance: rebook or refund or keep, onto which flights, in which cabin."""
-    return {
-        "action": d.action,
-        "flights": [leg.flight_id for leg in d.new_legs],
-        "cabin": sorted({leg.cabin for leg in d.new_legs}),
-        "refund": d.cost.refund,
-    }
 
     def shadow_decisions(self) -> dict[str, object]:
         """The group's decisions by booking, as ``busagents shadow report`` compares them."""
