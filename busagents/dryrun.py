@@ -21,6 +21,7 @@ from nats.js import api
 
 from .durable import create_or_update_stream
 from .envelope import SENDER
+from .errors import ConfigError
 from .observe import Catalog, Seen
 from .subjects import DRYRUN_PREFIX
 
@@ -43,7 +44,6 @@ DRYRUN_STREAM = "BUSAGENTS_DRYRUN"
 DRY_SUBJECT = "Ba-Dry-Subject"
 #: What a dry run keeps a record: a week (a shadow's records are compared after the day).
 _MAX_AGE = 7 * 24 * 3600.0
-_BATCH = 1000
 
 
 def record_subject(agent: str) -> str:
@@ -51,18 +51,22 @@ def record_subject(agent: str) -> str:
 
 
 async def ensure_dryrun_stream(bus: Bus) -> None:
-    """Create the stream that keeps the records (in the bus's namespace)."""
-    await create_or_update_stream(
-        bus.js,
-        api.StreamConfig(
-            name=bus.stream_name(DRYRUN_STREAM),
-            description="busagents: what agents in dry-run mode would have sent",
-            subjects=[bus.subject(f"{DRYRUN_PREFIX}.>")],
-            storage=api.StorageType.FILE,
-            max_age=_MAX_AGE,
-            num_replicas=bus.replicas or 1,
-        ),
+    """Create the stream that keeps the records (in the bus's namespace); a dry run needs JetStream."""
+    config = api.StreamConfig(
+        name=bus.stream_name(DRYRUN_STREAM),
+        description="busagents: what agents in dry-run mode would have sent",
+        subjects=[bus.subject(f"{DRYRUN_PREFIX}.>")],
+        storage=api.StorageType.FILE,
+        max_age=_MAX_AGE,
+        num_replicas=bus.replicas or 1,
     )
+    try:
+        await create_or_update_stream(bus.js, config)
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError):
+        raise ConfigError(
+            f"a dry run records what it would send in the JetStream stream {config.name}, "
+            f"but the NATS server at {bus.url} has no JetStream: start it with JetStream (nats-server -js)"
+        ) from None
 
 
 async def record(bus: Bus, subject: str, payload: bytes, headers: dict[str, str]) -> None:

@@ -184,9 +184,9 @@ class Worker:
         for agent in self.agents:
             await agent.on_start(self._root_context(agent))
             self._on.append(agent)
-        await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
         if self.bus.dry_run:  # before the first record: a publish to a subject no stream keeps is lost
             await ensure_dryrun_stream(self.bus)
+        await self._ensure_dlq_stream(required=any(h.durable for a in self.agents for h in type(a).handlers.values()))
         if self.conversation_log is not None:
             await ensure_conversation_log(self.bus, self.agents, self.conversation_log)
         for agent in self.agents:

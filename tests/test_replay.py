@@ -132,6 +132,16 @@ async def test_busagents_replay_publishes_a_conversation_under_the_prefix_given(
     assert msgspec.json.decode(stored.data or b"", type=FlightCancelled) == cancelled
     assert (await bus.js.stream_info("BA_FlightCancelled")).state.messages == 1  # production's copy only
 
+    with NatsServer() as other:  # --to-nats: another server, production's subjects there
+        code, out, err = await _busagents(
+            "replay", "--conversation", conversation, "--nats", nats_server.url, "--to-nats", other.url
+        )
+        assert code == 0, err
+        assert f"replayed 1 messages of {conversation} under (no prefix) on {other.url}" in out
+        async with await Bus.connect(other.url) as there:
+            copy = await there.js.get_last_msg("BA_FlightCancelled", f"travel.flight.cancelled.{flight.flight_id}")
+        assert msgspec.json.decode(copy.data or b"", type=FlightCancelled) == cancelled
+
     code, out, err = await _busagents("replay", "--conversation", "no-such-conversation", "--nats", nats_server.url)
     assert code == 1 and "nothing to replay" in err and "Traceback" not in err
     code, out, err = await _busagents(

@@ -309,3 +309,12 @@ def test_swarm_check_expects_a_shadow_entry_named_after_the_shadow_and_not_as_a_
     # a second live instance still is an error
     [error] = [p for p in check({"once": {}, "again": {"agent": "once"}}) if p.startswith("error")]
     assert error.startswith("error: agents ['once', 'again'] all run")
+
+
+async def test_a_dry_run_on_a_server_without_jetstream_says_it_needs_it() -> None:
+    with NatsServer(jetstream=False) as plain:
+        async with await Bus.connect(plain.url) as connected:
+            dry = Bus(connected.nc, dry_run=True)
+            with pytest.raises(ConfigError, match="a dry run records what it would send in the JetStream stream"):
+                async with run_agents(dry, shadow_of(ReasonerAgent)("offline")):
+                    pass
