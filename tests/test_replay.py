@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import open_store
 from busagents_travel import FlightCancelled, RebookPassenger
+from nats.aio.msg import Msg
 
 from busagents import Bus, NatsServer
 from busagents.errors import ConfigError
@@ -23,6 +25,7 @@ from busagents.replay import default_namespace, replay_conversation
 from busagents.subjects import namespace_prefix
 from busagents.testing import run_agents
 
+from .drain_agent import Done, Job, child_env
 from .flight_expect import expect_changes, expect_decisions
 
 DAY = generate(flights=24, passengers=1500, seed=9)
@@ -148,3 +151,31 @@ async def test_busagents_replay_publishes_a_conversation_under_the_prefix_given(
         "replay", "--conversation", conversation, "--nats", nats_server.url, "--into", "a..b"
     )
     assert code == 1 and "invalid subject prefix 'a..b'" in err and "Traceback" not in err
+
+
+async def test_busagents_run_namespace_runs_the_agent_under_the_prefix_only(bus: Bus) -> None:
+    production: list[str] = []
+
+    async def on_production(msg: Msg) -> None:
+        production.append(msg.subject)
+
+    beats = await bus.nc.subscribe("busagents.stats.slow")
+    await bus.nc.subscribe("test.drain.>", cb=on_production)
+    url = bus.url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "busagents", "run", "drain_agent:Slow", "--nats", url, "--namespace", "trial.t1",
+        env=child_env(), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await beats.next_msg(timeout=30)
+        trial = Bus(bus.nc, prefix="trial.t1")
+        async with trial.expect(Done, timeout=20) as done:
+            await trial.publish(Job(n=3))
+        await bus.publish(Job(n=4))  # production's job: nobody there takes it
+        await bus.nc.flush()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert done.message.body == Done(n=3) and done.message.subject == "trial.t1.test.drain.done"
+    assert "running slow on" in err.decode() and "under trial.t1." in err.decode()
+    assert production == ["test.drain.job"]  # only the job published there; nothing answered it
