@@ -18,6 +18,7 @@ from busagents_travel import FlightCancelled, RebookPassenger
 from nats.aio.msg import Msg
 
 from busagents import Bus, NatsServer
+from busagents.convlog import ConversationLog, ensure_conversation_log
 from busagents.errors import ConfigError
 from busagents.observe import Catalog
 from busagents.plugins import available_contracts
@@ -25,7 +26,7 @@ from busagents.replay import default_namespace, replay_conversation
 from busagents.subjects import namespace_prefix
 from busagents.testing import run_agents
 
-from .drain_agent import Done, Job, child_env
+from .drain_agent import Done, Job, Slow, child_env
 from .flight_expect import expect_changes, expect_decisions
 
 DAY = generate(flights=24, passengers=1500, seed=9)
@@ -179,3 +180,16 @@ async def test_busagents_run_namespace_runs_the_agent_under_the_prefix_only(bus:
     assert done.message.body == Done(n=3) and done.message.subject == "trial.t1.test.drain.done"
     assert "running slow on" in err.decode() and "under trial.t1." in err.decode()
     assert production == ["test.drain.job"]  # only the job published there; nothing answered it
+
+
+async def test_core_messages_kept_by_the_conversation_log_are_replayed_on_core_nats_under_the_prefix(bus: Bus) -> None:
+    assert "test.drain.job" in await ensure_conversation_log(bus, [Slow()], ConversationLog())
+    first = await bus.publish(Job(n=1))
+    await bus.publish(Job(n=2), cause=first)  # the same conversation
+    await bus.publish(Job(n=3))  # another one
+    namespace = Bus(bus.nc, prefix="replay.log")
+    async with namespace.expect(Job, count=2, timeout=10) as replayed:
+        done = await replay_conversation(bus, first.conversation_id or "", namespace, Catalog([Job]))
+    assert [r.subject for r in done] == ["replay.log.test.drain.job"] * 2
+    assert [m.body.n for m in replayed.messages] == [1, 2]
+    assert replayed.message.envelope == first  # the recorded envelope, as it was
