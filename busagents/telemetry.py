@@ -58,6 +58,9 @@ class Telemetry:
 
     ``provider_for`` gives the tracer provider of one agent (a resource of its own, so that each
     agent shows as its own service); without it every span uses ``tracer_provider``.
+    ``parent_based``: the providers' sampler drops every span whose parent was not sampled (the
+    standard ``parentbased_*`` samplers do), so such a hop skips making one: it carries its
+    parent's context on, at no cost.
     """
 
     def __init__(
@@ -66,12 +69,14 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
         *,
         provider_for: Callable[[str], trace.TracerProvider] | None = None,
+        parent_based: bool = False,
     ) -> None:
         from . import __version__
 
         self._version = __version__
         self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
         self._provider_for = provider_for
+        self._parent_based = parent_based
         self._tracers: dict[str, trace.Tracer] = {}
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         # Counted in plain ints on the hot path, read by the SDK when it collects.
@@ -128,6 +133,14 @@ class Telemetry:
         """
         key = (template, envelope.contract)
         self._sent[key] = self._sent.get(key, 0) + 1
+        if self._parent_based:
+            current = trace.get_current_span()
+            sc = current.get_span_context()
+            if sc.is_valid and not sc.trace_flags.sampled:  # its conversation is not sampled: pass it on
+                envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+                envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
+                yield current
+                return
         span = self.tracer_for(envelope.sender).start_span(
             f"send {template}" if request else f"publish {template}",
             kind=SpanKind.CLIENT if request else SpanKind.PRODUCER,
@@ -203,10 +216,24 @@ class Telemetry:
         record = self.duration.record
         processed = self._processed
         keys = {outcome: (template, agent, outcome.value) for outcome in Outcome}
+        parent_based = self._parent_based
 
         async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
             parent = _remote_parent(headers)
+            if (
+                parent is not None
+                and parent_based
+                and not trace.get_current_span(parent).get_span_context().trace_flags.sampled
+            ):
+                token = otel_context.attach(parent)  # its conversation is not sampled: carry it on
+                try:
+                    outcome = await handle(msg)
+                finally:
+                    otel_context.detach(token)
+                key = keys[outcome]
+                processed[key] = processed.get(key, 0) + 1
+                return outcome
             span = tracer.start_span(name, context=parent, kind=kind)
             recording = span.is_recording()
             if recording:
@@ -382,7 +409,9 @@ def _configure(service_name: str) -> Telemetry | None:
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
-    return Telemetry(tracer_provider, meter_provider, provider_for=provider_for)
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    parent_based = sampler in {"", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"}
+    return Telemetry(tracer_provider, meter_provider, provider_for=provider_for, parent_based=parent_based)
 
 
 def shutdown() -> None:
