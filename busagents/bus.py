@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from types import TracebackType
@@ -30,7 +32,7 @@ from .contract import ContractInfo, Durability, Kind, contract_info, subject_for
 from .dryrun import record
 from .durable import ensure_stream, stream_name
 from .envelope import MSG_ID, Envelope
-from .errors import ContractError, DecodeError, NatsUnavailableError, NoResponderError, QueryFailedError
+from .errors import ConfigError, ContractError, DecodeError, NatsUnavailableError, NoResponderError, QueryFailedError
 from .server import check_nats_url
 from .state import State, open_state
 from .subjects import namespace_prefix, stats_subject, stream_token
@@ -39,6 +41,32 @@ if TYPE_CHECKING:
     from .telemetry import Telemetry
 
 __all__ = ["ERROR_HEADER", "Bus", "Expectation", "Mailbox", "Received"]
+
+
+#: An nkey seed file to authenticate with (``busagents swarm secure`` writes one per agent).
+NKEY_SEED_FILE_ENV = "BUSAGENTS_NKEY_SEED_FILE"
+#: The CA that signed the server's TLS certificate: with it, connections use TLS.
+TLS_CA_ENV = "BUSAGENTS_TLS_CA"
+
+
+def _identity_from_env(options: dict[str, Any]) -> None:
+    """``nkeys_seed`` and ``tls`` from the environment, unless the caller gave credentials or TLS itself.
+
+    nats-py reads the seed file when it signs the server's nonce: the seed is never kept here.
+    """
+    seed = os.environ.get(NKEY_SEED_FILE_ENV)
+    given = ("nkeys_seed", "nkeys_seed_str", "user_credentials", "user", "token")
+    if seed and not any(options.get(k) for k in given):
+        if not os.path.isfile(seed):
+            raise ConfigError(f"no nkey seed file at {seed} (from {NKEY_SEED_FILE_ENV} or --creds)")
+        options["nkeys_seed"] = seed
+    ca = os.environ.get(TLS_CA_ENV)
+    if ca and options.get("tls") is None:
+        try:
+            options["tls"] = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot use the CA certificate {ca} (from {TLS_CA_ENV} or --tls-ca): {exc}") from None
+
 
 log = logging.getLogger("busagents.bus")
 
@@ -271,6 +299,7 @@ class Bus:
         options.setdefault("closed_cb", link.closed)
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.5)
+        _identity_from_env(options)
         servers = check_nats_url(url)
         try:
             nc = BusClient()

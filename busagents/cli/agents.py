@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import FrameType
 
 import click
 
 from ..agent import Agent
-from ..bus import Bus
+from ..bus import NKEY_SEED_FILE_ENV, TLS_CA_ENV, Bus
 from ..contract import contract_info
 from ..convlog import conversation_log
 from ..errors import ConfigError, ConnectionLostError
@@ -26,6 +27,9 @@ from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker
 from ._nats import nats_option, nats_url
 from ._reload import run_reloading, source_dirs
+
+#: Where ``swarm up --secure`` tells its replicas to find their seeds (NAME.nk each).
+CREDS_DIR_ENV = "BUSAGENTS_CREDS_DIR"
 
 
 @click.group("agents")
@@ -68,6 +72,18 @@ def list_agents() -> None:
     default=None,
     help="Serve /healthz and /metrics on this port (BUSAGENTS_HTTP_PORT; replica i of --replicas gets PORT+i).",
 )
+@click.option(
+    "--creds",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The agent's nkey seed file (in a secured swarm: BUSAGENTS_CREDS_DIR/NAME.nk).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CA certificate of the server's TLS certificate (BUSAGENTS_TLS_CA): connect with TLS.",
+)
 @click.pass_context
 def run_command(
     ctx: click.Context,
@@ -79,6 +95,8 @@ def run_command(
     dry_run: bool,
     shadow: bool,
     http_port: int | None,
+    creds: Path | None,
+    tls_ca: Path | None,
 ) -> None:
     """Run the agent NAME (a plugin name or package.module:Class) until SIGTERM/SIGINT.
 
@@ -96,6 +114,7 @@ def run_command(
         agent_cls = shadow_of(agent_cls)
     if http_port is not None:
         os.environ["BUSAGENTS_HTTP_PORT"] = str(http_port)
+    _use_identity(agent_cls.name, creds, tls_ca)
     if agent_cls.singleton and replicas > 1:
         raise ConfigError(
             f"{name} declares singleton = True (it must run as one instance) "
@@ -118,6 +137,19 @@ def run_command(
                 raise SystemExit(3)
             return
         _run_replicas(name, url, replicas, ctx.find_root().params.get("log_level"), shadow=shadow)
+
+
+def _use_identity(agent: str, creds: Path | None, tls_ca: Path | None) -> None:
+    """The agent's own nkey seed and the CA, as variables that Bus.connect (and replicas) read; paths only."""
+    creds_dir = os.environ.get(CREDS_DIR_ENV)
+    if creds is None and creds_dir:  # a replica of `swarm up --secure`: its agent's seed in the swarm's creds
+        creds = Path(creds_dir) / f"{agent}.nk"
+    if creds is not None:
+        if not creds.is_file():
+            raise ConfigError(f"no nkey seed file for {agent} at {creds}: write them with 'busagents swarm secure'")
+        os.environ[NKEY_SEED_FILE_ENV] = str(creds.absolute())
+    if tls_ca is not None:
+        os.environ[TLS_CA_ENV] = str(tls_ca.absolute())
 
 
 def _replica_env(http_port: int | None, index: int) -> dict[str, str]:

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import click
 
 from ..agent import Agent
+from ..bus import NKEY_SEED_FILE_ENV, TLS_CA_ENV
 from ..errors import ConfigError
 from ..plugins import load_agent
+from ..server import NatsServer, is_reachable
 from ..settings import data_dir
 from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from ..swarm.asyncapi import DEFAULT_NATS_URL
 from ..swarm.docs import write_docs
+from ..swarm.secure import OPERATOR, load_secure, write_secure
 from ._nats import nats_option, nats_url
 from ._swarm_view import SwarmView
+from .agents import CREDS_DIR_ENV
 
 swarm_file = click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 
@@ -63,6 +68,14 @@ def _graph(path: Path) -> Graph:
     is_flag=True,
     help="Keep core messages for 'busagents trace' (BUSAGENTS_CONVERSATION_LOG=1 in every replica).",
 )
+@click.option(
+    "--secure",
+    "secure_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run against the secured server of DIR ('swarm secure -o DIR'), starting it if it does not answer; "
+    "each agent connects with its own nkey over TLS.",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -72,6 +85,7 @@ def up(
     external: tuple[str, ...],
     data_dir: Path | None,
     conversation_log: bool,
+    secure_dir: Path | None,
 ) -> None:
     """Start every agent as supervised OS processes until SIGTERM/SIGINT.
 
@@ -86,6 +100,20 @@ def up(
     if conversation_log:  # the replicas inherit this process's environment (busagents.convlog)
         os.environ["BUSAGENTS_CONVERSATION_LOG"] = "1"
     named = (config.nats_url, f"nats_url in {path}") if config.nats_url else None
+    with contextlib.ExitStack() as secured:
+        if secure_dir is not None:
+            nats = secured.enter_context(_secured(secure_dir, {a.name for a in agents.values()}))
+        _up_on(ctx, config, agents, nats, named, data)
+
+
+def _up_on(
+    ctx: click.Context,
+    config: SwarmConfig,
+    agents: dict[str, type[Agent]],
+    nats: str | None,
+    named: tuple[str, str] | None,
+    data: Path,
+) -> None:
     with nats_url(nats, embed=True, named=named) as url:  # an embedded server stops after the replicas drained
         level = ctx.find_root().params.get("log_level")
         # in a terminal, the live view owns it: the events and what the replicas print come through the view
@@ -95,6 +123,34 @@ def up(
         failed = asyncio.run(_up(supervisor, url, view))
     if failed:
         raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def _secured(secure_dir: Path, names: set[str]) -> Iterator[str]:
+    """The URL of DIR's secured server (started from its configuration for the block if it does not answer).
+
+    This process connects as the operator; each replica as its own agent (``run`` finds its seed in
+    BUSAGENTS_CREDS_DIR). Only paths go into the environment, never a seed.
+    """
+    setup = load_secure(secure_dir)
+    missing = sorted(names - set(setup.agents))
+    if missing:
+        raise ConfigError(
+            f"{secure_dir} has no credentials for {', '.join(missing)}: run 'busagents swarm secure' again"
+        )
+    os.environ[CREDS_DIR_ENV] = str(setup.creds_dir)
+    os.environ[NKEY_SEED_FILE_ENV] = str(setup.creds(OPERATOR))
+    os.environ[TLS_CA_ENV] = str(setup.ca)
+    if is_reachable(setup.url):
+        yield setup.url
+        return
+    # JetStream and its store come from the configuration (nats-server opens its port once JetStream is up)
+    server = NatsServer(port=setup.port, config_file=setup.config, store_dir=setup.dir / "jetstream", jetstream=False)
+    with server:
+        click.echo(
+            f"started the secured nats-server of {secure_dir} on {server.url} (log: {server.store_dir})", err=True
+        )
+        yield server.url
 
 
 def _refuse_errors(
@@ -187,6 +243,34 @@ def asyncapi(path: Path, output: Path | None, nats: str | None) -> None:
 def permissions(path: Path) -> None:
     """Least-privilege NATS publish/subscribe permissions per agent (JSON)."""
     click.echo(json.dumps(_graph(path).permissions(), indent=2))
+
+
+@swarm_group.command("secure")
+@swarm_file
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory to write the server configuration, keys and seeds into (created if missing).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True, help="The server's port.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Server certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Its private key.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The CA that signed it.")
+def secure(path: Path, out: Path, port: int, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None) -> None:
+    """Write a locked-down nats-server setup: TLS, one nkey user per agent with its permissions, an operator user.
+
+    Without --tls-*, a local CA and a certificate for 127.0.0.1/localhost are generated. Seeds and
+    private keys go into owner-only files and are never printed. Run it with 'swarm up --secure DIR'.
+    """
+    written = write_secure(
+        _graph(path).permissions(), out, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca
+    )
+    for file in written:
+        click.echo(f"wrote {file}", err=True)
+    click.echo(f"start it: busagents swarm up {path} --secure {out} (or nats-server -c {out / 'nats-server.conf'})")
 
 
 @swarm_group.command("docs")
