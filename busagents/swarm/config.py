@@ -35,7 +35,27 @@ from ..errors import ConfigError
 from ..shadow import SHADOW_SUFFIX
 from .graph import GraphProblem
 
-__all__ = ["AgentSpec", "SwarmConfig", "load_swarm"]
+__all__ = ["AgentSpec", "Autoscale", "SwarmConfig", "load_swarm"]
+
+
+class Autoscale(BaseModel):
+    """``autoscale = { min = 1, max = 4, lag = 1000 }``: replicas follow the lag of the agent's durable
+    consumers (messages pending + unacknowledged), between ``min`` and ``max``, with hysteresis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(default=1, ge=1, le=64)
+    max: int = Field(ge=1, le=64)
+    lag: int = Field(gt=0)  # a replica is added while the lag stays above this
+    interval: float = Field(default=2.0, gt=0)  # seconds between two looks at the lag
+    up_after: int = Field(default=2, ge=1)  # looks in a row above `lag` before a replica is added
+    down_after: int = Field(default=5, ge=1)  # looks in a row below `lag` / 2 before one drains and stops
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscale:
+        if self.max < self.min:
+            raise ValueError(f"autoscale: max ({self.max}) is below min ({self.min})")
+        return self
 
 
 class AgentSpec(BaseModel):
@@ -49,6 +69,24 @@ class AgentSpec(BaseModel):
     restart: bool = True
     #: Run it as ``<name>-shadow`` in dry-run mode beside the live one (``busagents run --shadow``).
     shadow: bool = False
+    #: Replicas that follow its durable consumers' lag (it starts with ``min``); unset: ``replicas``.
+    autoscale: Autoscale | None = None
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscale(self) -> AgentSpec:
+        if self.autoscale is not None and "replicas" in self.model_fields_set:
+            raise ValueError("set replicas or autoscale, not both (autoscale starts with its min)")
+        return self
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas started with the swarm."""
+        return self.autoscale.min if self.autoscale is not None else self.replicas
+
+    @property
+    def most_replicas(self) -> int:
+        """The most replicas it may have at once."""
+        return self.autoscale.max if self.autoscale is not None else self.replicas
 
 
 class SwarmConfig(BaseModel):
@@ -87,7 +125,19 @@ class SwarmConfig(BaseModel):
         as one instance, one entry with ``replicas = 1``. Warnings: a swarm key that is not the
         agent's name (permissions, the graph, queue groups and stats go by the name).
         """
-        return self._singletons(agents) + self._names(agents)
+        return self._singletons(agents) + self._names(agents) + self._autoscaled(agents)
+
+    def _autoscaled(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
+        """Autoscaling follows the lag of durable consumers: an agent without one cannot be scaled."""
+        return [
+            GraphProblem(
+                "error",
+                f"agents.{key} has autoscale, but {cls.__qualname__} has no durable handler: its replicas "
+                "follow the lag of its durable consumers; give it replicas instead",
+            )
+            for key, cls in agents.items()
+            if self.agents[key].autoscale is not None and not any(h.durable for h in cls.handlers.values())
+        ]
 
     def _names(self, agents: Mapping[str, type[Agent]]) -> list[GraphProblem]:
         problems = []
@@ -116,13 +166,14 @@ class SwarmConfig(BaseModel):
             why = "declares singleton = True (it must run as one instance)"
             if len(keys) == 1:
                 key = keys[0]
-                replicas = self.agents[key].replicas
+                replicas = self.agents[key].most_replicas
                 if replicas > 1:
                     who = key if targets[key] == key else f"{key} ({targets[key]})"
-                    message = f"{who} {why} but the swarm gives it replicas = {replicas}; set replicas = 1"
+                    what = "autoscale.max" if self.agents[key].autoscale else "replicas"
+                    message = f"{who} {why} but the swarm gives it {what} = {replicas}; set replicas = 1"
                     problems.append(GraphProblem("error", message))
             else:
-                total = sum(self.agents[key].replicas for key in keys)
+                total = sum(self.agents[key].most_replicas for key in keys)
                 message = (
                     f"agents {keys} all run {cls.__qualname__}, which {why}, as {total} instances; "
                     "keep one of them, with replicas = 1"

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..process import die_with_parent
-from .config import SwarmConfig
+from .autoscale import consumer_lag
+from .config import Autoscale, SwarmConfig
 
 __all__ = ["Replica", "Supervisor"]
 
@@ -42,6 +43,7 @@ class Replica:
     restart: bool
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    retiring: bool = False  # asked to drain and stop for good (autoscaled down)
     _recent: deque[float] = field(default_factory=deque)
 
     @property
@@ -82,8 +84,10 @@ class Supervisor:
                 key, i, targets[key], {**spec.env, **({"BUSAGENTS_SHADOW": "1"} if spec.shadow else {})}, spec.restart
             )
             for key, spec in config.agents.items()
-            for i in range(spec.replicas)
+            for i in range(spec.initial_replicas)
         ]
+        self._keepers: list[asyncio.Task[None]] = []
+        self._tasks: asyncio.TaskGroup | None = None
 
     async def _spawn(self, replica: Replica) -> None:
         level = {"BUSAGENTS_LOG_LEVEL": self.log_level} if self.log_level else {}
@@ -117,6 +121,10 @@ class Supervisor:
                         await asyncio.wait_for(relay, 1.0)
             if self._stopping:
                 self._say(f"{replica.label} stopped (exit {code})")
+                return
+            if replica.retiring:  # autoscaled down: it drained and stopped, as asked
+                self._say(f"{replica.label} drained and stopped (exit {code}): scaled down")
+                self.replicas.remove(replica)
                 return
             if not replica.restart:
                 self._say(f"{replica.label} exited with {code}; restart is off for it")
@@ -174,18 +182,85 @@ class Supervisor:
         """Run until ``stop`` is set; returns the number of replicas that did not exit cleanly."""
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
                 keepers = [tasks.create_task(self._keep(r), name=f"watch:{r.label}") for r in self.replicas]
+                self._keepers = list(keepers)
                 stopped = tasks.create_task(stop.wait(), name="swarm:stop")
                 ended = tasks.create_task(asyncio.wait(keepers), name="swarm:ended")  # every replica gave up
+                scalers = [
+                    tasks.create_task(self._autoscale(key, spec.autoscale), name=f"autoscale:{key}")
+                    for key, spec in self.config.agents.items()
+                    if spec.autoscale is not None
+                ]
                 await asyncio.wait([stopped, ended], return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
+                for scaler in scalers:
+                    scaler.cancel()
                 self._stop()
-                _, draining = await asyncio.wait(keepers, timeout=self.stop_timeout)
+                _, draining = await asyncio.wait(self._keepers, timeout=self.stop_timeout)
                 if draining:
                     self._kill_live()
         finally:
             await self._reap()
         return sum(1 for r in self.replicas if r.process is not None and r.process.returncode not in (0, None))
+
+    # Autoscaling
+
+    def count(self, key: str) -> int:
+        """Replicas of the entry ``key`` now (those draining to stop for good not counted)."""
+        return sum(1 for r in self.replicas if r.key == key and not r.retiring)
+
+    def _scale_up(self, key: str) -> Replica:
+        spec = self.config.agents[key]
+        index = max((r.index for r in self.replicas if r.key == key), default=-1) + 1
+        env = {**spec.env, **({"BUSAGENTS_SHADOW": "1"} if spec.shadow else {})}
+        replica = Replica(key, index, self.config.targets()[key], env, spec.restart)
+        self.replicas.append(replica)
+        assert self._tasks is not None
+        self._keepers.append(self._tasks.create_task(self._keep(replica), name=f"watch:{replica.label}"))
+        return replica
+
+    def _scale_down(self, key: str) -> Replica | None:
+        """SIGTERM to the newest replica of ``key``: it drains (finishes what it holds, gives back the
+        rest) and is not restarted."""
+        live = [r for r in self.replicas if r.key == key and not r.retiring]
+        if not live:
+            return None
+        replica = max(live, key=lambda r: r.index)
+        replica.retiring = True
+        self._terminate(replica)
+        return replica
+
+    async def _autoscale(self, key: str, rule: Autoscale) -> None:
+        """Every ``rule.interval`` s, look at the lag of the agent's durable consumers: ``up_after`` looks
+        in a row above ``rule.lag`` add a replica (up to ``max``), ``down_after`` looks in a row below
+        half of it take one away (down to ``min``). The hysteresis (a band, and looks in a row) keeps
+        it from flapping."""
+        try:
+            lag_of = await consumer_lag(self.nats_url, self.config.targets()[key])
+        except Exception as exc:  # the swarm runs on without it, at the replicas it has
+            self._say(f"autoscale {key}: cannot read its lag ({exc}); it keeps {self.count(key)} replica(s)")
+            return
+        try:
+            high = low = 0
+            while not self._stopping:
+                await asyncio.sleep(rule.interval)
+                lag = await lag_of()
+                if lag is None:  # no JetStream answer yet (the streams are being created)
+                    continue
+                high, low = (high + 1, 0) if lag > rule.lag else (0, low + 1 if lag < rule.lag / 2 else 0)
+                n = self.count(key)
+                if high >= rule.up_after and n < rule.max:
+                    replica = self._scale_up(key)
+                    self._say(f"autoscale {key}: lag {lag} > {rule.lag}; adding {replica.label} ({n + 1}/{rule.max})")
+                    high = 0
+                elif low >= rule.down_after and n > rule.min:
+                    retired = self._scale_down(key)
+                    if retired is not None:
+                        self._say(f"autoscale {key}: lag {lag} < {rule.lag // 2}; draining {retired.label} ({n - 1})")
+                    low = 0
+        finally:
+            await lag_of.close()
 
     async def _reap(self) -> None:
         """After an error or a cancel: stop the replicas still running and wait for them to exit."""
