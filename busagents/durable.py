@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DurableConsumer",
     "consumer_config",
+    "consumer_names",
     "create_or_update_stream",
     "delivery_count",
     "derived_id",
@@ -141,7 +142,7 @@ def jetstream_permissions(info: ContractInfo, d: Durability, *, consumer: str | 
     pub = {f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"}  # ensure_stream
     sub: set[str] = set()
     if consumer is not None:
-        names = [f"{consumer}-p{p}" for p in range(d.ordered_partitions)] if d.ordered_partitions else [consumer]
+        names = consumer_names(consumer, d)
         pub.add(f"$JS.API.STREAM.MSG.GET.{stream}")  # the message of a max-deliveries advisory
         for name in names:
             pub |= {
@@ -155,6 +156,12 @@ def jetstream_permissions(info: ContractInfo, d: Durability, *, consumer: str | 
 
 
 # Consumers
+
+
+def consumer_names(agent: str, d: Durability) -> list[str]:
+    """The durable consumers an agent's replicas share on a contract's stream: ``<agent>``, or
+    ``<agent>-p<i>`` for each partition of an ordered contract."""
+    return [f"{agent}-p{p}" for p in range(d.ordered_partitions)] if d.ordered_partitions else [agent]
 
 
 def consumer_config(

@@ -1,4 +1,4 @@
-"""``busagents swarm up|check|graph|asyncapi|permissions SWARM.toml``."""
+"""``busagents swarm up|check|graph|asyncapi|permissions|docs|k8s SWARM.toml``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..settings import data_dir
 from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from ..swarm.asyncapi import DEFAULT_NATS_URL
 from ..swarm.docs import write_docs
+from ..swarm.k8s import K8sOptions, k8s_manifests, write_k8s
 from ..swarm.secure import OPERATOR, load_secure, write_secure
 from ._nats import nats_option, nats_url
 from ._swarm_view import SwarmView
@@ -290,3 +291,36 @@ def docs(path: Path, out: Path, nats: str | None) -> None:
     graph = Graph(list(agents.values()))
     for written in write_docs(graph, out, title=path.stem, nats_url=nats or config.nats_url):
         click.echo(f"wrote {written}", err=True)
+
+
+@swarm_group.command("k8s")
+@swarm_file
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory to write the kustomization, the manifests and nats/values.yaml into (created if missing).",
+)
+@click.option("--image", default=K8sOptions.image, show_default=True, help="The agents' image (deploy/Dockerfile).")
+@click.option("--namespace", default=K8sOptions.namespace, show_default=True, help="Namespace of NATS and the agents.")
+@click.option(
+    "--lag",
+    "lag",
+    type=click.IntRange(min=1),
+    default=K8sOptions.lag_threshold,
+    show_default=True,
+    help="KEDA lagThreshold: pending messages of a durable consumer per replica before another is added.",
+)
+def k8s(path: Path, out: Path, image: str, namespace: str, lag: int) -> None:
+    """Write Kubernetes manifests: a Deployment per agent, KEDA ScaledObjects, the NATS Helm chart's values."""
+    config, agents = _load(path)
+    options = K8sOptions(image=image, namespace=namespace, lag_threshold=lag)
+    for written in write_k8s(k8s_manifests(config, agents, options), out):
+        click.echo(f"wrote {written}", err=True)
+    click.echo(
+        f"next: helm install nats nats/nats -n {namespace} --create-namespace -f {out / 'nats' / 'values.yaml'}"
+        f" (https://nats-io.github.io/k8s/helm/charts/), then kubectl apply -k {out}",
+        err=True,
+    )
