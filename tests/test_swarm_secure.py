@@ -96,7 +96,13 @@ async def _connect(url: str, tls: ssl.SSLContext, seed: Path, name: str, violati
 
 
 def _swarm_up(out: Path, data: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "busagents", "--log-level", "INFO", "swarm", "up", str(SWARM)]
+    return _swarm_up_file(SWARM, out, data, env, log)
+
+
+def _swarm_up_file(
+    swarm: Path, out: Path, data: Path, env: dict[str, str], log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "busagents", "--log-level", "INFO", "swarm", "up", str(swarm), *extra]
     with log.open("wb") as sink:
         return subprocess.Popen(
             [*cmd, "--secure", str(out), "--data-dir", str(data)],
@@ -244,3 +250,41 @@ async def test_the_flight_swarm_runs_secured_and_the_server_refuses_what_is_not_
         assert secret not in everything
     assert not re.search(r"\bSU[A-Z2-7]{56}\b", everything)  # no user seed of any kind
     assert os.environ.get("BUSAGENTS_NKEY_SEED_FILE") is None  # the test process never took an identity
+
+
+async def test_swarm_up_secure_starts_the_servers_configuration_and_each_agent_takes_its_own_seed(
+    tmp_path: Path,
+) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text("[agents.flight-notifier]\n")
+    out, port = tmp_path / "secure", free_port()
+    assert _cli("swarm", "secure", str(swarm), "-o", str(out), "--port", str(port)).returncode == 0
+    missing = _cli("swarm", "up", str(swarm), "--secure", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "busagents swarm secure" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    env = {**flight_env(tmp_path), "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2"}
+    env.pop("BUSAGENTS_NATS_URL", None)
+    log = tmp_path / "swarm.log"
+    up = _swarm_up_file(swarm, out, tmp_path / "data", env, log, "--force")  # nobody feeds the notifier here
+    try:
+        tls = ssl.create_default_context(cafile=str(out / "keys" / "ca.pem"))
+        operator = None
+        async with asyncio.timeout(30):
+            while operator is None:  # `swarm up` starts the server: nothing to wait on but its port
+                try:
+                    operator = await _connect(
+                        f"nats://127.0.0.1:{port}", tls, out / "creds" / f"{OPERATOR}.nk", OPERATOR, _Violations()
+                    )
+                except Exception:
+                    assert up.poll() is None, log.read_text(errors="replace")
+                    await asyncio.sleep(0.2)
+        await operator.wait_for_agents(["flight-notifier"], timeout=30)  # it connected with its own seed
+        await operator.close()
+    finally:
+        up.terminate()
+        up.wait(60)
+    text = log.read_text(errors="replace")
+    assert up.returncode == 0, text
+    assert f"started the secured nats-server of {out}" in text
+    assert "violation" not in (out / "jetstream" / "nats-server.log").read_text().lower()
+    assert not re.search(r"\bSU[A-Z2-7]{56}\b", text)
