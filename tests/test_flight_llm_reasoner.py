@@ -89,6 +89,7 @@ ALLOWED_SUBJECTS = (
     "travel.passenger.notified.",
     "_INBOX.",
     "$JS.",  # the worker's own dead-letter stream set-up
+    "$KV.busagents-contracts.",  # each worker records the schemas of its contracts (busagents.registry)
 )
 
 
