@@ -140,8 +140,24 @@ def test_every_agent_has_its_workload_and_every_durable_agent_its_scaled_object(
     assert objects == {}  # nothing else
 
 
+NATS_CHART_VALUES = Path(__file__).parent / "schemas" / "nats-chart" / "values.yaml"
+
+
+def key_paths(values: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted key paths of the leaves of a values document."""
+    paths: set[str] = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        paths |= key_paths(value, f"{path}.") if isinstance(value, dict) and value else {path}
+    return paths
+
+
 def test_nats_comes_from_the_official_chart_as_values(out: Path) -> None:
-    values = yaml.safe_load((out / "nats" / "values.yaml").read_text())["config"]
+    ours = yaml.safe_load((out / "nats" / "values.yaml").read_text())
+    chart = yaml.safe_load(NATS_CHART_VALUES.read_text())  # the chart's defaults: helm ignores unknown keys
+    assert key_paths(ours) <= key_paths(chart)
+    assert "config.cluster.replicas" in key_paths(ours)
+    values = ours["config"]
     assert values["cluster"] == {"enabled": True, "replicas": 3}
     assert values["jetstream"]["enabled"] and values["jetstream"]["fileStore"]["enabled"]
     assert values["monitor"]["enabled"]
