@@ -171,3 +171,22 @@ def test_a_missing_swarm_file_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: swarm file {tmp_path / 'nope.toml'} not found"
     assert not (tmp_path / "k").exists()
+
+
+def test_autoscale_in_the_swarm_file_sets_the_scaled_objects_bounds_and_lag(tmp_path: Path) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text(
+        "[agents.flight-notifier]\nautoscale = { min = 2, max = 6, lag = 250 }\n"
+        "[agents.flight-rebooker]\nreplicas = 3\n"
+    )
+    result = CliRunner().invoke(cli, ["swarm", "k8s", str(swarm), "-o", str(tmp_path / "k"), "--lag", "40"])
+    assert result.exit_code == 0, result.output
+    objects = manifests(tmp_path / "k")
+    assert objects["flight-notifier.deployment.yaml"]["spec"]["replicas"] == 2
+    notifier = objects["flight-notifier.scaledobject.yaml"]["spec"]
+    assert (notifier["minReplicaCount"], notifier["maxReplicaCount"]) == (2, 6)
+    assert {t["metadata"]["lagThreshold"] for t in notifier["triggers"]} == {"250"}
+    rebooker = objects["flight-rebooker.scaledobject.yaml"]["spec"]  # no autoscale: replicas up to 4 times, --lag
+    assert (rebooker["minReplicaCount"], rebooker["maxReplicaCount"]) == (3, 12)
+    assert {t["metadata"]["lagThreshold"] for t in rebooker["triggers"]} == {"40"}
+    jsonschema.validate(objects["flight-notifier.scaledobject.yaml"], keda_schema())

@@ -311,7 +311,7 @@ def docs(path: Path, out: Path, nats: str | None) -> None:
     type=click.IntRange(min=1),
     default=K8sOptions.lag_threshold,
     show_default=True,
-    help="KEDA lagThreshold: pending messages of a durable consumer per replica before another is added.",
+    help="KEDA lagThreshold of an agent without autoscale (pending messages per replica before one is added).",
 )
 def k8s(path: Path, out: Path, image: str, namespace: str, lag: int) -> None:
     """Write Kubernetes manifests: a Deployment per agent, KEDA ScaledObjects, the NATS Helm chart's values."""

@@ -49,8 +49,8 @@ NATS_VALUES: dict[str, Any] = {
 class K8sOptions:
     image: str = "busagents:latest"
     namespace: str = "busagents"
-    lag_threshold: int = 1000  # pending messages per replica before KEDA adds one
-    max_factor: int = 4  # maxReplicaCount = replicas * max_factor (at most 64)
+    lag_threshold: int = 1000  # pending messages per replica before KEDA adds one (without autoscale)
+    max_factor: int = 4  # without autoscale: maxReplicaCount = replicas * max_factor (at most 64)
     cpu: str = "100m"
     memory: str = "256Mi"
     memory_limit: str = "512Mi"
@@ -130,7 +130,7 @@ def _workload(name: str, key: str, spec: AgentSpec, config: SwarmConfig, opts: K
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"replicas": spec.replicas, "selector": {"matchLabels": labels}, "template": pod},
+        "spec": {"replicas": spec.initial_replicas, "selector": {"matchLabels": labels}, "template": pod},
     }
 
 
@@ -163,6 +163,10 @@ def _container(key: str, spec: AgentSpec, config: SwarmConfig, opts: K8sOptions)
 
 
 def _scaled_object(name: str, spec: AgentSpec, consumers: list[tuple[str, str]], opts: K8sOptions) -> dict[str, Any]:
+    # the swarm file's autoscale = { min, max, lag } when set, else from its replicas up to max_factor times
+    auto = spec.autoscale
+    low, high = (auto.min, auto.max) if auto else (spec.replicas, min(spec.replicas * opts.max_factor, 64))
+    lag = auto.lag if auto else opts.lag_threshold
     monitoring = f"{NATS_RELEASE}-headless.{opts.namespace}.svc.cluster.local:{MONITOR_PORT}"
     triggers = [
         {
@@ -172,7 +176,7 @@ def _scaled_object(name: str, spec: AgentSpec, consumers: list[tuple[str, str]],
                 "account": "$G",  # the global account of a nats-server without accounts
                 "stream": stream,
                 "consumer": consumer,
-                "lagThreshold": str(opts.lag_threshold),
+                "lagThreshold": str(lag),
             },
         }
         for stream, consumer in consumers
@@ -183,8 +187,8 @@ def _scaled_object(name: str, spec: AgentSpec, consumers: list[tuple[str, str]],
         "metadata": {"name": name},
         "spec": {
             "scaleTargetRef": {"name": name},
-            "minReplicaCount": spec.replicas,
-            "maxReplicaCount": min(max(spec.replicas * opts.max_factor, spec.replicas), 64),
+            "minReplicaCount": low,
+            "maxReplicaCount": max(high, low),
             "triggers": triggers,
         },
     }
