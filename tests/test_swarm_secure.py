@@ -164,6 +164,11 @@ async def test_the_flight_swarm_runs_secured_and_the_server_refuses_what_is_not_
         log = tmp_path / "swarm.log"
         data = tmp_path / "data"
         up = _swarm_up(out, data, env, log)
+        op_env = {
+            **env,
+            "BUSAGENTS_NKEY_SEED_FILE": str(out / "creds" / f"{OPERATOR}.nk"),
+            "BUSAGENTS_TLS_CA": str(out / "keys" / "ca.pem"),
+        }
         cmdlines: list[str] = []
         try:
             try:
@@ -176,6 +181,8 @@ async def test_the_flight_swarm_runs_secured_and_the_server_refuses_what_is_not_
                 )
             for child in psutil.Process(up.pid).children(recursive=True):  # what `ps` shows of the replicas
                 cmdlines.append(" ".join(child.cmdline()))
+            shown = _cli("ps", "--nats", url, env={**op_env, "COLUMNS": "200"})  # the operator sees the swarm
+            assert shown.returncode == 0 and "flight-rebooker" in shown.stdout, shown.stderr
             for sub in subs:
                 await sub.unsubscribe()
         finally:
@@ -222,11 +229,6 @@ async def test_the_flight_swarm_runs_secured_and_the_server_refuses_what_is_not_
                 await bus.close()
 
         # the operator lists dead letters, but may not command a rebooking
-        op_env = {
-            **env,
-            "BUSAGENTS_NKEY_SEED_FILE": str(out / "creds" / f"{OPERATOR}.nk"),
-            "BUSAGENTS_TLS_CA": str(out / "keys" / "ca.pem"),
-        }
         listed = _cli("dlq", "list", "--nats", url, env=op_env)
         assert listed.returncode == 0, listed.stderr
         assert "flight-notifier" in listed.stdout, listed.stdout
@@ -241,6 +243,7 @@ async def test_the_flight_swarm_runs_secured_and_the_server_refuses_what_is_not_
     docs = _cli("swarm", "docs", str(SWARM), "-o", str(tmp_path / "docs"))
     assert docs.returncode == 0, docs.stderr
     written = [made.stdout, made.stderr, listed.stdout, listed.stderr, docs.stdout, docs.stderr, server_log]
+    written += [shown.stdout, shown.stderr]
     written += cmdlines
     written += _files_written(tmp_path, out)
     assert len(written) > 10
