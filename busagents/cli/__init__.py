@@ -1,13 +1,20 @@
-"""The ``busagents`` command line: one module per command group."""
+"""The ``busagents`` command line: one module per command group.
+
+Plugins add commands of their own through the ``busagents.commands`` entry-point group (a
+:class:`click.Command`; the flight app's ``busagents chat``), loaded only when asked for by name,
+so they cost nothing to the other commands. ``nats_option`` and ``nats_url`` are theirs to use.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from importlib.metadata import entry_points
 
 import click
 
 from ..errors import BusagentsError
+from ._nats import nats_option, nats_url
 from .agents import agents_group, run_command
 from .contracts import publish_command, request_command
 from .demo import demo_command
@@ -22,12 +29,32 @@ from .swarm import swarm_group
 from .trace import trace_command
 from .watch import watch_command
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "nats_option", "nats_url"]
+
+COMMANDS_GROUP = "busagents.commands"
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _WithPlugins(click.Group):
+    """The built-in commands, then the ones plugins declare in the ``busagents.commands`` group."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(ep.name for ep in entry_points(group=COMMANDS_GROUP))})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command  # a plugin cannot replace a built-in command
+        for ep in entry_points(group=COMMANDS_GROUP, name=name):
+            loaded = ep.load()
+            if not isinstance(loaded, click.Command):
+                raise click.ClickException(f"plugin command {name!r} ({ep.value}) is not a click command")
+            return loaded
+        return None
+
+
+@click.group(cls=_WithPlugins, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
     envvar="BUSAGENTS_LOG_LEVEL",
