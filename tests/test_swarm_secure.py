@@ -291,3 +291,20 @@ async def test_swarm_up_secure_starts_the_servers_configuration_and_each_agent_t
     assert f"started the secured nats-server of {out}" in text
     assert "violation" not in (out / "jetstream" / "nats-server.log").read_text().lower()
     assert not re.search(r"\bSU[A-Z2-7]{56}\b", text)
+
+
+def test_secure_takes_an_existing_certificate_and_refuses_half_of_one_and_run_a_missing_seed(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    assert _cli("swarm", "secure", str(SWARM), "-o", str(first)).returncode == 0
+    cert, key, ca = (first / "keys" / n for n in ("server.pem", "server-key.pem", "ca.pem"))
+    half = _cli("swarm", "secure", str(SWARM), "-o", str(tmp_path / "half"), "--tls-cert", str(cert))
+    assert half.returncode == 1 and "--tls-key" in half.stderr and "Traceback" not in half.stderr
+    given = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+    mine = _cli("swarm", "secure", str(SWARM), "-o", str(tmp_path / "mine"), *given)
+    assert mine.returncode == 0, mine.stderr
+    conf = (tmp_path / "mine" / "nats-server.conf").read_text()
+    assert f'key_file: "{key}"' in conf and f'ca_file: "{ca}"' in conf
+    assert list((tmp_path / "mine" / "keys").iterdir()) == []  # no CA of its own
+    assert json.loads((tmp_path / "mine" / "secure.json").read_text())["ca"] == str(ca)
+    lost = _cli("run", "flight-notifier", "--creds", str(tmp_path / "none.nk"), "--nats", "nats://127.0.0.1:1")
+    assert lost.returncode == 1 and "no nkey seed file for flight-notifier" in lost.stderr, lost.stderr
