@@ -79,7 +79,8 @@ class FlightMonitor(Agent):
         self.threshold = rebook_threshold_minutes
         self.updates = 0  # updates handled by this replica, stale ones included
         self.ignored = 0  # repeated or out-of-order updates
-        self.disruptions = 0  # disruptions this replica published
+        self.disruptions = 0  # distinct disruptions this replica published
+        self._published: set[str] = set()  # their ids: a second publish (JetStream drops it) counts once
         self.conflicts = 0  # state writes that lost a compare-and-set (another replica wrote first)
         #: This replica's copy of each flight's state, with the bucket revision it was read or written
         #: at (0: no key yet). Updates that reveal nothing only move the copy on; a write starts
@@ -150,7 +151,7 @@ class FlightMonitor(Agent):
         disruption = state.delayed or state.cancelling
         assert disruption is not None
         await ctx.publish(disruption, msg_id=f"disruption.{disruption.disruption_id}")
-        self.disruptions += 1
+        self._count(disruption.disruption_id)
         ctx.log.info("disruption %s", disruption)
         state.delayed = state.cancelling = None
         try:
@@ -216,7 +217,12 @@ class FlightMonitor(Agent):
                     _disruption(FlightCancelled, u, disruption_id, reason=u.reason, bookings=[change.booking_id]),
                     msg_id=f"disruption.{disruption_id}",
                 )
-                self.disruptions += 1
+                self._count(disruption_id)  # a redelivered change publishes it again: stored once, counted once
+
+    def _count(self, disruption_id: str) -> None:
+        if disruption_id not in self._published:
+            self._published.add(disruption_id)
+            self.disruptions += 1
 
     async def _cancellations(self, flights: set[str], ctx: Context) -> dict[str, FlightStatusUpdated]:
         """The cancelled ones of ``flights``, as the bucket has them now (a cancellation is final:
