@@ -93,12 +93,14 @@ async def test_model_and_tool_calls_are_spans_of_the_conversation_trace(
     data = reader.get_metrics_data()
     assert data is not None
     metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
-    tokens: dict[str, float] = {}
+    tokens: dict[tuple[str, str], float] = {}  # (token type, busagents.llm.cache: "" or read/creation)
     for point in metrics["gen_ai.client.token.usage"].data.data_points:
         assert isinstance(point, HistogramDataPoint) and point.attributes is not None
         assert point.attributes["gen_ai.response.model"] == "claude-test"
-        tokens[str(point.attributes["gen_ai.token.type"])] = point.sum
-    assert tokens["input"] == agent_attrs["gen_ai.usage.input_tokens"]
-    assert tokens["output"] == agent_attrs["gen_ai.usage.output_tokens"]
+        kind = (str(point.attributes["gen_ai.token.type"]), str(point.attributes.get("busagents.llm.cache", "")))
+        tokens[kind] = point.sum
+    assert tokens["input", ""] == agent_attrs["gen_ai.usage.input_tokens"]
+    assert tokens["output", ""] == agent_attrs["gen_ai.usage.output_tokens"]
+    assert tokens["input", "read"] == 1200  # the prompt-cache reads the server counted, as input tokens
     (duration,) = metrics["gen_ai.client.operation.duration"].data.data_points
     assert isinstance(duration, HistogramDataPoint) and duration.count == 3
