@@ -62,13 +62,23 @@ def later_model(request: RecordedRequest) -> Reply:
     return tool_use("decide", choice_for(case))
 
 
-async def _until(done: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not done():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
+class _Changed:
+    """Called by the callbacks that change what a test waits for; :meth:`until` checks again after each."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self._event.set()
+
+    async def until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not done():
+                    await self._event.wait()
+                    self._event.clear()
+        except TimeoutError:
+            raise AssertionError(f"not within {timeout}s: {what}") from None
 
 
 async def _until_settled(bus: Bus, agent: Agent, timeout: float) -> None:
@@ -110,13 +120,16 @@ async def _play(bus: Bus, day: AirlineDay, tmp: Path, shadow: Agent | None) -> l
     ]
     affected: list[int] = []
     notified: set[tuple[str, str]] = set()
+    changed = _Changed()
 
     async def on_assessed(msg: Msg) -> None:
         affected.append(msgspec.json.decode(msg.data, type=DisruptionAssessed).affected_passengers)
+        changed()
 
     async def on_notified(msg: Msg) -> None:
         n = msgspec.json.decode(msg.data, type=PassengerNotified)
         notified.add((n.decision_id, n.passenger_id))
+        changed()
 
     subs = [await bus.nc.subscribe("travel.disruption.assessed.*", cb=on_assessed)]
     subs.append(await bus.nc.subscribe("travel.passenger.notified.*", cb=on_notified))
@@ -125,7 +138,7 @@ async def _play(bus: Bus, day: AirlineDay, tmp: Path, shadow: Agent | None) -> l
         async with run_agents(dry, *([shadow] if shadow else [])):
             await publish_feed(bus, feed)
             await monitor.wait_handled(len(feed), 60)
-            await _until(
+            await changed.until(
                 lambda: len(affected) >= monitor.disruptions and len(notified) >= sum(affected), 60, "every notice"
             )
             if shadow is not None:  # the shadow has handled everything its consumers were given
@@ -221,12 +234,15 @@ async def test_shadow_true_in_a_swarm_runs_the_agent_as_its_shadow_and_records_w
         }
     )
     heard: dict[str, list[Msg]] = {"live": [], "records": []}
+    changed = _Changed()
 
     async def live(msg: Msg) -> None:
         heard["live"].append(msg)
+        changed()
 
     async def recorded(msg: Msg) -> None:
         heard["records"].append(msg)
+        changed()
 
     beats = await bus.nc.subscribe("busagents.stats.*")
     await bus.nc.subscribe("test.drain.done", cb=live)
@@ -239,7 +255,7 @@ async def test_shadow_true_in_a_swarm_runs_the_agent_as_its_shadow_and_records_w
         while names != {"slow", "slow-shadow"}:  # both serve: the live agent and its shadow
             names.add((await beats.next_msg(timeout=30)).subject.rsplit(".", 1)[1])
         await bus.publish(Job(n=7))
-        await _until(lambda: len(heard["live"]) >= 1 and len(heard["records"]) >= 2, 30, "both handled the job")
+        await changed.until(lambda: len(heard["live"]) >= 1 and len(heard["records"]) >= 2, 30, "both handled the job")
     finally:
         stop.set()
         await asyncio.wait_for(running, 40)

@@ -9,8 +9,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -30,6 +31,14 @@ from ._swarm_view import SwarmView
 from .agents import CREDS_DIR_ENV
 
 swarm_file = click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _output_dir(help_: str) -> Callable[[F], F]:
+    """``-o/--output DIR``: the directory a command writes its files into (created if missing)."""
+    return click.option(
+        "-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help=help_
+    )
 
 
 @click.group("swarm")
@@ -248,14 +257,7 @@ def permissions(path: Path) -> None:
 
 @swarm_group.command("secure")
 @swarm_file
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Directory to write the server configuration, keys and seeds into (created if missing).",
-)
+@_output_dir("Directory to write the server configuration, keys and seeds into (created if missing).")
 @click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True, help="The server's port.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Server certificate.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Its private key.")
@@ -276,14 +278,7 @@ def secure(path: Path, out: Path, port: int, tls_cert: Path | None, tls_key: Pat
 
 @swarm_group.command("docs")
 @swarm_file
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Directory to write index.html and asyncapi.json into (created if missing).",
-)
+@_output_dir("Directory to write index.html and asyncapi.json into (created if missing).")
 @_servers_option
 def docs(path: Path, out: Path, nats: str | None) -> None:
     """Write a browsable HTML page of the swarm's contracts and flows, with its asyncapi.json beside it."""
@@ -295,14 +290,7 @@ def docs(path: Path, out: Path, nats: str | None) -> None:
 
 @swarm_group.command("k8s")
 @swarm_file
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Directory to write the kustomization, the manifests and nats/values.yaml into (created if missing).",
-)
+@_output_dir("Directory to write the kustomization, the manifests and nats/values.yaml into (created if missing).")
 @click.option("--image", default=K8sOptions.image, show_default=True, help="The agents' image (deploy/Dockerfile).")
 @click.option("--namespace", default=K8sOptions.namespace, show_default=True, help="Namespace of NATS and the agents.")
 @click.option(
