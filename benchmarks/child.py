@@ -251,6 +251,15 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def receive_timeout(messages: int) -> float:
+    """How long a receiver waits for all its messages before it reports how many came (20 s + 1 ms each).
+
+    Far above any run here (100,000 take 2 to 5 s), and well under the smoke test's own timeout at its
+    tiny counts, so a lost message fails with the receiver's count and stderr, not a silent hang.
+    """
+    return 20.0 + messages / 1000
+
+
 async def _receive(
     receivers: dict[str, Callable[[str, Clock], Awaitable[Stop]]],
     variant: str,
@@ -265,7 +274,7 @@ async def _receive(
     try:
         await asyncio.wait_for(clock.done.wait(), timeout)
     except TimeoutError:
-        return {"error": f"received {clock.handled} of {warmup + count} within {timeout}s"}
+        return {"error": f"received {clock.handled} of {warmup + count} within {timeout:g}s", "short": True}
     finally:
         await stop()
     seconds = clock.ended - clock.started
@@ -288,11 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--count", type=int, default=10000)
-    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--timeout", type=float, default=None, help="default: receive_timeout(warmup + count)")
     args = parser.parse_args(argv)
     if args.role in ("receive", "consume"):
         receivers = RECEIVERS if args.role == "receive" else DURABLE_RECEIVERS
-        result = asyncio.run(_receive(receivers, args.variant, args.url, args.warmup, args.count, args.timeout))
+        timeout = args.timeout or receive_timeout(args.warmup + args.count)
+        result = asyncio.run(_receive(receivers, args.variant, args.url, args.warmup, args.count, timeout))
     else:
         result = asyncio.run(_respond(args.variant, args.url))
     _say("RESULT " + json.dumps(result))

@@ -12,10 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "Child", "spawn"]
+__all__ = ["ROOT", "Child", "ShortReceive", "spawn"]
 
 #: The repository root: children run there so ``benchmarks`` is importable.
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class ShortReceive(RuntimeError):
+    """A receiver child reported fewer messages than it was sent (its ``error`` result)."""
 
 
 class Child:
@@ -53,7 +57,8 @@ class Child:
         data: dict[str, Any] = json.loads(await self._line("RESULT", timeout))
         await self.proc.wait()
         if "error" in data:
-            raise self.failure(data["error"])
+            failure = self.failure(data["error"])
+            raise ShortReceive(*failure.args) if data.get("short") else failure
         self.stderr.unlink(missing_ok=True)
         return data
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from statistics import median
 
 from .contracts import flight_status
 from .loadgen import Blaster, encode_messages
-from .proc import spawn
+from .proc import ShortReceive, spawn
 from .report import Check, Result, ratios
 
 NAME = "Event throughput"
@@ -60,15 +61,24 @@ async def run(
             order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
             slowest = float("inf")
             for variant in order:
-                child = await spawn(
-                    "-m", "benchmarks.child", "receive", variant, "--url", url,
-                    "--warmup", str(warmup), "--count", str(count),
-                )  # fmt: skip
-                await child.ready()
-                started = time.perf_counter()
-                await blaster.publish(frames)
-                slowest = min(slowest, len(frames) / (time.perf_counter() - started))
-                samples[variant].append((await child.result())["rate"])
+                for attempt in (1, 2):
+                    child = await spawn(
+                        "-m", "benchmarks.child", "receive", variant, "--url", url,
+                        "--warmup", str(warmup), "--count", str(count),
+                    )  # fmt: skip
+                    await child.ready()
+                    started = time.perf_counter()
+                    await blaster.publish(frames)
+                    slowest = min(slowest, len(frames) / (time.perf_counter() - started))
+                    try:
+                        samples[variant].append((await child.result())["rate"])
+                        break
+                    except ShortReceive as short:
+                        # Core NATS gives no delivery guarantee: under a heavy load a receiver can miss
+                        # messages. Said on stderr and run once more; a second shortfall fails the run.
+                        if attempt == 2:
+                            raise
+                        print(f"throughput: {variant}: {short}; running it once more", file=sys.stderr)
             publisher.append(slowest)
     finally:
         await blaster.close()

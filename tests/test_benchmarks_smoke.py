@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks import scaleout
+from benchmarks.proc import ShortReceive, spawn
 from benchmarks.report import Machine, render, write_results
 from benchmarks.runner import BENCHMARKS, QUICK, run_all
+from busagents.testing import NatsServer
 
 
 @pytest.mark.parametrize("name", [name for name in BENCHMARKS if name != "scaleout"])
@@ -86,3 +88,16 @@ def test_rewriting_results_keeps_sections_the_runner_does_not_write(tmp_path: Pa
     assert "new table" in text and "old table" not in text
     assert flight in text and "## Tracing overhead\n\nx\n" in text
     assert text.index("new table") < text.index("## Flight assistant at scale")
+
+
+async def test_a_receiver_that_misses_messages_reports_how_many_it_got_instead_of_hanging(
+    nats_server: NatsServer,
+) -> None:
+    # Core NATS may drop messages under load; the throughput benchmark then runs the variant once more.
+    child = await spawn(
+        "-m", "benchmarks.child", "receive", "nats-py", "--url", nats_server.url,
+        "--warmup", "5", "--count", "10", "--timeout", "0.5",
+    )  # fmt: skip
+    await child.ready()
+    with pytest.raises(ShortReceive, match=r"received 0 of 15 within 0.5s"):
+        await child.result(timeout=30)
