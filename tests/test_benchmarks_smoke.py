@@ -11,7 +11,7 @@ from benchmarks import scaleout
 from benchmarks.proc import ShortReceive, spawn
 from benchmarks.report import Machine, render, write_results
 from benchmarks.runner import BENCHMARKS, QUICK, run_all
-from busagents.testing import NatsServer
+from busagents.server import NatsServer
 
 
 @pytest.mark.parametrize("name", [name for name in BENCHMARKS if name != "scaleout"])
