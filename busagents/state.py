@@ -158,8 +158,23 @@ class State(Generic[T]):
 
     async def create(self, key: str, value: T) -> int:
         """Write ``value`` only if ``key`` has none; raises :class:`StateConflictError` otherwise."""
+        data = self._encode(value)
+        if self._nc is not None:
+            # One round trip for a key never written (the common case): a write expecting no message on
+            # the subject. A key that was deleted has a marker there; nats-py's create below handles it.
+            msg = await self._nc.request(
+                f"$KV.{self.bucket}.{self._key(key)}",
+                data,
+                timeout=5.0,
+                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+            )
+            ack = _decode_ack(msg.data)
+            if ack.error is None:
+                return ack.seq
+            if ack.error.err_code != _WRONG_LAST_SEQUENCE:
+                raise nats.js.errors.APIError(code=ack.error.code, description=ack.error.description)
         try:
-            return int(await self._kv.create(self._key(key), self._encode(value)))
+            return int(await self._kv.create(self._key(key), data))
         except nats.js.errors.KeyWrongLastSequenceError:
             raise StateConflictError(f"state {self.bucket}/{key} exists already") from None
 

@@ -328,3 +328,47 @@ async def test_a_follow_up_with_the_anthropic_backend_uses_the_queries_and_a_val
     assert '"flight_id":"BX137-25NOV"' in correction.messages[2]["content"][0]["content"]
     for request in messages_server.requests:
         assert "the one after that" not in request.system_text
+
+
+async def test_a_notice_is_kept_once_in_a_new_or_an_existing_conversation(bus: Bus) -> None:
+    """A passenger who never chatted gets a conversation holding the notice (one write); one who did
+    gets it appended to their turns; the same notice again changes nothing."""
+    state = await bus.state("flight-concierge", Conversation)
+    talked, silent = "ZZNOTE01-1", "ZZNOTE02-1"
+    await state.create(
+        f"chat-{talked}",
+        Conversation(
+            conversation_id=f"chat-{talked}",
+            passenger_id=talked,
+            turns=[Turn(role="passenger", text="hello"), Turn(role="assistant", text="hi")],
+            count=2,
+        ),
+    )
+
+    def notice(passenger: str, decision: str) -> PassengerNotified:
+        return PassengerNotified(
+            disruption_id="BX1-25NOV#1",
+            decision_id=decision,
+            booking_id=passenger.split("-")[0],
+            passenger_id=passenger,
+            action="rebook",
+            channel="email",
+            text=f"notice {decision}",
+        )
+
+    async with run_agents(bus, ConciergeAgent()):
+        for passenger in (talked, silent):
+            async with state.watch(f"chat-{passenger}") as changes:
+                for decision in ("d1", "d1", "d2"):  # delivered in this order to the one replica
+                    await bus.publish(notice(passenger, decision))
+                async with asyncio.timeout(10):
+                    async for entry in changes:
+                        if any(t.question_id == "d2" for t in entry.value.turns):
+                            break
+    # drained: the second d1 was handled too
+    with_talk, without = await state.get(f"chat-{talked}"), await state.get(f"chat-{silent}")
+    assert with_talk is not None and without is not None
+    assert [t.role for t in with_talk.turns] == ["passenger", "assistant", "notice", "notice"]
+    assert sorted(t.question_id for t in with_talk.turns[2:]) == ["d1", "d2"]
+    assert sorted(t.question_id for t in without.turns) == ["d1", "d2"]
+    assert without.summary.booking_id == "ZZNOTE02"

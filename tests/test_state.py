@@ -123,6 +123,10 @@ async def test_typed_values_revisions_conflicts_and_deletes(bus: Bus) -> None:
     assert await profiles.keys() == ["p-1", "p-2"]
     await profiles.delete("p-1")
     assert await profiles.get("p-1") is None and await profiles.keys() == ["p-2"]
+    # a deleted key can be created again (its delete marker is the subject's last message)
+    assert await profiles.create("p-1", Profile(name="Eve")) > second
+    assert await profiles.get("p-1") == Profile(name="Eve")
+    await profiles.delete("p-1")
     # stored as plain JSON: any NATS client reads it
     raw = await bus.js.key_value("profiles")
     assert json.loads((await raw.get("p-2")).value or b"") == {"name": "Bob", "tier": "basic"}

@@ -721,20 +721,25 @@ class ConciergeAgent(Agent):
         memory = await ctx.state(_BUCKET, Conversation)
         conversation_id = conversation_of(notice.passenger_id)
         key = _state_key(conversation_id)
+        turn = Turn(
+            role="notice", text=notice.text, question_id=notice.decision_id, action=notice.action, at=time.time()
+        )
+        fresh = Conversation(conversation_id=conversation_id, passenger_id=notice.passenger_id)
+        fresh.add(turn)
+        fresh.summary = _noticed(fresh.summary, notice)
+        with contextlib.suppress(StateConflictError):
+            # Most passengers a storm reaches never chatted: one write, no read. Else read and append.
+            await memory.create(key, fresh)
+            return
         entry = await memory.entry(key)
         conversation = (
             entry.value
             if entry is not None
             else Conversation(conversation_id=conversation_id, passenger_id=notice.passenger_id)
         )
-        if any(t.role == "notice" and t.question_id == notice.decision_id for t in conversation.turns):
+        if _kept(conversation, turn):
             return  # the same notice again
-        summary = msgspec.structs.replace(
-            conversation.summary, booking_id=notice.booking_id, flight_id="", options=[], intent="status"
-        )
-        turn = Turn(
-            role="notice", text=notice.text, question_id=notice.decision_id, action=notice.action, at=time.time()
-        )
+        summary = _noticed(conversation.summary, notice)
         await _keep(memory, key, conversation, entry.revision if entry else None, (turn,), summary)
 
     async def _act(self, question: PassengerAsked, draft: Draft, lookups: Lookups, ctx: Context) -> PassengerAnswered:
@@ -790,6 +795,18 @@ class ConciergeAgent(Agent):
                     await sub.unsubscribe()
 
 
+def _kept(conversation: Conversation, turn: Turn) -> bool:
+    """Whether ``turn`` (one with a question or decision id) is in ``conversation`` already."""
+    return bool(turn.question_id) and any(
+        t.role == turn.role and t.question_id == turn.question_id for t in conversation.turns
+    )
+
+
+def _noticed(summary: Summary, notice: PassengerNotified) -> Summary:
+    """The summary once a notice is in the thread: its booking is the one in play."""
+    return msgspec.structs.replace(summary, booking_id=notice.booking_id, flight_id="", options=[], intent="status")
+
+
 async def _keep(
     memory: Any, key: str, conversation: Conversation, revision: int | None, turns: Sequence[Turn], summary: Summary
 ) -> None:
@@ -812,6 +829,10 @@ async def _keep(
                 )
             else:
                 conversation, revision = entry.value, entry.revision
+                # another writer may have kept the same turn meanwhile (a notice delivered twice)
+                turns = [t for t in turns if not _kept(conversation, t)]
+                if not turns:
+                    return
     raise StateConflictError(f"conversation {key}: 8 writers got there first")
 
 
