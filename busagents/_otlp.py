@@ -5,7 +5,10 @@ The exporter's own encoder builds a protobuf object per span, attribute and valu
 the spans are written to the same ``ExportTraceServiceRequest`` wire bytes directly, keys,
 names, resources and scopes encoded once and kept. The exporter's private ``_client`` (1.39
 and later) sends them; with another release the library's own ``export`` runs unchanged.
-tests/test_otlp.py checks the bytes decode to the same request the library's encoder makes.
+busagents' own message spans (publish, process) skip the SDK's span altogether when this
+processor is the only one (:class:`SpanRecorder`): what they share is encoded once.
+tests/test_otlp.py checks the bytes decode to the same request the library's encoder makes,
+and that a recorded span exports what the SDK's span would.
 """
 
 from __future__ import annotations
@@ -13,19 +16,35 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
+import traceback
 from collections import deque
 from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanLimits, SpanProcessor
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import AttributeValue
 
-__all__ = ["EncodingSpanProcessor", "FastOTLPSpanExporter", "encode_spans"]
+__all__ = [
+    "EncodingSpanProcessor",
+    "FastOTLPSpanExporter",
+    "FixedAttributes",
+    "RecordedSpan",
+    "SpanRecorder",
+    "encode_spans",
+]
 
 log = logging.getLogger("busagents.telemetry")
 
@@ -35,6 +54,7 @@ _fixed32 = struct.Struct("<I").pack
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 _MAX_CACHED = 4096  # keys and names kept encoded: the spans' vocabulary is small
+_KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
 
 
 _BYTE = [bytes((i,)) for i in range(0x80)]
@@ -104,6 +124,9 @@ class _Encoder:
         self._names: dict[str, bytes] = {}
         self._resources: dict[int, tuple[Resource, bytes]] = {}
         self._scopes: dict[int, tuple[InstrumentationScope | None, bytes]] = {}
+        #: One bytes object per distinct resource or scope encoding: spans of equal resources (an SDK
+        #: span and a recorded one of the same agent) share it, so assemble() groups them together.
+        self._canonical: dict[bytes, bytes] = {}
 
     def request(self, spans: Sequence[ReadableSpan]) -> bytes:
         """``spans`` as the bytes of one ``ExportTraceServiceRequest``."""
@@ -114,6 +137,10 @@ class _Encoder:
         resource_part, scope_part = self._remember(span.resource, span.instrumentation_scope)
         return resource_part, scope_part, _field(2, self._span(span))
 
+    def parts(self, resource: Resource, scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
+        """The encoded resource and scope of a span (the objects :func:`assemble` groups by)."""
+        return self._remember(resource, scope)
+
     def _remember(self, resource: Resource, scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
         known = self._resources.get(id(resource))
         if known is None or known[0] is not resource:
@@ -121,7 +148,7 @@ class _Encoder:
             encoded = _field(1, self._attributes(resource.attributes))
             if resource.schema_url:
                 encoded += _field(3, resource.schema_url.encode())
-            known = self._resources[id(resource)] = (resource, encoded)
+            known = self._resources[id(resource)] = (resource, self._canonical_bytes(encoded))
         known_scope = self._scopes.get(id(scope))
         if known_scope is None or known_scope[0] is not scope:
             self._trim(self._scopes)
@@ -134,13 +161,21 @@ class _Encoder:
                 encoded = _field(1, encoded)
                 if scope.schema_url:
                     encoded += _field(3, scope.schema_url.encode())
-            known_scope = self._scopes[id(scope)] = (scope, encoded)
+            known_scope = self._scopes[id(scope)] = (scope, self._canonical_bytes(encoded))
         return known[1], known_scope[1]
+
+    def _canonical_bytes(self, encoded: bytes) -> bytes:
+        self._trim(self._canonical)
+        return self._canonical.setdefault(encoded, encoded)
 
     @staticmethod
     def _trim(cache: dict[Any, Any]) -> None:
         if len(cache) >= _MAX_CACHED:
             cache.clear()
+
+    def attributes(self, attributes: Mapping[str, Any] | None) -> bytes:
+        """A span's attributes (repeated field 9)."""
+        return self._attributes(attributes, 9)
 
     def _attributes(self, attributes: Mapping[str, Any] | None, number: int = 1) -> bytes:
         """Repeated KeyValue field ``number`` (1 in a Resource, 9 in a Span...)."""
@@ -169,55 +204,94 @@ class _Encoder:
             parts.append(tag + _varint(len(kv)) + kv)
         return b"".join(parts)
 
+    def name(self, name: str) -> bytes:
+        """A span's name field, encoded once."""
+        encoded = self._names.get(name)
+        if encoded is None:
+            self._trim(self._names)
+            encoded = self._names[name] = _field(5, name.encode())
+        return encoded
+
     def _span(self, span: ReadableSpan) -> bytes:
         context = span.context
         assert context is not None
-        name = self._names.get(span.name)
-        if name is None:
-            self._trim(self._names)
-            name = self._names[span.name] = _field(5, span.name.encode())
+        return self.span(
+            context,
+            span.parent,
+            self.name(span.name),
+            span.kind,
+            span.start_time or 0,
+            span.end_time or 0,
+            self._attributes(span.attributes, 9),
+            span.dropped_attributes,
+            span.events,
+            span.dropped_events,
+            span.links,
+            span.dropped_links,
+            span.status,
+        )
+
+    def span(
+        self,
+        context: SpanContext,
+        parent: SpanContext | None,
+        name: bytes,
+        kind: SpanKind,
+        start: int,
+        end: int,
+        attributes: bytes,
+        dropped_attributes: int,
+        events: Sequence[Event],
+        dropped_events: int,
+        links: Sequence[Link],
+        dropped_links: int,
+        status: Status,
+    ) -> bytes:
+        """One ``Span`` message (``name`` from :meth:`name`, ``attributes`` as repeated field 9)."""
         parts = [
             b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
             b"\x12\x08" + context.span_id.to_bytes(8, "big"),
         ]
         if context.trace_state:
             parts.append(_field(3, ",".join(f"{k}={v}" for k, v in context.trace_state.items()).encode()))
-        parent = span.parent
         if parent is not None:
             parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
         parts += (
             name,
-            b"\x30" + _varint(span.kind.value + 1),
-            b"\x39" + _fixed64(span.start_time or 0),
-            b"\x41" + _fixed64(span.end_time or 0),
-            self._attributes(span.attributes, 9),
+            _KINDS[kind],
+            b"\x39" + _fixed64(start),
+            b"\x41" + _fixed64(end),
+            attributes,
         )
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-        for event in span.events:
+        if dropped_attributes:
+            parts.append(b"\x50" + _varint(dropped_attributes))
+        for event in events:
             encoded = b"\x09" + _fixed64(event.timestamp) + _field(2, event.name.encode())
             encoded += self._attributes(event.attributes, 3)
             parts.append(_field(11, encoded))
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-        for link in span.links:
+        if dropped_events:
+            parts.append(b"\x60" + _varint(dropped_events))
+        for link in links:
             encoded = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
             encoded += b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
             encoded += self._attributes(link.attributes, 4) + b"\x35" + _fixed32(_flags(link.context))
             parts.append(_field(13, encoded))
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-        status = span.status
+        if dropped_links:
+            parts.append(b"\x70" + _varint(dropped_links))
         encoded = _field(2, status.description.encode()) if status.description else b""
         if status.status_code.value:
             encoded += b"\x18" + _varint(status.status_code.value)
         parts.append(_field(15, encoded))
-        parts.append(b"\x85\x01" + _fixed32(_flags(parent)))
+        parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
         return b"".join(parts)
 
 
 def _flags(parent: SpanContext | None) -> int:
     return _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE
+
+
+_FLAGS_LOCAL = b"\x85\x01" + _fixed32(_HAS_IS_REMOTE)
+_FLAGS_REMOTE = b"\x85\x01" + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE)
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
@@ -285,22 +359,39 @@ class EncodingSpanProcessor(SpanProcessor):
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
 
+    @property
+    def encoder(self) -> _Encoder:
+        return self._encoder
+
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
         if self._done or context is None or not context.trace_flags.sampled:
             return
         if len(self._queue) >= self._max_queue:
-            self.dropped += 1
-            if self.dropped in (1, 1000) or self.dropped % 100_000 == 0:
-                log.warning("span export queue full (%d spans): %d spans dropped so far", self._max_queue, self.dropped)
+            self._drop()
             return
         try:
-            self._queue.append(self._encoder.encode(span))
+            encoded = self._encoder.encode(span)
         except Exception:  # a span that does not encode is lost alone, with a trace of why
             log.exception("busagents could not encode span %r for OTLP", span.name)
             return
+        self.enqueue(encoded)
+
+    def enqueue(self, encoded: _Encoded) -> None:
+        """Queue one encoded span (a :class:`SpanRecorder`'s, or one :meth:`on_end` encoded) for export."""
+        if self._done:
+            return
+        if len(self._queue) >= self._max_queue:
+            self._drop()
+            return
+        self._queue.append(encoded)
         if len(self._queue) >= self._batch:
             self._wake.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.dropped in (1, 1000) or self.dropped % 100_000 == 0:
+            log.warning("span export queue full (%d spans): %d spans dropped so far", self._max_queue, self.dropped)
 
     def _run(self) -> None:
         while not self._done:
@@ -328,3 +419,273 @@ class EncodingSpanProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._export_queued()
+
+
+class SpanRecorder:
+    """Starts busagents' own message spans (publish, process) of one tracer and writes them to OTLP
+    bytes for an :class:`EncodingSpanProcessor` when they end.
+
+    What the SDK does for a span (sampler, ids, limits, a lock, attribute checks, a ReadableSpan
+    copy at the end, then encoding) costs about 50 µs; most of it is the same from one message to
+    the next, so here the fixed attributes, name, kind, resource and scope are encoded once and a
+    span costs its ids, clock readings and few varying attributes. Only for a tracer whose
+    provider's one processor is the EncodingSpanProcessor (no other processor sees these spans).
+    The sampler is the provider's: a parent-based one keeps a sampled parent's child without asking.
+    """
+
+    def __init__(self, processor: EncodingSpanProcessor, tracer: SdkTracer, scope: InstrumentationScope) -> None:
+        self._processor = processor
+        self._encoder = processor.encoder
+        self.sampler = tracer.sampler
+        self._ids = tracer.id_generator
+        self._random = tracer.id_generator.is_trace_id_random()
+        self.limits = SpanLimits()
+        self._resource_part, self._scope_part = self._encoder.parts(tracer.resource, scope)
+
+    def fixed(self, attributes: Mapping[str, AttributeValue]) -> FixedAttributes:
+        """Attributes every span of a kind carries, encoded once for all of them."""
+        return FixedAttributes(dict(attributes), self._encoder.attributes(attributes))
+
+    def start(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent: SpanContext | None,
+        fixed: FixedAttributes,
+        attributes: dict[str, AttributeValue],
+        *,
+        parent_based: bool = False,
+    ) -> RecordedSpan | NonRecordingSpan:
+        """A recording span, child of ``parent`` (None or invalid: a root); a NonRecordingSpan if the sampler drops it.
+
+        ``attributes``: valid attribute values (not checked), this span's own; ``parent_based``:
+        the sampler keeps the child of a sampled parent (the standard ``parentbased_*`` ones do),
+        so it is not asked.
+        """
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            flags = TraceFlags.RANDOM_TRACE_ID if parent.trace_flags.random_trace_id else 0
+            if parent_based and parent.trace_flags.sampled:  # what a parent-based sampler decides
+                span_context = SpanContext(
+                    trace_id,
+                    self._ids.generate_span_id(),
+                    is_remote=False,
+                    trace_flags=TraceFlags(flags | TraceFlags.SAMPLED),
+                    trace_state=parent.trace_state,
+                )
+                return RecordedSpan(self, name, kind, span_context, parent, fixed, attributes, None)
+        else:
+            parent = None
+            trace_id = self._ids.generate_trace_id()
+            flags = TraceFlags.RANDOM_TRACE_ID if self._random else 0
+        context = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+        result = self.sampler.should_sample(context, trace_id, name, kind, None, ())
+        if result.decision is Decision.RECORD_AND_SAMPLE:
+            flags |= TraceFlags.SAMPLED
+        span_context = SpanContext(
+            trace_id,
+            self._ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(flags),
+            trace_state=result.trace_state,
+        )
+        if result.decision is Decision.DROP:
+            return NonRecordingSpan(span_context)
+        return RecordedSpan(self, name, kind, span_context, parent, fixed, attributes, result.attributes)
+
+    def _finish(self, span: RecordedSpan) -> None:
+        """Encode an ended span and queue it for export (a span that is recorded but not sampled is not exported)."""
+        if not span._context.trace_flags.sampled:
+            return
+        encoder = self._encoder
+        try:
+            user = span._user
+            if user is None:
+                attributes = span._fixed.encoded + encoder.attributes(span._attributes)
+                dropped = 0
+            else:  # attributes the handler set: they win over ours of the same key
+                attributes = encoder.attributes({**span._fixed.attributes, **span._attributes, **user})
+                dropped = user.dropped
+            events = span._events
+            links = span._links
+            encoded = encoder.span(
+                span._context,
+                span._parent,
+                encoder.name(span._name),
+                span._kind,
+                span._start,
+                span._end or 0,
+                attributes,
+                dropped,
+                () if events is None else events,
+                0 if events is None else events.dropped,
+                () if links is None else links,
+                0 if links is None else links.dropped,
+                span._status,
+            )
+        except Exception:  # a span that does not encode is lost alone, with a trace of why
+            log.exception("busagents could not encode span %r for OTLP", span._name)
+            return
+        self._processor.enqueue((self._resource_part, self._scope_part, _field(2, encoded)))
+
+
+class FixedAttributes:
+    """Attributes shared by many spans, with their encoding (:meth:`SpanRecorder.fixed`)."""
+
+    __slots__ = ("attributes", "encoded")
+
+    def __init__(self, attributes: dict[str, AttributeValue], encoded: bytes) -> None:
+        self.attributes = attributes
+        self.encoded = encoded
+
+
+_UNSET = Status(StatusCode.UNSET)
+
+
+class RecordedSpan(trace.Span):
+    """A span of :class:`SpanRecorder`: the OpenTelemetry Span API, with the SDK span's limits and
+    semantics (status, exceptions as events, events and links), encoded when it ends.
+
+    Like the spans busagents makes it lives in one thread (the event loop's); it takes no lock.
+    """
+
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_end",
+        "_events",
+        "_fixed",
+        "_kind",
+        "_links",
+        "_name",
+        "_parent",
+        "_recorder",
+        "_start",
+        "_status",
+        "_user",
+    )
+
+    def __init__(
+        self,
+        recorder: SpanRecorder,
+        name: str,
+        kind: SpanKind,
+        context: SpanContext,
+        parent: SpanContext | None,
+        fixed: FixedAttributes,
+        attributes: dict[str, AttributeValue],
+        sampler_attributes: Mapping[str, AttributeValue] | None,
+    ) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._kind = kind
+        self._context = context
+        self._parent = parent
+        self._fixed = fixed
+        self._attributes = attributes
+        self._user: BoundedAttributes | None = None
+        self._events: BoundedList[Event] | None = None
+        self._links: BoundedList[Link] | None = None
+        self._status = _UNSET
+        self._end: int | None = None
+        if sampler_attributes:
+            self.set_attributes(sampler_attributes)
+        self._start = time.time_ns()
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self._end is None
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end is not None:
+            return
+        self._end = end_time if end_time is not None else time.time_ns()
+        self._recorder._finish(self)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._end is not None:
+            return
+        user = self._user
+        if user is None:
+            limits = self._recorder.limits
+            room = (
+                None
+                if limits.max_span_attributes is None
+                else max(0, limits.max_span_attributes - len(self._fixed.attributes) - len(self._attributes))
+            )
+            user = self._user = BoundedAttributes(room, immutable=False, max_value_len=limits.max_attribute_length)
+        user[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_own(self, key: str, value: AttributeValue) -> None:
+        """One of busagents' own attributes (a valid value), at no checking cost."""
+        self._attributes[key] = value
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, AttributeValue] | None = None, timestamp: int | None = None
+    ) -> None:
+        if self._end is not None:
+            return
+        limits = self._recorder.limits
+        if self._events is None:
+            self._events = BoundedList(limits.max_events)
+        bounded = BoundedAttributes(
+            limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        )
+        self._events.append(Event(name, bounded, timestamp))
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, AttributeValue] | None = None) -> None:
+        if self._end is not None or not (context.is_valid or attributes or context.trace_state):
+            return
+        limits = self._recorder.limits
+        if self._links is None:
+            self._links = BoundedList(limits.max_links)
+        bounded = BoundedAttributes(
+            limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        )
+        self._links.append(Link(context, bounded))
+
+    def update_name(self, name: str) -> None:
+        if self._end is None:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._end is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            if status.status_code is not StatusCode.UNSET:
+                self._status = status
+        elif status is not StatusCode.UNSET:
+            self._status = Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        recorded: dict[str, AttributeValue] = {
+            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            recorded.update(attributes)
+        self.add_event("exception", recorded, timestamp)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
+        if exc_val is not None and self.is_recording():
+            self.record_exception(exc_val, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        self.end()

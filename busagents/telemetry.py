@@ -7,7 +7,8 @@ parent is the sender's span, following the OpenTelemetry messaging semantic
 conventions (a query's handler: a SERVER span). Metrics: messages sent and processed
 (with their outcome), and the processing duration of the messages whose span is sampled.
 Without a Telemetry the hot path pays nothing; with one, a span that is not sampled costs
-no attributes.
+no attributes. When :func:`configure_from_env` exports with busagents' own OTLP encoder, the
+message spans are recorded straight to OTLP bytes (``_otlp.SpanRecorder``), not by the SDK.
 
 ``configure_from_env`` (called by :meth:`Bus.connect <busagents.bus.Bus.connect>` when it
 is given no telemetry) sets up the SDK with OTLP/HTTP export when the standard ``OTEL_*``
@@ -26,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.context import Context as OtelContext
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -46,6 +46,8 @@ from .worker import Outcome
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
+
+    from ._otlp import EncodingSpanProcessor, FixedAttributes, RecordedSpan, SpanRecorder
 
 __all__ = ["Telemetry", "configure_from_env"]
 
@@ -78,6 +80,11 @@ class Telemetry:
         self._provider_for = provider_for
         self._parent_based = parent_based
         self._tracers: dict[str, trace.Tracer] = {}
+        # Set by configure_from_env when its spans go to busagents' own OTLP encoder: message spans
+        # are then recorded by a SpanRecorder per tracer instead of the SDK (see _otlp.SpanRecorder).
+        self._recorder_of: Callable[[trace.Tracer], SpanRecorder] | None = None
+        self._recorders: dict[str | None, SpanRecorder] = {}
+        self._publish_fixed: dict[tuple[bool, str, str | None], FixedAttributes] = {}
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         # Counted in plain ints on the hot path, read by the SDK when it collects.
         self._sent: dict[tuple[str, str], int] = {}
@@ -115,6 +122,15 @@ class Telemetry:
             tracer = self._tracers[service] = trace.get_tracer(_SCOPE, self._version, tracer_provider=provider)
         return tracer
 
+    def _recorder(self, service: str | None) -> SpanRecorder | None:
+        """The recorder of ``service``'s message spans, or None (the SDK makes them)."""
+        if self._recorder_of is None:
+            return None
+        recorder = self._recorders.get(service)
+        if recorder is None:
+            recorder = self._recorders[service] = self._recorder_of(self.tracer_for(service))
+        return recorder
+
     def _observe_sent(self, options: CallbackOptions) -> Iterable[Observation]:
         for (template, contract), n in list(self._sent.items()):
             yield Observation(n, {"messaging.destination.name": template, "busagents.contract": contract})
@@ -133,34 +149,62 @@ class Telemetry:
         """
         key = (template, envelope.contract)
         self._sent[key] = self._sent.get(key, 0) + 1
-        if self._parent_based:
-            current = trace.get_current_span()
-            sc = current.get_span_context()
-            if sc.is_valid and not sc.trace_flags.sampled:  # its conversation is not sampled: pass it on
-                envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
-                envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
-                yield current
-                return
-        span = self.tracer_for(envelope.sender).start_span(
-            f"send {template}" if request else f"publish {template}",
-            kind=SpanKind.CLIENT if request else SpanKind.PRODUCER,
-        )
-        sc = span.get_span_context()
-        envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
-        envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
-        if span.is_recording():
-            span.set_attributes(
+        parent = trace.get_current_span().get_span_context()
+        if self._parent_based and parent.is_valid and not parent.trace_flags.sampled:
+            # its conversation is not sampled: pass it on
+            envelope.traceparent = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{parent.trace_flags:02x}"
+            envelope.tracestate = parent.trace_state.to_header() if parent.trace_state else None
+            yield trace.get_current_span()
+            return
+        name = f"send {template}" if request else f"publish {template}"
+        kind = SpanKind.CLIENT if request else SpanKind.PRODUCER
+        recorder = self._recorder(envelope.sender)
+        span: Span
+        if recorder is not None:
+            fixed_key = (request, envelope.contract, envelope.sender)
+            fixed = self._publish_fixed.get(fixed_key)
+            if fixed is None:
+                if len(self._publish_fixed) >= 4096:
+                    self._publish_fixed.clear()
+                fixed = self._publish_fixed[fixed_key] = recorder.fixed(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.operation.name": "send" if request else "publish",
+                        "messaging.operation.type": "send",
+                        "busagents.contract": envelope.contract,
+                        "busagents.agent": envelope.sender or "",
+                    }
+                )
+            span = recorder.start(
+                name,
+                kind,
+                parent,
+                fixed,
                 {
-                    "messaging.system": "nats",
-                    "messaging.operation.name": "send" if request else "publish",
-                    "messaging.operation.type": "send",
                     "messaging.destination.name": subject,
                     "messaging.message.id": envelope.id,
                     "messaging.message.conversation_id": envelope.conversation_id,
-                    "busagents.contract": envelope.contract,
-                    "busagents.agent": envelope.sender or "",
-                }
+                },
+                parent_based=self._parent_based,
             )
+        else:
+            span = self.tracer_for(envelope.sender).start_span(name, kind=kind)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.operation.name": "send" if request else "publish",
+                        "messaging.operation.type": "send",
+                        "messaging.destination.name": subject,
+                        "messaging.message.id": envelope.id,
+                        "messaging.message.conversation_id": envelope.conversation_id,
+                        "busagents.contract": envelope.contract,
+                        "busagents.agent": envelope.sender or "",
+                    }
+                )
+        sc = span.get_span_context()
+        envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+        envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
         try:
             yield span
         except BaseException as exc:
@@ -218,15 +262,16 @@ class Telemetry:
         keys = {outcome: (template, agent, outcome.value) for outcome in Outcome}
         parent_based = self._parent_based
 
+        recorder = self._recorder(agent)
+        fixed = recorder.fixed(base) if recorder is not None else None
+        outcomes = {outcome: outcome.value for outcome in Outcome}
+
         async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
-            parent = _remote_parent(headers)
-            if (
-                parent is not None
-                and parent_based
-                and not trace.get_current_span(parent).get_span_context().trace_flags.sampled
-            ):
-                token = otel_context.attach(parent)  # its conversation is not sampled: carry it on
+            parent = _remote_span_context(headers)
+            if parent is not None and parent_based and not parent.trace_flags.sampled:
+                # its conversation is not sampled: carry it on
+                token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
                 try:
                     outcome = await handle(msg)
                 finally:
@@ -234,18 +279,27 @@ class Telemetry:
                 key = keys[outcome]
                 processed[key] = processed.get(key, 0) + 1
                 return outcome
-            span = tracer.start_span(name, context=parent, kind=kind)
-            recording = span.is_recording()
-            if recording:
-                span.set_attributes(
-                    {
-                        **base,
-                        "messaging.destination.name": msg.subject,
-                        "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
-                        "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
-                    }
-                )
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            attributes: dict[str, AttributeValue] = {
+                "messaging.destination.name": msg.subject,
+                "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
+                "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
+            }
+            span: Span
+            own: RecordedSpan | None = None
+            if recorder is not None and fixed is not None:
+                if parent is None:  # no sender's span: the current one, as the SDK would take
+                    parent = trace.get_current_span().get_span_context()
+                started = recorder.start(name, kind, parent, fixed, attributes, parent_based=parent_based)
+                span = started
+                own = None if isinstance(started, NonRecordingSpan) else started
+                recording = own is not None
+            else:
+                context = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+                span = tracer.start_span(name, context=context, kind=kind)
+                recording = span.is_recording()
+                if recording:
+                    span.set_attributes({**base, **attributes})
+            token = otel_context.attach(trace.set_span_in_context(span))
             start = time.perf_counter()
             try:
                 outcome = await handle(msg)
@@ -258,7 +312,10 @@ class Telemetry:
                 if recording:
                     if outcome is not Outcome.HANDLED:
                         span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
-                    span.set_attribute("busagents.outcome", outcome.value)
+                    if own is not None:
+                        own.set_own("busagents.outcome", outcomes[outcome])
+                    else:
+                        span.set_attribute("busagents.outcome", outcomes[outcome])
             finally:
                 otel_context.detach(token)
                 span.end()
@@ -271,7 +328,7 @@ class Telemetry:
         return traced
 
 
-def _remote_parent(headers: Mapping[str, str] | None) -> OtelContext | None:
+def _remote_span_context(headers: Mapping[str, str] | None) -> SpanContext | None:
     """The sender's span from a W3C ``traceparent`` header, or None (a malformed one starts a new trace)."""
     if not headers:
         return None
@@ -288,14 +345,13 @@ def _remote_parent(headers: Mapping[str, str] | None) -> OtelContext | None:
     if not ids[0] or not ids[1]:
         return None
     state = headers.get(TRACESTATE)
-    span_context = SpanContext(
+    return SpanContext(
         ids[0],
         ids[1],
         is_remote=True,
         trace_flags=TraceFlags(ids[2] & 1),
         trace_state=TraceState.from_header([state]) if state else None,
     )
-    return trace.set_span_in_context(NonRecordingSpan(span_context))
 
 
 #: Span processor settings unless the ``OTEL_BSP_*`` variables say otherwise: a queue that holds
@@ -384,6 +440,7 @@ def _configure(service_name: str) -> Telemetry | None:
     resource = Resource.create(base)
     batch = _batch_settings(env)
     processor: SpanProcessor
+    encoding: EncodingSpanProcessor | None = None
     if exporter == "console":  # spans as JSON on stdout: a look without a backend
         processor = BatchSpanProcessor(ConsoleSpanExporter(), **batch)
         readers = []
@@ -392,7 +449,7 @@ def _configure(service_name: str) -> Telemetry | None:
 
         span_exporter = FastOTLPSpanExporter()
         if span_exporter.fast:
-            processor = EncodingSpanProcessor(span_exporter, **batch)
+            processor = encoding = EncodingSpanProcessor(span_exporter, **batch)
         else:  # another release of the exporter: its own batch processor
             processor = BatchSpanProcessor(span_exporter, **batch)
         # OTEL_METRICS_EXPORTER=none: traces only (Phoenix, for one, takes no metrics)
@@ -411,7 +468,22 @@ def _configure(service_name: str) -> Telemetry | None:
     metrics.set_meter_provider(meter_provider)
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     parent_based = sampler in {"", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"}
-    return Telemetry(tracer_provider, meter_provider, provider_for=provider_for, parent_based=parent_based)
+    telemetry = Telemetry(tracer_provider, meter_provider, provider_for=provider_for, parent_based=parent_based)
+    if encoding is not None:  # every provider's one processor: message spans can skip the SDK
+        from opentelemetry.sdk.trace import Tracer as SdkTracer
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from . import __version__
+        from ._otlp import SpanRecorder
+
+        scope = InstrumentationScope(_SCOPE, __version__)
+
+        def recorder_of(tracer: trace.Tracer) -> SpanRecorder:
+            assert isinstance(tracer, SdkTracer)
+            return SpanRecorder(encoding, tracer, scope)
+
+        telemetry._recorder_of = recorder_of
+    return telemetry
 
 
 def shutdown() -> None:

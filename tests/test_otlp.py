@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from google.protobuf.json_format import MessageToDict
@@ -10,8 +10,11 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -24,7 +27,15 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.span import TraceState
 
-from busagents._otlp import FastOTLPSpanExporter, encode_spans
+from busagents._otlp import (
+    EncodingSpanProcessor,
+    FastOTLPSpanExporter,
+    RecordedSpan,
+    SpanRecorder,
+    _Encoder,
+    assemble,
+    encode_spans,
+)
 
 
 def spans_of_every_shape() -> list[ReadableSpan]:
@@ -98,3 +109,104 @@ def test_the_exporter_keeps_the_library_settings(monkeypatch: pytest.MonkeyPatch
     exporter = FastOTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
     assert exporter.fast  # this release of the exporter has the client the fast path sends with
     exporter.shutdown()  # type: ignore[no-untyped-call]
+
+
+class _Captured:
+    """What a SpanRecorder needs of its EncodingSpanProcessor, keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.encoder = _Encoder()
+        self.items: list[tuple[bytes, bytes, bytes]] = []
+
+    def enqueue(self, encoded: tuple[bytes, bytes, bytes]) -> None:
+        self.items.append(encoded)
+
+
+def _span_of(data: bytes) -> dict[str, Any]:
+    (resource_spans,) = as_dict(data)["resourceSpans"]
+    (scope_spans,) = resource_spans["scopeSpans"]
+    (span,) = scope_spans["spans"]
+    span["attributes"] = sorted(span.get("attributes", []), key=lambda a: a["key"])
+    return {"resource": resource_spans["resource"], "scope": scope_spans["scope"], "span": span}
+
+
+def test_a_recorded_message_span_exports_what_the_sdk_span_would() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "flight-notifier"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("busagents", "1.0")
+    captured = _Captured()
+    recorder = SpanRecorder(
+        cast(EncodingSpanProcessor, captured), cast(SdkTracer, tracer), InstrumentationScope("busagents", "1.0")
+    )
+    remote = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True, trace_flags=TraceFlags(1)
+    )
+    fixed = {"messaging.system": "nats", "busagents.agent": "flight-notifier", "messaging.operation.type": "process"}
+    own = {"messaging.destination.name": "travel.flight.rebooked.F1", "messaging.message.id": "m1"}
+    try:
+        raise ValueError("no seat")
+    except ValueError as exc:
+        error = exc
+
+    recorded = recorder.start(
+        "process travel.flight.rebooked.*",
+        SpanKind.CONSUMER,
+        remote,
+        recorder.fixed(fixed),
+        dict(own),
+        parent_based=True,
+    )
+    assert isinstance(recorded, RecordedSpan) and recorded.is_recording()
+    assert recorded.get_span_context().trace_id == remote.trace_id and recorded.get_span_context().trace_flags.sampled
+    recorded.set_own("busagents.outcome", "handled")
+    recorded.set_attribute("handler.note", "set by the handler")
+    recorded.set_attribute("messaging.message.id", "m2")  # the handler's value wins
+    recorded.add_event("checked", {"seats": 3})
+    recorded.record_exception(error)
+    recorded.set_status(Status(StatusCode.ERROR, "ValueError: no seat"))
+    recorded.end()
+    recorded.set_attribute("late", True)  # after the end: ignored, as by the SDK
+
+    sdk = tracer.start_span(
+        "process travel.flight.rebooked.*",
+        context=set_span_in_context(NonRecordingSpan(remote)),
+        kind=SpanKind.CONSUMER,
+        attributes={**fixed, **own},
+    )
+    sdk.set_attribute("busagents.outcome", "handled")
+    sdk.set_attribute("handler.note", "set by the handler")
+    sdk.set_attribute("messaging.message.id", "m2")
+    sdk.add_event("checked", {"seats": 3})
+    sdk.record_exception(error)
+    sdk.set_status(Status(StatusCode.ERROR, "ValueError: no seat"))
+    sdk.end()
+
+    (item,) = captured.items
+    ours = _span_of(assemble([item]))
+    (finished,) = exporter.get_finished_spans()
+    theirs = _span_of(library_encode_spans([finished]).SerializeToString())
+    for key in ("spanId", "startTimeUnixNano", "endTimeUnixNano"):  # its own id and clock readings
+        ours["span"][key] = theirs["span"][key]
+    for event, their_event in zip(ours["span"]["events"], theirs["span"]["events"], strict=True):
+        event["timeUnixNano"] = their_event["timeUnixNano"]
+    assert ours == theirs
+
+
+def test_a_recorded_span_asks_the_sampler_unless_its_parent_was_sampled() -> None:
+    captured = _Captured()
+    tracer = TracerProvider(sampler=ParentBased(ALWAYS_OFF)).get_tracer("busagents", "1.0")
+    recorder = SpanRecorder(
+        cast(EncodingSpanProcessor, captured), cast(SdkTracer, tracer), InstrumentationScope("busagents")
+    )
+    fixed = recorder.fixed({"messaging.system": "nats"})
+    root = recorder.start("publish a", SpanKind.PRODUCER, None, fixed, {}, parent_based=True)
+    assert (
+        not root.is_recording() and not root.get_span_context().trace_flags.sampled and root.get_span_context().is_valid
+    )
+    root.end()
+    sampled = SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(1))
+    child = recorder.start("process a", SpanKind.CONSUMER, sampled, fixed, {}, parent_based=True)
+    assert child.is_recording() and child.get_span_context().trace_flags.sampled
+    child.end()
+    assert len(captured.items) == 1  # only the sampled span is exported
