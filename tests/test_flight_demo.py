@@ -6,9 +6,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import msgspec
+import nats.errors
+import pytest
+from busagents_flight import stand_in
 from busagents_flight.demo import run_demo
+from busagents_travel import DisruptionAssessed
+from nats.js.client import JetStreamContext
 
+from busagents.llm.testing import MessagesServer
 from busagents.server import NatsServer
 
 REPORT_KEYS = {"disruptions", "affected", "rebooked", "notified", "dead_lettered", "latency_ms"}
@@ -75,3 +83,48 @@ async def test_the_demo_on_a_server_that_outlives_it_plays_a_fresh_day_each_time
         assert report.disruptions > 0
         assert report.notified == report.affected > 0
         assert report.dead_lettered == 0
+
+
+@pytest.mark.parametrize(
+    ("lost", "repeated"),
+    [
+        (("travel.flight.delayed.", "travel.flight.cancelled."), {"disruptions": 1, "assessments": 0}),
+        (("travel.disruption.assessed.",), {"disruptions": 0, "assessments": 1}),
+    ],
+    ids=["disruption", "assessment"],
+)
+async def test_a_disruption_or_assessment_published_again_after_a_lost_ack_is_counted_once(
+    lost: tuple[str, ...], repeated: dict[str, int], messages_server: MessagesServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The storm day with the LLM reasoner, under load: a PubAck that comes too late makes the publisher
+    # store the message again with the same Nats-Msg-Id (Bus.publish_durable). JetStream keeps one copy;
+    # the demo's core subscriptions see both. Counted twice, the demo waited for an assessment (or for
+    # the notices of passengers counted twice) that would never come. Here the first ack is lost.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", messages_server.url)
+    monkeypatch.setenv("BUSAGENTS_LLM_MAX_RETRIES", "0")
+    messages_server.auto(lambda request: stand_in.answer(messages_server, request))
+    publish = JetStreamContext.publish
+    lost_acks: list[str] = []
+
+    async def ack_lost_once(self: JetStreamContext, subject: str, payload: bytes = b"", **kwargs: Any) -> Any:
+        ack = await publish(self, subject, payload, **kwargs)
+        if not lost_acks and subject.startswith(lost) and _affects_someone(subject, payload):
+            lost_acks.append(subject)
+            raise nats.errors.TimeoutError  # stored, but the publisher does not know it
+        return ack
+
+    monkeypatch.setattr(JetStreamContext, "publish", ack_lost_once)
+    report = await run_demo(flights=40, passengers=3000, seed=11, reasoner="anthropic", timeout=60)
+    assert len(lost_acks) == 1
+    assert report.repeated == repeated
+    assert report.notified == report.affected > 0
+    assert report.dead_lettered == 0 and report.seat_conflicts == 0
+
+
+def _affects_someone(subject: str, payload: bytes) -> bool:
+    """A disruption, or the assessment of one that affects passengers (a copy of one that affects
+    nobody would add nobody to wait for)."""
+    if not subject.startswith("travel.disruption.assessed."):
+        return True
+    return msgspec.json.decode(payload, type=DisruptionAssessed).affected_passengers > 0

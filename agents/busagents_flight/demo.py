@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,11 @@ class DemoReport(msgspec.Struct, kw_only=True):
     stranded: int  # active bookings still holding a leg on a cancelled flight (should be 0)
     redecided: int
     interrupted: bool = False  # stopped by SIGINT/SIGTERM before the day settled (then drained)
+    #: What was still unmet when the run stopped before the day settled ("" when it settled).
+    unsettled: str = ""
+    #: Disruptions and assessments that reached the demo twice (a retried publish, a redelivered
+    #: handler), counted once.
+    repeated: dict[str, int] = {}
     latency_ms: dict[str, float]
     flights: int
     passengers: int
@@ -132,7 +138,11 @@ class _Tally:
     rejected: int = 0
     dead_lettered: int = 0
     notified: set[tuple[str, str]] = field(default_factory=set)
-    disrupted_at: dict[str, int] = field(default_factory=dict)
+    #: A disruption or assessment published twice (a publish retried after a lost ack, a redelivered
+    #: handler: JetStream stores one) reaches the demo's core subscriptions twice: counted once, by id.
+    disrupted_at: dict[str, int] = field(default_factory=dict)  # each disruption seen -> when it was sent
+    affected_by: dict[str, int] = field(default_factory=dict)  # each disruption assessed -> its passengers
+    repeated: dict[str, int] = field(default_factory=lambda: {"disruptions": 0, "assessments": 0})  # seen again
     latencies_ms: list[float] = field(default_factory=list)
     conversations: dict[str, int] = field(default_factory=dict)  # id -> passengers rebooked or refunded in it
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -196,9 +206,19 @@ def _on_travel(t: _Tally, _: None, msg: Msg) -> None:
     t.messages += 1
 
 
-def _on_delayed(t: _Tally, e: FlightDelayed, msg: Msg) -> None:
+def _seen(t: _Tally, disruption_id: str, msg: Msg) -> bool:
+    """Record a disruption; False when it was seen before (a second copy)."""
+    if disruption_id in t.disrupted_at:
+        t.repeated["disruptions"] += 1
+        return False
+    t.disrupted_at[disruption_id] = _sent_at(msg)
     t.disruptions += 1
-    t.disrupted_at[e.disruption_id] = _sent_at(msg)
+    return True
+
+
+def _on_delayed(t: _Tally, e: FlightDelayed, msg: Msg) -> None:
+    if not _seen(t, e.disruption_id, msg):
+        return
     why = []
     if e.long_delay:
         why.append("long delay")
@@ -209,14 +229,18 @@ def _on_delayed(t: _Tally, e: FlightDelayed, msg: Msg) -> None:
 
 
 def _on_cancelled(t: _Tally, e: FlightCancelled, msg: Msg) -> None:
-    t.disruptions += 1
-    t.disrupted_at[e.disruption_id] = _sent_at(msg)
+    if not _seen(t, e.disruption_id, msg):
+        return
     t.cancelled += 1
     t.say(f"[red]CANCELLED[/] {e.number} {e.origin}->{e.destination} ({e.reason})")
     t.changed.set()
 
 
 def _on_assessed(t: _Tally, e: DisruptionAssessed, msg: Msg) -> None:
+    if e.disruption_id in t.affected_by:
+        t.repeated["assessments"] += 1
+        return
+    t.affected_by[e.disruption_id] = e.affected_passengers
     t.assessed += 1
     t.affected += e.affected_passengers
     t.affected_bookings += e.affected_bookings
@@ -410,6 +434,8 @@ async def run_demo(
             console.print(sample, highlight=False)
     report = _report(tally, audit, day, feed, seed=seed, wall=wall, run_seconds=run_seconds)
     report.interrupted = interrupted
+    report.unsettled = _unsettled(tally, monitor) if interrupted else ""
+    report.repeated = dict(tally.repeated)
     report.llm, report.llm_by_disruption = _llm_usage(agents)
     report.affected_bookings = tally.affected_bookings
     return report
@@ -573,16 +599,14 @@ async def _play(
 
     async def settle() -> None:
         await publish_feed(bus, feed, speed=speed, on_published=progress)
-        await monitor.wait_handled(len(feed), timeout)
-        await _until(
-            tally,
-            lambda: (
-                tally.disruptions >= monitor.disruptions
-                and tally.assessed >= tally.disruptions
-                and len(tally.notified) >= tally.affected
-            ),
-            timeout,
-        )
+        try:
+            await monitor.wait_handled(len(feed), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the monitor handled {monitor.updates} of {len(feed)} status updates") from None
+        try:
+            await _until(tally, lambda: not _unsettled(tally, monitor, count_only=True), timeout)
+        except TimeoutError:
+            raise TimeoutError(_unsettled(tally, monitor)) from None
 
     tally.started = run_started = time.monotonic()
     try:
@@ -593,6 +617,41 @@ async def _play(
         board.__exit__(None, None, None)
         for sub in subs:
             await sub.unsubscribe()
+
+
+def _unsettled(tally: _Tally, monitor: FlightMonitor, *, count_only: bool = False, most: int = 5) -> str:
+    """What keeps the day from settling ("": nothing): every disruption the monitor announced seen,
+    every one seen assessed, every affected passenger notified. With the counts and the first
+    ``most`` ids missing on each side, unless ``count_only`` (the check made on every event)."""
+    unmet = []
+    if tally.disruptions < monitor.disruptions:
+        unmet.append(f"the monitor announced {monitor.disruptions} disruptions, the demo saw {tally.disruptions}")
+        if not count_only:
+            unmet[-1] += ": not seen " + _first(monitor.announced - tally.disrupted_at.keys(), most)
+    if tally.assessed < tally.disruptions:
+        unmet.append(f"{tally.disruptions} disruptions seen, {tally.assessed} assessed")
+        if not count_only:
+            unmet[-1] += ": not assessed " + _first(tally.disrupted_at.keys() - tally.affected_by.keys(), most)
+    if len(tally.notified) < tally.affected:
+        unmet.append(f"{tally.affected} affected passengers, {len(tally.notified)} notified")
+        if not count_only:
+            notified: dict[str, int] = {}
+            for disruption_id, _ in tally.notified:
+                notified[disruption_id] = notified.get(disruption_id, 0) + 1
+            short = {
+                d: f"{d} ({notified.get(d, 0)} of {n})" for d, n in tally.affected_by.items() if notified.get(d, 0) < n
+            }
+            unmet[-1] += ": short on " + _first(short.keys(), most, short)
+    if unmet and not count_only and any(tally.repeated.values()):
+        unmet.append(f"seen twice and counted once: {tally.repeated}")
+    return "; ".join(unmet)
+
+
+def _first(ids: AbstractSet[str], most: int, shown: dict[str, str] | None = None) -> str:
+    """The first ``most`` of ``ids`` in order, and how many more."""
+    first = sorted(ids)[:most]
+    more = f" and {len(ids) - len(first)} more" if len(ids) > len(first) else ""
+    return ", ".join(shown[i] if shown else i for i in first) + more
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event | None) -> None:
@@ -771,8 +830,8 @@ def flight_demo(
                     )
                 )
             )
-    except TimeoutError:
-        raise click.ClickException(f"the demo did not settle within {timeout}s") from None
+    except TimeoutError as exc:
+        raise click.ClickException(f"the demo did not settle within {timeout}s: {exc}") from None
     summary = msgspec.to_builtins(report)
     console.rule("summary")
     for key in (
@@ -813,6 +872,8 @@ def flight_demo(
         console.print(f"report written to {report_path}")
     if report.interrupted:  # what was in hand was finished: a clean stop, not a failed run
         console.print("interrupted before the day settled; every agent drained")
+        if report.unsettled:
+            console.print(f"unsettled: {report.unsettled}", highlight=False)
         return
     if report.notified != report.affected or report.dead_lettered or report.seat_conflicts:
         raise click.ClickException("the run did not reconcile: see the summary")

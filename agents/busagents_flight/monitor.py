@@ -34,6 +34,7 @@ after the announcement finds the booking there.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Set as AbstractSet
 
 import msgspec
 from busagents_travel import BookingsChanged, FlightCancelled, FlightDelayed, FlightStatusUpdated, OnwardConnections
@@ -218,6 +219,11 @@ class FlightMonitor(Agent):
                     msg_id=f"disruption.{disruption_id}",
                 )
                 self._count(disruption_id)  # a redelivered change publishes it again: stored once, counted once
+
+    @property
+    def announced(self) -> AbstractSet[str]:
+        """The ids of the disruptions this replica published (what :attr:`disruptions` counts)."""
+        return self._published
 
     def _count(self, disruption_id: str) -> None:
         if disruption_id not in self._published:
