@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from busagents_flight.context import ContextAgent
 from busagents_flight.data import generate
 from busagents_flight.monitor import FlightMonitor
 from busagents_flight.reasoner import affected_booking
 from busagents_travel import (
+    Booking,
     BookingChanged,
     BookingsChanged,
     Disruption,
@@ -121,3 +124,42 @@ async def test_a_rebooking_onto_a_flight_cancelled_meanwhile_is_a_disruption_for
     assert first.bookings == []  # everyone on the flight
     assert again.bookings == [booking.booking_id]  # only the booking that landed on it
     assert again.disruption_id != first.disruption_id
+
+
+async def test_a_keep_on_a_cancelled_flight_announces_no_disruption_again(bus: Bus) -> None:
+    # A decision that comes after its booking moved for another disruption is applied as a keep of the
+    # legs the booking has now, at its version: after a rebooking onto a flight cancelled meanwhile, the
+    # very landing that rebooking announced. Announced again, JetStream dropped the copy (same id) but
+    # the demo's tally saw a disruption that was never assessed (issue 12's storm day that did not settle).
+    flight = DAY.flights[5]
+    elsewhere = [b for b in DAY.bookings if all(leg.flight_id != flight.flight_id for leg in b.legs)]
+    moved, other = elsewhere[:2]
+    rebooked, late, also_rebooked = (
+        _change(moved, flight, "rebook"),
+        _change(moved, flight, "keep"),
+        _change(other, flight, "rebook"),
+    )
+    monitor = FlightMonitor()
+    async with run_agents(bus, ContextAgent(DAY), monitor):
+        async with bus.expect(FlightCancelled, where=lambda c: c.flight_id == flight.flight_id, count=2) as got:
+            await bus.publish(_update(flight, 1, "cancelled"))
+            await monitor.wait_handled(1, timeout=5)
+            await bus.publish(BookingsChanged(group_id="g-1", changes=[rebooked]))
+        assert got.messages[-1].body.bookings == [moved.booking_id]
+        async with bus.expect(FlightCancelled, where=lambda c: c.flight_id == flight.flight_id) as after:
+            await bus.publish(BookingsChanged(group_id="g-2", changes=[late, also_rebooked]))  # handled in order
+    assert after.message.body.bookings == [other.booking_id]  # not the first one's landing again
+    assert monitor.disruptions == 3
+
+
+def _change(booking: Booking, onto: Flight, action: Literal["rebook", "keep"]) -> BookingChanged:
+    """``booking`` rebooked onto ``onto`` (version 1), or kept there later (the store's late keep: its legs now)."""
+    landed = Leg(
+        onto.flight_id, onto.number, onto.origin, onto.destination, onto.departure, onto.arrival,
+        booking.legs[0].cabin, ["99Z"] * len(booking.passengers),
+    )  # fmt: skip
+    return BookingChanged(
+        decision_id=f"{booking.booking_id}-{action}", disruption_id="OTHER#1", booking_id=booking.booking_id,
+        flight_id="OTHER", action=action, passengers=booking.passengers,
+        old_legs=booking.legs[:1] if action == "rebook" else [landed], new_legs=[landed], version=1,
+    )  # fmt: skip

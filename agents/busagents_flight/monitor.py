@@ -203,12 +203,20 @@ class FlightMonitor(Agent):
 
     @on(BookingsChanged)
     async def moved(self, changed: BookingsChanged, ctx: Context) -> None:
-        """A rebooking that lands on a flight cancelled meanwhile is a disruption for that booking."""
-        landed = {leg.flight_id for change in changed.changes for leg in change.new_legs}
+        """A rebooking that lands on a flight cancelled meanwhile is a disruption for that booking.
+
+        Only a rebooking lands anywhere. A keep reports the legs the booking has (so does a decision
+        that came after the booking had moved for another disruption): on a cancelled flight they are
+        the cancellation's to decide (everyone on the flight), or the landing of the rebooking that put
+        them there, announced already under the same id (JetStream dropped the copy; core subscribers
+        such as the demo's tally saw it twice).
+        """
+        moves = [change for change in changed.changes if change.action == "rebook"]
+        landed = {leg.flight_id for change in moves for leg in change.new_legs}
         if not landed:
             return
         cancelled = await self._cancellations(landed, ctx)
-        for change in changed.changes:
+        for change in moves:
             for leg in change.new_legs:
                 u = cancelled.get(leg.flight_id)
                 if u is None:
