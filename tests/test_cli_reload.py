@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import psutil
 
 from busagents import Bus, query
 from busagents.server import NatsServer
@@ -70,6 +71,14 @@ async def test_reload_restarts_the_agent_with_the_changed_source(
             if instance != not_this:
                 return instance
 
+    assert proc.stderr is not None
+    said: list[str] = []  # read as it comes: when the command hangs, the test says what it printed
+
+    async def read(stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            said.append(line.decode(errors="replace"))
+
+    reader = asyncio.create_task(read(proc.stderr))
     try:
         async with reaped(proc):
             first = await next_instance(None)
@@ -78,10 +87,15 @@ async def test_reload_restarts_the_agent_with_the_changed_source(
             await next_instance(first)  # another process: the agent was started again
             assert await bus.request(WhichVersion()) == Version(text="second")
             os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
-            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            try:  # the agent drains (SIGTERM from the watcher) within seconds; 60 s is a hang, said in full
+                await asyncio.wait_for(asyncio.gather(proc.wait(), reader), 60)
+            except TimeoutError:
+                alive = [f"{c.pid} {c.cmdline()}" for c in psutil.Process(proc.pid).children(recursive=True)]
+                raise AssertionError(f"no exit 60 s after SIGINT; children {alive}; stderr:\n{''.join(said)}") from None
     finally:
+        reader.cancel()
         await stats.unsubscribe()
-    text = err.decode()
+    text = "".join(said)
     assert f"--reload: watching {tmp_path}" in text
     assert "--reload: versioned_agent.py changed; restarting versioned_agent:Versioned" in text
     assert "Traceback" not in text, text
