@@ -107,8 +107,13 @@ def assemble(encoded: Sequence[_Encoded]) -> bytes:
     """The ``ExportTraceServiceRequest`` of spans encoded one by one: grouped by resource, then by scope."""
     grouped: dict[int, tuple[bytes, dict[int, tuple[bytes, list[bytes]]]]] = {}
     for resource_part, scope_part, span in encoded:
-        scopes = grouped.setdefault(id(resource_part), (resource_part, {}))[1]
-        scopes.setdefault(id(scope_part), (scope_part, []))[1].append(span)
+        resource = grouped.get(id(resource_part))
+        if resource is None:
+            resource = grouped[id(resource_part)] = (resource_part, {})
+        scope = resource[1].get(id(scope_part))
+        if scope is None:
+            scope = resource[1][id(scope_part)] = (scope_part, [])
+        scope[1].append(span)
     out = []
     for resource_part, scopes in grouped.values():
         scope_spans = b"".join(_field(2, scope_part + b"".join(spans)) for scope_part, spans in scopes.values())
@@ -183,7 +188,7 @@ class _Encoder:
             return b""
         keys = self._keys
         tag = _varint(number << 3 | 2)
-        parts = []
+        parts: list[bytes] = []
         for key, value in attributes.items():
             encoded_key = keys.get(key)
             if encoded_key is None:
@@ -192,9 +197,9 @@ class _Encoder:
             if type(value) is str and len(value) < 40:  # the common case, inline: every length fits a byte
                 raw = value.encode()
                 n = len(raw)
-                if n < 40:
-                    kv = encoded_key + b"\x12" + _BYTE[n + 2] + b"\x0a" + _BYTE[n] + raw
-                    parts.append(tag + _varint(len(kv)) + kv)
+                size = len(encoded_key) + n + 4
+                if n < 40 and size < 0x80:
+                    parts += (tag, _BYTE[size], encoded_key, b"\x12", _BYTE[n + 2], b"\x0a", _BYTE[n], raw)
                     continue
             try:
                 kv = encoded_key + _field(2, _value(value))
@@ -498,8 +503,33 @@ class SpanRecorder:
         if not span._context.trace_flags.sampled:
             return
         encoder = self._encoder
+        context = span._context
+        parent = span._parent
         try:
             user = span._user
+            plain = user is None and span._events is None and span._links is None and span._status is _UNSET
+            if plain and not context.trace_state:  # the common case in one join: what span() writes for it
+                body = b"".join(
+                    (
+                        b"\x0a\x10",
+                        context.trace_id.to_bytes(16, "big"),
+                        b"\x12\x08",
+                        context.span_id.to_bytes(8, "big"),
+                        b"" if parent is None else b"\x22\x08" + parent.span_id.to_bytes(8, "big"),
+                        encoder.name(span._name),
+                        _KINDS[span._kind],
+                        b"\x39",
+                        _fixed64(span._start),
+                        b"\x41",
+                        _fixed64(span._end or 0),
+                        span._fixed.encoded,
+                        encoder.attributes(span._attributes),
+                        b"\x7a\x00",  # an empty Status
+                        _FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL,
+                    )
+                )
+                self._processor.enqueue((self._resource_part, self._scope_part, _field(2, body)))
+                return
             if user is None:
                 attributes = span._fixed.encoded + encoder.attributes(span._attributes)
                 dropped = 0
@@ -509,8 +539,8 @@ class SpanRecorder:
             events = span._events
             links = span._links
             encoded = encoder.span(
-                span._context,
-                span._parent,
+                context,
+                parent,
                 encoder.name(span._name),
                 span._kind,
                 span._start,

@@ -193,6 +193,47 @@ def test_a_recorded_message_span_exports_what_the_sdk_span_would() -> None:
     assert ours == theirs
 
 
+@pytest.mark.parametrize("parent", ["remote", "root"])
+def test_a_plain_recorded_span_exports_what_the_sdk_span_would(parent: str) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "flight-notifier"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("busagents", "1.0")
+    captured = _Captured()
+    recorder = SpanRecorder(
+        cast(EncodingSpanProcessor, captured), cast(SdkTracer, tracer), InstrumentationScope("busagents", "1.0")
+    )
+    remote = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True, trace_flags=TraceFlags(1)
+    )
+    fixed = {"messaging.system": "nats", "busagents.agent": "flight-notifier"}
+    own = {"messaging.destination.name": "travel.passenger.notified.P1", "messaging.message.id": "m" * 60}
+    recorded = recorder.start(
+        "publish travel.passenger.notified.*",
+        SpanKind.PRODUCER,
+        remote if parent == "remote" else None,
+        recorder.fixed(fixed),
+        dict(own),
+        parent_based=True,
+    )
+    recorded.end()
+    sdk = tracer.start_span(
+        "publish travel.passenger.notified.*",
+        context=set_span_in_context(NonRecordingSpan(remote)) if parent == "remote" else None,
+        kind=SpanKind.PRODUCER,
+        attributes={**fixed, **own},
+    )
+    sdk.end()
+    (item,) = captured.items
+    ours = _span_of(assemble([item]))
+    (finished,) = exporter.get_finished_spans()
+    theirs = _span_of(library_encode_spans([finished]).SerializeToString())
+    for key in ("traceId", "spanId", "startTimeUnixNano", "endTimeUnixNano"):
+        assert key in ours["span"]
+        ours["span"][key] = theirs["span"][key]
+    assert ours == theirs
+
+
 def test_a_recorded_span_asks_the_sampler_unless_its_parent_was_sampled() -> None:
     captured = _Captured()
     tracer = TracerProvider(sampler=ParentBased(ALWAYS_OFF)).get_tracer("busagents", "1.0")
