@@ -4,6 +4,8 @@ were sold meanwhile. Same suite on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -227,6 +229,29 @@ async def test_two_stores_racing_for_one_seat_sell_it_once(make_store: StoreFact
     )
     assert sorted(type(o).__name__ for o in outcomes) == ["BookingChanged", "RebookRejected"]
     assert await a.seat_conflicts() == 0
+
+
+async def test_sqlite_stores_on_one_file_take_turns_under_its_lock_file(tmp_path: Path) -> None:
+    """A replica's transaction waits for the lock file another holds (woken when it is released, where
+    SQLite's busy handler sleeps up to 100 ms a try), and goes ahead once it is."""
+    path = tmp_path / "bookings.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    await store.load(DAY.bookings)
+    booking = _single(DAY)
+    flight_id, seats, cabin = _free_seat(DAY, booking)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another replica is writing
+        applying = asyncio.create_task(store.apply(_rebook(booking, flight_id, seats, cabin)))
+        done, _ = await asyncio.wait([applying], timeout=0.5)
+        assert not done, "applied while another store held the lock"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        outcome = await asyncio.wait_for(applying, 10)
+    finally:
+        os.close(fd)
+        await store.close()
+    assert isinstance(outcome, BookingChanged) and outcome.new_legs[0].flight_id == flight_id
 
 
 def _pairs_and_a_free_row(day: AirlineDay) -> tuple[Booking, Booking, str, list[str]]:
