@@ -13,20 +13,33 @@ and that a recorded span exports what the SDK's span would.
 
 from __future__ import annotations
 
+import http.client
 import logging
+import os
 import struct
 import threading
 import time
 import traceback
+import urllib.request
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.exporter.http.transport._base import BaseHTTPResult, BaseHTTPTransport
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.environment_variables import (
+    _OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER,
+    _OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER,
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
@@ -304,10 +317,104 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     return _Encoder().request(spans)
 
 
+@dataclass(frozen=True, slots=True)
+class _Response(BaseHTTPResult):
+    body: bytes = b""
+    fields: Mapping[str, str] = dataclass_field(default_factory=dict)
+
+    def content(self) -> bytes:
+        return self.body
+
+    def headers(self) -> Mapping[str, str]:
+        return self.fields
+
+
+class _StdlibTransport(BaseHTTPTransport):
+    """POSTs over ``http.client`` on one kept-alive connection: the library's requests transport holds
+    the GIL about three times as long a request (environment proxies, netrc, hooks, adapters), time the
+    event loop of the process waits. Only for ``http://`` endpoints reached without a proxy; the
+    library keeps compression, headers, retries and timeouts (it calls :meth:`request`)."""
+
+    def __init__(self) -> None:
+        self._connections: dict[tuple[str, int], http.client.HTTPConnection] = {}
+        self._lock = threading.Lock()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        data: bytes | None = None,
+    ) -> BaseHTTPResult:
+        parts = urlsplit(url)
+        where = (parts.hostname or "localhost", parts.port or 80)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        with self._lock:
+            connection = self._connections.get(where)
+            if connection is None:
+                connection = self._connections[where] = http.client.HTTPConnection(*where, timeout=timeout)
+            connection.timeout = timeout
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout)
+            try:
+                connection.request(method, target, body=data, headers=headers or {})
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                return _Response(error=exc)
+            if response.will_close:
+                connection.close()
+            fields = {name.lower(): value for name, value in response.getheaders()}
+            return _Response(status_code=response.status, reason=response.reason, body=body, fields=fields)
+
+    def is_connection_error(self, exception: Exception | None) -> bool:
+        return isinstance(exception, (OSError, http.client.HTTPException))
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
+
+
+def _plain_http_endpoint(endpoint: str | None) -> bool:
+    """The span endpoint (as the library resolves it) is ``http://`` and reached without a proxy."""
+    endpoint = (
+        endpoint
+        or os.environ.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+        or (os.environ.get(OTEL_EXPORTER_OTLP_ENDPOINT) or "http://localhost:4318/").removesuffix("/") + "/v1/traces"
+    )
+    parts = urlsplit(endpoint)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    proxies = urllib.request.getproxies()
+    return not (proxies.get("http") or proxies.get("all")) or bool(urllib.request.proxy_bypass(parts.hostname))
+
+
+#: Keyword arguments that leave the wire to the transport: anything else (a session, certificates)
+#: keeps the library's requests transport.
+_PLAIN_ARGUMENTS = {"endpoint", "headers", "timeout", "compression", "max_request_size", "meter_provider"}
+
+
 class FastOTLPSpanExporter(OTLPSpanExporter):
-    """The OTLP/HTTP span exporter (same variables, retries and limits), with the faster encoder."""
+    """The OTLP/HTTP span exporter (same variables, retries and limits), with the faster encoder, and
+    the standard library's HTTP client for a plain ``http://`` endpoint (:class:`_StdlibTransport`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        plain = (
+            not args
+            and set(kwargs) <= _PLAIN_ARGUMENTS
+            and not os.environ.get(_OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER)
+            and not os.environ.get(_OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER)
+            and _plain_http_endpoint(kwargs.get("endpoint"))
+        )
+        if plain:
+            kwargs["_transport"] = _StdlibTransport()
         super().__init__(*args, **kwargs)
         self._encoder = _Encoder()
         #: This release of the library has the client the fast path sends with.

@@ -33,9 +33,11 @@ from busagents._otlp import (
     RecordedSpan,
     SpanRecorder,
     _Encoder,
+    _StdlibTransport,
     assemble,
     encode_spans,
 )
+from busagents.testing import OtlpReceiver
 
 
 def spans_of_every_shape() -> list[ReadableSpan]:
@@ -251,3 +253,26 @@ def test_a_recorded_span_asks_the_sampler_unless_its_parent_was_sampled() -> Non
     assert child.is_recording() and child.get_span_context().trace_flags.sampled
     child.end()
     assert len(captured.items) == 1  # only the sampled span is exported
+
+
+def test_a_plain_http_endpoint_is_posted_to_with_the_standard_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    spans = spans_of_every_shape()
+    with OtlpReceiver() as receiver:
+        exporter = FastOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces")
+        assert isinstance(exporter._client._transport, _StdlibTransport)
+        assert exporter.export_encoded(encode_spans(spans)) and exporter.export_encoded(encode_spans(spans[:1]))
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+        assert receiver.requests == 2
+        assert sorted(s.name for s in receiver.snapshot()) == sorted([s.name for s in spans] + [spans[0].name])
+    closed = FastOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces", timeout=0.5)  # nobody listens now
+    assert not closed.export_encoded(encode_spans(spans))  # the library's retries, then given up
+    closed.shutdown()  # type: ignore[no-untyped-call]
+    secure = FastOTLPSpanExporter(endpoint="https://127.0.0.1:9/v1/traces")
+    assert not isinstance(secure._client._transport, _StdlibTransport)  # TLS stays with the library's transport
+    secure.shutdown()  # type: ignore[no-untyped-call]
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    proxied = FastOTLPSpanExporter(endpoint="http://collector.example:4318/v1/traces")
+    assert not isinstance(proxied._client._transport, _StdlibTransport)  # and so does a proxied one
+    proxied.shutdown()  # type: ignore[no-untyped-call]
