@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import gc
 import logging
 import os
 import signal
@@ -120,6 +121,7 @@ class Worker:
         drain_timeout: float = 30.0,
         heartbeat_interval: float = 0.0,
         conversation_log: ConversationLog | None = None,
+        freeze_gc: bool = False,
     ) -> None:
         names = [a.name for a in agents]
         if len(set(names)) != len(names):
@@ -130,6 +132,10 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         #: Keep the agents' core messages in the conversation log (:mod:`busagents.convlog`); None: off.
         self.conversation_log = conversation_log
+        #: Once started, leave what start-up built (the agents' data, their views) to reference counting
+        #: alone (``gc.freeze``): full collections otherwise walk it all, pausing the loop for up to a
+        #: second on a large heap. For a process that runs this worker (``busagents run``, the demo).
+        self.freeze_gc = freeze_gc
         self.stats = {a.name: AgentStats(a.name) for a in agents}
         #: Each agent's answers to the NATS services protocol ($SRV.PING/INFO/STATS: :mod:`busagents.micro`).
         self.services = {a.name: AgentService(a, bus) for a in agents}
@@ -208,6 +214,8 @@ class Worker:
                 self._tasks.append(asyncio.create_task(self._run_loop(agent), name=f"run:{agent.name}"))
         for service in self.services.values():
             await service.start(self.bus.nc)
+        if self.freeze_gc:
+            gc.freeze()
         self._serving = True  # before the first heartbeat, which tells the world so
         if self.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
@@ -278,6 +286,8 @@ class Worker:
                 log.exception("agent %s failed in on_stop", agent.name)
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self.bus.flush()
+        if self.freeze_gc:
+            gc.unfreeze()  # a process that goes on (tests, an embedding app) collects it all again
         self._stopped.set()
         log.info("worker drained")
         return stopped and all(results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 
@@ -487,3 +488,20 @@ async def test_drain_ends_tasks_that_swallowed_their_cancel(bus: Bus) -> None:
     async with asyncio.timeout(8):
         await worker.drain()
     assert stubborn.swallowed == 2  # both were cancelled again, and stopped
+
+
+async def test_a_worker_asked_to_freeze_the_start_up_heap_does_so_while_it_serves_and_serves(bus: Bus) -> None:
+    # busagents run and the demo ask for it: a large start-up heap (the flight day) is then not walked
+    # by every full collection; it is unfrozen when the worker stops, for a process that goes on
+    data = [{"n": i} for i in range(10_000)]  # built before start: frozen with the rest
+    assert gc.get_freeze_count() == 0
+    worker = Worker([Shop()], bus, freeze_gc=True)
+    await worker.start()
+    try:
+        assert gc.get_freeze_count() >= len(data)
+        async with bus.expect(Accepted, timeout=10) as got:
+            await bus.publish(Order(order_id="o-1", quantity=1))
+        assert got.message.body == Accepted(order_id="o-1")
+    finally:
+        await worker.drain()
+    assert gc.get_freeze_count() == 0

@@ -406,7 +406,9 @@ async def run_demo(
             bus = await Bus.connect(url, name="flight-demo")
             try:
                 # BUSAGENTS_CONVERSATION_LOG=1 keeps the core messages too (the agent processes read it as well)
-                worker = Worker(agents, bus, drain_timeout=30, conversation_log=conversation_log(Settings()))
+                worker = Worker(
+                    agents, bus, drain_timeout=30, conversation_log=conversation_log(Settings()), freeze_gc=True
+                )
                 await worker.start()
                 await kids.serving(bus, timeout)
                 try:

@@ -186,6 +186,7 @@ async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
             drain_timeout=settings.drain_timeout,
             heartbeat_interval=settings.heartbeat_interval,
             conversation_log=conversation_log(settings),
+            freeze_gc=True,
         )
         health = None
         if settings.http_port is not None:  # imported only then: aiohttp and the exporter take a while
