@@ -62,6 +62,8 @@ async def test_reload_restarts_the_agent_with_the_changed_source(
         cwd=tmp_path,
         env=env,
         start_new_session=True,  # a process group of its own, as a shell gives it
+        # and Ctrl-C inherited ignored, as a shell gives its background jobs: it must stop the watch anyway
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         stderr=asyncio.subprocess.PIPE,
     )
 

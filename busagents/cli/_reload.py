@@ -52,7 +52,10 @@ def run_reloading(cmd: list[str], paths: list[Path], *, label: str, drain_timeou
         raise click.UsageError(f"--reload: found no source directory of {label} to watch")
     watched = ", ".join(str(p) for p in paths)
     click.echo(f"--reload: watching {watched}; {label} restarts when a .py file there changes", err=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the watch as Ctrl-C does
+    # SIGTERM ends the watch as Ctrl-C does; and Ctrl-C does even where it was inherited ignored (a
+    # shell's background job: Python then installs no KeyboardInterrupt), as for busagents' other commands
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     logging.getLogger("watchfiles").setLevel(logging.ERROR)  # not a WARNING for the Ctrl-C that stops it
     process = _start(cmd)
     restarts = 0
