@@ -162,17 +162,9 @@ class State(Generic[T]):
         if self._nc is not None:
             # One round trip for a key never written (the common case): a write expecting no message on
             # the subject. A key that was deleted has a marker there; nats-py's create below handles it.
-            msg = await self._nc.request(
-                f"$KV.{self.bucket}.{self._key(key)}",
-                data,
-                timeout=5.0,
-                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-            )
-            ack = _decode_ack(msg.data)
-            if ack.error is None:
-                return ack.seq
-            if ack.error.err_code != _WRONG_LAST_SEQUENCE:
-                raise nats.js.errors.APIError(code=ack.error.code, description=ack.error.description)
+            seq = await self._write_at(key, data, 0)
+            if seq is not None:
+                return seq
         try:
             return int(await self._kv.create(self._key(key), data))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -185,18 +177,26 @@ class State(Generic[T]):
                 return int(await self._kv.update(self._key(key), self._encode(value), last=revision))
             except nats.js.errors.KeyWrongLastSequenceError:
                 raise StateConflictError(f"state {self.bucket}/{key} changed since revision {revision}") from None
+        seq = await self._write_at(key, self._encode(value), revision)
+        if seq is None:
+            raise StateConflictError(f"state {self.bucket}/{key} changed since revision {revision}")
+        return seq
+
+    async def _write_at(self, key: str, data: bytes, revision: int) -> int | None:
+        """Write ``data`` if ``key``'s last revision is ``revision`` (0: none); the new revision, or None."""
+        assert self._nc is not None
         msg = await self._nc.request(
             f"$KV.{self.bucket}.{self._key(key)}",
-            self._encode(value),
+            data,
             timeout=5.0,
             headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
         )
         ack = _decode_ack(msg.data)
-        if ack.error is not None:
-            if ack.error.err_code == _WRONG_LAST_SEQUENCE:
-                raise StateConflictError(f"state {self.bucket}/{key} changed since revision {revision}")
-            raise nats.js.errors.APIError(code=ack.error.code, description=ack.error.description)
-        return ack.seq
+        if ack.error is None:
+            return ack.seq
+        if ack.error.err_code == _WRONG_LAST_SEQUENCE:
+            return None
+        raise nats.js.errors.APIError(code=ack.error.code, description=ack.error.description)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (a no-op when it has no value)."""
