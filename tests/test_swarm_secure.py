@@ -267,26 +267,39 @@ async def test_swarm_up_secure_starts_the_servers_configuration_and_each_agent_t
     assert "Traceback" not in missing.stderr
     env = {**flight_env(tmp_path), "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2"}
     env.pop("BUSAGENTS_NATS_URL", None)
-    log = tmp_path / "swarm.log"
-    up = _swarm_up_file(swarm, out, tmp_path / "data", env, log, "--force")  # nobody feeds the notifier here
+    cmd = [sys.executable, "-m", "busagents", "--log-level", "INFO", "swarm", "up", str(swarm), "--force"]
+    up = await asyncio.create_subprocess_exec(  # --force: nobody feeds the notifier here
+        *cmd, "--secure", str(out), "--data-dir", str(tmp_path / "data"),
+        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    lines: list[str] = []
+    started = asyncio.Event()  # `swarm up` says when its secured server is up
+
+    async def read(stream: asyncio.StreamReader) -> None:
+        while line := (await stream.readline()).decode(errors="replace"):
+            lines.append(line)
+            if line.startswith(f"started the secured nats-server of {out}"):
+                started.set()
+
+    assert up.stdout is not None
+    reader = asyncio.create_task(read(up.stdout))
+    waiting = asyncio.create_task(started.wait())
     try:
+        await asyncio.wait([reader, waiting], timeout=30, return_when="FIRST_COMPLETED")
+        assert started.is_set(), "".join(lines)
         tls = ssl.create_default_context(cafile=str(out / "keys" / "ca.pem"))
-        operator = None
-        async with asyncio.timeout(30):
-            while operator is None:  # `swarm up` starts the server: nothing to wait on but its port
-                try:
-                    operator = await _connect(
-                        f"nats://127.0.0.1:{port}", tls, out / "creds" / f"{OPERATOR}.nk", OPERATOR, _Violations()
-                    )
-                except Exception:
-                    assert up.poll() is None, log.read_text(errors="replace")
-                    await asyncio.sleep(0.2)
+        operator = await _connect(
+            f"nats://127.0.0.1:{port}", tls, out / "creds" / f"{OPERATOR}.nk", OPERATOR, _Violations()
+        )
         await operator.wait_for_agents(["flight-notifier"], timeout=30)  # it connected with its own seed
         await operator.close()
     finally:
-        up.terminate()
-        up.wait(60)
-    text = log.read_text(errors="replace")
+        waiting.cancel()
+        if up.returncode is None:
+            up.terminate()
+        await asyncio.wait_for(up.wait(), 60)
+        await asyncio.wait_for(reader, 10)
+    text = "".join(lines)
     assert up.returncode == 0, text
     assert f"started the secured nats-server of {out}" in text
     assert "violation" not in (out / "jetstream" / "nats-server.log").read_text().lower()
