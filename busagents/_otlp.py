@@ -771,10 +771,7 @@ class RecordedSpan(trace.Span):
         limits = self._recorder.limits
         if self._events is None:
             self._events = BoundedList(limits.max_events)
-        bounded = BoundedAttributes(
-            limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
-        )
-        self._events.append(Event(name, bounded, timestamp))
+        self._events.append(Event(name, self._bounded(limits.max_event_attributes, attributes), timestamp))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, AttributeValue] | None = None) -> None:
         if self._end is not None or not (context.is_valid or attributes or context.trace_state):
@@ -782,10 +779,13 @@ class RecordedSpan(trace.Span):
         limits = self._recorder.limits
         if self._links is None:
             self._links = BoundedList(limits.max_links)
-        bounded = BoundedAttributes(
-            limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        self._links.append(Link(context, self._bounded(limits.max_link_attributes, attributes)))
+
+    def _bounded(self, most: int | None, attributes: Mapping[str, AttributeValue] | None) -> BoundedAttributes:
+        """An event's or link's attributes, within the span limits (as the SDK's span keeps them)."""
+        return BoundedAttributes(
+            most, attributes, max_value_len=self._recorder.limits.max_attribute_length, immutable=True
         )
-        self._links.append(Link(context, bounded))
 
     def update_name(self, name: str) -> None:
         if self._end is None:

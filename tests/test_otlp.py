@@ -132,7 +132,11 @@ def _span_of(data: bytes) -> dict[str, Any]:
     return {"resource": resource_spans["resource"], "scope": scope_spans["scope"], "span": span}
 
 
-def test_a_recorded_message_span_exports_what_the_sdk_span_would() -> None:
+REMOTE = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True, trace_flags=TraceFlags(1))
+
+
+def _sdk_and_recorder() -> tuple[InMemorySpanExporter, Any, _Captured, SpanRecorder]:
+    """The SDK's spans of ``flight-notifier`` kept in memory, and a recorder on the same tracer."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "flight-notifier"}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -141,9 +145,12 @@ def test_a_recorded_message_span_exports_what_the_sdk_span_would() -> None:
     recorder = SpanRecorder(
         cast(EncodingSpanProcessor, captured), cast(SdkTracer, tracer), InstrumentationScope("busagents", "1.0")
     )
-    remote = SpanContext(
-        0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True, trace_flags=TraceFlags(1)
-    )
+    return exporter, tracer, captured, recorder
+
+
+def test_a_recorded_message_span_exports_what_the_sdk_span_would() -> None:
+    exporter, tracer, captured, recorder = _sdk_and_recorder()
+    remote = REMOTE
     fixed = {"messaging.system": "nats", "busagents.agent": "flight-notifier", "messaging.operation.type": "process"}
     own = {"messaging.destination.name": "travel.flight.rebooked.F1", "messaging.message.id": "m1"}
     try:
@@ -197,17 +204,8 @@ def test_a_recorded_message_span_exports_what_the_sdk_span_would() -> None:
 
 @pytest.mark.parametrize("parent", ["remote", "root"])
 def test_a_plain_recorded_span_exports_what_the_sdk_span_would(parent: str) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "flight-notifier"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("busagents", "1.0")
-    captured = _Captured()
-    recorder = SpanRecorder(
-        cast(EncodingSpanProcessor, captured), cast(SdkTracer, tracer), InstrumentationScope("busagents", "1.0")
-    )
-    remote = SpanContext(
-        0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True, trace_flags=TraceFlags(1)
-    )
+    exporter, tracer, captured, recorder = _sdk_and_recorder()
+    remote = REMOTE
     fixed = {"messaging.system": "nats", "busagents.agent": "flight-notifier"}
     own = {"messaging.destination.name": "travel.passenger.notified.P1", "messaging.message.id": "m" * 60}
     recorded = recorder.start(
