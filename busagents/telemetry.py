@@ -47,6 +47,7 @@ from .worker import Outcome
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
+    from ._histogram import DurationHistogram
     from ._otlp import EncodingSpanProcessor, FixedAttributes, RecordedSpan, SpanRecorder
 
 __all__ = ["Telemetry", "configure_from_env"]
@@ -74,6 +75,7 @@ class Telemetry:
         parent_based: bool = False,
     ) -> None:
         from . import __version__
+        from ._histogram import DURATION_BUCKETS
 
         self._version = __version__
         self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
@@ -102,8 +104,14 @@ class Telemetry:
             description="Messages handled, by outcome",
         )
         self.duration = meter.create_histogram(
-            "messaging.process.duration", unit="s", description="Time to handle one message"
+            "messaging.process.duration",
+            unit="s",
+            description="Time to handle one message",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
+        # Set by configure_from_env when its metric exporter adds busagents' own aggregation of
+        # the durations (a Python series per handler, not the SDK's Histogram.record: see _histogram).
+        self._durations: DurationHistogram | None = None
         # GenAI semantic conventions, recorded by busagents.llm for every model call.
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Tokens per model call, by gen_ai.token.type"
@@ -257,7 +265,15 @@ class Telemetry:
             "busagents.contract": contract,
         }
         metric_attrs = {"messaging.destination.name": template, "busagents.agent": agent}
-        record = self.duration.record
+        record: Callable[[float], None]
+        if self._durations is not None:
+            record = self._durations.series(metric_attrs).record
+        else:
+            sdk_record = self.duration.record
+
+            def record(seconds: float) -> None:
+                sdk_record(seconds, metric_attrs)
+
         processed = self._processed
         keys = {outcome: (template, agent, outcome.value) for outcome in Outcome}
         parent_based = self._parent_based
@@ -320,7 +336,7 @@ class Telemetry:
                 otel_context.detach(token)
                 span.end()
             if recording:  # durations are a distribution: sampled messages tell it (counts stay exact)
-                record(time.perf_counter() - start, metric_attrs)
+                record(time.perf_counter() - start)
             key = keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
@@ -426,10 +442,14 @@ def _configure(service_name: str) -> Telemetry | None:
         )
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from . import __version__
+    from ._histogram import DurationHistogram, WithDurations, exports_explicit_buckets
 
     base: dict[str, AttributeValue] = {
         SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or service_name,
@@ -441,9 +461,10 @@ def _configure(service_name: str) -> Telemetry | None:
     batch = _batch_settings(env)
     processor: SpanProcessor
     encoding: EncodingSpanProcessor | None = None
+    durations: DurationHistogram | None = None
     if exporter == "console":  # spans as JSON on stdout: a look without a backend
         processor = BatchSpanProcessor(ConsoleSpanExporter(), **batch)
-        readers = []
+        readers: list[MetricReader] = []
     else:
         from ._otlp import EncodingSpanProcessor, FastOTLPSpanExporter
 
@@ -454,7 +475,19 @@ def _configure(service_name: str) -> Telemetry | None:
             processor = BatchSpanProcessor(span_exporter, **batch)
         # OTEL_METRICS_EXPORTER=none: traces only (Phoenix, for one, takes no metrics)
         none = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none"
-        readers = [] if none else [PeriodicExportingMetricReader(OTLPMetricExporter())]
+        if none:
+            readers = []
+        else:
+            metric_exporter: MetricExporter = OTLPMetricExporter()
+            if exports_explicit_buckets(metric_exporter):  # durations aggregated by busagents (_histogram)
+                durations = DurationHistogram(
+                    "messaging.process.duration",
+                    "s",
+                    "Time to handle one message",
+                    InstrumentationScope(_SCOPE, __version__),
+                )
+                metric_exporter = WithDurations(metric_exporter, [durations], resource)
+            readers = [PeriodicExportingMetricReader(metric_exporter)]
     tracer_provider = TracerProvider(resource=resource)  # flushes the shared processor at exit
     tracer_provider.add_span_processor(processor)
 
@@ -469,11 +502,10 @@ def _configure(service_name: str) -> Telemetry | None:
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     parent_based = sampler in {"", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"}
     telemetry = Telemetry(tracer_provider, meter_provider, provider_for=provider_for, parent_based=parent_based)
+    telemetry._durations = durations
     if encoding is not None:  # every provider's one processor: message spans can skip the SDK
         from opentelemetry.sdk.trace import Tracer as SdkTracer
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        from . import __version__
         from ._otlp import SpanRecorder
 
         scope = InstrumentationScope(_SCOPE, __version__)

@@ -113,13 +113,16 @@ class ReceivedSpan:
 class OtlpReceiver:
     """An OTLP/HTTP receiver on a free loopback port that keeps the spans it is sent (``/v1/traces``).
 
-    Point ``OTEL_EXPORTER_OTLP_ENDPOINT`` at :attr:`endpoint`. ``decode=False`` only counts the
-    requests and bytes (what a benchmark needs, at no cost to the process under test).
+    The bodies of metric exports (``/v1/metrics``, ``ExportMetricsServiceRequest`` bytes) are
+    kept as they came, in :attr:`metric_requests`. Point ``OTEL_EXPORTER_OTLP_ENDPOINT`` at
+    :attr:`endpoint`. ``decode=False`` only counts the requests and bytes (what a benchmark needs,
+    at no cost to the process under test).
     """
 
     def __init__(self, *, decode: bool = True) -> None:
         self.decode = decode
         self.spans: list[ReceivedSpan] = []
+        self.metric_requests: list[bytes] = []
         self.requests = 0
         self.bytes = 0
         self._lock = threading.Lock()
@@ -147,6 +150,9 @@ class OtlpReceiver:
         with self._lock:
             self.requests += 1
             self.bytes += len(body)
+        if path == "/v1/metrics" and self.decode:
+            with self._lock:
+                self.metric_requests.append(body)
         if path != "/v1/traces" or not self.decode:
             return
         spans = _decode_spans(body)
