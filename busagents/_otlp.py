@@ -47,7 +47,16 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.util.types import AttributeValue
 
 __all__ = [
@@ -55,6 +64,7 @@ __all__ = [
     "FastOTLPSpanExporter",
     "FixedAttributes",
     "RecordedSpan",
+    "Shape",
     "SpanRecorder",
     "encode_spans",
 ]
@@ -67,6 +77,7 @@ _fixed32 = struct.Struct("<I").pack
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 _MAX_CACHED = 4096  # keys and names kept encoded: the spans' vocabulary is small
+_SHORT = 64  # string attribute values shorter than this (bytes) are written with a kept prefix
 _KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
 
 
@@ -112,12 +123,16 @@ def _value(value: Any) -> bytes:
     raise TypeError(f"cannot encode an attribute value of type {type(value).__name__}")
 
 
-#: A span's (resource, scope, span) bytes; the first two are shared by every span of that resource and scope.
-_Encoded = tuple[bytes, bytes, bytes]
+#: A plain recorded span as :class:`SpanRecorder` queues it: trace id, span id, parent span id (0: a
+#: root), parent is remote, encoded name and kind, start, end, encoded fixed attributes, own attributes.
+_Plain = tuple[int, int, int, bool, bytes, int, int, bytes, dict[str, Any]]
+#: A span's (resource, scope, span) bytes; the first two are shared by every span of that resource and
+#: scope; the span is encoded (a ``ResourceSpans.scope_spans.spans`` field) or still plain.
+_Encoded = tuple[bytes, bytes, "bytes | _Plain"]
 
 
 def assemble(encoded: Sequence[_Encoded]) -> bytes:
-    """The ``ExportTraceServiceRequest`` of spans encoded one by one: grouped by resource, then by scope."""
+    """The ``ExportTraceServiceRequest`` of spans queued one by one: grouped by resource, then by scope."""
     grouped: dict[int, tuple[bytes, dict[int, tuple[bytes, list[bytes]]]]] = {}
     for resource_part, scope_part, span in encoded:
         resource = grouped.get(id(resource_part))
@@ -126,12 +141,35 @@ def assemble(encoded: Sequence[_Encoded]) -> bytes:
         scope = resource[1].get(id(scope_part))
         if scope is None:
             scope = resource[1][id(scope_part)] = (scope_part, [])
-        scope[1].append(span)
+        scope[1].append(span if type(span) is bytes else _plain_span(span))  # type: ignore[arg-type]
     out = []
     for resource_part, scopes in grouped.values():
         scope_spans = b"".join(_field(2, scope_part + b"".join(spans)) for scope_part, spans in scopes.values())
         out.append(_field(1, resource_part + scope_spans))
     return b"".join(out)
+
+
+_IDS = struct.Struct(">HQQHQ").pack  # trace id (two halves) and span id, with their tags
+_TIMES = struct.Struct("<BQBQ").pack  # start and end, with their tags
+_LOW64 = (1 << 64) - 1
+
+
+def _plain_span(plain: _Plain) -> bytes:
+    """A plain span's ``spans`` field: what the SDK's span with the same values encodes to."""
+    trace_id, span_id, parent_id, remote, shape, start, end, fixed, attributes = plain
+    body = b"".join(
+        (
+            _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id),
+            b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",
+            shape,
+            _TIMES(0x39, start, 0x41, end),
+            fixed,
+            _PLAIN.attributes(attributes),
+            b"\x7a\x00",  # an empty Status
+            _FLAGS_REMOTE if remote else _FLAGS_LOCAL,
+        )
+    )
+    return _field(2, body)
 
 
 class _Encoder:
@@ -140,6 +178,7 @@ class _Encoder:
     def __init__(self) -> None:
         self._keys: dict[str, bytes] = {}
         self._names: dict[str, bytes] = {}
+        self._prefixes: dict[str, list[bytes | None]] = {}
         self._resources: dict[int, tuple[Resource, bytes]] = {}
         self._scopes: dict[int, tuple[InstrumentationScope | None, bytes]] = {}
         #: One bytes object per distinct resource or scope encoding: spans of equal resources (an SDK
@@ -192,8 +231,44 @@ class _Encoder:
             cache.clear()
 
     def attributes(self, attributes: Mapping[str, Any] | None) -> bytes:
-        """A span's attributes (repeated field 9)."""
-        return self._attributes(attributes, 9)
+        """A span's attributes (repeated field 9).
+
+        A short string value (the common case: a subject, an id) is written as its key's prefix
+        for that length, kept from one span to the next, and the string itself.
+        """
+        if not attributes:
+            return b""
+        prefixes = self._prefixes
+        parts: list[bytes] = []
+        for key, value in attributes.items():
+            if type(value) is str:
+                raw = value.encode()
+                n = len(raw)
+                if n < _SHORT:
+                    by_length = prefixes.get(key)
+                    if by_length is None:
+                        by_length = self._prefixes_of(key)
+                    prefix = by_length[n]
+                    if prefix is not None:
+                        parts += (prefix, raw)
+                        continue
+            parts.append(self._attributes({key: value}, 9))
+        return b"".join(parts)
+
+    def _prefixes_of(self, key: str) -> list[bytes | None]:
+        """What precedes a string value of each length under ``key`` in a span's attributes
+        (None where the KeyValue would not fit a one-byte length)."""
+        self._trim(self._prefixes)
+        encoded_key = _field(1, key.encode())
+        by_length: list[bytes | None] = []
+        for n in range(_SHORT):
+            size = len(encoded_key) + n + 4  # the key, then the value: AnyValue{string_value}
+            fits = size < 0x80
+            by_length.append(
+                b"\x4a" + _BYTE[size] + encoded_key + b"\x12" + _BYTE[n + 2] + b"\x0a" + _BYTE[n] if fits else None
+            )
+        self._prefixes[key] = by_length
+        return by_length
 
     def _attributes(self, attributes: Mapping[str, Any] | None, number: int = 1) -> bytes:
         """Repeated KeyValue field ``number`` (1 in a Resource, 9 in a Span...)."""
@@ -310,6 +385,9 @@ def _flags(parent: SpanContext | None) -> int:
 
 _FLAGS_LOCAL = b"\x85\x01" + _fixed32(_HAS_IS_REMOTE)
 _FLAGS_REMOTE = b"\x85\x01" + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE)
+
+
+_PLAIN = _Encoder()  # encodes the attributes of plain spans (in the export thread)
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
@@ -534,8 +612,8 @@ class EncodingSpanProcessor(SpanProcessor):
 
 
 class SpanRecorder:
-    """Starts busagents' own message spans (publish, process) of one tracer and writes them to OTLP
-    bytes for an :class:`EncodingSpanProcessor` when they end.
+    """Starts busagents' own message spans (publish, process) of one tracer and queues them for an
+    :class:`EncodingSpanProcessor` when they end.
 
     What the SDK does for a span (sampler, ids, limits, a lock, attribute checks, a ReadableSpan
     copy at the end, then encoding) costs about 50 µs; most of it is the same from one message to
@@ -543,6 +621,10 @@ class SpanRecorder:
     span costs its ids, clock readings and few varying attributes. Only for a tracer whose
     provider's one processor is the EncodingSpanProcessor (no other processor sees these spans).
     The sampler is the provider's: a parent-based one keeps a sampled parent's child without asking.
+
+    A plain span (busagents' attributes only, no event, link, status or trace state: nearly all of
+    them) is queued as a tuple of plain values (:data:`_Plain`), which the export thread encodes:
+    the event loop pays for a tuple, and the tuple holds no object for the garbage collector.
     """
 
     def __init__(self, processor: EncodingSpanProcessor, tracer: SdkTracer, scope: InstrumentationScope) -> None:
@@ -550,13 +632,25 @@ class SpanRecorder:
         self._encoder = processor.encoder
         self.sampler = tracer.sampler
         self._ids = tracer.id_generator
+        self._new_span_id = tracer.id_generator.generate_span_id
         self._random = tracer.id_generator.is_trace_id_random()
         self.limits = SpanLimits()
         self._resource_part, self._scope_part = self._encoder.parts(tracer.resource, scope)
+        self._shapes: dict[tuple[str, SpanKind], Shape] = {}
 
     def fixed(self, attributes: Mapping[str, AttributeValue]) -> FixedAttributes:
         """Attributes every span of a kind carries, encoded once for all of them."""
         return FixedAttributes(dict(attributes), self._encoder.attributes(attributes))
+
+    def shape(self, name: str, kind: SpanKind) -> Shape:
+        """A span name and kind, encoded once (kept: the spans' vocabulary is small)."""
+        key = (name, kind)
+        found = self._shapes.get(key)
+        if found is None:
+            if len(self._shapes) >= _MAX_CACHED:
+                self._shapes.clear()
+            found = self._shapes[key] = Shape(name, kind, self._encoder)
+        return found
 
     def start(
         self,
@@ -574,69 +668,123 @@ class SpanRecorder:
         the sampler keeps the child of a sampled parent (the standard ``parentbased_*`` ones do),
         so it is not asked.
         """
+        shape = self.shape(name, kind)
         if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            flags = TraceFlags.RANDOM_TRACE_ID if parent.trace_flags.random_trace_id else 0
-            if parent_based and parent.trace_flags.sampled:  # what a parent-based sampler decides
-                span_context = SpanContext(
-                    trace_id,
-                    self._ids.generate_span_id(),
-                    is_remote=False,
-                    trace_flags=TraceFlags(flags | TraceFlags.SAMPLED),
-                    trace_state=parent.trace_state,
-                )
-                return RecordedSpan(self, name, kind, span_context, parent, fixed, attributes, None)
-        else:
-            parent = None
-            trace_id = self._ids.generate_trace_id()
-            flags = TraceFlags.RANDOM_TRACE_ID if self._random else 0
-        context = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
-        result = self.sampler.should_sample(context, trace_id, name, kind, None, ())
-        if result.decision is Decision.RECORD_AND_SAMPLE:
-            flags |= TraceFlags.SAMPLED
-        span_context = SpanContext(
-            trace_id,
-            self._ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=TraceFlags(flags),
-            trace_state=result.trace_state,
+            return self.child(
+                shape,
+                parent.trace_id,
+                parent.span_id,
+                parent.trace_flags,
+                parent.trace_state,
+                parent.is_remote,
+                fixed,
+                attributes,
+                parent_based=parent_based,
+            )
+        return self.root(shape, fixed, attributes)
+
+    def child(
+        self,
+        shape: Shape,
+        trace_id: int,
+        parent_id: int,
+        flags: int,
+        trace_state: TraceState | None,
+        remote: bool,
+        fixed: FixedAttributes,
+        attributes: dict[str, AttributeValue],
+        *,
+        parent_based: bool = False,
+    ) -> RecordedSpan | NonRecordingSpan:
+        """:meth:`start` with the parent given by its ids (``flags``: its trace flags), no SpanContext made."""
+        if parent_based and flags & _SAMPLED:  # what a parent-based sampler decides
+            return RecordedSpan(
+                self,
+                shape,
+                trace_id,
+                self._new_span_id(),
+                (flags & _RANDOM) | _SAMPLED,
+                trace_state,
+                parent_id,
+                remote,
+                fixed,
+                attributes,
+                None,
+            )
+        parent = SpanContext(
+            trace_id, parent_id, is_remote=remote, trace_flags=TraceFlags(flags), trace_state=trace_state
         )
+        return self._sampled(shape, trace_id, flags & _RANDOM, parent, fixed, attributes)
+
+    def root(
+        self, shape: Shape, fixed: FixedAttributes, attributes: dict[str, AttributeValue]
+    ) -> RecordedSpan | NonRecordingSpan:
+        """The first span of a new trace, if the sampler keeps it."""
+        flags = _RANDOM if self._random else 0
+        return self._sampled(shape, self._ids.generate_trace_id(), flags, None, fixed, attributes)
+
+    def _sampled(
+        self,
+        shape: Shape,
+        trace_id: int,
+        flags: int,
+        parent: SpanContext | None,
+        fixed: FixedAttributes,
+        attributes: dict[str, AttributeValue],
+    ) -> RecordedSpan | NonRecordingSpan:
+        context = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+        result = self.sampler.should_sample(context, trace_id, shape.name, shape.kind, None, ())
+        if result.decision is Decision.RECORD_AND_SAMPLE:
+            flags |= _SAMPLED
+        span_id = self._new_span_id()
         if result.decision is Decision.DROP:
-            return NonRecordingSpan(span_context)
-        return RecordedSpan(self, name, kind, span_context, parent, fixed, attributes, result.attributes)
+            return NonRecordingSpan(
+                SpanContext(
+                    trace_id, span_id, is_remote=False, trace_flags=TraceFlags(flags), trace_state=result.trace_state
+                )
+            )
+        return RecordedSpan(
+            self,
+            shape,
+            trace_id,
+            span_id,
+            flags,
+            result.trace_state,
+            0 if parent is None else parent.span_id,
+            parent is not None and parent.is_remote,
+            fixed,
+            attributes,
+            result.attributes,
+        )
 
     def _finish(self, span: RecordedSpan) -> None:
-        """Encode an ended span and queue it for export (a span that is recorded but not sampled is not exported)."""
-        if not span._context.trace_flags.sampled:
+        """Queue an ended span for export (a span that is recorded but not sampled is not exported)."""
+        if not span._flags & _SAMPLED:
+            return
+        user = span._user
+        parent_id = span._parent_id
+        if (
+            user is None
+            and span._events is None
+            and span._links is None
+            and span._status is _UNSET
+            and not span._trace_state
+        ):  # plain: encoded by the export thread
+            plain = (
+                span._trace_id,
+                span._span_id,
+                parent_id,
+                span._remote,
+                span._shape.encoded,
+                span._start,
+                span._end or 0,
+                span._fixed.encoded,
+                span._attributes,
+            )
+            self._processor.enqueue((self._resource_part, self._scope_part, plain))
             return
         encoder = self._encoder
-        context = span._context
-        parent = span._parent
         try:
-            user = span._user
-            plain = user is None and span._events is None and span._links is None and span._status is _UNSET
-            if plain and not context.trace_state:  # the common case in one join: what span() writes for it
-                body = b"".join(
-                    (
-                        b"\x0a\x10",
-                        context.trace_id.to_bytes(16, "big"),
-                        b"\x12\x08",
-                        context.span_id.to_bytes(8, "big"),
-                        b"" if parent is None else b"\x22\x08" + parent.span_id.to_bytes(8, "big"),
-                        encoder.name(span._name),
-                        _KINDS[span._kind],
-                        b"\x39",
-                        _fixed64(span._start),
-                        b"\x41",
-                        _fixed64(span._end or 0),
-                        span._fixed.encoded,
-                        encoder.attributes(span._attributes),
-                        b"\x7a\x00",  # an empty Status
-                        _FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL,
-                    )
-                )
-                self._processor.enqueue((self._resource_part, self._scope_part, _field(2, body)))
-                return
             if user is None:
                 attributes = span._fixed.encoded + encoder.attributes(span._attributes)
                 dropped = 0
@@ -645,11 +793,12 @@ class SpanRecorder:
                 dropped = user.dropped
             events = span._events
             links = span._links
+            parent = SpanContext(span._trace_id, parent_id, is_remote=span._remote) if parent_id else None
             encoded = encoder.span(
-                context,
+                span.get_span_context(),
                 parent,
-                encoder.name(span._name),
-                span._kind,
+                span._shape.encoded_name,
+                span._shape.kind,
                 span._start,
                 span._end or 0,
                 attributes,
@@ -661,9 +810,21 @@ class SpanRecorder:
                 span._status,
             )
         except Exception:  # a span that does not encode is lost alone, with a trace of why
-            log.exception("busagents could not encode span %r for OTLP", span._name)
+            log.exception("busagents could not encode span %r for OTLP", span._shape.name)
             return
         self._processor.enqueue((self._resource_part, self._scope_part, _field(2, encoded)))
+
+
+class Shape:
+    """A span's name and kind, and their encoding (fields 5 and 6 of a Span)."""
+
+    __slots__ = ("encoded", "encoded_name", "kind", "name")
+
+    def __init__(self, name: str, kind: SpanKind, encoder: _Encoder) -> None:
+        self.name = name
+        self.kind = kind
+        self.encoded_name = encoder.name(name)
+        self.encoded = self.encoded_name + _KINDS[kind]
 
 
 class FixedAttributes:
@@ -677,13 +838,17 @@ class FixedAttributes:
 
 
 _UNSET = Status(StatusCode.UNSET)
+_SAMPLED = int(TraceFlags.SAMPLED)
+_RANDOM = int(TraceFlags.RANDOM_TRACE_ID)
 
 
 class RecordedSpan(trace.Span):
     """A span of :class:`SpanRecorder`: the OpenTelemetry Span API, with the SDK span's limits and
-    semantics (status, exceptions as events, events and links), encoded when it ends.
+    semantics (status, exceptions as events, events and links), queued for export when it ends.
 
-    Like the spans busagents makes it lives in one thread (the event loop's); it takes no lock.
+    Its ids are kept as integers; the SpanContext is made when first asked for (busagents' own
+    spans read the integers). Like the spans busagents makes it lives in one thread (the event
+    loop's); it takes no lock.
     """
 
     __slots__ = (
@@ -692,32 +857,43 @@ class RecordedSpan(trace.Span):
         "_end",
         "_events",
         "_fixed",
-        "_kind",
+        "_flags",
         "_links",
-        "_name",
-        "_parent",
+        "_parent_id",
         "_recorder",
+        "_remote",
+        "_shape",
+        "_span_id",
         "_start",
         "_status",
+        "_trace_id",
+        "_trace_state",
         "_user",
     )
 
     def __init__(
         self,
         recorder: SpanRecorder,
-        name: str,
-        kind: SpanKind,
-        context: SpanContext,
-        parent: SpanContext | None,
+        shape: Shape,
+        trace_id: int,
+        span_id: int,
+        flags: int,
+        trace_state: TraceState | None,
+        parent_id: int,
+        remote: bool,
         fixed: FixedAttributes,
         attributes: dict[str, AttributeValue],
         sampler_attributes: Mapping[str, AttributeValue] | None,
     ) -> None:
         self._recorder = recorder
-        self._name = name
-        self._kind = kind
-        self._context = context
-        self._parent = parent
+        self._shape = shape
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._flags = flags
+        self._trace_state = trace_state
+        self._parent_id = parent_id  # 0: a root
+        self._remote = remote  # the parent came from another process
+        self._context: SpanContext | None = None
         self._fixed = fixed
         self._attributes = attributes
         self._user: BoundedAttributes | None = None
@@ -730,7 +906,20 @@ class RecordedSpan(trace.Span):
         self._start = time.time_ns()
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(
+                self._trace_id,
+                self._span_id,
+                is_remote=False,
+                trace_flags=TraceFlags(self._flags),
+                trace_state=self._trace_state,
+            )
+        return context
+
+    def traceparent(self) -> str:
+        """This span's W3C ``traceparent`` header."""
+        return f"00-{self._trace_id:032x}-{self._span_id:016x}-{self._flags:02x}"
 
     def is_recording(self) -> bool:
         return self._end is None
@@ -740,6 +929,11 @@ class RecordedSpan(trace.Span):
             return
         self._end = end_time if end_time is not None else time.time_ns()
         self._recorder._finish(self)
+
+    def set_own(self, key: str, value: AttributeValue) -> None:
+        """One of busagents' own attributes (a valid value), at no checking cost, before the span ends."""
+        if self._end is None:
+            self._attributes[key] = value
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end is not None:
@@ -758,10 +952,6 @@ class RecordedSpan(trace.Span):
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         for key, value in attributes.items():
             self.set_attribute(key, value)
-
-    def set_own(self, key: str, value: AttributeValue) -> None:
-        """One of busagents' own attributes (a valid value), at no checking cost."""
-        self._attributes[key] = value
 
     def add_event(
         self, name: str, attributes: Mapping[str, AttributeValue] | None = None, timestamp: int | None = None
@@ -789,7 +979,7 @@ class RecordedSpan(trace.Span):
 
     def update_name(self, name: str) -> None:
         if self._end is None:
-            self._name = name
+            self._shape = Shape(name, self._shape.kind, self._recorder._encoder)
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._end is not None or self._status.status_code is StatusCode.OK:

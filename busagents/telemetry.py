@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from ._histogram import DurationHistogram
-    from ._otlp import EncodingSpanProcessor, FixedAttributes, RecordedSpan, SpanRecorder
+    from ._otlp import EncodingSpanProcessor, FixedAttributes, RecordedSpan, Shape, SpanRecorder
 
 __all__ = ["Telemetry", "configure_from_env"]
 
@@ -86,7 +86,8 @@ class Telemetry:
         # are then recorded by a SpanRecorder per tracer instead of the SDK (see _otlp.SpanRecorder).
         self._recorder_of: Callable[[trace.Tracer], SpanRecorder] | None = None
         self._recorders: dict[str | None, SpanRecorder] = {}
-        self._publish_fixed: dict[tuple[bool, str, str | None], FixedAttributes] = {}
+        self._publish_fixed: dict[tuple[bool, str, str, str | None], tuple[Shape, FixedAttributes]] = {}
+        self._own_span: type | None = None  # RecordedSpan, once spans are recorded
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         # Counted in plain ints on the hot path, read by the SDK when it collects.
         self._sent: dict[tuple[str, str], int] = {}
@@ -153,40 +154,45 @@ class Telemetry:
         """A PRODUCER (or CLIENT, for a query) span whose context travels in the envelope.
 
         The span is not made current (nothing runs inside a send); its attributes are computed
-        only when it is recorded (sampled).
+        only when it is recorded (sampled). :meth:`start_publish` without the ``with``.
+        """
+        span = self.start_publish(subject, template, envelope, request=request)
+        if span is None:
+            yield trace.get_current_span()
+            return
+        try:
+            yield span
+        except BaseException as exc:
+            self.failed(span, exc)
+            raise
+        finally:
+            span.end()
+
+    def start_publish(self, subject: str, template: str, envelope: Envelope, *, request: bool = False) -> Span | None:
+        """Start the span of one send and write its context into the envelope (see :meth:`publish_span`).
+
+        The caller ends it (and calls :meth:`failed` if the send raised). None: no span to end,
+        the conversation is not sampled and its context was passed on as it came.
         """
         key = (template, envelope.contract)
         self._sent[key] = self._sent.get(key, 0) + 1
-        parent = trace.get_current_span().get_span_context()
-        if self._parent_based and parent.is_valid and not parent.trace_flags.sampled:
-            # its conversation is not sampled: pass it on
-            envelope.traceparent = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{parent.trace_flags:02x}"
-            envelope.tracestate = parent.trace_state.to_header() if parent.trace_state else None
-            yield trace.get_current_span()
-            return
-        name = f"send {template}" if request else f"publish {template}"
-        kind = SpanKind.CLIENT if request else SpanKind.PRODUCER
+        current = trace.get_current_span()
         recorder = self._recorder(envelope.sender)
         span: Span
-        if recorder is not None:
-            fixed_key = (request, envelope.contract, envelope.sender)
-            fixed = self._publish_fixed.get(fixed_key)
-            if fixed is None:
-                if len(self._publish_fixed) >= 4096:
-                    self._publish_fixed.clear()
-                fixed = self._publish_fixed[fixed_key] = recorder.fixed(
-                    {
-                        "messaging.system": "nats",
-                        "messaging.operation.name": "send" if request else "publish",
-                        "messaging.operation.type": "send",
-                        "busagents.contract": envelope.contract,
-                        "busagents.agent": envelope.sender or "",
-                    }
-                )
-            span = recorder.start(
-                name,
-                kind,
-                parent,
+        if recorder is not None and type(current) is self._own_span:  # busagents' own span: its ids as they are
+            own = cast("RecordedSpan", current)
+            if self._parent_based and not own._flags & 1:  # its conversation is not sampled: pass it on
+                envelope.traceparent = own.traceparent()
+                envelope.tracestate = own._trace_state.to_header() if own._trace_state else None
+                return None
+            shape, fixed = self._publish_parts(recorder, request, template, envelope)
+            span = recorder.child(
+                shape,
+                own._trace_id,
+                own._span_id,
+                own._flags,
+                own._trace_state,
+                False,
                 fixed,
                 {
                     "messaging.destination.name": subject,
@@ -196,32 +202,83 @@ class Telemetry:
                 parent_based=self._parent_based,
             )
         else:
-            span = self.tracer_for(envelope.sender).start_span(name, kind=kind)
-            if span.is_recording():
-                span.set_attributes(
+            parent = current.get_span_context()
+            if self._parent_based and parent.is_valid and not parent.trace_flags.sampled:
+                # its conversation is not sampled: pass it on
+                envelope.traceparent = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{parent.trace_flags:02x}"
+                envelope.tracestate = parent.trace_state.to_header() if parent.trace_state else None
+                return None
+            if recorder is not None:
+                shape, fixed = self._publish_parts(recorder, request, template, envelope)
+                span = recorder.start(
+                    shape.name,
+                    shape.kind,
+                    parent,
+                    fixed,
                     {
-                        "messaging.system": "nats",
-                        "messaging.operation.name": "send" if request else "publish",
-                        "messaging.operation.type": "send",
                         "messaging.destination.name": subject,
                         "messaging.message.id": envelope.id,
                         "messaging.message.conversation_id": envelope.conversation_id,
-                        "busagents.contract": envelope.contract,
-                        "busagents.agent": envelope.sender or "",
-                    }
+                    },
+                    parent_based=self._parent_based,
                 )
-        sc = span.get_span_context()
-        envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
-        envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
-        try:
-            yield span
-        except BaseException as exc:
-            if span.is_recording():
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            span.end()
+            else:
+                name = f"send {template}" if request else f"publish {template}"
+                span = self.tracer_for(envelope.sender).start_span(
+                    name, kind=SpanKind.CLIENT if request else SpanKind.PRODUCER
+                )
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "messaging.system": "nats",
+                            "messaging.operation.name": "send" if request else "publish",
+                            "messaging.operation.type": "send",
+                            "messaging.destination.name": subject,
+                            "messaging.message.id": envelope.id,
+                            "messaging.message.conversation_id": envelope.conversation_id,
+                            "busagents.contract": envelope.contract,
+                            "busagents.agent": envelope.sender or "",
+                        }
+                    )
+        if type(span) is self._own_span:
+            recorded = cast("RecordedSpan", span)
+            envelope.traceparent = recorded.traceparent()
+            envelope.tracestate = recorded._trace_state.to_header() if recorded._trace_state else None
+        else:
+            sc = span.get_span_context()
+            envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+            envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
+        return span
+
+    @staticmethod
+    def failed(span: Span, exc: BaseException) -> None:
+        """Mark a span failed by ``exc``: an exception event and error status."""
+        if span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+    def _publish_parts(
+        self, recorder: SpanRecorder, request: bool, template: str, envelope: Envelope
+    ) -> tuple[Shape, FixedAttributes]:
+        """The encoded name, kind and fixed attributes of a send, kept per sender, contract and subject."""
+        key = (request, template, envelope.contract, envelope.sender)
+        parts = self._publish_fixed.get(key)
+        if parts is None:
+            if len(self._publish_fixed) >= 4096:
+                self._publish_fixed.clear()
+            name = f"send {template}" if request else f"publish {template}"
+            shape = recorder.shape(name, SpanKind.CLIENT if request else SpanKind.PRODUCER)
+            fixed = recorder.fixed(
+                {
+                    "messaging.system": "nats",
+                    "messaging.operation.name": "send" if request else "publish",
+                    "messaging.operation.type": "send",
+                    "busagents.contract": envelope.contract,
+                    "busagents.agent": envelope.sender or "",
+                }
+            )
+            parts = self._publish_fixed[key] = (shape, fixed)
+        return parts
 
     @contextmanager
     def span(
@@ -280,19 +337,23 @@ class Telemetry:
 
         recorder = self._recorder(agent)
         fixed = recorder.fixed(base) if recorder is not None else None
+        shape = recorder.shape(name, kind) if recorder is not None else None
         outcomes = {outcome: outcome.value for outcome in Outcome}
+        handled, handled_key = Outcome.HANDLED, keys[Outcome.HANDLED]
+        own_span = self._own_span
 
         async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
-            parent = _remote_span_context(headers)
-            if parent is not None and parent_based and not parent.trace_flags.sampled:
+            sender = _traceparent(headers)
+            if sender is not None and parent_based and not sender[2]:
                 # its conversation is not sampled: carry it on
+                parent = _span_context(sender)
                 token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
                 try:
                     outcome = await handle(msg)
                 finally:
                     otel_context.detach(token)
-                key = keys[outcome]
+                key = handled_key if outcome is handled else keys[outcome]
                 processed[key] = processed.get(key, 0) + 1
                 return outcome
             attributes: dict[str, AttributeValue] = {
@@ -302,15 +363,20 @@ class Telemetry:
             }
             span: Span
             own: RecordedSpan | None = None
-            if recorder is not None and fixed is not None:
-                if parent is None:  # no sender's span: the current one, as the SDK would take
+            if recorder is not None and fixed is not None and shape is not None:
+                if sender is not None:
+                    trace_id, parent_id, flags, state = sender
+                    started = recorder.child(
+                        shape, trace_id, parent_id, flags, state, True, fixed, attributes, parent_based=parent_based
+                    )
+                else:  # no sender's span: the current one, as the SDK would take
                     parent = trace.get_current_span().get_span_context()
-                started = recorder.start(name, kind, parent, fixed, attributes, parent_based=parent_based)
+                    started = recorder.start(name, kind, parent, fixed, attributes, parent_based=parent_based)
                 span = started
-                own = None if isinstance(started, NonRecordingSpan) else started
+                own = cast("RecordedSpan", started) if type(started) is own_span else None
                 recording = own is not None
             else:
-                context = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+                context = None if sender is None else trace.set_span_in_context(NonRecordingSpan(_span_context(sender)))
                 span = tracer.start_span(name, context=context, kind=kind)
                 recording = span.is_recording()
                 if recording:
@@ -326,48 +392,51 @@ class Telemetry:
                 raise
             else:
                 if recording:
-                    if outcome is not Outcome.HANDLED:
+                    if outcome is not handled:
                         span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
+                    value = "handled" if outcome is handled else outcomes[outcome]
                     if own is not None:
-                        own.set_own("busagents.outcome", outcomes[outcome])
+                        own.set_own("busagents.outcome", value)
                     else:
-                        span.set_attribute("busagents.outcome", outcomes[outcome])
+                        span.set_attribute("busagents.outcome", value)
             finally:
                 otel_context.detach(token)
                 span.end()
             if recording:  # durations are a distribution: sampled messages tell it (counts stay exact)
                 record(time.perf_counter() - start)
-            key = keys[outcome]
+            key = handled_key if outcome is handled else keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
 
         return traced
 
 
-def _remote_span_context(headers: Mapping[str, str] | None) -> SpanContext | None:
+#: A sender's span as its ``traceparent`` header gives it: trace id, span id, sampled (1 or 0), trace state.
+_Sender = tuple[int, int, int, "TraceState | None"]
+
+
+def _traceparent(headers: Mapping[str, str] | None) -> _Sender | None:
     """The sender's span from a W3C ``traceparent`` header, or None (a malformed one starts a new trace)."""
     if not headers:
         return None
     value = headers.get(TRACEPARENT)
     if value is None or len(value) != 55:
         return None
-    version, trace_id, span_id, flags = value[:2], value[3:35], value[36:52], value[53:]
-    if version == "ff" or value[2] != "-" or value[35] != "-" or value[52] != "-":
+    if value[2] != "-" or value[35] != "-" or value[52] != "-" or value[:2] == "ff":
         return None
     try:
-        ids = int(trace_id, 16), int(span_id, 16), int(flags, 16)
+        trace_id, span_id, flags = int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
     except ValueError:
         return None
-    if not ids[0] or not ids[1]:
+    if not trace_id or not span_id:
         return None
     state = headers.get(TRACESTATE)
-    return SpanContext(
-        ids[0],
-        ids[1],
-        is_remote=True,
-        trace_flags=TraceFlags(ids[2] & 1),
-        trace_state=TraceState.from_header([state]) if state else None,
-    )
+    return trace_id, span_id, flags & 1, TraceState.from_header([state]) if state else None
+
+
+def _span_context(sender: _Sender) -> SpanContext:
+    trace_id, span_id, flags, state = sender
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state)
 
 
 #: Span processor settings unless the ``OTEL_BSP_*`` variables say otherwise: a queue that holds
@@ -506,7 +575,7 @@ def _configure(service_name: str) -> Telemetry | None:
     if encoding is not None:  # every provider's one processor: message spans can skip the SDK
         from opentelemetry.sdk.trace import Tracer as SdkTracer
 
-        from ._otlp import SpanRecorder
+        from ._otlp import RecordedSpan, SpanRecorder
 
         scope = InstrumentationScope(_SCOPE, __version__)
 
@@ -515,6 +584,7 @@ def _configure(service_name: str) -> Telemetry | None:
             return SpanRecorder(encoding, tracer, scope)
 
         telemetry._recorder_of = recorder_of
+        telemetry._own_span = RecordedSpan
     return telemetry
 
 

@@ -37,6 +37,7 @@ from busagents._otlp import (
     assemble,
     encode_spans,
 )
+from busagents.telemetry import _span_context, _traceparent
 from busagents.testing import OtlpReceiver
 
 
@@ -274,3 +275,43 @@ def test_a_plain_http_endpoint_is_posted_to_with_the_standard_library(monkeypatc
     proxied = FastOTLPSpanExporter(endpoint="http://collector.example:4318/v1/traces")
     assert not isinstance(proxied._client._transport, _StdlibTransport)  # and so does a proxied one
     proxied.shutdown()  # type: ignore[no-untyped-call]
+
+
+TRACE, SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            (TRACE, SPAN, 1),
+        ),
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",
+            (TRACE, SPAN, 1),
+        ),
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            (TRACE, SPAN, 0),
+        ),
+        ("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None),  # version ff is invalid
+        ("00-00000000000000000000000000000000-b7ad6b7169203331-01", None),  # no trace id
+        ("00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01", None),  # no span id
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0x", None),
+        ("00-0af7651916cd43dd8448eb211c80319cXb7ad6b7169203331-01", None),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331", None),
+        ("not a traceparent", None),
+    ],
+)
+def test_a_senders_traceparent_is_read_or_refused(value: str, expected: tuple[int, int, int] | None) -> None:
+    sender = _traceparent({"traceparent": value})
+    assert (sender[:3] if sender else None) == expected
+    if sender is not None:
+        assert sender[3] is None  # no tracestate header
+        context = _span_context(sender)
+        assert expected is not None and context.is_remote
+        assert (context.trace_id, context.span_id, context.trace_flags.sampled) == (*expected[:2], bool(expected[2]))
+    with_state = _traceparent({"traceparent": value, "tracestate": "vendor=abc"})
+    assert (with_state is None) == (expected is None)
+    assert with_state is None or (with_state[3] is not None and with_state[3].get("vendor") == "abc")
