@@ -44,7 +44,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
@@ -637,6 +637,9 @@ class SpanRecorder:
         self.limits = SpanLimits()
         self._resource_part, self._scope_part = self._encoder.parts(tracer.resource, scope)
         self._shapes: dict[tuple[str, SpanKind], Shape] = {}
+        #: The SDK's default sampler (parentbased_always_on) or always_on: a root is always kept,
+        #: so it is kept here without asking (the sampler would return no attributes, no trace state).
+        self._keeps_roots = self.sampler is DEFAULT_ON or self.sampler is ALWAYS_ON
 
     def fixed(self, attributes: Mapping[str, AttributeValue]) -> FixedAttributes:
         """Attributes every span of a kind carries, encoded once for all of them."""
@@ -721,7 +724,12 @@ class SpanRecorder:
     ) -> RecordedSpan | NonRecordingSpan:
         """The first span of a new trace, if the sampler keeps it."""
         flags = _RANDOM if self._random else 0
-        return self._sampled(shape, self._ids.generate_trace_id(), flags, None, fixed, attributes)
+        trace_id = self._ids.generate_trace_id()
+        if self._keeps_roots:
+            return RecordedSpan(
+                self, shape, trace_id, self._new_span_id(), flags | _SAMPLED, None, 0, False, fixed, attributes, None
+            )
+        return self._sampled(shape, trace_id, flags, None, fixed, attributes)
 
     def _sampled(
         self,
