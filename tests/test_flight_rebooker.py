@@ -3,6 +3,7 @@ seated (the store picks the loser another seat); for the cabin's last seat the l
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +14,7 @@ from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SeatMaps, SqliteStore
 from busagents_flight.view import LiveView
-from busagents_travel import Booking, Disruption, Flight, Leg, RebookPassenger, RebookRejected
+from busagents_travel import Booking, Disruption, Flight, Leg, RebookGroup, RebookPassenger, RebookRejected
 
 from busagents import Bus, Worker
 from busagents.testing import run_agents
@@ -207,3 +208,38 @@ async def test_a_decision_whose_cabin_filled_up_is_upgraded_on_the_same_flight_w
     store = SqliteStore(path)
     assert await store.seat_conflicts() == 0
     await store.close()
+
+
+class _Watched(ReasonerAgent):
+    """A reasoner replica that says when it held the seats of a group."""
+
+    def __init__(self) -> None:
+        super().__init__("offline")
+        self.held_group = asyncio.Event()
+
+    def hold(self, decisions: list[RebookPassenger]) -> None:
+        super().hold(decisions)
+        if decisions and decisions[0].decision_id.startswith("other-"):
+            self.held_group.set()
+
+
+async def test_reasoner_replicas_hold_the_seats_every_replica_gave_out_and_a_new_one_replays_them(bus: Bus) -> None:
+    race = _race(DAY)
+    given = race.decision(race.a)
+    group = RebookGroup(
+        group_id="other-replica-1",
+        decisions=[msgspec.structs.replace(given, decision_id=f"other-{given.decision_id}")],
+    )
+    first, second = _Watched(), _Watched()
+    async with run_agents(bus, ContextAgent(DAY), first):
+        async with Worker([second], bus):
+            await bus.publish(group)  # as another replica would
+            async with asyncio.timeout(10):
+                await first.held_group.wait()
+                await second.held_group.wait()
+        # a replica started now replays the day's groups before it serves
+        late = _Watched()
+        async with Worker([late], bus):
+            assert late.held_group.is_set()
+    for replica in (first, second, late):
+        assert race.seat in replica.held[race.target.flight_id]

@@ -59,7 +59,7 @@ class ReasonerAgent(Agent):
             reasoner = FlightSettings().reasoner
         self.reasoner = load_reasoner(reasoner) if isinstance(reasoner, str) else reasoner
         self.fallback = OfflinePolicy()
-        self.held: dict[str, set[str]] = defaultdict(set)  # seats this replica gave out, by flight
+        self.held: dict[str, set[str]] = defaultdict(set)  # seats given out (by any replica), by flight
         self.replaced = 0  # decisions of the backend that failed the check
         self.approvals = Approvals(LLMSettings.for_agent(self.name))  # costly decisions wait for a human
 
@@ -73,6 +73,20 @@ class ReasonerAgent(Agent):
     @on(FlightCancelled)
     async def cancelled(self, event: FlightCancelled, ctx: Context) -> None:
         await self._assess(Disruption.of(event), ctx)
+
+    @on(RebookGroup, view=True)
+    async def given_out(self, group: RebookGroup, ctx: Context) -> None:
+        """Every replica reads every group, its own and the others': the seats any replica gave out
+        are held here too, so that replicas seldom offer the same seat twice (what is left is two
+        decisions made in the same few milliseconds; the rebooker refuses the second). A replica
+        that starts or restarts mid-day replays the day's groups before it decides anything."""
+        self.hold(group.decisions)
+
+    def hold(self, decisions: list[RebookPassenger]) -> None:
+        """Count the seats of ``decisions`` as given out."""
+        for decision in decisions:
+            for leg in decision.new_legs:
+                self.held[leg.flight_id].update(leg.seats)
 
     @on(RebookRejected)
     async def rejected(self, rejection: RebookRejected, ctx: Context) -> None:
@@ -153,9 +167,7 @@ class ReasonerAgent(Agent):
             )
             decisions = []
         checked = await self.approvals.hold(self._check(case, decisions, cache, lookup), ctx)
-        for decision in checked:
-            for leg in decision.new_legs:
-                self.held[leg.flight_id].update(leg.seats)
+        self.hold(checked)
         return checked
 
     def _check(
