@@ -70,7 +70,10 @@ async def test_poison_message_that_kills_its_process_each_time_is_dead_lettered_
 ) -> None:
     db = str(tmp_path / "ledger.db")
     started = time.perf_counter()
-    env = {"BUSAGENTS_ACK_WAIT": "1", "BUSAGENTS_MAX_DELIVER": "2"}
+    # JetStream sends the max-deliveries advisory one ack wait after the last delivery, on core NATS:
+    # the restarted process must be subscribed by then (it took 2 to 3 s to start on a slow 2-core
+    # machine, where an ack wait of 1 s lost the advisory).
+    env = {"BUSAGENTS_ACK_WAIT": "6", "BUSAGENTS_MAX_DELIVER": "2"}
     with NatsServer() as server:
         bus = await Bus.connect(server.url)
         agents = [spawn_ledger(server.url, db, **env)]
