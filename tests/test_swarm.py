@@ -68,6 +68,37 @@ class Pricer(Agent):
         return Price(cents=100)
 
 
+@command("test.graph.store", durable=True)
+class Store(msgspec.Struct):
+    item: str
+
+
+class Storer(Agent):
+    @on(Store)
+    async def store(self, msg: Store, ctx: Context) -> None:
+        pass
+
+
+class OtherStorer(Agent):
+    @on(Store)
+    async def store(self, msg: Store, ctx: Context) -> None:
+        pass
+
+
+class StoreViewer(Agent):
+    produces = (Store,)
+
+    @on(Store, view=True)
+    async def stored(self, msg: Store, ctx: Context) -> None:
+        pass
+
+
+def test_a_command_has_one_handling_agent_type_and_views_of_its_stream_do_not_count() -> None:
+    problems = [str(p) for p in Graph([Storer, OtherStorer, StoreViewer]).check()]
+    assert problems == ["error: command Store is consumed by several agent types: ['storer', 'other_storer']"]
+    assert Graph([Storer, StoreViewer]).check() == []  # the viewer produces it and reads its stream
+
+
 def test_graph_check_finds_missing_producers_and_handlers() -> None:
     problems = [str(p) for p in Graph([Watcher]).check()]
     assert "warning: Seen is consumed by ['watcher'] but no agent produces it" in problems

@@ -43,9 +43,13 @@ class Graph:
         self.agents = list(agents)
         self.consumers: dict[type[Any], list[str]] = {}
         self.producers: dict[type[Any], list[str]] = {}
+        #: contract -> the agents that only read it into a view (``@on(C, view=True)``)
+        self.viewers: dict[type[Any], list[str]] = {}
         for agent in self.agents:
             for contract in agent.consumes():
                 self.consumers.setdefault(contract, []).append(agent.name)
+                if agent.handlers[contract].view:
+                    self.viewers.setdefault(contract, []).append(agent.name)
             for contract in agent.produces:
                 self.producers.setdefault(contract, []).append(agent.name)
 
@@ -72,9 +76,10 @@ class Graph:
                 problems.append(
                     GraphProblem("warning", f"{info.name} is consumed by {consumers} but no agent produces it")
                 )
-            if info.kind is Kind.COMMAND and len(consumers) > 1:
+            handling = [name for name in consumers if name not in self.viewers.get(contract, ())]
+            if info.kind is Kind.COMMAND and len(handling) > 1:  # a view reads the stream: it handles nothing
                 problems.append(
-                    GraphProblem("error", f"command {info.name} is consumed by several agent types: {consumers}")
+                    GraphProblem("error", f"command {info.name} is consumed by several agent types: {handling}")
                 )
         for contract, producers in self.producers.items():
             info = contract_info(contract)
