@@ -177,69 +177,62 @@ class Telemetry:
         key = (template, envelope.contract)
         self._sent[key] = self._sent.get(key, 0) + 1
         current = trace.get_current_span()
+        # busagents' own span (a handler's): its ids as they are, no SpanContext made
+        own = cast("RecordedSpan", current) if type(current) is self._own_span else None
+        parent = None if own is not None else current.get_span_context()
+        if own is not None:
+            unsampled = not own._flags & 1
+        else:
+            unsampled = parent is not None and parent.is_valid and not parent.trace_flags.sampled
+        if self._parent_based and unsampled:  # its conversation is not sampled: pass it on
+            self._carry(envelope, current)
+            return None
         recorder = self._recorder(envelope.sender)
         span: Span
-        if recorder is not None and type(current) is self._own_span:  # busagents' own span: its ids as they are
-            own = cast("RecordedSpan", current)
-            if self._parent_based and not own._flags & 1:  # its conversation is not sampled: pass it on
-                envelope.traceparent = own.traceparent()
-                envelope.tracestate = own._trace_state.to_header() if own._trace_state else None
-                return None
+        if recorder is not None:
             shape, fixed = self._publish_parts(recorder, request, template, envelope)
-            span = recorder.child(
-                shape,
-                own._trace_id,
-                own._span_id,
-                own._flags,
-                own._trace_state,
-                False,
-                fixed,
-                {
-                    "messaging.destination.name": subject,
-                    "messaging.message.id": envelope.id,
-                    "messaging.message.conversation_id": envelope.conversation_id,
-                },
-                parent_based=self._parent_based,
-            )
-        else:
-            parent = current.get_span_context()
-            if self._parent_based and parent.is_valid and not parent.trace_flags.sampled:
-                # its conversation is not sampled: pass it on
-                envelope.traceparent = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{parent.trace_flags:02x}"
-                envelope.tracestate = parent.trace_state.to_header() if parent.trace_state else None
-                return None
-            if recorder is not None:
-                shape, fixed = self._publish_parts(recorder, request, template, envelope)
-                span = recorder.start(
-                    shape.name,
-                    shape.kind,
-                    parent,
+            attributes: dict[str, AttributeValue] = {
+                "messaging.destination.name": subject,
+                "messaging.message.id": envelope.id,
+                "messaging.message.conversation_id": envelope.conversation_id,
+            }
+            if own is not None:
+                span = recorder.child(
+                    shape,
+                    own._trace_id,
+                    own._span_id,
+                    own._flags,
+                    own._trace_state,
+                    False,
                     fixed,
-                    {
-                        "messaging.destination.name": subject,
-                        "messaging.message.id": envelope.id,
-                        "messaging.message.conversation_id": envelope.conversation_id,
-                    },
+                    attributes,
                     parent_based=self._parent_based,
                 )
             else:
-                name = f"send {template}" if request else f"publish {template}"
-                span = self.tracer_for(envelope.sender).start_span(
-                    name, kind=SpanKind.CLIENT if request else SpanKind.PRODUCER
+                parent_based = self._parent_based
+                span = recorder.start(shape.name, shape.kind, parent, fixed, attributes, parent_based=parent_based)
+        else:
+            name = f"send {template}" if request else f"publish {template}"
+            kind = SpanKind.CLIENT if request else SpanKind.PRODUCER
+            span = self.tracer_for(envelope.sender).start_span(name, kind=kind)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.operation.name": "send" if request else "publish",
+                        "messaging.operation.type": "send",
+                        "messaging.destination.name": subject,
+                        "messaging.message.id": envelope.id,
+                        "messaging.message.conversation_id": envelope.conversation_id,
+                        "busagents.contract": envelope.contract,
+                        "busagents.agent": envelope.sender or "",
+                    }
                 )
-                if span.is_recording():
-                    span.set_attributes(
-                        {
-                            "messaging.system": "nats",
-                            "messaging.operation.name": "send" if request else "publish",
-                            "messaging.operation.type": "send",
-                            "messaging.destination.name": subject,
-                            "messaging.message.id": envelope.id,
-                            "messaging.message.conversation_id": envelope.conversation_id,
-                            "busagents.contract": envelope.contract,
-                            "busagents.agent": envelope.sender or "",
-                        }
-                    )
+        self._carry(envelope, span)
+        return span
+
+    def _carry(self, envelope: Envelope, span: Span) -> None:
+        """Write ``span``'s context into the envelope (``traceparent``, ``tracestate``)."""
         if type(span) is self._own_span:
             recorded = cast("RecordedSpan", span)
             envelope.traceparent = recorded.traceparent()
@@ -248,7 +241,6 @@ class Telemetry:
             sc = span.get_span_context()
             envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
             envelope.tracestate = sc.trace_state.to_header() if sc.trace_state else None
-        return span
 
     @staticmethod
     def failed(span: Span, exc: BaseException) -> None:
