@@ -331,7 +331,7 @@ class Telemetry:
         fixed = recorder.fixed(base) if recorder is not None else None
         shape = recorder.shape(name, kind) if recorder is not None else None
         outcomes = {outcome: outcome.value for outcome in Outcome}
-        handled, handled_key = Outcome.HANDLED, keys[Outcome.HANDLED]
+        handled, handled_key, handled_value = Outcome.HANDLED, keys[Outcome.HANDLED], outcomes[Outcome.HANDLED]
         own_span = self._own_span
 
         async def traced(msg: Msg) -> Outcome:
@@ -386,7 +386,7 @@ class Telemetry:
                 if recording:
                     if outcome is not handled:
                         span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
-                    value = "handled" if outcome is handled else outcomes[outcome]
+                    value = handled_value if outcome is handled else outcomes[outcome]
                     if own is not None:
                         own.set_own("busagents.outcome", value)
                     else:
@@ -523,6 +523,7 @@ def _configure(service_name: str) -> Telemetry | None:
     processor: SpanProcessor
     encoding: EncodingSpanProcessor | None = None
     durations: DurationHistogram | None = None
+    scope = InstrumentationScope(_SCOPE, __version__)  # busagents' spans and metrics
     if exporter == "console":  # spans as JSON on stdout: a look without a backend
         processor = BatchSpanProcessor(ConsoleSpanExporter(), **batch)
         readers: list[MetricReader] = []
@@ -545,7 +546,7 @@ def _configure(service_name: str) -> Telemetry | None:
                     "messaging.process.duration",
                     "s",
                     "Time to handle one message",
-                    InstrumentationScope(_SCOPE, __version__),
+                    scope,
                 )
                 metric_exporter = WithDurations(metric_exporter, [durations], resource)
             readers = [PeriodicExportingMetricReader(metric_exporter)]
@@ -568,8 +569,6 @@ def _configure(service_name: str) -> Telemetry | None:
         from opentelemetry.sdk.trace import Tracer as SdkTracer
 
         from ._otlp import RecordedSpan, SpanRecorder
-
-        scope = InstrumentationScope(_SCOPE, __version__)
 
         def recorder_of(tracer: trace.Tracer) -> SpanRecorder:
             assert isinstance(tracer, SdkTracer)
