@@ -125,6 +125,8 @@ class OtlpReceiver:
         self.metric_requests: list[bytes] = []
         self.requests = 0
         self.bytes = 0
+        #: TCP connections accepted: a sender that keeps its connection alive (HTTP/1.1) opens one.
+        self.connections = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -163,6 +165,13 @@ class OtlpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps the connection, as collectors do (HTTP/1.0 closes each)
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver._lock:
+                    receiver.connections += 1
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receiver._keep(self.path, body)

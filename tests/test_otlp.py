@@ -264,6 +264,7 @@ def test_a_plain_http_endpoint_is_posted_to_with_the_standard_library(monkeypatc
         assert exporter.export_encoded(encode_spans(spans)) and exporter.export_encoded(encode_spans(spans[:1]))
         exporter.shutdown()  # type: ignore[no-untyped-call]
         assert receiver.requests == 2
+        assert receiver.connections == 1  # kept alive from one export to the next
         assert sorted(s.name for s in receiver.snapshot()) == sorted([s.name for s in spans] + [spans[0].name])
     closed = FastOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces", timeout=0.5)  # nobody listens now
     assert not closed.export_encoded(encode_spans(spans))  # the library's retries, then given up
