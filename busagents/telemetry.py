@@ -64,6 +64,11 @@ class Telemetry:
     ``parent_based``: the providers' sampler drops every span whose parent was not sampled (the
     standard ``parentbased_*`` samplers do), so such a hop skips making one: it carries its
     parent's context on, at no cost.
+    ``trace_views``: a view handler's message (``@on(C, view=True)``) gets a CONSUMER span too.
+    By default it gets none: a view is an agent's state, not a hop of the conversation; every
+    replica reads every message, and a replica that starts replays the whole stream, which
+    would add spans to conversations long over. A view handler still runs in the sender's
+    trace context (what it publishes continues the trace) and is counted in the metrics.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class Telemetry:
         *,
         provider_for: Callable[[str], trace.TracerProvider] | None = None,
         parent_based: bool = False,
+        trace_views: bool = False,
     ) -> None:
         from . import __version__
         from ._histogram import DURATION_BUCKETS
@@ -81,6 +87,7 @@ class Telemetry:
         self.tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
         self._provider_for = provider_for
         self._parent_based = parent_based
+        self.trace_views = trace_views
         self._tracers: dict[str, trace.Tracer] = {}
         # Set by configure_from_env when its spans go to busagents' own OTLP encoder: message spans
         # are then recorded by a SpanRecorder per tracer instead of the SDK (see _otlp.SpanRecorder).
@@ -295,12 +302,14 @@ class Telemetry:
         contract: str,
         template: str,
         query: bool = False,
+        view: bool = False,
     ) -> Callable[[Msg], Awaitable[Outcome]]:
         """Wrap a worker's message handler in a CONSUMER span (SERVER for a query) parented by the sender's span.
 
         The span is current while the handler runs, so what it publishes or asks is its child.
         Its status is the outcome ``handle`` returns: an error when the message was
-        dead-lettered or is to be retried.
+        dead-lettered or is to be retried. ``view``: the handler of a view, which gets no span
+        unless :attr:`trace_views` (it runs in the sender's context, and is counted).
         """
         name = f"process {template}"
         tracer = self.tracer_for(agent)
@@ -334,20 +343,32 @@ class Telemetry:
         handled, handled_key, handled_value = Outcome.HANDLED, keys[Outcome.HANDLED], outcomes[Outcome.HANDLED]
         own_span = self._own_span
 
-        async def traced(msg: Msg) -> Outcome:
-            headers = msg.headers
-            sender = _traceparent(headers)
-            if sender is not None and parent_based and not sender[2]:
-                # its conversation is not sampled: carry it on
-                parent = _span_context(sender)
-                token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+        async def carried(msg: Msg, sender: _Sender | None) -> Outcome:
+            """No span: the handler runs in the sender's context, and is counted."""
+            if sender is None:
+                outcome = await handle(msg)
+            else:
+                token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(_span_context(sender))))
                 try:
                     outcome = await handle(msg)
                 finally:
                     otel_context.detach(token)
-                key = handled_key if outcome is handled else keys[outcome]
-                processed[key] = processed.get(key, 0) + 1
-                return outcome
+            key = handled_key if outcome is handled else keys[outcome]
+            processed[key] = processed.get(key, 0) + 1
+            return outcome
+
+        if view and not self.trace_views:
+
+            async def viewed(msg: Msg) -> Outcome:
+                return await carried(msg, _traceparent(msg.headers))
+
+            return viewed
+
+        async def traced(msg: Msg) -> Outcome:
+            headers = msg.headers
+            sender = _traceparent(headers)
+            if sender is not None and parent_based and not sender[2]:
+                return await carried(msg, sender)  # its conversation is not sampled: carry it on
             attributes: dict[str, AttributeValue] = {
                 "messaging.destination.name": msg.subject,
                 "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
@@ -563,7 +584,10 @@ def _configure(service_name: str) -> Telemetry | None:
     metrics.set_meter_provider(meter_provider)
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     parent_based = sampler in {"", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"}
-    telemetry = Telemetry(tracer_provider, meter_provider, provider_for=provider_for, parent_based=parent_based)
+    trace_views = env.get("BUSAGENTS_TRACE_VIEWS", "") in {"1", "true", "yes"}
+    telemetry = Telemetry(
+        tracer_provider, meter_provider, provider_for=provider_for, parent_based=parent_based, trace_views=trace_views
+    )
     telemetry._durations = durations
     if encoding is not None:  # every provider's one processor: message spans can skip the SDK
         from opentelemetry.sdk.trace import Tracer as SdkTracer

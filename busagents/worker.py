@@ -317,7 +317,8 @@ class Worker:
         await self.drain()
 
     def _traced(self, agent: Agent, handler: Handler, handle: HandleMsg) -> Callable[[Msg], Awaitable[None]]:
-        """The handler as mailboxes and consumers take it (they ignore the outcome), in a span when traced."""
+        """The handler as mailboxes and consumers take it (they ignore the outcome), in a span when traced
+        (a view's handler: see :class:`~busagents.telemetry.Telemetry`, ``trace_views``)."""
         handle = self.services[agent.name].counted(handler, handle)
         if self.bus.telemetry is not None:
             handle = self.bus.telemetry.traced_handle(
@@ -326,6 +327,7 @@ class Worker:
                 contract=handler.contract.name,
                 template=handler.contract.subscribe_subject,
                 query=handler.contract.kind is Kind.QUERY,
+                view=handler.view,
             )
         return cast(Callable[[Msg], Awaitable[None]], handle)
 

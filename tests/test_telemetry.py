@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import msgspec
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -22,13 +23,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from busagents import Agent, Bus, Context, on
+from busagents import Agent, Bus, Context, event, on
 from busagents.server import NatsServer
 from busagents.telemetry import Telemetry
 from busagents.testing import OtlpReceiver, delete_streams, run_agents
 
 from .drain_agent import Done, Job
 from .test_envelope import First, HopA, HopD, Second, Third
+from .test_view import PriceSet
 
 
 async def test_one_trace_spans_every_hop_of_a_conversation(nats_server: NatsServer) -> None:
@@ -352,3 +354,54 @@ def test_the_standard_sampler_variables_decide_which_conversations_are_kept(otlp
     assert len(roots) == len(handled) == sampled  # a hop is kept exactly when its conversation's root was
     assert {s.trace_id for s in roots} == {s.trace_id for s in handled}
     assert {s.service for s in roots} == {"probe-feed"} and {s.service for s in handled} == {"probe-agent"}
+
+
+@event("test.telemetry.price-seen", key="item")
+class PriceSeen(msgspec.Struct):
+    item: str
+
+
+class PriceWatch(Agent):
+    """A view of the prices that tells when it saw one (what a view's handler publishes continues the trace)."""
+
+    name = "price-watch"
+    produces = (PriceSeen,)
+
+    @on(PriceSet, view=True)
+    async def price(self, msg: PriceSet, ctx: Context) -> None:
+        await ctx.publish(PriceSeen(item=msg.item))
+
+
+@pytest.mark.parametrize("trace_views", [False, True])
+async def test_a_view_handler_has_no_span_unless_asked_and_stays_in_the_senders_trace(
+    nats_server: NatsServer, trace_views: bool
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(provider, trace_views=trace_views)
+    item = f"view-span-{trace_views}"
+    bus = await Bus.connect(nats_server.url, telemetry=telemetry)
+    try:
+        async with run_agents(bus, PriceWatch()):
+            async with bus.expect(PriceSeen, where=lambda m: m.item == item) as got:
+                sent = await bus.publish(PriceSet(item=item, cents=120))
+    finally:
+        await bus.close()
+    spans = exporter.get_finished_spans()
+    (publish,) = [s for s in spans if s.name == "publish test.view.price.*" and s.attributes
+                  and s.attributes["messaging.message.id"] == sent.id]  # fmt: skip
+    (seen,) = [s for s in spans if s.name == "publish test.telemetry.price-seen.*" and s.attributes
+               and s.attributes["messaging.message.id"] == got.message.envelope.id]  # fmt: skip
+    trace_id = publish.context.trace_id
+    views = [s for s in spans if s.name == "process test.view.price.*" and s.context.trace_id == trace_id]
+    assert seen.context.trace_id == trace_id  # one trace, with or without the view's span
+    assert seen.parent is not None
+    if trace_views:
+        assert [s.kind for s in views] == [SpanKind.CONSUMER]
+        assert seen.parent.span_id == views[0].context.span_id
+    else:
+        assert views == []
+        assert seen.parent.span_id == publish.context.span_id  # the view ran in the sender's context
+    consumed = telemetry._processed[("test.view.price.*", "price-watch", "handled")]
+    assert consumed >= 1  # counted either way
