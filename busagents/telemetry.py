@@ -4,7 +4,8 @@ A :class:`Telemetry` given to a :class:`~busagents.bus.Bus` makes every publish 
 PRODUCER span (and every query a CLIENT span) that writes W3C ``traceparent`` /
 ``tracestate`` into the envelope, and every handled message a CONSUMER span whose
 parent is the sender's span, following the OpenTelemetry messaging semantic
-conventions (a query's handler: a SERVER span). Metrics: messages sent and processed
+conventions (a query's handler: a SERVER span; a view's handler: none unless
+``BUSAGENTS_TRACE_VIEWS=1``, see :class:`Telemetry`). Metrics: messages sent and processed
 (with their outcome), and the processing duration of the messages whose span is sampled.
 Without a Telemetry the hot path pays nothing; with one, a span that is not sampled costs
 no attributes. When :func:`configure_from_env` exports with busagents' own OTLP encoder, the
