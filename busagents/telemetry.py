@@ -360,8 +360,8 @@ class Telemetry:
 
         if view and not self.trace_views:
 
-            async def viewed(msg: Msg) -> Outcome:
-                return await carried(msg, _traceparent(msg.headers))
+            def viewed(msg: Msg) -> Awaitable[Outcome]:  # no coroutine of its own: carried's
+                return carried(msg, _traceparent(msg.headers))
 
             return viewed
 

@@ -30,7 +30,6 @@ from busagents.testing import OtlpReceiver, delete_streams, run_agents
 
 from .drain_agent import Done, Job
 from .test_envelope import First, HopA, HopD, Second, Third
-from .test_view import PriceSet
 
 
 async def test_one_trace_spans_every_hop_of_a_conversation(nats_server: NatsServer) -> None:
@@ -356,6 +355,14 @@ def test_the_standard_sampler_variables_decide_which_conversations_are_kept(otlp
     assert {s.service for s in roots} == {"probe-feed"} and {s.service for s in handled} == {"probe-agent"}
 
 
+@event("test.telemetry.price", key="item", durable=True)
+class PriceSet(msgspec.Struct):
+    """A price on a stream of its own (a view's stream is read whole: other tests' views stay apart)."""
+
+    item: str
+    cents: int
+
+
 @event("test.telemetry.price-seen", key="item")
 class PriceSeen(msgspec.Struct):
     item: str
@@ -389,12 +396,12 @@ async def test_a_view_handler_has_no_span_unless_asked_and_stays_in_the_senders_
     finally:
         await bus.close()
     spans = exporter.get_finished_spans()
-    (publish,) = [s for s in spans if s.name == "publish test.view.price.*" and s.attributes
+    (publish,) = [s for s in spans if s.name == "publish test.telemetry.price.*" and s.attributes
                   and s.attributes["messaging.message.id"] == sent.id]  # fmt: skip
     (seen,) = [s for s in spans if s.name == "publish test.telemetry.price-seen.*" and s.attributes
                and s.attributes["messaging.message.id"] == got.message.envelope.id]  # fmt: skip
     trace_id = publish.context.trace_id
-    views = [s for s in spans if s.name == "process test.view.price.*" and s.context.trace_id == trace_id]
+    views = [s for s in spans if s.name == "process test.telemetry.price.*" and s.context.trace_id == trace_id]
     assert seen.context.trace_id == trace_id  # one trace, with or without the view's span
     assert seen.parent is not None
     if trace_views:
@@ -403,5 +410,5 @@ async def test_a_view_handler_has_no_span_unless_asked_and_stays_in_the_senders_
     else:
         assert views == []
         assert seen.parent.span_id == publish.context.span_id  # the view ran in the sender's context
-    consumed = telemetry._processed[("test.view.price.*", "price-watch", "handled")]
+    consumed = telemetry._processed[("test.telemetry.price.*", "price-watch", "handled")]
     assert consumed >= 1  # counted either way
