@@ -323,26 +323,10 @@ class Telemetry:
             "busagents.agent": agent,
             "busagents.contract": contract,
         }
-        metric_attrs = {"messaging.destination.name": template, "busagents.agent": agent}
-        record: Callable[[float], None]
-        if self._durations is not None:
-            record = self._durations.series(metric_attrs).record
-        else:
-            sdk_record = self.duration.record
-
-            def record(seconds: float) -> None:
-                sdk_record(seconds, metric_attrs)
-
         processed = self._processed
         keys = {outcome: (template, agent, outcome.value) for outcome in Outcome}
+        handled, handled_key = Outcome.HANDLED, keys[Outcome.HANDLED]
         parent_based = self._parent_based
-
-        recorder = self._recorder(agent)
-        fixed = recorder.fixed(base) if recorder is not None else None
-        shape = recorder.shape(name, kind) if recorder is not None else None
-        outcomes = {outcome: outcome.value for outcome in Outcome}
-        handled, handled_key, handled_value = Outcome.HANDLED, keys[Outcome.HANDLED], outcomes[Outcome.HANDLED]
-        own_span = self._own_span
 
         async def carried(msg: Msg, sender: _Sender | None) -> Outcome:
             """No span: the handler runs in the sender's context, and is counted."""
@@ -364,6 +348,23 @@ class Telemetry:
                 return carried(msg, _traceparent(msg.headers))
 
             return viewed
+
+        metric_attrs = {"messaging.destination.name": template, "busagents.agent": agent}
+        record: Callable[[float], None]
+        if self._durations is not None:
+            record = self._durations.series(metric_attrs).record
+        else:
+            sdk_record = self.duration.record
+
+            def record(seconds: float) -> None:
+                sdk_record(seconds, metric_attrs)
+
+        recorder = self._recorder(agent)
+        fixed = recorder.fixed(base) if recorder is not None else None
+        shape = recorder.shape(name, kind) if recorder is not None else None
+        outcomes = {outcome: outcome.value for outcome in Outcome}
+        handled_value = outcomes[Outcome.HANDLED]
+        own_span = self._own_span
 
         async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
