@@ -146,6 +146,30 @@ class Context:
             message, sender=self.agent.name, cause=self.envelope, conversation_id=conversation_id, msg_id=msg_id
         )
 
+    async def publish_many(self, messages: Sequence[Any], *, conversation_id: str | None = None) -> list[Envelope]:
+        """Publish several Events or Commands, in order, as one batch, caused by the message being handled.
+
+        Each gets the id :meth:`publish` would give it, in turn. Traced, the batch is one PRODUCER
+        span that every message carries (``messaging.batch.message_count``), not a span per
+        message: what a handler returns as a list is sent this way.
+        """
+        for message in messages:
+            self._check(message)
+        msg_ids: list[str | None] = []
+        cause_id = self.message_id if self._derive_ids else None
+        for _ in messages:
+            msg_ids.append(derived_id(cause_id, self.agent.name, self._published) if cause_id is not None else None)
+            if self._derive_ids:
+                self._published += 1
+        return await self.bus.publish_many(
+            messages,
+            sender=self.agent.name,
+            cause=self.envelope,
+            conversation_id=conversation_id,
+            msg_ids=msg_ids,
+            llm=self._llm,
+        )
+
     def note_llm(self, note: str) -> None:
         """Say that what this handler publishes from now on was decided with model calls (``Ba-Llm``).
 

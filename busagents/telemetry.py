@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -238,6 +238,82 @@ class Telemetry:
                 )
         self._carry(envelope, span)
         return span
+
+    def start_batch(self, sends: Sequence[tuple[str, str, Envelope]]) -> Span | None:
+        """Start the one span of a batch send and write its context into every envelope of it.
+
+        ``sends``: (subject, template, envelope) of each message, in order, all from one sender.
+        The messaging conventions allow a batch one PRODUCER span whose context every message
+        carries (no span per message): ``messaging.batch.message_count`` says how many; the
+        destination, its template, the contract and the conversation are set when the messages
+        share them. The caller ends it (and calls :meth:`failed` if a send raised). None: no
+        span to end, the conversation is not sampled and its context was passed on as it came.
+        """
+        for _, template, envelope in sends:
+            key = (template, envelope.contract)
+            self._sent[key] = self._sent.get(key, 0) + 1
+        first = sends[0][2]
+        sender = first.sender
+        subjects = {subject for subject, _, _ in sends}
+        templates = {template for _, template, _ in sends}
+        contracts = {envelope.contract for _, _, envelope in sends}
+        conversations = {envelope.conversation_id for _, _, envelope in sends}
+        template = templates.pop() if len(templates) == 1 else ""
+        contract = contracts.pop() if len(contracts) == 1 else ""
+        attributes: dict[str, AttributeValue] = {"messaging.batch.message_count": len(sends)}
+        if len(subjects) == 1:
+            attributes["messaging.destination.name"] = subjects.pop()
+        if template:
+            attributes["messaging.destination.template"] = template
+        if len(conversations) == 1:
+            attributes["messaging.message.conversation_id"] = conversations.pop()
+        name = f"publish {template}" if template else "publish"
+        fixed_attributes: dict[str, AttributeValue] = {
+            "messaging.system": "nats",
+            "messaging.operation.name": "publish",
+            "messaging.operation.type": "send",
+            "busagents.agent": sender or "",
+        }
+        if contract:
+            fixed_attributes["busagents.contract"] = contract
+        current = trace.get_current_span()
+        own = cast("RecordedSpan", current) if type(current) is self._own_span else None
+        parent = None if own is not None else current.get_span_context()
+        if own is not None:
+            unsampled = not own._flags & 1
+        else:
+            unsampled = parent is not None and parent.is_valid and not parent.trace_flags.sampled
+        span: Span
+        if self._parent_based and unsampled:  # its conversation is not sampled: pass it on
+            span = current
+        else:
+            recorder = self._recorder(sender)
+            if recorder is not None:
+                shape = recorder.shape(name, SpanKind.PRODUCER)
+                fixed = recorder.fixed(fixed_attributes)
+                if own is not None:
+                    span = recorder.child(
+                        shape,
+                        own._trace_id,
+                        own._span_id,
+                        own._flags,
+                        own._trace_state,
+                        False,
+                        fixed,
+                        attributes,
+                        parent_based=self._parent_based,
+                    )
+                else:
+                    parent_based = self._parent_based
+                    span = recorder.start(name, SpanKind.PRODUCER, parent, fixed, attributes, parent_based=parent_based)
+            else:
+                span = self.tracer_for(sender).start_span(name, kind=SpanKind.PRODUCER)
+                if span.is_recording():
+                    span.set_attributes({**fixed_attributes, **attributes})
+        self._carry(first, span)
+        for _, _, envelope in sends[1:]:
+            envelope.traceparent, envelope.tracestate = first.traceparent, first.tracestate
+        return None if span is current else span
 
     def _carry(self, envelope: Envelope, span: Span) -> None:
         """Write ``span``'s context into the envelope (``traceparent``, ``tracestate``)."""

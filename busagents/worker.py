@@ -557,8 +557,10 @@ class Worker:
             ctx._check(message)
             if contract_info(type(message)).kind is Kind.QUERY:
                 raise ContractError(f"a handler cannot return the query {type(message).__name__}; use ctx.request")
-        for message in messages:
-            await ctx.publish(message)
+        if len(messages) == 1:
+            await ctx.publish(messages[0])
+        elif messages:
+            await ctx.publish_many(messages)
         return len(messages)
 
     async def _dead_letter(self, agent: Agent, msg: Msg, stage: str, reason: str, *, answer: bool = False) -> None:

@@ -412,3 +412,88 @@ async def test_a_view_handler_has_no_span_unless_asked_and_stays_in_the_senders_
         assert seen.parent.span_id == publish.context.span_id  # the view ran in the sender's context
     consumed = telemetry._processed[("test.telemetry.price.*", "price-watch", "handled")]
     assert consumed >= 1  # counted either way
+
+
+@event("test.telemetry.parcel", key="order")
+class Parcel(msgspec.Struct):
+    order: str
+    items: int
+
+
+@event("test.telemetry.shipped", key="item")
+class Shipped(msgspec.Struct):
+    order: str
+    item: str
+
+
+class Packer(Agent):
+    """Returns one ``Shipped`` per item of a parcel: a batch send."""
+
+    name = "packer"
+    produces = (Shipped,)
+
+    @on(Parcel)
+    async def pack(self, order: Parcel, ctx: Context) -> list[Shipped]:
+        return [Shipped(order=order.order, item=f"{order.order}-{i}") for i in range(order.items)]
+
+
+class ShippedLog(Agent):
+    """Keeps the trace context each ``Shipped`` came with; ``done`` once it has ``expected`` of them."""
+
+    name = "shipped-log"
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.traceparents: list[str | None] = []
+        self.done = asyncio.Event()
+
+    @on(Shipped)
+    async def shipped(self, msg: Shipped, ctx: Context) -> None:
+        assert ctx.envelope is not None
+        self.traceparents.append(ctx.envelope.traceparent)
+        if len(self.traceparents) == self.expected:
+            self.done.set()
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+async def test_what_a_handler_returns_as_a_list_is_one_batch_send_span_every_message_carries(
+    nats_server: NatsServer, sampled: bool
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON if sampled else ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(provider, parent_based=True)
+    log = ShippedLog(expected=5)
+    bus = await Bus.connect(nats_server.url, telemetry=telemetry)
+    try:
+        async with run_agents(bus, Packer(), log):  # leaving it drains the handlers: their spans are ended
+            sent = await bus.publish(Parcel(order=f"batch-{sampled}", items=5))
+            await asyncio.wait_for(log.done.wait(), 10)
+    finally:
+        await bus.close()
+    spans = exporter.get_finished_spans()
+    sends = [s for s in spans if s.name == "publish test.telemetry.shipped.*"]
+    handled = [s for s in spans if s.name == "process test.telemetry.shipped.*"]
+    assert telemetry._sent[("test.telemetry.shipped.*", "Shipped")] == 5, telemetry._sent  # each message counted
+    assert len(set(log.traceparents)) == 1  # every message carries the same context: the batch's
+    traceparent = log.traceparents[0]
+    assert traceparent is not None
+    if not sampled:
+        assert sends == [] and handled == []
+        assert traceparent.endswith("-00")  # the unsampled context, carried on as it came
+        return
+    (send,) = sends  # one span for the five messages
+    assert send.kind is SpanKind.PRODUCER
+    assert send.attributes is not None
+    assert send.attributes["messaging.batch.message_count"] == 5
+    assert send.attributes["messaging.destination.template"] == "test.telemetry.shipped.*"
+    assert "messaging.destination.name" not in send.attributes  # five subjects, one per item
+    assert send.attributes["messaging.message.conversation_id"] == sent.conversation_id
+    assert send.attributes["busagents.agent"] == "packer"
+    (process,) = [s for s in spans if s.name == "process test.telemetry.parcel.*"]
+    assert send.parent is not None and send.parent.span_id == process.context.span_id
+    assert traceparent == f"00-{send.context.trace_id:032x}-{send.context.span_id:016x}-01"
+    assert len(handled) == 5
+    assert {s.parent.span_id for s in handled if s.parent is not None} == {send.context.span_id}
