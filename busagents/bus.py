@@ -466,9 +466,11 @@ class Bus:
         """Publish contract instances in order, as one batch; their envelopes.
 
         Each message is sent as :meth:`publish` sends it (a durable one stored before the next is
-        sent), with the id at its place in ``msg_ids``. Traced, the batch is one PRODUCER span
-        whose context every message carries (``messaging.batch.message_count``), not a span per
-        message. ``llm``: the ``Ba-Llm`` note of every envelope.
+        sent), with the id at its place in ``msg_ids``. Traced, a batch of one conversation (a
+        ``cause`` or a ``conversation_id`` given) is one PRODUCER span whose context every message
+        carries (``messaging.batch.message_count``), not a span per message; messages that start
+        conversations of their own get a span each (one trace per conversation).
+        ``llm``: the ``Ba-Llm`` note of every envelope.
         """
         if msg_ids is not None and len(msg_ids) != len(messages):
             raise ValueError(f"{len(messages)} messages but {len(msg_ids)} message ids")
@@ -489,7 +491,8 @@ class Bus:
                 envelope.llm = llm
             sends.append((info, message, self.prefix + subject_for(info, message), envelope))
         telemetry = self.telemetry
-        if telemetry is None or len(sends) < 2:
+        if telemetry is None or len(sends) < 2 or len({e.conversation_id for _, _, _, e in sends}) > 1:
+            # a span per message: one trace per conversation, and these start several
             return [await self.publish(message, envelope=envelope) for _, message, _, envelope in sends]
         span = telemetry.start_batch([(subject, info.subscribe_subject, e) for info, _, subject, e in sends])
         try:

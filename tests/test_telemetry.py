@@ -497,3 +497,29 @@ async def test_what_a_handler_returns_as_a_list_is_one_batch_send_span_every_mes
     assert traceparent == f"00-{send.context.trace_id:032x}-{send.context.span_id:016x}-01"
     assert len(handled) == 5
     assert {s.parent.span_id for s in handled if s.parent is not None} == {send.context.span_id}
+
+
+async def test_bus_publish_many_is_one_span_per_conversation(nats_server: NatsServer) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = await Bus.connect(nats_server.url, telemetry=Telemetry(provider))
+    try:
+        fresh = await bus.publish_many([Shipped(order="a", item=f"a-{i}") for i in range(3)], sender="feed")
+        joined = await bus.publish_many(
+            [Shipped(order="b", item=f"b-{i}") for i in range(3)], sender="feed", conversation_id="conv-b"
+        )
+        with pytest.raises(ValueError, match="3 messages but 2 message ids"):
+            await bus.publish_many([Shipped(order="c", item=f"c-{i}") for i in range(3)], msg_ids=["x", "y"])
+    finally:
+        await bus.close()
+    spans = exporter.get_finished_spans()
+    # three conversations started: a span each, in a trace each
+    assert len({e.conversation_id for e in fresh}) == 3
+    alone = [s for s in spans if s.attributes and s.attributes.get("messaging.message.id") in {e.id for e in fresh}]
+    assert len(alone) == 3 and len({s.context.trace_id for s in alone}) == 3
+    assert all("messaging.batch.message_count" not in (s.attributes or {}) for s in alone)
+    # one conversation: one span for the three
+    (batch,) = [s for s in spans if s.attributes and s.attributes.get("messaging.message.conversation_id") == "conv-b"]
+    assert batch.attributes is not None and batch.attributes["messaging.batch.message_count"] == 3
+    assert {e.traceparent for e in joined} == {f"00-{batch.context.trace_id:032x}-{batch.context.span_id:016x}-01"}
