@@ -27,7 +27,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ._natspy import heartbeat_check_died
+from ._natspy import heartbeat_check_died, next_pushed, stream_position
 from ._tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -131,17 +131,16 @@ class ViewConsumer:
         while True:
             sub = self._sub
             try:
-                msg = await sub.next_msg(timeout=_HEARTBEAT)
+                msg = await next_pushed(sub, _HEARTBEAT)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue  # or the watchdog replaced the subscription: read the new one
             except nats.errors.BadSubscriptionError:
                 await asyncio.sleep(0.1)  # replaced by the watchdog in the meantime
                 continue
             try:
-                meta = msg.metadata
-                seq, pending = int(meta.sequence.stream), meta.num_pending
-            except Exception:
-                seq, pending = self._last + 1, None
+                seq, pending = stream_position(msg)
+            except (nats.errors.NotJSMessageError, ValueError):
+                seq, pending = self._last + 1, -1  # -1: not known
             if seq <= self._last:
                 continue  # a resumed consumer may start with what we already have
             self._last = seq

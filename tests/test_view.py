@@ -189,3 +189,74 @@ async def test_an_answer_after_catch_up_includes_every_event_stored_before_the_q
         fresh = await asking
     assert stale.items == 0  # a plain read answers from the view as it is
     assert (fresh.items, fresh.cents) == (1, 5)  # catch_up waited for the event stored before the question
+
+
+@event("test.view.blob", key="name", durable=True)
+class Blob(msgspec.Struct):
+    name: str
+    body: str
+
+
+class BlobCount(Agent):
+    name = "blob-count"
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.names: list[str] = []
+        self.done = asyncio.Event()
+
+    @on(Blob, view=True)
+    async def blob(self, msg: Blob, ctx: Context) -> None:
+        self.names.append(msg.name)
+        if len(self.names) == self.expected:
+            self.done.set()
+
+
+async def test_a_view_replays_a_stream_larger_than_flow_control_lets_through_unanswered(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view reads its messages off nats-py's queue itself (busagents._natspy.next_pushed): it must
+    answer the consumer's flow control as nats-py's next_msg does, or the replay stops."""
+    from nats.aio.client import Client
+
+    answered: list[str] = []
+    publish = Client.publish
+
+    async def counting(self: Client, subject: str, *args: object, **kwargs: object) -> None:
+        if subject.startswith("$JS.FC."):
+            answered.append(subject)
+        await publish(self, subject, *args, **kwargs)  # type: ignore[arg-type]
+
+    import busagents.view
+
+    # server heartbeats (which carry a stalled consumer's flow control again) only every 30 s: the
+    # replay does not finish within the 60 s below on them, only with flow control answered as asked
+    monkeypatch.setattr(busagents.view, "_HEARTBEAT", 30.0)
+    body = "x" * 700_000
+    count = 120  # 84 MB: well past what the server sends before it asks for flow control
+    for i in range(count):
+        await bus.publish(Blob(name=f"b{i}", body=body))
+    monkeypatch.setattr(Client, "publish", counting)
+    counter = BlobCount(expected=count)
+    async with run_agents(bus, counter):
+        await asyncio.wait_for(counter.done.wait(), 60)
+    assert counter.names == [f"b{i}" for i in range(count)]  # all of them, in stream order
+    assert answered  # the server asked, and was answered
+
+
+def test_stream_position_reads_both_forms_of_the_ack_subject() -> None:
+    from nats.aio.msg import Msg
+    from nats.errors import NotJSMessageError
+
+    from busagents._natspy import stream_position
+
+    def msg(reply: str) -> Msg:
+        return Msg(_client=None, subject="s", reply=reply)  # type: ignore[arg-type]
+
+    assert stream_position(msg("$JS.ACK.ORDERS.view.1.812.40.1764480000000000000.17")) == (812, 17)
+    v2 = "$JS.ACK.hub.ACCHASH.ORDERS.view.1.812.40.1764480000000000000.17.RANDOM"
+    assert stream_position(msg(v2)) == (812, 17)
+    assert stream_position(msg(v2.rsplit(".", 1)[0])) == (812, 17)  # the random token is optional
+    for reply in ("", "_INBOX.abc.1", "$JS.ACK.too.short"):
+        with pytest.raises(NotJSMessageError):
+            stream_position(msg(reply))
