@@ -164,8 +164,9 @@ class OfflinePolicy(Reasoner):
         )
 
 
-#: Other itineraries a rebook decision offers the rebooker, for when its cabin is full by then.
-_FALLBACKS = 6
+#: Other itineraries a rebook decision offers the rebooker, for when its cabin is full by then
+#: (each in the first cabin the policy would take; the rebooker tries the higher ones itself).
+_FALLBACKS = 3
 
 
 def _needs_hotel(affected: AffectedBooking, itinerary: AlternativeItinerary) -> bool:
@@ -181,18 +182,23 @@ def _fallbacks(
 ) -> list[list[Leg]]:
     """The next choices in the policy's order that have room and keep the chosen one's terms (a hotel
     or not; the booked cabin or above, or a downgrade like it): what the rebooker may take when
-    the chosen one is full by the time it books."""
+    the chosen one is full by the time it books. Without a downgrade, one per itinerary and not
+    the chosen one: the rebooker tries an itinerary's higher cabins itself."""
     hotel = _needs_hotel(affected, chosen[0])
     downgrade = _CABIN_RANK[chosen[1]] < own
+    offered = [chosen[0]]
     out: list[list[Leg]] = []
     for itinerary, cabin in later:
         if len(out) == _FALLBACKS:
             break
         if _needs_hotel(affected, itinerary) != hotel or (_CABIN_RANK[cabin] < own) != downgrade:
             continue
+        if not downgrade and any(itinerary is it for it in offered):
+            continue
         legs = _seat(itinerary, cabin, affected.booking.passengers, taken)  # proposed only: not marked taken
         if legs is not None:
             out.append(legs)
+            offered.append(itinerary)
     return out
 
 
