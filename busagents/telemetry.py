@@ -184,14 +184,7 @@ class Telemetry:
         """
         key = (template, envelope.contract)
         self._sent[key] = self._sent.get(key, 0) + 1
-        current = trace.get_current_span()
-        # busagents' own span (a handler's): its ids as they are, no SpanContext made
-        own = cast("RecordedSpan", current) if type(current) is self._own_span else None
-        parent = None if own is not None else current.get_span_context()
-        if own is not None:
-            unsampled = not own._flags & 1
-        else:
-            unsampled = parent is not None and parent.is_valid and not parent.trace_flags.sampled
+        current, own, parent, unsampled = self._parent()
         if self._parent_based and unsampled:  # its conversation is not sampled: pass it on
             self._carry(envelope, current)
             return None
@@ -204,21 +197,7 @@ class Telemetry:
                 "messaging.message.id": envelope.id,
                 "messaging.message.conversation_id": envelope.conversation_id,
             }
-            if own is not None:
-                span = recorder.child(
-                    shape,
-                    own._trace_id,
-                    own._span_id,
-                    own._flags,
-                    own._trace_state,
-                    False,
-                    fixed,
-                    attributes,
-                    parent_based=self._parent_based,
-                )
-            else:
-                parent_based = self._parent_based
-                span = recorder.start(shape.name, shape.kind, parent, fixed, attributes, parent_based=parent_based)
+            span = self._record(recorder, shape, fixed, attributes, own, parent)
         else:
             name = f"send {template}" if request else f"publish {template}"
             kind = SpanKind.CLIENT if request else SpanKind.PRODUCER
@@ -276,36 +255,15 @@ class Telemetry:
         }
         if contract:
             fixed_attributes["busagents.contract"] = contract
-        current = trace.get_current_span()
-        own = cast("RecordedSpan", current) if type(current) is self._own_span else None
-        parent = None if own is not None else current.get_span_context()
-        if own is not None:
-            unsampled = not own._flags & 1
-        else:
-            unsampled = parent is not None and parent.is_valid and not parent.trace_flags.sampled
+        current, own, parent, unsampled = self._parent()
         span: Span
         if self._parent_based and unsampled:  # its conversation is not sampled: pass it on
             span = current
         else:
             recorder = self._recorder(sender)
             if recorder is not None:
-                shape = recorder.shape(name, SpanKind.PRODUCER)
-                fixed = recorder.fixed(fixed_attributes)
-                if own is not None:
-                    span = recorder.child(
-                        shape,
-                        own._trace_id,
-                        own._span_id,
-                        own._flags,
-                        own._trace_state,
-                        False,
-                        fixed,
-                        attributes,
-                        parent_based=self._parent_based,
-                    )
-                else:
-                    parent_based = self._parent_based
-                    span = recorder.start(name, SpanKind.PRODUCER, parent, fixed, attributes, parent_based=parent_based)
+                shape, fixed = recorder.shape(name, SpanKind.PRODUCER), recorder.fixed(fixed_attributes)
+                span = self._record(recorder, shape, fixed, attributes, own, parent)
             else:
                 span = self.tracer_for(sender).start_span(name, kind=SpanKind.PRODUCER)
                 if span.is_recording():
@@ -314,6 +272,40 @@ class Telemetry:
         for _, _, envelope in sends[1:]:
             envelope.traceparent, envelope.tracestate = first.traceparent, first.tracestate
         return None if span is current else span
+
+    def _parent(self) -> tuple[Span, RecordedSpan | None, SpanContext | None, bool]:
+        """The current span; it again as busagents' own span (a handler's: its ids as they are, no
+        SpanContext made), else its context; and whether its conversation is not sampled."""
+        current = trace.get_current_span()
+        if type(current) is self._own_span:
+            own = cast("RecordedSpan", current)
+            return current, own, None, not own._flags & 1
+        parent = current.get_span_context()
+        return current, None, parent, parent is not None and parent.is_valid and not parent.trace_flags.sampled
+
+    def _record(
+        self,
+        recorder: SpanRecorder,
+        shape: Shape,
+        fixed: FixedAttributes,
+        attributes: dict[str, AttributeValue],
+        own: RecordedSpan | None,
+        parent: SpanContext | None,
+    ) -> Span:
+        """A send span recorded by busagents, child of ``own`` or of ``parent`` (none valid: a root)."""
+        if own is not None:
+            return recorder.child(
+                shape,
+                own._trace_id,
+                own._span_id,
+                own._flags,
+                own._trace_state,
+                False,
+                fixed,
+                attributes,
+                parent_based=self._parent_based,
+            )
+        return recorder.start(shape.name, shape.kind, parent, fixed, attributes, parent_based=self._parent_based)
 
     def _carry(self, envelope: Envelope, span: Span) -> None:
         """Write ``span``'s context into the envelope (``traceparent``, ``tracestate``)."""
