@@ -287,8 +287,11 @@ async def open_state(
     try:
         kv = await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
+        # One replica: reads go straight to the server that holds it ("direct get": no API request,
+        # no audit advisory, the entry's bytes as they are). With more, a direct get may be answered
+        # by a follower behind the leader, so those read through the leader.
         config = nats.js.api.KeyValueConfig(
-            bucket=bucket, history=1, storage=nats.js.api.StorageType.FILE, replicas=replicas
+            bucket=bucket, history=1, storage=nats.js.api.StorageType.FILE, replicas=replicas, direct=replicas == 1
         )
         kv = await js.create_key_value(config)
     return State(kv, bucket, type_, nc)

@@ -130,6 +130,8 @@ async def test_typed_values_revisions_conflicts_and_deletes(bus: Bus) -> None:
     # stored as plain JSON: any NATS client reads it
     raw = await bus.js.key_value("profiles")
     assert json.loads((await raw.get("p-2")).value or b"") == {"name": "Bob", "tier": "basic"}
+    # one replica: read by direct get (what every read above went through, deletes included)
+    assert (await bus.js.stream_info("KV_profiles")).config.allow_direct
 
 
 async def test_bad_keys_bad_values_and_bad_bucket_names_are_clear_errors(bus: Bus) -> None:
