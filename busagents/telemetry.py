@@ -232,6 +232,10 @@ class Telemetry:
             key = (template, envelope.contract)
             self._sent[key] = self._sent.get(key, 0) + 1
         first = sends[0][2]
+        current, own, parent, unsampled = self._parent()
+        if self._parent_based and unsampled:  # its conversation is not sampled: pass it on
+            self._carry_all(sends, current)
+            return None
         sender = first.sender
         subjects = {subject for subject, _, _ in sends}
         templates = {template for _, template, _ in sends}
@@ -255,23 +259,24 @@ class Telemetry:
         }
         if contract:
             fixed_attributes["busagents.contract"] = contract
-        current, own, parent, unsampled = self._parent()
         span: Span
-        if self._parent_based and unsampled:  # its conversation is not sampled: pass it on
-            span = current
+        recorder = self._recorder(sender)
+        if recorder is not None:
+            shape, fixed = recorder.shape(name, SpanKind.PRODUCER), recorder.fixed(fixed_attributes)
+            span = self._record(recorder, shape, fixed, attributes, own, parent)
         else:
-            recorder = self._recorder(sender)
-            if recorder is not None:
-                shape, fixed = recorder.shape(name, SpanKind.PRODUCER), recorder.fixed(fixed_attributes)
-                span = self._record(recorder, shape, fixed, attributes, own, parent)
-            else:
-                span = self.tracer_for(sender).start_span(name, kind=SpanKind.PRODUCER)
-                if span.is_recording():
-                    span.set_attributes({**fixed_attributes, **attributes})
+            span = self.tracer_for(sender).start_span(name, kind=SpanKind.PRODUCER)
+            if span.is_recording():
+                span.set_attributes({**fixed_attributes, **attributes})
+        self._carry_all(sends, span)
+        return span
+
+    def _carry_all(self, sends: Sequence[tuple[str, str, Envelope]], span: Span) -> None:
+        """Write ``span``'s context into the envelope of every send of a batch."""
+        first = sends[0][2]
         self._carry(first, span)
         for _, _, envelope in sends[1:]:
             envelope.traceparent, envelope.tracestate = first.traceparent, first.tracestate
-        return None if span is current else span
 
     def _parent(self) -> tuple[Span, RecordedSpan | None, SpanContext | None, bool]:
         """The current span; it again as busagents' own span (a handler's: its ids as they are, no
