@@ -439,18 +439,20 @@ class Telemetry:
         handled_value = outcomes[Outcome.HANDLED]
         own_span = self._own_span
 
-        async def traced(msg: Msg) -> Outcome:
-            headers = msg.headers
-            sender = _traceparent(headers)
-            if sender is not None and parent_based and not sender[2]:
-                return await carried(msg, sender)  # its conversation is not sampled: carry it on
+        joinable = not query  # a query's reply is its own: one SERVER span per request
+        together: dict[str, _Together] = {}  # the spans of messages being handled now, by the sender's traceparent
+
+        def start_span(
+            msg: Msg, headers: Mapping[str, str] | None, sender: _Sender | None, later: bool
+        ) -> tuple[Span, bool]:
+            """The CONSUMER (SERVER) span of ``msg``, child of its sender's; and whether it records.
+            ``later``: an SDK span that may be shared gets its message's attributes when it ends
+            (:class:`_Together`); busagents' own span gets them now (those not shared are dropped)."""
             attributes: dict[str, AttributeValue] = {
                 "messaging.destination.name": msg.subject,
                 "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
                 "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
             }
-            span: Span
-            own: RecordedSpan | None = None
             if recorder is not None and fixed is not None and shape is not None:
                 if sender is not None:
                     trace_id, parent_id, flags, state = sender
@@ -460,43 +462,199 @@ class Telemetry:
                 else:  # no sender's span: the current one, as the SDK would take
                     parent = trace.get_current_span().get_span_context()
                     started = recorder.start(name, kind, parent, fixed, attributes, parent_based=parent_based)
-                span = started
-                own = cast("RecordedSpan", started) if type(started) is own_span else None
-                recording = own is not None
-            else:
-                context = None if sender is None else trace.set_span_in_context(NonRecordingSpan(_span_context(sender)))
-                span = tracer.start_span(name, context=context, kind=kind)
-                recording = span.is_recording()
-                if recording:
-                    span.set_attributes({**base, **attributes})
-            token = otel_context.attach(trace.set_span_in_context(span))
+                return started, type(started) is own_span
+            context = None if sender is None else trace.set_span_in_context(NonRecordingSpan(_span_context(sender)))
+            span = tracer.start_span(name, context=context, kind=kind)
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes(base if later else {**base, **attributes})
+            return span, recording
+
+        async def traced(msg: Msg) -> Outcome:
+            headers = msg.headers
+            raw = headers.get(TRACEPARENT) if headers else None
+            if raw is not None and joinable:
+                joined = together.get(raw)
+                if joined is not None:  # sent under the span of messages being handled now: their span
+                    return await along(joined, msg, headers)
+            sender = _traceparent(headers)
+            if sender is not None and parent_based and not sender[2]:
+                return await carried(msg, sender)  # its conversation is not sampled: carry it on
+            shareable = joinable and raw is not None and sender is not None
+            span, recording = start_span(msg, headers, sender, shareable)
+            own = type(span) is own_span
+            context = trace.set_span_in_context(span)
+            joined = None
+            if shareable and recording and raw is not None:  # the next message of its batch may join it while it runs
+                joined = together[raw] = _Together(raw, span, own, context, msg.subject, headers)
+            token = otel_context.attach(context)
             start = time.perf_counter()
             try:
                 outcome = await handle(msg)
             except BaseException as exc:
                 if recording:
                     span.record_exception(exc)
-                    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                    why = f"{type(exc).__name__}: {exc}"
+                    span.set_status(Status(StatusCode.ERROR, why))
+                    if joined is not None:
+                        joined.failure(why, None)
                 raise
             else:
                 if recording:
+                    value = handled_value if outcome is handled else outcomes[outcome]
                     if outcome is not handled:
                         span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
-                    value = handled_value if outcome is handled else outcomes[outcome]
-                    if own is not None:
-                        own.set_own("busagents.outcome", value)
+                        if joined is not None:
+                            joined.failure(_FAILED[outcome], value)
+                    if own:
+                        cast("RecordedSpan", span).set_own("busagents.outcome", value)
                     else:
                         span.set_attribute("busagents.outcome", value)
             finally:
                 otel_context.detach(token)
-                span.end()
+                if joined is None:
+                    span.end()
+                else:
+                    joined.running -= 1
+                    if not joined.running:
+                        del together[joined.raw]
+                        joined.end(template)
             if recording:  # durations are a distribution: sampled messages tell it (counts stay exact)
                 record(time.perf_counter() - start)
             key = handled_key if outcome is handled else keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
 
+        async def along(joined: _Together, msg: Msg, headers: Mapping[str, str] | None) -> Outcome:
+            """Handle ``msg`` in the span of the messages of its sender's span handled now (:class:`_Together`)."""
+            joined.join(msg.subject, headers)
+            token = otel_context.attach(joined.context)
+            start = time.perf_counter()
+            try:
+                outcome = await handle(msg)
+            except BaseException as exc:
+                joined.span.record_exception(exc)
+                joined.failure(f"{type(exc).__name__}: {exc}", None)
+                raise
+            else:
+                if outcome is not handled:
+                    joined.failure(_FAILED[outcome], outcomes[outcome])
+            finally:
+                otel_context.detach(token)
+                joined.running -= 1
+                if not joined.running:  # the last of them: the span ends
+                    del together[joined.raw]
+                    joined.end(template)
+            record(time.perf_counter() - start)
+            key = handled_key if outcome is handled else keys[outcome]
+            processed[key] = processed.get(key, 0) + 1
+            return outcome
+
         return traced
+
+
+class _Together:
+    """The one CONSUMER span of messages sent under one span (a batch send) and handled at the same time.
+
+    When a handler waits (on a reply, a store) and the next message of the same batch is taken
+    meanwhile, that message is handled in the span of the first, as the messaging conventions allow
+    for a batch: its context is current in each, ``messaging.batch.message_count`` says how many, and
+    it ends when the last of them is done. What the messages do not share is left out (their ids;
+    their subject or conversation when those differ); a failed message makes it an error that says
+    how many failed and why. A message handled alone has the span it would have had anyway.
+    """
+
+    __slots__ = (
+        "context",
+        "conversation",
+        "count",
+        "failed",
+        "headers",
+        "outcome",
+        "own",
+        "raw",
+        "running",
+        "span",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        raw: str,
+        span: Span,
+        own: bool,
+        context: otel_context.Context,
+        subject: str,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        self.raw = raw
+        self.span = span
+        self.own = own  # busagents' own span: its message's attributes are set; else set at the end
+        self.context = context
+        self.subject: str | None = subject
+        self.headers: Mapping[str, str] = headers or {}  # the first message's
+        self.conversation: str | None = None  # known once a second message joins
+        self.count = 1
+        self.running = 1
+        self.failed: dict[str, int] | None = None  # why -> how many
+        self.outcome: str | None = None  # the first failed outcome
+
+    def join(self, subject: str, headers: Mapping[str, str] | None) -> None:
+        if self.count == 1:
+            self.conversation = self.headers.get(CONVERSATION_ID, "")
+        self.count += 1
+        self.running += 1
+        if subject != self.subject:
+            self.subject = None
+        if self.conversation is not None and (headers.get(CONVERSATION_ID, "") if headers else "") != self.conversation:
+            self.conversation = None
+
+    def failure(self, why: str, outcome: str | None) -> None:
+        failed = self.failed
+        if failed is None:
+            failed = self.failed = {}
+        failed[why] = failed.get(why, 0) + 1
+        if self.outcome is None and outcome is not None:
+            self.outcome = outcome
+
+    def end(self, template: str) -> None:
+        """End the span (``template``: the subscribed subject, said when the messages are more than one)."""
+        span = self.span
+        if self.count == 1:  # alone: its own message's attributes, its outcome and status already set
+            if not self.own:
+                headers = self.headers
+                span.set_attributes(
+                    {
+                        "messaging.destination.name": self.subject or "",
+                        "messaging.message.id": headers.get(MSG_ID, ""),
+                        "messaging.message.conversation_id": headers.get(CONVERSATION_ID, ""),
+                    }
+                )
+            span.end()
+            return
+        attributes: dict[str, AttributeValue] = {
+            "messaging.batch.message_count": self.count,
+            "messaging.destination.template": template,
+        }
+        if self.subject is not None:
+            attributes["messaging.destination.name"] = self.subject
+        if self.conversation is not None:
+            attributes["messaging.message.conversation_id"] = self.conversation
+        if self.outcome is not None:
+            attributes["busagents.outcome"] = self.outcome
+        if self.failed:
+            why = "; ".join(f"{n} of {self.count}: {reason}" for reason, n in self.failed.items())
+            span.set_status(Status(StatusCode.ERROR, why))
+        if self.own:
+            recorded = cast("RecordedSpan", span)
+            for key in ("messaging.message.id", "messaging.destination.name", "messaging.message.conversation_id"):
+                if key not in attributes:
+                    recorded._attributes.pop(key, None)
+            for key, value in attributes.items():
+                recorded.set_own(key, value)
+        else:
+            span.set_attributes(attributes)
+        span.end()
 
 
 #: A sender's span as its ``traceparent`` header gives it: trace id, span id, sampled (1 or 0), trace state.

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from busagents import Agent, Bus, Context, event, on
+from busagents._otlp import EncodingSpanProcessor
 from busagents.server import NatsServer
 from busagents.telemetry import Telemetry
 from busagents.testing import OtlpReceiver, delete_streams, run_agents
@@ -526,3 +527,100 @@ async def test_bus_publish_many_is_one_span_per_conversation(nats_server: NatsSe
     assert traceparent is not None
     assert traceparent.startswith(f"00-{batch.context.trace_id:032x}-{batch.context.span_id:016x}-")
     assert int(traceparent[-2:], 16) & 1  # sampled
+
+
+class ShippedTogether(Agent):
+    """Holds every ``Shipped`` of a parcel until all of them are being handled; one of them fails."""
+
+    name = "shipped-together"
+
+    def __init__(self, expected: int, failing: str) -> None:
+        self.expected = expected
+        self.failing = failing
+        self.arrived = 0
+        self.all_here = asyncio.Event()
+        self.span_ids: set[int] = set()
+
+    @on(Shipped)
+    async def shipped(self, msg: Shipped, ctx: Context) -> None:
+        self.span_ids.add(ctx.span.get_span_context().span_id)
+        self.arrived += 1
+        if self.arrived == self.expected:
+            self.all_here.set()
+        await asyncio.wait_for(self.all_here.wait(), 10)  # each waits, as on a store or a reply
+        if msg.item == self.failing:
+            raise ValueError(f"no room for {msg.item}")
+
+
+def one_span(spans: Sequence[ReadableSpan], name: str) -> ReadableSpan:
+    (found,) = [s for s in spans if s.name == name]
+    return found
+
+
+def _otlp_telemetry(endpoint: str) -> tuple[Telemetry, EncodingSpanProcessor]:
+    """Telemetry whose message spans busagents records and encodes itself, as configure_from_env sets it up."""
+    from opentelemetry.sdk.trace import Tracer as SdkTracer
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from busagents._otlp import FastOTLPSpanExporter, RecordedSpan, SpanRecorder
+
+    processor = EncodingSpanProcessor(FastOTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"))
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    telemetry = Telemetry(provider, parent_based=True)
+
+    def recorder_of(tracer: object) -> SpanRecorder:
+        assert isinstance(tracer, SdkTracer)
+        return SpanRecorder(processor, tracer, InstrumentationScope("busagents", "test"))
+
+    telemetry._recorder_of = recorder_of
+    telemetry._own_span = RecordedSpan
+    return telemetry, processor
+
+
+@pytest.mark.parametrize("spans", ["sdk", "recorded"])
+async def test_messages_of_one_batch_handled_at_the_same_time_share_one_consumer_span(
+    nats_server: NatsServer, otlp_receiver: OtlpReceiver, spans: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    processor = None
+    if spans == "sdk":
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        telemetry = Telemetry(provider, parent_based=True)
+    else:
+        telemetry, processor = _otlp_telemetry(otlp_receiver.endpoint)
+    together = ShippedTogether(expected=5, failing=f"together-{spans}-3")
+    bus = await Bus.connect(nats_server.url, telemetry=telemetry)
+    try:
+        async with run_agents(bus, Packer(), together):
+            sent = await bus.publish(Parcel(order=f"together-{spans}", items=5))
+            await asyncio.wait_for(together.all_here.wait(), 10)
+    finally:
+        await bus.close()
+    assert len(together.span_ids) == 1  # every handler ran in the same span
+    if spans == "sdk":
+        finished = exporter.get_finished_spans()
+        send = one_span(finished, "publish test.telemetry.shipped.*")
+        process = one_span(finished, "process test.telemetry.shipped.*")
+        attributes = dict(process.attributes or {})
+        assert process.parent is not None and process.parent.span_id == send.context.span_id
+        assert process.context.span_id in together.span_ids
+        assert process.status.status_code is StatusCode.ERROR
+        assert process.status.description == "1 of 5: dead-lettered"
+    else:
+        assert processor is not None
+        processor.shutdown()  # exports what is queued
+        received = otlp_receiver.snapshot()
+        (send_r,) = [s for s in received if s.name == "publish test.telemetry.shipped.*"]
+        (process_r,) = [s for s in received if s.name == "process test.telemetry.shipped.*"]
+        attributes = process_r.attributes
+        assert process_r.parent_span_id == send_r.span_id
+        assert int(process_r.span_id, 16) in together.span_ids
+    assert attributes["messaging.batch.message_count"] == 5
+    assert attributes["messaging.destination.template"] == "test.telemetry.shipped.*"
+    assert attributes["messaging.message.conversation_id"] == sent.conversation_id
+    assert "messaging.message.id" not in attributes  # five messages, five ids
+    assert "messaging.destination.name" not in attributes  # five subjects, one per item
+    assert attributes["busagents.outcome"] == "dead_lettered"
+    assert attributes["busagents.agent"] == "shipped-together"

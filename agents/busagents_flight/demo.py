@@ -101,6 +101,8 @@ class DemoReport(msgspec.Struct, kw_only=True):
     messages: int  # travel.> messages seen on the bus (status feed, events, commands, query requests)
     wall_seconds: float  # everything: generating the day, loading the store, the run, the audit
     run_seconds: float  # first status update published -> last passenger notified
+    #: When the run began (Unix time, the first status update's publish), to line it up with traces and metrics.
+    run_started_at: float = 0.0
     msgs_per_second: float  # messages / run_seconds
     #: A few conversations that rebooked or refunded someone, the smallest first: ``busagents trace ID``.
     conversations: list[str] = []
@@ -126,6 +128,7 @@ class _Tally:
     feed_published: int = 0
     sim_clock: int = 0
     started: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0  # the same moment as `started`, in Unix time
     cancelled: int = 0
     messages: int = 0
     disruptions: int = 0
@@ -557,6 +560,7 @@ def _report(
         messages=tally.messages,
         wall_seconds=round(wall, 2),
         run_seconds=round(run_seconds, 2),
+        run_started_at=round(tally.started_at, 3),
         msgs_per_second=round(tally.messages / run_seconds, 1) if run_seconds else 0.0,
         conversations=_traceable(tally),
     )
@@ -611,6 +615,7 @@ async def _play(
             raise TimeoutError(_unsettled(tally, monitor)) from None
 
     tally.started = run_started = time.monotonic()
+    tally.started_at = time.time()
     try:
         board.__enter__()
         await _unless_stopped(settle(), stop)
