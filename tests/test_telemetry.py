@@ -624,3 +624,47 @@ async def test_messages_of_one_batch_handled_at_the_same_time_share_one_consumer
     assert "messaging.destination.name" not in attributes  # five subjects, one per item
     assert attributes["busagents.outcome"] == "dead_lettered"
     assert attributes["busagents.agent"] == "shipped-together"
+
+
+_NO_METRICS_PROBE = """
+import asyncio, json
+from nats.aio.msg import Msg
+from busagents.envelope import Envelope
+from busagents.telemetry import configure_from_env, shutdown
+from busagents.worker import Outcome
+
+t = configure_from_env("probe")
+recorded = []
+t.duration.record = lambda *args, **kwargs: recorded.append(args)  # the SDK histogram: must not be fed
+
+async def handled(msg):
+    return Outcome.HANDLED
+
+handle = t.traced_handle(handled, agent="probe-agent", contract="Probe", template="probe.b.*")
+
+async def main():
+    for _ in range(20):
+        envelope = Envelope.new("Probe", 1, sender="probe-feed")
+        with t.publish_span("probe.b.1", "probe.b.*", envelope):
+            pass
+        await handle(Msg(None, subject="probe.b.1", data=b"{}", headers=envelope.to_headers()))
+
+asyncio.run(main())
+shutdown()
+print(json.dumps({"recorded": len(recorded), "handled": sum(t._processed.values())}))
+"""
+
+
+def test_with_no_metrics_exporter_traces_go_out_and_no_duration_is_measured(otlp_receiver: OtlpReceiver) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_METRICS_EXPORTER": "none"}
+    probe = subprocess.run(
+        [sys.executable, "-c", _NO_METRICS_PROBE], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout)
+    assert result["recorded"] == 0  # nobody reads the histogram: measuring it would cost 15 to 30 µs a message
+    assert result["handled"] == 20  # the handled messages are still counted
+    spans = otlp_receiver.snapshot()
+    assert len([s for s in spans if s.name == "process probe.b.*"]) == 20
+    assert otlp_receiver.metric_requests == []
