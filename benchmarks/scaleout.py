@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -488,8 +489,15 @@ class _Watch:
                 raise RuntimeError(f"the swarm's day did not finish ({what}): {self.summary()}\n{_tail(cwd)}")
 
 
+def _installed(agent: str) -> bool:
+    """Whether the checkout the processes run has ``agent`` (one older than the concierge, such as the
+    baseline 6a2a9a0, has not: its swarm runs without it, as its demo does)."""
+    module = {"flight-concierge": "busagents_flight.concierge"}.get(agent)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
 def _swarm_file(replicas: int) -> str:
-    tables = [f"[agents.{name}]\nreplicas = {replicas}\n" for name in AGENTS]
+    tables = [f"[agents.{name}]\nreplicas = {replicas}\n" for name in AGENTS if _installed(name)]
     return "\n".join([*tables, f"[agents.{FEED}]\nreplicas = 1\nrestart = false  # plays the day once\n"])
 
 
@@ -640,6 +648,8 @@ def _results(runs: dict[int, list[_Run]]) -> list[Result]:
             )
         )
         for stage in STAGES:
+            if stage in AGENTS and not _installed(stage):
+                continue
             ms = median(1000 * r.stages[stage][1] / max(r.affected, 1) for r in rs)
             if stage == FEED:
                 count = f"{median(r.status_updates for r in rs):,.0f} status updates published, "
