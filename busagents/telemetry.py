@@ -523,15 +523,19 @@ class Telemetry:
                 if joined is None:
                     span.end()
                 else:
-                    joined.running -= 1
-                    if not joined.running:
-                        del together[joined.raw]
-                        joined.end(template)
+                    leave(joined)
             if recording:  # durations are a distribution: sampled messages tell it (counts stay exact)
                 record(time.perf_counter() - start)
             key = handled_key if outcome is handled else keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
+
+        def leave(joined: _Together) -> None:
+            """One message of a shared span is done: the last one ends it."""
+            joined.running -= 1
+            if not joined.running:
+                del together[joined.raw]
+                joined.end(template)
 
         async def along(joined: _Together, msg: Msg, headers: Mapping[str, str] | None) -> Outcome:
             """Handle ``msg`` in the span of the messages of its sender's span handled now (:class:`_Together`)."""
@@ -549,10 +553,7 @@ class Telemetry:
                     joined.failure(_FAILED[outcome], outcomes[outcome])
             finally:
                 otel_context.detach(token)
-                joined.running -= 1
-                if not joined.running:  # the last of them: the span ends
-                    del together[joined.raw]
-                    joined.end(template)
+                leave(joined)
             record(time.perf_counter() - start)
             key = handled_key if outcome is handled else keys[outcome]
             processed[key] = processed.get(key, 0) + 1
