@@ -456,12 +456,8 @@ class Telemetry:
             """The CONSUMER (SERVER) span of ``msg``, child of its sender's; and whether it records.
             ``later``: an SDK span that may be shared gets its message's attributes when it ends
             (:class:`_Together`); busagents' own span gets them now (those not shared are dropped)."""
-            attributes: dict[str, AttributeValue] = {
-                "messaging.destination.name": msg.subject,
-                "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
-                "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
-            }
             if recorder is not None and fixed is not None and shape is not None:
+                attributes = _message_attributes(msg.subject, headers)
                 if sender is not None:
                     trace_id, parent_id, flags, state = sender
                     started = recorder.child(
@@ -475,7 +471,7 @@ class Telemetry:
             span = tracer.start_span(name, context=context, kind=kind)
             recording = span.is_recording()
             if recording:
-                span.set_attributes(base if later else {**base, **attributes})
+                span.set_attributes(base if later else {**base, **_message_attributes(msg.subject, headers)})
             return span, recording
 
         async def traced(msg: Msg) -> Outcome:
@@ -631,14 +627,7 @@ class _Together:
         span = self.span
         if self.count == 1:  # alone: its own message's attributes, its outcome and status already set
             if not self.own:
-                headers = self.headers
-                span.set_attributes(
-                    {
-                        "messaging.destination.name": self.subject or "",
-                        "messaging.message.id": headers.get(MSG_ID, ""),
-                        "messaging.message.conversation_id": headers.get(CONVERSATION_ID, ""),
-                    }
-                )
+                span.set_attributes(_message_attributes(self.subject or "", self.headers))
             span.end()
             return
         attributes: dict[str, AttributeValue] = {
@@ -664,6 +653,15 @@ class _Together:
         else:
             span.set_attributes(attributes)
         span.end()
+
+
+def _message_attributes(subject: str, headers: Mapping[str, str] | None) -> dict[str, AttributeValue]:
+    """The attributes of a consumer span that are its message's own: subject, id, conversation."""
+    return {
+        "messaging.destination.name": subject,
+        "messaging.message.id": headers.get(MSG_ID, "") if headers else "",
+        "messaging.message.conversation_id": headers.get(CONVERSATION_ID, "") if headers else "",
+    }
 
 
 #: A sender's span as its ``traceparent`` header gives it: trace id, span id, sampled (1 or 0), trace state.
