@@ -24,12 +24,15 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import (
+    INVALID_SPAN,
     NonRecordingSpan,
     Span,
     SpanContext,
@@ -54,7 +57,42 @@ if TYPE_CHECKING:
 __all__ = ["Telemetry", "configure_from_env"]
 
 _SCOPE = "busagents"
+_SAMPLED = int(TraceFlags.SAMPLED)
 _FAILED = {Outcome.DEAD_LETTERED: "dead-lettered", Outcome.RETRY: "failed; redelivered later"}
+
+
+def _context_functions() -> tuple[
+    Callable[[], Span],
+    Callable[[Span], otel_context.Context],
+    Callable[[otel_context.Context], Token[otel_context.Context]],
+    Callable[[Token[otel_context.Context]], None],
+]:
+    """The current span, a context with a span set, attach and detach: on every message's path.
+
+    With the API's own context runtime (contextvars, the default), these go to its ContextVar
+    directly: one call each instead of three or four through the API. With another runtime
+    (``OTEL_PYTHON_CONTEXT``), the API's functions.
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    key = getattr(trace.propagation, "_SPAN_KEY", None)
+    if type(runtime) is not ContextVarsRuntimeContext or not isinstance(var, ContextVar) or not isinstance(key, str):
+        return trace.get_current_span, trace.set_span_in_context, otel_context.attach, otel_context.detach
+    get = var.get
+
+    def current_span() -> Span:
+        span = get().get(key)
+        return span if isinstance(span, Span) else INVALID_SPAN
+
+    def with_span(span: Span) -> otel_context.Context:
+        values = dict(get())
+        values[key] = span
+        return otel_context.Context(values)
+
+    return current_span, with_span, var.set, var.reset
+
+
+_current_span, _with_span, _attach, _detach = _context_functions()
 
 
 class Telemetry:
@@ -284,7 +322,9 @@ class Telemetry:
     def _parent(self) -> tuple[Span, RecordedSpan | None, SpanContext | None, bool]:
         """The current span; it again as busagents' own span (a handler's: its ids as they are, no
         SpanContext made), else its context; and whether its conversation is not sampled."""
-        current = trace.get_current_span()
+        current = _current_span()
+        if current is INVALID_SPAN:  # no span current: a root (a feed's send)
+            return current, None, None, False
         if type(current) is self._own_span:
             own = cast("RecordedSpan", current)
             return current, own, None, not own._flags & 1
@@ -313,6 +353,8 @@ class Telemetry:
                 attributes,
                 parent_based=self._parent_based,
             )
+        if parent is None or not parent.is_valid:
+            return recorder.root(shape, fixed, attributes)
         return recorder.start(shape.name, shape.kind, parent, fixed, attributes, parent_based=self._parent_based)
 
     def _carry(self, envelope: Envelope, span: Span) -> None:
@@ -409,19 +451,33 @@ class Telemetry:
             if sender is None:
                 outcome = await handle(msg)
             else:
-                token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(_span_context(sender))))
+                token = _attach(_with_span(NonRecordingSpan(_span_context(sender))))
                 try:
                     outcome = await handle(msg)
                 finally:
-                    otel_context.detach(token)
+                    _detach(token)
             key = handled_key if outcome is handled else keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
 
         if view and not self.trace_views:
 
-            def viewed(msg: Msg) -> Awaitable[Outcome]:  # no coroutine of its own: carried's
-                return carried(msg, _traceparent(msg.headers))
+            async def viewed(msg: Msg) -> Outcome:
+                """No span: the handler runs in the sender's context, read from its header only if asked."""
+                headers = msg.headers
+                raw = headers.get(TRACEPARENT) if headers else None
+                if raw is None or len(raw) != 55:
+                    outcome = await handle(msg)
+                else:
+                    carried_span = _Carried(raw, headers.get(TRACESTATE) if headers else None)
+                    token = _attach(_with_span(carried_span))
+                    try:
+                        outcome = await handle(msg)
+                    finally:
+                        _detach(token)
+                key = handled_key if outcome is handled else keys[outcome]
+                processed[key] = processed.get(key, 0) + 1
+                return outcome
 
             return viewed
 
@@ -448,7 +504,9 @@ class Telemetry:
         own_span = self._own_span
 
         joinable = not query  # a query's reply is its own: one SERVER span per request
-        together: dict[str, _Together] = {}  # the spans of messages being handled now, by the sender's traceparent
+        # the spans of messages being handled now, by the sender's traceparent: the first message's
+        # alone (a tuple: nothing to allocate for a message no other joins), else a _Together
+        together: dict[str, _First | _Together] = {}
 
         def start_span(
             msg: Msg, headers: Mapping[str, str] | None, sender: _Sender | None, later: bool
@@ -464,7 +522,7 @@ class Telemetry:
                         shape, trace_id, parent_id, flags, state, True, fixed, attributes, parent_based=parent_based
                     )
                 else:  # no sender's span: the current one, as the SDK would take
-                    parent = trace.get_current_span().get_span_context()
+                    parent = _current_span().get_span_context()
                     started = recorder.start(name, kind, parent, fixed, attributes, parent_based=parent_based)
                 return started, type(started) is own_span
             context = None if sender is None else trace.set_span_in_context(NonRecordingSpan(_span_context(sender)))
@@ -474,24 +532,56 @@ class Telemetry:
                 span.set_attributes(base if later else {**base, **_message_attributes(msg.subject, headers)})
             return span, recording
 
+        # busagents' own spans and a parent-based sampler: a sampled sender's child is kept without asking
+        quick = recorder if parent_based and own_span is not None and fixed is not None and shape is not None else None
+        new_span_id = quick._new_span_id if quick is not None else None
+
         async def traced(msg: Msg) -> Outcome:
             headers = msg.headers
-            raw = headers.get(TRACEPARENT) if headers else None
-            if raw is not None and joinable:
-                joined = together.get(raw)
-                if joined is not None:  # sent under the span of messages being handled now: their span
-                    return await along(joined, msg, headers)
-            sender = _traceparent(headers)
-            if sender is not None and parent_based and not sender[2]:
-                return await carried(msg, sender)  # its conversation is not sampled: carry it on
-            shareable = joinable and raw is not None and sender is not None
-            span, recording = start_span(msg, headers, sender, shareable)
-            own = type(span) is own_span
-            context = trace.set_span_in_context(span)
-            joined = None
+            raw = None
+            sender = None
+            if headers:
+                raw = headers.get(TRACEPARENT)
+                if raw is not None:
+                    if joinable:
+                        entry = together.get(raw)
+                        if entry is not None:  # sent under the span of messages being handled now: their span
+                            if type(entry) is tuple:  # the first to join: the first message's span becomes shared
+                                entry = together[raw] = _Together(raw, *entry)
+                            return await along(cast("_Together", entry), msg, headers)
+                    sender = _sender(raw, headers)
+                    if sender is not None and parent_based and not sender[2]:
+                        return await carried(msg, sender)  # its conversation is not sampled: carry it on
+            shareable = joinable and sender is not None
+            span: Span
+            if quick is not None and sender is not None and headers and new_span_id is not None:  # child(), inline
+                trace_id, parent_id, _, state = sender
+                span = own_span(  # type: ignore[misc]
+                    quick,
+                    shape,
+                    trace_id,
+                    new_span_id(),
+                    _SAMPLED,
+                    state,
+                    parent_id,
+                    True,
+                    fixed,
+                    {
+                        "messaging.destination.name": msg.subject,
+                        "messaging.message.id": headers.get(MSG_ID, ""),
+                        "messaging.message.conversation_id": headers.get(CONVERSATION_ID, ""),
+                    },
+                    None,
+                )
+                recording = own = True
+            else:
+                span, recording = start_span(msg, headers, sender, shareable)
+                own = type(span) is own_span
+            context = _with_span(span)
+            first: _First | None = None
             if shareable and recording and raw is not None:  # the next message of its batch may join it while it runs
-                joined = together[raw] = _Together(raw, span, own, context, msg.subject, headers)
-            token = otel_context.attach(context)
+                first = together[raw] = (span, own, context, msg.subject, headers)
+            token = _attach(context)
             start = time.perf_counter()
             try:
                 outcome = await handle(msg)
@@ -500,31 +590,44 @@ class Telemetry:
                     span.record_exception(exc)
                     why = f"{type(exc).__name__}: {exc}"
                     span.set_status(Status(StatusCode.ERROR, why))
-                    if joined is not None:
-                        joined.failure(why, None)
+                    if first is not None and raw is not None:
+                        shared(raw, first, why, None)
                 raise
             else:
                 if recording:
                     value = handled_value if outcome is handled else outcomes[outcome]
                     if outcome is not handled:
                         span.set_status(Status(StatusCode.ERROR, _FAILED[outcome]))
-                        if joined is not None:
-                            joined.failure(_FAILED[outcome], value)
+                        if first is not None and raw is not None:
+                            shared(raw, first, _FAILED[outcome], value)
                     if own:
-                        cast("RecordedSpan", span).set_own("busagents.outcome", value)
+                        cast("RecordedSpan", span)._attributes["busagents.outcome"] = value  # not ended yet
                     else:
                         span.set_attribute("busagents.outcome", value)
             finally:
-                otel_context.detach(token)
-                if joined is None:
+                _detach(token)
+                if first is None:
                     span.end()
                 else:
-                    leave(joined)
+                    entry = together[raw]  # type: ignore[index]
+                    if entry is first:  # alone, as nearly every message is
+                        del together[raw]  # type: ignore[arg-type]
+                        if not own:  # an SDK span that might have been shared: its message's attributes now
+                            span.set_attributes(_message_attributes(msg.subject, headers))
+                        span.end()
+                    else:
+                        leave(cast("_Together", entry))
             if recording:  # durations are a distribution: sampled messages tell it (counts stay exact)
                 record(time.perf_counter() - start)
             key = handled_key if outcome is handled else keys[outcome]
             processed[key] = processed.get(key, 0) + 1
             return outcome
+
+        def shared(raw: str, first: _First, why: str, outcome: str | None) -> None:
+            """The first message of a span failed: counted in it if others have joined it."""
+            entry = together[raw]
+            if entry is not first:
+                cast("_Together", entry).failure(why, outcome)
 
         def leave(joined: _Together) -> None:
             """One message of a shared span is done: the last one ends it."""
@@ -536,7 +639,7 @@ class Telemetry:
         async def along(joined: _Together, msg: Msg, headers: Mapping[str, str] | None) -> Outcome:
             """Handle ``msg`` in the span of the messages of its sender's span handled now (:class:`_Together`)."""
             joined.join(msg.subject, headers)
-            token = otel_context.attach(joined.context)
+            token = _attach(joined.context)
             start = time.perf_counter()
             try:
                 outcome = await handle(msg)
@@ -548,7 +651,7 @@ class Telemetry:
                 if outcome is not handled:
                     joined.failure(_FAILED[outcome], outcomes[outcome])
             finally:
-                otel_context.detach(token)
+                _detach(token)
                 leave(joined)
             record(time.perf_counter() - start)
             key = handled_key if outcome is handled else keys[outcome]
@@ -556,6 +659,10 @@ class Telemetry:
             return outcome
 
         return traced
+
+
+#: The span of a message that others of its batch may join: span, busagents' own, its context, subject, headers.
+_First = tuple[Span, bool, otel_context.Context, str, "Mapping[str, str] | None"]
 
 
 class _Together:
@@ -673,7 +780,12 @@ def _traceparent(headers: Mapping[str, str] | None) -> _Sender | None:
     if not headers:
         return None
     value = headers.get(TRACEPARENT)
-    if value is None or len(value) != 55:
+    return None if value is None else _sender(value, headers)
+
+
+def _sender(value: str, headers: Mapping[str, str]) -> _Sender | None:
+    """The sender's span from ``value``, the ``traceparent`` header of ``headers``; None if malformed."""
+    if len(value) != 55:
         return None
     if value[2] != "-" or value[35] != "-" or value[52] != "-" or value[:2] == "ff":
         return None
@@ -685,6 +797,31 @@ def _traceparent(headers: Mapping[str, str] | None) -> _Sender | None:
         return None
     state = headers.get(TRACESTATE)
     return trace_id, span_id, flags & 1, TraceState.from_header([state]) if state else None
+
+
+class _Carried(NonRecordingSpan):
+    """The sender's span, current while a handler that records no span of its own runs (a view's).
+
+    Its context is read from the ``traceparent`` header only when something asks for it (the
+    handler sends, or starts a span): most view handlers send nothing, and pay for no parsing.
+    A malformed header gives an invalid context, so what the handler sends starts a new trace.
+    """
+
+    __slots__ = ("_raw", "_state")
+
+    def __init__(self, raw: str, state: str | None) -> None:
+        self._raw = raw
+        self._state = state
+        self._context = None  # type: ignore[assignment]  # read on first use
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            sender = _traceparent(
+                {TRACEPARENT: self._raw, TRACESTATE: self._state} if self._state else {TRACEPARENT: self._raw}
+            )
+            context = self._context = trace.INVALID_SPAN_CONTEXT if sender is None else _span_context(sender)
+        return context
 
 
 def _span_context(sender: _Sender) -> SpanContext:

@@ -415,6 +415,22 @@ async def test_a_view_handler_has_no_span_unless_asked_and_stays_in_the_senders_
     assert consumed >= 1  # counted either way
 
 
+def test_a_views_sender_context_is_read_from_its_header_only_when_asked() -> None:
+    """A view handler runs in its sender's context; the header is parsed when something asks for it."""
+    from busagents.telemetry import _Carried
+
+    trace_hex, span_hex = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    carried = _Carried(f"00-{trace_hex}-{span_hex}-01", "vendor=1")
+    assert carried._context is None  # nothing parsed until asked
+    context = carried.get_span_context()
+    assert (context.trace_id, context.span_id) == (int(trace_hex, 16), int(span_hex, 16))
+    assert context.is_remote and context.trace_flags.sampled and not carried.is_recording()
+    assert context.trace_state.get("vendor") == "1"
+    assert carried.get_span_context() is context  # parsed once
+    for malformed in (f"00-{'z' * 32}-{span_hex}-01", f"00-{'0' * 32}-{span_hex}-01", f"ff-{trace_hex}-{span_hex}-01"):
+        assert not _Carried(malformed, None).get_span_context().is_valid  # what it sends starts a new trace
+
+
 @event("test.telemetry.parcel", key="order")
 class Parcel(msgspec.Struct):
     order: str
