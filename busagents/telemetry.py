@@ -79,13 +79,24 @@ def _context_functions() -> tuple[
     if type(runtime) is not ContextVarsRuntimeContext or not isinstance(var, ContextVar) or not isinstance(key, str):
         return trace.get_current_span, trace.set_span_in_context, otel_context.attach, otel_context.detach
     get = var.get
+    spans: set[type] = set()  # the types of span seen current (isinstance of the Span ABC is slow)
 
     def current_span() -> Span:
         span = get().get(key)
-        return span if isinstance(span, Span) else INVALID_SPAN
+        if span is None:
+            return INVALID_SPAN
+        if type(span) in spans:
+            return cast(Span, span)
+        if isinstance(span, Span):
+            spans.add(type(span))
+            return span
+        return INVALID_SPAN
 
     def with_span(span: Span) -> otel_context.Context:
-        values = dict(get())
+        current = get()
+        if not current:  # a handler's context holds nothing else, as a rule
+            return otel_context.Context({key: span})
+        values = dict(current)
         values[key] = span
         return otel_context.Context(values)
 
