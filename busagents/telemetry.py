@@ -374,6 +374,8 @@ class Telemetry:
             recorded = cast("RecordedSpan", span)
             envelope.traceparent = recorded.traceparent()
             envelope.tracestate = recorded._trace_state.to_header() if recorded._trace_state else None
+        elif type(span) is _Carried and span.get_span_context().is_valid:  # a sender's context, passed on as it came
+            envelope.traceparent, envelope.tracestate = span._raw, span._state
         else:
             sc = span.get_span_context()
             envelope.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
@@ -457,12 +459,13 @@ class Telemetry:
         handled, handled_key = Outcome.HANDLED, keys[Outcome.HANDLED]
         parent_based = self._parent_based
 
-        async def carried(msg: Msg, sender: _Sender | None) -> Outcome:
-            """No span: the handler runs in the sender's context, and is counted."""
-            if sender is None:
+        async def carried(msg: Msg, raw: str | None, headers: Mapping[str, str] | None) -> Outcome:
+            """No span: the handler runs in the sender's context (``raw``, its ``traceparent``, read only
+            if something asks for it: :class:`_Carried`), and is counted."""
+            if raw is None or len(raw) != 55:
                 outcome = await handle(msg)
             else:
-                token = _attach(_with_span(NonRecordingSpan(_span_context(sender))))
+                token = _attach(_with_span(_Carried(raw, headers.get(TRACESTATE) if headers else None)))
                 try:
                     outcome = await handle(msg)
                 finally:
@@ -473,22 +476,9 @@ class Telemetry:
 
         if view and not self.trace_views:
 
-            async def viewed(msg: Msg) -> Outcome:
-                """No span: the handler runs in the sender's context, read from its header only if asked."""
+            def viewed(msg: Msg) -> Awaitable[Outcome]:  # no coroutine of its own: carried's
                 headers = msg.headers
-                raw = headers.get(TRACEPARENT) if headers else None
-                if raw is None or len(raw) != 55:
-                    outcome = await handle(msg)
-                else:
-                    carried_span = _Carried(raw, headers.get(TRACESTATE) if headers else None)
-                    token = _attach(_with_span(carried_span))
-                    try:
-                        outcome = await handle(msg)
-                    finally:
-                        _detach(token)
-                key = handled_key if outcome is handled else keys[outcome]
-                processed[key] = processed.get(key, 0) + 1
-                return outcome
+                return carried(msg, headers.get(TRACEPARENT) if headers else None, headers)
 
             return viewed
 
@@ -562,7 +552,7 @@ class Telemetry:
                             return await along(cast("_Together", entry), msg, headers)
                     sender = _sender(raw, headers)
                     if sender is not None and parent_based and not sender[2]:
-                        return await carried(msg, sender)  # its conversation is not sampled: carry it on
+                        return await carried(msg, raw, headers)  # its conversation is not sampled: carry it on
             shareable = joinable and sender is not None
             span: Span
             if quick is not None and sender is not None and headers and new_span_id is not None:  # child(), inline
