@@ -44,7 +44,15 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    TraceIdRatioBased,
+)
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
@@ -66,6 +74,7 @@ __all__ = [
     "RecordedSpan",
     "Shape",
     "SpanRecorder",
+    "UnsampledSpan",
     "encode_spans",
 ]
 
@@ -644,6 +653,10 @@ class SpanRecorder:
         #: The SDK's default sampler (parentbased_always_on) or always_on: a root is always kept,
         #: so it is kept here without asking (the sampler would return no attributes, no trace state).
         self._keeps_roots = self.sampler is DEFAULT_ON or self.sampler is ALWAYS_ON
+        #: The standard ratio samplers (``traceidratio``, ``parentbased_traceidratio``, ``parentbased_always_off``):
+        #: a root is kept when the low 64 bits of its trace id are under this bound, decided here as the
+        #: sampler decides it (the sampler's own call makes a result object and reads the context twice).
+        self._root_bound = _root_bound(self.sampler)
 
     def fixed(self, attributes: Mapping[str, AttributeValue]) -> FixedAttributes:
         """Attributes every span of a kind carries, encoded once for all of them."""
@@ -729,10 +742,13 @@ class SpanRecorder:
         """The first span of a new trace, if the sampler keeps it."""
         flags = _RANDOM if self._random else 0
         trace_id = self._ids.generate_trace_id()
-        if self._keeps_roots:
+        bound = self._root_bound
+        if self._keeps_roots or (bound is not None and trace_id & _LOW64 < bound):
             return RecordedSpan(
                 self, shape, trace_id, self._new_span_id(), flags | _SAMPLED, None, 0, False, fixed, attributes, None
             )
+        if bound is not None:  # dropped, as the sampler would have
+            return UnsampledSpan(trace_id, self._new_span_id(), flags)
         return self._sampled(shape, trace_id, flags, None, fixed, attributes)
 
     def _sampled(
@@ -825,6 +841,43 @@ class SpanRecorder:
             log.exception("busagents could not encode span %r for OTLP", span._shape.name)
             return
         self._processor.enqueue((self._resource_part, self._scope_part, _field(2, encoded)))
+
+
+def _root_bound(sampler: Any) -> int | None:
+    """The trace-id bound under which ``sampler`` keeps a root span, when it is one of the SDK's ratio
+    samplers (or parent-based always-off); None for any other sampler (it is asked)."""
+    parent_based = type(sampler) in (ParentBased, ParentBasedTraceIdRatio)
+    root = sampler._root if parent_based else sampler
+    if type(root) is TraceIdRatioBased:
+        return int(root.bound)
+    if root is ALWAYS_OFF and parent_based:
+        return 0
+    return None
+
+
+class UnsampledSpan(NonRecordingSpan):
+    """A root span the sampler dropped: its ids as integers, its SpanContext made only if asked for
+    (its conversation carries ``traceparent`` with the sampled flag off, read by :meth:`traceparent`)."""
+
+    __slots__ = ("_flags", "_span_id", "_trace_id")
+
+    def __init__(self, trace_id: int, span_id: int, flags: int) -> None:
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._flags = flags
+        self._context = None  # type: ignore[assignment]  # made on first use
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(
+                self._trace_id, self._span_id, is_remote=False, trace_flags=TraceFlags(self._flags)
+            )
+        return context
+
+    def traceparent(self) -> str:
+        """This span's W3C ``traceparent`` header."""
+        return "00-%032x-%016x-%02x" % (self._trace_id, self._span_id, self._flags)  # noqa: UP031 (faster)
 
 
 class Shape:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from ._histogram import DurationHistogram
-    from ._otlp import EncodingSpanProcessor, FixedAttributes, RecordedSpan, Shape, SpanRecorder
+    from ._otlp import EncodingSpanProcessor, FixedAttributes, RecordedSpan, Shape, SpanRecorder, UnsampledSpan
 
 __all__ = ["Telemetry", "configure_from_env"]
 
@@ -145,6 +145,7 @@ class Telemetry:
         self._recorders: dict[str | None, SpanRecorder] = {}
         self._publish_fixed: dict[tuple[bool, str, str, str | None], tuple[Shape, FixedAttributes]] = {}
         self._own_span: type | None = None  # RecordedSpan, once spans are recorded
+        self._unsampled: type | None = None  # UnsampledSpan, likewise
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         # Counted in plain ints on the hot path, read by the SDK when it collects.
         self._sent: dict[tuple[str, str], int] = {}
@@ -374,6 +375,9 @@ class Telemetry:
             recorded = cast("RecordedSpan", span)
             envelope.traceparent = recorded.traceparent()
             envelope.tracestate = recorded._trace_state.to_header() if recorded._trace_state else None
+        elif type(span) is self._unsampled:  # a root the sampler dropped: its ids as they are
+            unsampled = cast("UnsampledSpan", span)
+            envelope.traceparent, envelope.tracestate = unsampled.traceparent(), None
         elif type(span) is _Carried and span.get_span_context().is_valid:  # a sender's context, passed on as it came
             envelope.traceparent, envelope.tracestate = span._raw, span._state
         else:
@@ -971,7 +975,7 @@ def _configure(service_name: str) -> Telemetry | None:
     if encoding is not None:  # every provider's one processor: message spans can skip the SDK
         from opentelemetry.sdk.trace import Tracer as SdkTracer
 
-        from ._otlp import RecordedSpan, SpanRecorder
+        from ._otlp import RecordedSpan, SpanRecorder, UnsampledSpan
 
         def recorder_of(tracer: trace.Tracer) -> SpanRecorder:
             assert isinstance(tracer, SdkTracer)
@@ -979,6 +983,7 @@ def _configure(service_name: str) -> Telemetry | None:
 
         telemetry._recorder_of = recorder_of
         telemetry._own_span = RecordedSpan
+        telemetry._unsampled = UnsampledSpan
     return telemetry
 
 

@@ -13,7 +13,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -32,6 +39,7 @@ from busagents._otlp import (
     FastOTLPSpanExporter,
     RecordedSpan,
     SpanRecorder,
+    UnsampledSpan,
     _Encoder,
     _StdlibTransport,
     assemble,
@@ -252,6 +260,42 @@ def test_a_recorded_span_asks_the_sampler_unless_its_parent_was_sampled() -> Non
     assert child.is_recording() and child.get_span_context().trace_flags.sampled
     child.end()
     assert len(captured.items) == 1  # only the sampled span is exported
+
+
+@pytest.mark.parametrize(
+    ("sampler", "keeps_some"),
+    [
+        (ParentBasedTraceIdRatio(0.3), True),
+        (TraceIdRatioBased(0.3), True),
+        (ParentBased(TraceIdRatioBased(0.7)), True),
+        (ParentBased(ALWAYS_OFF), False),
+    ],
+    ids=["parentbased_traceidratio", "traceidratio", "parentbased-ratio", "parentbased_always_off"],
+)
+def test_a_root_is_kept_or_dropped_as_the_standard_sampler_decides(sampler: Sampler, keeps_some: bool) -> None:
+    """The ratio samplers' root decision, made without asking them, is theirs for every trace id."""
+    captured = _Captured()
+    tracer = TracerProvider(sampler=sampler).get_tracer("busagents", "1.0")
+    recorder = SpanRecorder(
+        cast(EncodingSpanProcessor, captured), cast(SdkTracer, tracer), InstrumentationScope("busagents")
+    )
+    fixed = recorder.fixed({"messaging.system": "nats"})
+    shape = recorder.shape("publish a", SpanKind.PRODUCER)
+    kept = 0
+    for _ in range(2000):
+        root = recorder.root(shape, fixed, {})
+        context = root.get_span_context()
+        keep = sampler.should_sample(None, context.trace_id, "publish a", SpanKind.PRODUCER).decision
+        assert isinstance(root, RecordedSpan) is (keep is Decision.RECORD_AND_SAMPLE)
+        assert context.is_valid and not context.is_remote
+        assert context.trace_flags.sampled is (keep is Decision.RECORD_AND_SAMPLE)
+        if keep is Decision.DROP:  # what its conversation carries: its ids, not sampled
+            assert isinstance(root, UnsampledSpan) and not root.is_recording()
+            assert root.traceparent() == f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+        kept += keep is Decision.RECORD_AND_SAMPLE
+        root.end()
+    assert len(captured.items) == kept  # the kept roots, and only they, are exported
+    assert (0 < kept < 2000) if keeps_some else kept == 0
 
 
 def test_a_plain_http_endpoint_is_posted_to_with_the_standard_library(monkeypatch: pytest.MonkeyPatch) -> None:
