@@ -717,7 +717,7 @@ async def run(*, flights: int, passengers: int, reps: int) -> tuple[list[Result]
         seed=SEED,
         status_updates=day.status_updates,
         code=day.code,
-        agents=", ".join(f"`{a}`" for a in AGENTS),
+        agents=", ".join(f"`{a}`" for a in AGENTS if _installed(a)),  # the measured checkout's agents
         feed=FEED,
         quiet=QUIET,
         baseline=f"{BASELINE_CPU_MS_PER_AFFECTED:.3f} CPU-ms, {BASELINE_MEASURED}",
