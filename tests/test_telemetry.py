@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from contextvars import Token
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -429,6 +430,45 @@ def test_a_views_sender_context_is_read_from_its_header_only_when_asked() -> Non
     assert carried.get_span_context() is context  # parsed once
     for malformed in (f"00-{'z' * 32}-{span_hex}-01", f"00-{'0' * 32}-{span_hex}-01", f"ff-{trace_hex}-{span_hex}-01"):
         assert not _Carried(malformed, None).get_span_context().is_valid  # what it sends starts a new trace
+
+
+def test_the_current_span_is_read_and_set_as_the_api_does_with_any_context_runtime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """busagents reads the API's ContextVar directly; with another context runtime it uses the API."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.context.context import _RuntimeContext
+
+    from busagents.telemetry import _context_functions
+
+    span = trace.NonRecordingSpan(trace.SpanContext(1, 2, is_remote=True))
+    current, with_span, attach, detach = _context_functions()
+    assert current is not trace.get_current_span  # the direct path, with the default runtime
+    assert current() is trace.INVALID_SPAN
+    token = attach(with_span(span))
+    try:
+        assert current() is span and trace.get_current_span() is span  # the API sees what busagents set
+        inner = trace.NonRecordingSpan(trace.SpanContext(3, 4, is_remote=False))
+        with trace.use_span(inner):  # and busagents sees what the API set
+            assert current() is inner
+    finally:
+        detach(token)
+    assert current() is trace.INVALID_SPAN
+
+    class OtherRuntime(_RuntimeContext):  # what OTEL_PYTHON_CONTEXT could name
+        def attach(self, context: otel_context.Context) -> Token[otel_context.Context]:
+            raise NotImplementedError
+
+        def get_current(self) -> otel_context.Context:
+            raise NotImplementedError
+
+        def detach(self, token: Token[otel_context.Context]) -> None:
+            raise NotImplementedError
+
+    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", OtherRuntime())
+    functions = _context_functions()
+    assert functions == (trace.get_current_span, trace.set_span_in_context, otel_context.attach, otel_context.detach)
 
 
 @event("test.telemetry.parcel", key="order")
