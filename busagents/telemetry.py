@@ -554,7 +554,7 @@ class Telemetry:
                             if type(entry) is tuple:  # the first to join: the first message's span becomes shared
                                 entry = together[raw] = _Together(raw, *entry)
                             return await along(cast("_Together", entry), msg, headers)
-                    sender = _sender(raw, headers)
+                    sender = _sender(raw, headers.get(TRACESTATE))
                     if sender is not None and parent_based and not sender[2]:
                         return await carried(msg, raw, headers)  # its conversation is not sampled: carry it on
             shareable = joinable and sender is not None
@@ -785,11 +785,11 @@ def _traceparent(headers: Mapping[str, str] | None) -> _Sender | None:
     if not headers:
         return None
     value = headers.get(TRACEPARENT)
-    return None if value is None else _sender(value, headers)
+    return None if value is None else _sender(value, headers.get(TRACESTATE))
 
 
-def _sender(value: str, headers: Mapping[str, str]) -> _Sender | None:
-    """The sender's span from ``value``, the ``traceparent`` header of ``headers``; None if malformed."""
+def _sender(value: str, state: str | None) -> _Sender | None:
+    """The sender's span from its ``traceparent`` and ``tracestate`` header values; None if malformed."""
     if len(value) != 55:
         return None
     if value[2] != "-" or value[35] != "-" or value[52] != "-" or value[:2] == "ff":
@@ -800,7 +800,6 @@ def _sender(value: str, headers: Mapping[str, str]) -> _Sender | None:
         return None
     if not trace_id or not span_id:
         return None
-    state = headers.get(TRACESTATE)
     return trace_id, span_id, flags & 1, TraceState.from_header([state]) if state else None
 
 
@@ -822,9 +821,7 @@ class _Carried(NonRecordingSpan):
     def get_span_context(self) -> SpanContext:
         context = self._context
         if context is None:
-            sender = _traceparent(
-                {TRACEPARENT: self._raw, TRACESTATE: self._state} if self._state else {TRACEPARENT: self._raw}
-            )
+            sender = _sender(self._raw, self._state)
             context = self._context = trace.INVALID_SPAN_CONTEXT if sender is None else _span_context(sender)
         return context
 
