@@ -187,3 +187,37 @@ async def test_a_downgrade_offers_only_downgrades_as_fallbacks() -> None:
     decision = (await _decide(case))["J1"]
     assert (decision.new_legs[0].flight_id, decision.new_legs[0].cabin) == (later.flight_id, "J")
     assert decision.fallbacks == []  # the Y seats are downgrades: other terms (half the fare refunded)
+
+
+def test_seats_chosen_from_a_prepared_reply_are_the_ones_choose_seats_picks() -> None:
+    """The policy splits a reply's free seats by cabin and orders them once per reply; what it picks
+    for a booking must be what ``choose_seats`` picks among the seats still free, in any order the
+    seats come in, for any preference and group size."""
+    import random
+
+    from busagents_flight.data import seat_map
+    from busagents_flight.policy import _prepared, choose_seats
+
+    rng = random.Random(5)
+    tiers, likes = ("none", "silver", "gold", "platinum"), ("any", "window", "aisle")
+    checked = 0
+    for aircraft in ("E190", "A321", "B787"):
+        seats = seat_map(aircraft)
+        for trial in range(300):
+            free = [s for s in seats if rng.random() < 0.6]
+            if trial % 3 == 0:
+                rng.shuffle(free)  # not in seat-map order: still the same choice
+            flight_id = f"BX{trial}-25NOV"
+            taken = {f"{flight_id}/{s.number}" for s in free if rng.random() < 0.5}
+            taken.add(f"OTHER-25NOV/{free[0].number}" if free else "OTHER-25NOV/1A")  # another flight's seat
+            cabin = rng.choice([s.cabin for s in seats])
+            group = [
+                Passenger(f"P{i}", f"Name {i}", rng.choice(tiers), rng.choice(likes))  # type: ignore[arg-type]
+                for i in range(rng.choice((1, 1, 2, 3, 4, 6)))
+            ]
+            expected = choose_seats(
+                [s for s in free if s.cabin == cabin and f"{flight_id}/{s.number}" not in taken], group
+            )
+            assert _prepared(flight_id, free).choose(cabin, group, taken) == expected, (aircraft, trial)
+            checked += expected is not None
+    assert checked > 500  # most trials found seats: the comparison is not between two Nones

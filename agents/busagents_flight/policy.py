@@ -18,6 +18,7 @@ For each affected booking, higher loyalty tiers first:
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import defaultdict
 from typing import ClassVar
@@ -213,8 +214,7 @@ def _seat(
 ) -> list[Leg] | None:
     legs: list[Leg] = []
     for flight, free in zip(itinerary.flights, itinerary.free_seats, strict=True):
-        candidates = [s for s in free if s.cabin == cabin and f"{flight.flight_id}/{s.number}" not in taken]
-        seats = choose_seats(candidates, passengers)
+        seats = _prepared(flight.flight_id, free).choose(cabin, passengers, taken)
         if seats is None:
             return None
         legs.append(
@@ -230,6 +230,83 @@ def _seat(
             )
         )
     return legs
+
+
+class _FreeSeats:
+    """One flight's free seats of one reply, by cabin in row order: :func:`choose_seats`' choice, fast.
+
+    A case tries the same few itineraries for every booking (and again for each fallback), so a
+    reply's seats are split by cabin and ordered once, not once per booking; :meth:`choose`
+    makes the choice :func:`choose_seats` makes among the seats not in ``taken``.
+    """
+
+    __slots__ = ("by_cabin", "prefix")
+
+    def __init__(self, flight_id: str, free: list[Seat]) -> None:
+        self.prefix = f"{flight_id}/"  # + a seat number: its key in ``taken``
+        by_cabin: dict[str, list[Seat]] = defaultdict(list)
+        for seat in free:
+            by_cabin[seat.cabin].append(seat)
+        for seats in by_cabin.values():
+            # front to back, by letter within a row: seat maps come that way; anything else is sorted
+            order = [(len(n), n) for n in map(_NUMBER, seats)]  # a number is a row and one letter
+            if not all(map(operator.lt, order, order[1:])):
+                seats.sort(key=lambda s: (_row(s), s.number[-1]))
+        self.by_cabin = by_cabin
+
+    def choose(self, cabin: str, passengers: list[Passenger], taken: set[str]) -> list[str] | None:
+        seats = self.by_cabin.get(cabin, ())
+        prefix = self.prefix
+        n = len(passengers)
+        if n == 1:
+            # choose_seats' order for one passenger: a liked seat, not a middle one, front rows first
+            liked = passengers[0].seat_preference
+            other: Seat | None = None
+            middle: Seat | None = None
+            for seat in seats:
+                if prefix + seat.number in taken:
+                    continue
+                position = seat.position
+                if position == "middle":
+                    if middle is None:
+                        middle = seat
+                elif liked == "any" or liked == position:
+                    return [seat.number]
+                elif other is None:
+                    other = seat
+            best = other or middle
+            return [best.number] if best is not None else None
+        free = [seat for seat in seats if prefix + seat.number not in taken]
+        if len(free) < n:
+            return None
+        block: list[Seat] | None = None
+        start = 0
+        for i in range(1, len(free) + 1):
+            if i == len(free) or free[i].number[:-1] != free[start].number[:-1]:
+                if i - start >= n:
+                    block = free[start : start + n]
+                    break
+                start = i
+        if block is None:  # no row has room for all: front-most seats, adjacent rows
+            block = free[:n]
+        return _assign(block, passengers)
+
+
+_NUMBER = operator.attrgetter("number")
+_PREPARED: dict[int, tuple[list[Seat], _FreeSeats]] = {}
+_PREPARED_MAX = 4096
+
+
+def _prepared(flight_id: str, free: list[Seat]) -> _FreeSeats:
+    """The :class:`_FreeSeats` of ``free`` (one reply's list, held while cached: its id is not reused)."""
+    hit = _PREPARED.get(id(free))
+    if hit is not None and hit[0] is free:
+        return hit[1]
+    if len(_PREPARED) >= _PREPARED_MAX:
+        _PREPARED.clear()
+    prepared = _FreeSeats(flight_id, free)
+    _PREPARED[id(free)] = (free, prepared)
+    return prepared
 
 
 def _row(seat: Seat) -> int:
