@@ -76,8 +76,11 @@ after the other in each repetition (the order alternates), against the same code
 *Single process* = `busagents demo --flights {flights} --passengers {passengers} --seed {seed}
 --day-seconds 0 --report r.json --quiet --no-live` (every agent in one process, on the demo's own
 nats-server). *Swarm, N replicas* = `busagents swarm up swarm.toml --nats URL` with `replicas = N` for
-{agents} and one `{feed}`, on a fresh nats-server (JetStream) started for the run; the SQLite booking
-store is loaded with the day's bookings before the swarm starts. A watcher on the bus (plain
+{agents}, on a fresh nats-server (JetStream) started for the run; the SQLite booking store is loaded
+with the day's bookings before the swarm starts. Once every replica sent its first heartbeat (it
+serves; a context replica has built its view), a second `busagents swarm up feed.toml` starts one
+`{feed}`, which plays the day: as in the single process, where every agent is started before the feed,
+no replica spends its start-up inside the run. A watcher on the bus (plain
 subscriptions of the benchmark process) starts the clock at the first `travel.flight.status` message
 and stops it at the last new `PassengerNotified`: *run time*. The swarm is done when every status update
 was published and handled by the monitor and the context (their stats heartbeats, every second), every
@@ -468,6 +471,17 @@ class _Watch:
             f"{len(waiting)} disruptions not notified; processes heartbeating per agent: {beats}"
         )
 
+    async def until_serving(self, proc: asyncio.subprocess.Process, replicas: int, cwd: Path) -> None:
+        """Until every replica of every agent of the swarm sent its first heartbeat (it serves)."""
+        agents = [a for a in AGENTS if _installed(a)]
+        started = time.monotonic()
+        while any(len(self.stats[a]) < replicas for a in agents):
+            if proc.returncode is not None:
+                raise RuntimeError(f"swarm up exited with {proc.returncode} while starting; {self.summary()}\n{_tail(cwd)}")
+            if time.monotonic() - started > 180:
+                raise RuntimeError(f"the swarm did not start within 180 s; {self.summary()}\n{_tail(cwd)}")
+            await asyncio.sleep(0.2)
+
     async def until_done(self, proc: asyncio.subprocess.Process, cwd: Path, timeout: float) -> None:
         started = sampled = time.monotonic()
         while True:
@@ -497,8 +511,11 @@ def _installed(agent: str) -> bool:
 
 
 def _swarm_file(replicas: int) -> str:
-    tables = [f"[agents.{name}]\nreplicas = {replicas}\n" for name in AGENTS if _installed(name)]
-    return "\n".join([*tables, f"[agents.{FEED}]\nreplicas = 1\nrestart = false  # plays the day once\n"])
+    return "\n".join(f"[agents.{name}]\nreplicas = {replicas}\n" for name in AGENTS if _installed(name))
+
+
+def _feed_file() -> str:
+    return f"[agents.{FEED}]\nreplicas = 1\nrestart = false  # plays the day once\n"
 
 
 async def _stop(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> int:
@@ -521,26 +538,34 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
         env = _env(day, tmp)
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
             shutil.copy(part, Path(env["BUSAGENTS_FLIGHT_STORE"]).with_name(part.name))
-        config = tmp / "swarm.toml"
+        config, feed_config = tmp / "swarm.toml", tmp / "feed.toml"
         config.write_text(_swarm_file(replicas))
+        feed_config.write_text(_feed_file())
         assert server.process is not None
         watch = _Watch(_Meter({server.process.pid: SERVER}), day.status_updates)
         bus = await Bus.connect(server.url, name="bench-scaleout")
+        up = ("-m", "busagents", "swarm", "up")
         try:
             await watch.subscribe(bus)
             started = time.perf_counter()
-            proc = await _python("-m", "busagents", "swarm", "up", str(config), "--nats", server.url, cwd=tmp, env=env)
+            proc = await _python(*up, str(config), "--nats", server.url, cwd=tmp, env=env)
             watch.meter.ready(proc.pid, SUPERVISOR)
+            feed: asyncio.subprocess.Process | None = None
             try:
+                # the day starts once every replica serves: a replica still starting up would spend its
+                # start-up (generating the day, replaying the streams) inside the run
+                await watch.until_serving(proc, replicas, tmp)
+                feed = await _python(*up, str(feed_config), "--nats", server.url, cwd=tmp, env=env)
+                watch.meter.ready(feed.pid, SUPERVISOR)
                 await watch.until_done(proc, tmp, timeout)
                 ready_s, replay_s = await _fresh_context(bus, server.url, env, tmp, timeout)
             finally:
-                code = await _stop(proc)
+                codes = [await _stop(p) for p in (feed, proc) if p is not None]
             wall = time.perf_counter() - started
         finally:
             await bus.close()
-        if code != 0:
-            raise RuntimeError(f"swarm up exited with {code} when stopped (a replica did not drain):\n{_tail(tmp)}")
+        if any(codes):
+            raise RuntimeError(f"swarm up exited with {codes} when stopped (a replica did not drain):\n{_tail(tmp)}")
         audit = await _helper(
             "audit", env["BUSAGENTS_FLIGHT_STORE"], str(day.flights), "0", "0", cwd=tmp, stdin=day.cancelled
         )
