@@ -477,7 +477,8 @@ class _Watch:
         started = time.monotonic()
         while any(len(self.stats[a]) < replicas for a in agents):
             if proc.returncode is not None:
-                raise RuntimeError(f"swarm up exited with {proc.returncode} while starting; {self.summary()}\n{_tail(cwd)}")
+                what = f"swarm up exited with {proc.returncode} while starting"
+                raise RuntimeError(f"{what}; {self.summary()}\n{_tail(cwd)}")
             if time.monotonic() - started > 180:
                 raise RuntimeError(f"the swarm did not start within 180 s; {self.summary()}\n{_tail(cwd)}")
             await asyncio.sleep(0.2)
