@@ -47,6 +47,12 @@ class LiveView:
         self.taken: dict[str, set[str]] = defaultdict(set)  # flight id -> seat numbers
         self._routes: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # -> (sched dep, id)
         self._served: dict[str, set[str]] = defaultdict(set)  # origin -> destinations flown to
+        #: flight id -> (departure, arrival) as now estimated: :meth:`times` without a fallback per call
+        self._times: dict[str, tuple[int, int]] = {f.flight_id: (f.departure, f.arrival) for f in day.flights}
+        self._seats: dict[str, int] = {f.flight_id: len(day.seat_maps[f.aircraft]) for f in day.flights}
+        #: flight id -> its free seats, kept until a booking change takes or releases one of them:
+        #: the alternatives of many queries share flights, and seats move far less often than they are read
+        self._free: dict[str, list[Seat]] = {}
         for f in day.flights:
             self._routes[f.origin, f.destination].append((f.departure, f.flight_id))
             self._served[f.origin].add(f.destination)
@@ -66,11 +72,13 @@ class LiveView:
         for leg in booking.legs:
             self.by_flight[leg.flight_id].add(booking.booking_id)
             self.taken[leg.flight_id].update(leg.seats)
+            self._free.pop(leg.flight_id, None)
 
     def _remove(self, booking: Booking) -> None:
         for leg in booking.legs:
             self.by_flight[leg.flight_id].discard(booking.booking_id)
             self.taken[leg.flight_id].difference_update(leg.seats)
+            self._free.pop(leg.flight_id, None)
 
     def apply_status(self, update: FlightStatusUpdated) -> None:
         if update.seq <= self.last_seq.get(update.flight_id, 0):
@@ -80,7 +88,10 @@ class LiveView:
         if update.status == "cancelled":
             self.cancelled.add(update.flight_id)
         elif update.estimated_departure is not None and update.estimated_arrival is not None:
-            self.estimated[update.flight_id] = (update.estimated_departure, update.estimated_arrival)
+            self.estimated[update.flight_id] = self._times[update.flight_id] = (
+                update.estimated_departure,
+                update.estimated_arrival,
+            )
 
     def apply_change(self, change: BookingChanged) -> None:
         current = self.bookings.get(change.booking_id)
@@ -95,11 +106,7 @@ class LiveView:
     # Answers
 
     def times(self, flight_id: str) -> tuple[int, int]:
-        est = self.estimated.get(flight_id)
-        if est is not None:
-            return est
-        f = self.flights[flight_id]
-        return f.departure, f.arrival
+        return self._times[flight_id]
 
     def bookings_of(self, passenger_id: str) -> list[Booking]:
         """Every booking naming ``passenger_id`` (refunded ones too), as they are now."""
@@ -127,18 +134,19 @@ class LiveView:
         return self.mct.get(flight.destination, 0), connections
 
     def free_seats(self, flight_id: str) -> list[Seat]:
-        taken = self.taken.get(flight_id, set())
-        return [s for s in self.seat_maps[self.flights[flight_id].aircraft] if s.number not in taken]
+        """The seats of ``flight_id`` no booking holds, front to back (a list shared until seats move:
+        do not change it)."""
+        free = self._free.get(flight_id)
+        if free is None:
+            taken = self.taken.get(flight_id, set())
+            seats = self.seat_maps[self.flights[flight_id].aircraft]
+            free = self._free[flight_id] = [s for s in seats if s.number not in taken]
+        return free
 
     def _free_count(self, flight_id: str, cabin: str | None) -> int:
-        seats = self.seat_maps[self.flights[flight_id].aircraft]
-        taken = self.taken.get(flight_id, set())
         if cabin is None:
-            return len(seats) - len(taken)
-        return sum(1 for s in seats if s.cabin == cabin and s.number not in taken)
-
-    def _usable(self, flight_id: str, not_before: int, exclude: set[str]) -> bool:
-        return flight_id not in exclude and flight_id not in self.cancelled and self.times(flight_id)[0] >= not_before
+            return self._seats[flight_id] - len(self.taken.get(flight_id, ()))
+        return sum(1 for s in self.free_seats(flight_id) if s.cabin == cabin)
 
     def _flights(self, origin: str, destination: str, not_before: int, latest: int) -> list[str]:
         """Flights on one route scheduled up to ``latest``, including earlier ones delayed past ``not_before``."""
@@ -164,13 +172,19 @@ class LiveView:
         exclude = exclude or set()
         found: list[tuple[int, int, list[str]]] = []
         horizon = not_before + 36 * 3600
+        times, cancelled, seats, taken = self._times, self.cancelled, self._seats, self.taken
+        empty: set[str] = set()
 
         def ok(fid: str, after: int) -> bool:
-            return self._usable(fid, after, exclude) and self._free_count(fid, cabin) >= min_free
+            if fid in exclude or fid in cancelled or times[fid][0] < after:
+                return False
+            if cabin is None:
+                return seats[fid] - len(taken.get(fid, empty)) >= min_free
+            return self._free_count(fid, cabin) >= min_free
 
         for fid in self._flights(origin, destination, not_before, horizon):
             if ok(fid, not_before):
-                dep, arr = self.times(fid)
+                dep, arr = times[fid]
                 found.append((arr, dep, [fid]))
         for via in self._served.get(origin, ()):
             if via in (origin, destination) or (via, destination) not in self._routes:
@@ -179,11 +193,11 @@ class LiveView:
             for fid in self._flights(origin, via, not_before, horizon):
                 if not ok(fid, not_before):
                     continue
-                dep, arr = self.times(fid)
+                dep, arr = times[fid]
                 ready = arr + ready_min
                 for fid2 in self._flights(via, destination, ready, ready + _MAX_CONNECTION_WAIT):
                     if ok(fid2, ready):
-                        found.append((self.times(fid2)[1], dep, [fid, fid2]))
+                        found.append((times[fid2][1], dep, [fid, fid2]))
         found.sort(key=lambda t: (t[0], -t[1], len(t[2])))
         return [
             AlternativeItinerary(

@@ -1,0 +1,72 @@
+"""The context agent's live view: what it answers follows every change, also where it caches."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from busagents_flight.data import generate
+from busagents_flight.feed import status_feed
+from busagents_flight.view import LiveView
+from busagents_travel import BookingChanged, Leg
+
+
+def _held(view: LiveView) -> dict[str, set[str]]:
+    """Flight id -> the seats active bookings hold, read off the bookings themselves."""
+    held: dict[str, set[str]] = defaultdict(set)
+    for booking in view.bookings.values():
+        if booking.status == "active":
+            for leg in booking.legs:
+                held[leg.flight_id].update(leg.seats)
+    return held
+
+
+def test_free_seats_and_alternatives_follow_booking_changes_and_status_updates() -> None:
+    day = generate(60, 4_000, 11)
+    view = LiveView(day)
+    rng = random.Random(4)
+    flights = day.flights
+    for update in status_feed(day)[:200]:
+        view.apply_status(update)
+    moved = checked = 0
+    for step in range(150):
+        flight = rng.choice(flights)
+        held = _held(view)
+        for it in view.alternatives(flight.origin, flight.destination, flight.departure - 7200, limit=4):
+            for f, free in zip(it.flights, it.free_seats, strict=True):
+                assert (f.departure, f.arrival) == view.times(f.flight_id)
+                checked += 1
+                seats = view.seat_maps[view.flights[f.flight_id].aircraft]
+                assert [s.number for s in free] == [s.number for s in seats if s.number not in held[f.flight_id]]
+        # move a booking's first leg onto free seats of another flight, or refund it
+        booking = rng.choice([b for b in view.bookings.values() if b.status == "active"])
+        target = rng.choice(flights)
+        free = [s for s in view.free_seats(target.flight_id) if s.cabin == booking.legs[0].cabin]
+        if step % 4 == 0 or len(free) < len(booking.passengers):
+            action, new_legs = "refund", []
+        else:
+            seats = [s.number for s in free[: len(booking.passengers)]]
+            f = target
+            new_legs = [
+                Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, free[0].cabin, seats)
+            ]
+            action = "rebook"
+        view.apply_change(
+            BookingChanged(
+                decision_id=f"d{step}",
+                disruption_id="x",
+                booking_id=booking.booking_id,
+                flight_id=booking.legs[0].flight_id,
+                action=action,  # type: ignore[arg-type]
+                passengers=booking.passengers,
+                old_legs=booking.legs[:1],
+                new_legs=new_legs,
+                version=booking.version + 1,
+            )
+        )
+        moved += 1
+        held = _held(view)
+        for fid in {booking.legs[0].flight_id, target.flight_id}:
+            seats = view.seat_maps[view.flights[fid].aircraft]
+            assert {s.number for s in view.free_seats(fid)} == {s.number for s in seats} - held[fid]
+    assert moved == 150 and checked > 100
