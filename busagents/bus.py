@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ._natspy import BusClient, pending_queue, taken
-from .codec import codec_for, encode
+from .codec import codec_for, encode, projection_decoder
 from .contract import ContractInfo, Durability, Kind, contract_info, subject_for
 from .dryrun import record
 from .durable import ensure_stream, stream_name
@@ -567,22 +567,36 @@ class Bus:
         sender: str | None = None,
         cause: Envelope | None = None,
         conversation_id: str | None = None,
+        reply_as: type[Any] | None = None,
     ) -> Any:
-        """Send a query and return its typed reply; raises QueryFailedError when it fails."""
+        """Send a query and return its typed reply; raises QueryFailedError when it fails.
+
+        ``reply_as`` decodes the reply into another msgspec type shaped like the declared reply, or
+        like the part of it the caller reads: fields it does not name are skipped, and a
+        ``msgspec.Raw`` field keeps its JSON undecoded (to decode later, or once for many replies).
+        """
         info = contract_info(type(query))
         if info.kind is not Kind.QUERY or info.reply is None:
             raise ContractError(f"{info.name} is a {info.kind.value}, not a query: publish() it instead")
+        decode = codec_for(info.reply).decode if reply_as is None else projection_decoder(info.reply, reply_as)
         envelope = Envelope.new(info.name, info.version, sender=sender, cause=cause, conversation_id=conversation_id)
         subject = subject_for(info, query)
         if self.prefix:
             subject = self.prefix + subject
         if self.telemetry is not None:
             with self.telemetry.publish_span(subject, info.subscribe_subject, envelope, request=True):
-                return await self._request(info, subject, query, envelope, timeout)
-        return await self._request(info, subject, query, envelope, timeout)
+                return await self._request(info, subject, query, envelope, timeout, decode)
+        return await self._request(info, subject, query, envelope, timeout, decode)
 
-    async def _request(self, info: ContractInfo, subject: str, query: Any, envelope: Envelope, timeout: float) -> Any:
-        assert info.reply is not None
+    async def _request(
+        self,
+        info: ContractInfo,
+        subject: str,
+        query: Any,
+        envelope: Envelope,
+        timeout: float,
+        decode: Callable[[bytes], Any],
+    ) -> Any:
         try:
             msg = await self.nc.request(subject, encode(query), timeout=timeout, headers=envelope.to_headers())
         except nats.errors.NoRespondersError:
@@ -593,7 +607,7 @@ class Bus:
         if headers and ERROR_HEADER in headers:
             raise QueryFailedError(f"{info.name}: the answering agent failed: {headers[ERROR_HEADER]}")
         try:
-            return codec_for(info.reply).decode(msg.data)
+            return decode(msg.data)
         except DecodeError as exc:
             raise QueryFailedError(f"{info.name}: invalid reply: {exc}") from None
 

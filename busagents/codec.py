@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 import pydantic
 
 from .contract import ContractInfo, contract_info
-from .errors import DecodeError
+from .errors import ContractError, DecodeError
 
-__all__ = ["Codec", "codec_for", "encode"]
+__all__ = ["Codec", "codec_for", "encode", "projection_decoder"]
 
 _encoder = msgspec.json.Encoder()
 _TOO_DEEP = "nested too deeply (more than about 1,000 levels of arrays or objects)"
@@ -28,9 +29,11 @@ class Codec:
 
 
 def _struct_decoder(info: ContractInfo) -> Callable[[bytes], Any]:
-    decoder = msgspec.json.Decoder(info.cls)
+    return _decoder(msgspec.json.Decoder(info.cls), info.name)
+
+
+def _decoder(decoder: msgspec.json.Decoder[Any], name: str) -> Callable[[bytes], Any]:
     decode = decoder.decode
-    name = info.name
 
     def decode_struct(data: bytes) -> Any:
         try:
@@ -71,6 +74,28 @@ def codec_for(cls: type[Any]) -> Codec:
     if codec is None:
         codec = _codecs[cls] = Codec(contract_info(cls))
     return codec
+
+
+_projections: dict[tuple[type[Any], type[Any]], Callable[[bytes], Any]] = {}
+
+
+def projection_decoder(contract: type[Any], as_type: type[Any]) -> Callable[[bytes], Any]:
+    """The cached decoder of ``contract``'s bytes into ``as_type``: a msgspec type shaped like the
+    contract, or like part of it (fields it does not name are skipped; a ``msgspec.Raw`` field
+    keeps its JSON undecoded). Raises :class:`~busagents.errors.ContractError` for a type msgspec
+    cannot decode into."""
+    key = (contract, as_type)
+    decode = _projections.get(key)
+    if decode is None:
+        name = f"{contract_info(contract).name} (as {getattr(as_type, '__name__', as_type)})"
+        try:
+            if isinstance(msgspec.inspect.type_info(as_type), msgspec.inspect.CustomType):
+                raise TypeError(f"{as_type!r} is not a msgspec Struct or a type msgspec knows")
+            decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(as_type)
+        except TypeError as exc:
+            raise ContractError(f"{name}: not a type msgspec can decode into: {exc}") from None
+        decode = _projections[key] = _decoder(decoder, name)
+    return decode
 
 
 def encode(message: Any) -> bytes:

@@ -203,10 +203,13 @@ class Context:
 
         return trace.get_current_span()
 
-    async def request(self, query: Any, *, timeout: float = 5.0) -> Any:
-        """Send a declared Query and return its typed reply."""
+    async def request(self, query: Any, *, timeout: float = 5.0, reply_as: type[Any] | None = None) -> Any:
+        """Send a declared Query and return its typed reply (decoded into ``reply_as`` when given:
+        see :meth:`busagents.Bus.request`)."""
         self._check(query)
-        return await self.bus.request(query, timeout=timeout, sender=self.agent.name, cause=self.envelope)
+        return await self.bus.request(
+            query, timeout=timeout, sender=self.agent.name, cause=self.envelope, reply_as=reply_as
+        )
 
 
 def message_identity(message_id: str, data: bytes) -> str:

@@ -112,6 +112,31 @@ async def test_query_is_answered_with_typed_reply(bus: Bus) -> None:
     assert reply.total == 42
 
 
+class _TotalAsText(msgspec.Struct):
+    total: msgspec.Raw  # the reply's JSON for this field, undecoded
+
+
+class _TotalAsName(msgspec.Struct):
+    total: str  # not what the reply holds
+
+
+async def test_a_reply_is_decoded_into_the_shape_the_requester_reads(bus: Bus) -> None:
+    """``reply_as``: a projection of the declared reply, with a field left as raw JSON; a shape the
+    reply does not fit fails the query with the reason; a type msgspec cannot decode into is refused."""
+    from busagents import ContractError
+
+    async with run_agents(bus, Adder()):
+        seen = await bus.request(Sum(numbers=[40, 2]), timeout=5, reply_as=_TotalAsText)
+        assert isinstance(seen, _TotalAsText) and bytes(seen.total) == b"42"
+        with pytest.raises(
+            QueryFailedError, match=r"invalid reply: Answer \(as _TotalAsName\): Expected `str`, got `int`"
+        ):
+            await bus.request(Sum(numbers=[1]), timeout=5, reply_as=_TotalAsName)
+        with pytest.raises(ContractError, match="msgspec can decode"):
+            await bus.request(Sum(numbers=[1]), timeout=5, reply_as=asyncio.Event)
+        assert (await bus.request(Sum(numbers=[2]), timeout=5)).total == 2  # the declared reply, as before
+
+
 async def test_query_failure_is_reported_to_the_requester(bus: Bus) -> None:
     async with run_agents(bus, Adder()):
         with pytest.raises(QueryFailedError, match="nothing to add"):
