@@ -221,3 +221,40 @@ def test_seats_chosen_from_a_prepared_reply_are_the_ones_choose_seats_picks() ->
             assert _prepared(flight_id, free).choose(cabin, group, taken) == expected, (aircraft, trial)
             checked += expected is not None
     assert checked > 500  # most trials found seats: the comparison is not between two Nones
+
+
+def test_one_free_seat_list_shared_by_two_flights_is_checked_against_each_flights_taken_seats() -> None:
+    """The reasoner shares one decoded list between flights with the same seats free: a seat given
+    out on one flight is still free on the other."""
+    from busagents_flight.policy import _prepared
+
+    free = _seats("5A:Y:window", "5B:Y:middle", "5C:Y:aisle")
+    alice = [Passenger("P1", "Alice", "none", "window")]
+    taken = {"BX7-25NOV/5A"}
+    assert _prepared("BX7-25NOV", free).choose("Y", alice, taken) == ["5C"]  # 5A given out on BX7
+    assert _prepared("BX8-25NOV", free).choose("Y", alice, taken) == ["5A"]  # ... not on BX8
+    taken.add("BX8-25NOV/5A")
+    assert _prepared("BX7-25NOV", free).choose("Y", alice, taken) == ["5C"]
+
+
+def test_the_reasoner_decodes_each_distinct_free_seat_list_once() -> None:
+    """Replies naming a flight with the same seats free share one decoded list; another list is
+    decoded on its own; a list that is not seats fails the query with the reason."""
+    import msgspec
+    import pytest
+    from busagents_flight.reasoner import SeatLists
+
+    from busagents import QueryFailedError
+
+    lists = SeatLists(size=2)
+    one = msgspec.json.encode(_seats("5A:Y:window", "5B:Y:middle"))
+    other = msgspec.json.encode(_seats("1A:J:window"))
+    first = lists.of(msgspec.Raw(one))
+    assert [s.number for s in first] == ["5A", "5B"] and first[0].position == "window"
+    assert lists.of(msgspec.Raw(bytes(one))) is first  # the same JSON from another reply
+    assert [s.number for s in lists.of(msgspec.Raw(other))] == ["1A"]
+    assert (lists.decoded, lists.shared) == (2, 1)
+    with pytest.raises(QueryFailedError, match="invalid free seats"):
+        lists.of(msgspec.Raw(b'[{"number": 5}]'))
+    lists.of(msgspec.Raw(msgspec.json.encode(_seats("2A:J:window"))))  # a third list: full, so it starts over
+    assert lists.of(msgspec.Raw(one)) is not first and lists.decoded == 4

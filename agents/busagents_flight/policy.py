@@ -293,19 +293,21 @@ class _FreeSeats:
 
 
 _NUMBER = operator.attrgetter("number")
-_PREPARED: dict[int, tuple[list[Seat], _FreeSeats]] = {}
+_PREPARED: dict[tuple[int, str], tuple[list[Seat], _FreeSeats]] = {}
 _PREPARED_MAX = 4096
 
 
 def _prepared(flight_id: str, free: list[Seat]) -> _FreeSeats:
-    """The :class:`_FreeSeats` of ``free`` (one reply's list, held while cached: its id is not reused)."""
-    hit = _PREPARED.get(id(free))
+    """The :class:`_FreeSeats` of ``free`` on ``flight_id`` (a list held while cached, so its id is
+    not reused; one list may be shared by two flights with the same seats free)."""
+    key = (id(free), flight_id)
+    hit = _PREPARED.get(key)
     if hit is not None and hit[0] is free:
         return hit[1]
     if len(_PREPARED) >= _PREPARED_MAX:
         _PREPARED.clear()
     prepared = _FreeSeats(flight_id, free)
-    _PREPARED[id(free)] = (free, prepared)
+    _PREPARED[key] = (free, prepared)
     return prepared
 
 

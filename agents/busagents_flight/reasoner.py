@@ -22,14 +22,16 @@ from busagents_travel import (
     BookingsOnFlight,
     Disruption,
     DisruptionAssessed,
+    Flight,
     FlightCancelled,
     FlightDelayed,
     RebookGroup,
     RebookPassenger,
     RebookRejected,
+    Seat,
 )
 
-from busagents import Agent, Context, on
+from busagents import Agent, Context, QueryFailedError, on
 from busagents.llm import ApprovalDecided, ApprovalRequested, LLMSettings, ReviewRequested
 
 from .approval import Approvals
@@ -60,6 +62,7 @@ class ReasonerAgent(Agent):
         self.reasoner = load_reasoner(reasoner) if isinstance(reasoner, str) else reasoner
         self.fallback = OfflinePolicy()
         self.held: dict[str, set[str]] = defaultdict(set)  # seats given out (by any replica), by flight
+        self.seats = SeatLists()  # free-seat lists of the context's replies, decoded once
         self.replaced = 0  # decisions of the backend that failed the check
         self.approvals = Approvals(LLMSettings.for_agent(self.name))  # costly decisions wait for a human
 
@@ -151,7 +154,13 @@ class ReasonerAgent(Agent):
                 q = Alternatives(
                     origin=origin, destination=destination, not_before=not_before, exclude=exclude, limit=12
                 )
-                cache[key] = (await ctx.request(q)).itineraries
+                reply = await ctx.request(q, reply_as=_AlternativesSeen)
+                cache[key] = [
+                    AlternativeItinerary(
+                        flights=it.flights, free_seats=[self.seats.of(raw) for raw in it.free_seats], arrival=it.arrival
+                    )
+                    for it in reply.itineraries
+                ]
             return cache[key]
 
         for a in affected:
@@ -206,6 +215,54 @@ class ReasonerAgent(Agent):
                 out.append(self.fallback.decide_one(case, a, taken))
         return out
 
+
+class _ItinerarySeen(msgspec.Struct):
+    """An ``AlternativeItinerary`` as the reasoner reads it: each flight's free seats left as JSON."""
+
+    flights: list[Flight]
+    free_seats: list[msgspec.Raw]
+    arrival: int
+
+
+class _AlternativesSeen(msgspec.Struct):
+    """An ``AlternativesReply`` read with :class:`_ItinerarySeen`."""
+
+    itineraries: list[_ItinerarySeen]
+
+
+class SeatLists:
+    """Free-seat lists of the context's ``Alternatives`` replies, decoded once per distinct list.
+
+    The replies of one disruption, and of the next ones, name the same flights again and again with
+    the same seats free: the context writes a flight's free seats the same way until a booking
+    change moves one. Each distinct list is decoded once and shared by every itinerary that has it
+    (what reads it must not change it); the policy, in turn, prepares each list once.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._lists: dict[bytes, list[Seat]] = {}
+        self.decoded = 0  # distinct lists decoded
+        self.shared = 0  # lists found decoded already
+
+    def of(self, raw: msgspec.Raw) -> list[Seat]:
+        key = bytes(raw)
+        seats = self._lists.get(key)
+        if seats is not None:
+            self.shared += 1
+            return seats
+        try:
+            seats = _decode_seats(key)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise QueryFailedError(f"AlternativesReply: invalid free seats: {exc}") from None
+        if len(self._lists) >= self.size:
+            self._lists.clear()
+        self._lists[key] = seats
+        self.decoded += 1
+        return seats
+
+
+_decode_seats = msgspec.json.Decoder(list[Seat]).decode
 
 #: Decisions per ``RebookGroup`` at most, and its encoded size (well under NATS' 1 MiB max_payload).
 GROUP_SIZE = 64
