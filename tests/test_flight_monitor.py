@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
 from busagents_flight.context import ContextAgent
 from busagents_flight.data import generate
 from busagents_flight.monitor import FlightMonitor
@@ -19,6 +20,7 @@ from busagents_travel import (
     FlightStatusUpdated,
     Leg,
 )
+from nats.aio.msg import Msg
 
 from busagents import Bus
 from busagents.testing import run_agents
@@ -67,6 +69,40 @@ async def test_repeated_stale_and_reduced_updates_do_not_duplicate_a_disruption(
     assert got.message.body.delay_minutes == 200
     assert got.message.body.long_delay
     assert monitor.ignored == 3
+
+
+async def test_a_replica_that_never_saw_the_flight_does_not_announce_its_delay_again(bus: Bus) -> None:
+    """A replica starts a flight it has not seen from an empty copy, without reading the bucket: the
+    delay another replica announced is revealed again, the write fails the compare-and-set, and the
+    replica reads the bucket and finds it announced. A delay grown beyond it is announced, once."""
+    flight = DAY.flights[5]
+    first, second = FlightMonitor(rebook_threshold_minutes=180), FlightMonitor(rebook_threshold_minutes=180)
+    seen: list[FlightDelayed] = []
+    async with run_agents(bus, ContextAgent(DAY)):
+
+        async def keep(msg: Msg) -> None:
+            seen.append(msgspec.json.decode(msg.data, type=FlightDelayed))
+
+        sub = await bus.nc.subscribe("travel.flight.delayed.>", cb=keep)
+        async with run_agents(bus, first):
+            for update in (_update(flight, 1, "scheduled"), _update(flight, 2, "delayed", 200)):
+                await bus.publish(update)
+            await first.wait_handled(2, timeout=5)
+        async with run_agents(bus, second):
+            async with bus.expect(FlightDelayed, where=lambda d: d.flight_id == flight.flight_id, timeout=5) as got:
+                for update in (
+                    _update(flight, 2, "delayed", 200),  # a repeat
+                    _update(flight, 3, "delayed", 210),  # not 2 h more
+                    _update(flight, 4, "delayed", 330),  # 2 h more: a new long delay
+                ):
+                    await bus.publish(update)
+            await second.wait_handled(3, timeout=5)
+        await bus.flush()
+        await sub.unsubscribe()
+    assert first.disruptions == 1 and second.disruptions == 1
+    assert got.message.body.delay_minutes == 330
+    assert second.conflicts >= 1  # its empty copy was behind the bucket: the write failed, then it read
+    assert [d.delay_minutes for d in seen if d.flight_id == flight.flight_id] == [200, 330]
 
 
 async def test_a_delay_on_the_first_leg_that_breaks_the_connection_is_a_disruption(bus: Bus) -> None:

@@ -16,11 +16,13 @@ whichever replica pulls them. An update that reveals a disruption is written to 
 flight's state with compare-and-set, *with the disruption recorded in it*; then the
 disruption is announced and cleared from the state. Updates that reveal nothing (most
 of them) write nothing: each replica keeps a copy of the states it read or wrote, with
-their revisions, and moves its copy on. A copy can only be behind the bucket (states
-only grow: a later seq, a larger reported delay, more missed connections, a
-cancellation), and a copy that is behind reveals at least what the bucket would, so a
-disruption is never missed; writing it from a copy that is behind fails the
-compare-and-set, and the replica reads the bucket and decides again. A disruption's id comes
+their revisions, and moves its copy on; a flight it has not seen yet starts from an empty
+copy, without a read. A copy can only be behind the bucket (states only grow: a later
+seq, a larger reported delay, more missed connections, a cancellation), and a copy that
+is behind reveals at least what the bucket would, so a disruption is never missed;
+writing it from a copy that is behind fails the compare-and-set, and the replica reads
+the bucket and decides again. So the bucket is read only where a disruption is at stake,
+and a flight's updates may go to any replica at no cost. A disruption's id comes
 from the update that caused it (``<flight>#<seq>``) and its message id from the
 disruption id, so a replica that dies between the steps leaves the disruption in
 the state and the next update of that flight (or the redelivery) announces it; if
@@ -101,9 +103,9 @@ class FlightMonitor(Agent):
                     return
                 known = self._known.get(fid)
                 if known is None:
-                    entry = await watches.entry(fid)
-                    known = (entry.value, entry.revision) if entry is not None else (FlightWatch(), 0)
-                    self._known[fid] = known
+                    # no read: a copy behind the bucket reveals at least what the bucket would, and
+                    # writing from it fails the compare-and-set, which reads (see the module doc)
+                    known = self._known[fid] = (FlightWatch(), 0)
                 state, revision = msgspec.structs.replace(known[0]), known[1]
                 if state.delayed is not None or state.cancelling is not None:
                     # recorded by a replica that died before it could announce it: announce it now
@@ -130,9 +132,11 @@ class FlightMonitor(Agent):
                         revision = await watches.update(fid, state, revision=revision)
                 except StateConflictError:
                     # another replica wrote meanwhile (or a redelivered update raced its first
-                    # delivery): this replica's copy is behind; read the bucket and decide again
+                    # delivery, or this replica never read the flight): its copy is behind; read
+                    # the bucket and decide again
                     self.conflicts += 1
-                    self._known.pop(fid, None)
+                    entry = await watches.entry(fid)
+                    self._known[fid] = (entry.value, entry.revision) if entry is not None else (FlightWatch(), 0)
                     continue
                 await self._announce(watches, fid, state, revision, ctx)
                 return
