@@ -70,3 +70,32 @@ def test_free_seats_and_alternatives_follow_booking_changes_and_status_updates()
             seats = view.seat_maps[view.flights[fid].aircraft]
             assert {s.number for s in view.free_seats(fid)} == {s.number for s in seats} - held[fid]
     assert moved == 150 and checked > 100
+
+
+def test_the_days_value_records_are_not_tracked_by_the_garbage_collector() -> None:
+    """Decoding a reply makes thousands of seats, flights and bookings: none is left for the cyclic
+    collector to scan (they hold no reference back)."""
+    import gc
+
+    import msgspec
+    from busagents_travel import AlternativesReply, BookingsOnFlightReply
+
+    day = generate(30, 2_000, 3)
+    view = LiveView(day)
+    flight = day.flights[0]
+    its = view.alternatives(flight.origin, flight.destination, flight.departure - 7200, limit=4)
+    reply = msgspec.json.decode(msgspec.json.encode(AlternativesReply(itineraries=its)), type=AlternativesReply)
+    bookings = BookingsOnFlightReply(
+        flight_id=flight.flight_id, flight=flight, bookings=view.bookings_on(flight.flight_id)
+    )
+    back = msgspec.json.decode(msgspec.json.encode(bookings), type=BookingsOnFlightReply)
+    records = [
+        *(s for it in reply.itineraries for seats in it.free_seats for s in seats),
+        *(f for it in reply.itineraries for f in it.flights),
+        *back.bookings,
+        *(p for b in back.bookings for p in b.passengers),
+        *(leg for b in back.bookings for leg in b.legs),
+        *(b.fare for b in back.bookings),
+    ]
+    assert len(records) > 200
+    assert not any(gc.is_tracked(r) for r in records)

@@ -2,6 +2,10 @@
 
 Times are integer seconds since the Unix epoch (UTC); money is integer minor units
 (cents) in the fare's currency.
+
+They are immutable records that never refer back to what holds them, so they are not tracked
+by the cyclic garbage collector (``gc=False``): a day decodes millions of them (every free seat
+of every reply), and tracking them made each decode pay for collections that find nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ LoyaltyTier = Literal["none", "silver", "gold", "platinum"]
 TIER_RANK: dict[str, int] = {"none": 0, "silver": 1, "gold": 2, "platinum": 3}
 
 
-class Airport(msgspec.Struct, frozen=True):
+class Airport(msgspec.Struct, frozen=True, gc=False):
     """An airport and its minimum connection time (MCT) between two flights."""
 
     code: str
@@ -42,7 +46,7 @@ class Airport(msgspec.Struct, frozen=True):
     mct_minutes: int
 
 
-class Seat(msgspec.Struct, frozen=True):
+class Seat(msgspec.Struct, frozen=True, gc=False):
     """One seat of an aircraft: ``12A`` in cabin ``Y`` at the window."""
 
     number: str
@@ -50,7 +54,7 @@ class Seat(msgspec.Struct, frozen=True):
     position: SeatPosition
 
 
-class Flight(msgspec.Struct, frozen=True):
+class Flight(msgspec.Struct, frozen=True, gc=False):
     """One scheduled flight of the day (``flight_id`` is unique for the day: number + date)."""
 
     flight_id: str
@@ -62,7 +66,7 @@ class Flight(msgspec.Struct, frozen=True):
     aircraft: str
 
 
-class Passenger(msgspec.Struct, frozen=True):
+class Passenger(msgspec.Struct, frozen=True, gc=False):
     passenger_id: str
     name: str
     tier: LoyaltyTier = "none"
@@ -71,7 +75,7 @@ class Passenger(msgspec.Struct, frozen=True):
     ssr: list[str] = []
 
 
-class Fare(msgspec.Struct, frozen=True):
+class Fare(msgspec.Struct, frozen=True, gc=False):
     """What the passenger paid and the fare's change rules."""
 
     fare_class: str  # booking class letter, e.g. "Y", "M", "Q", "J"
@@ -82,7 +86,7 @@ class Fare(msgspec.Struct, frozen=True):
     currency: str = "EUR"
 
 
-class Leg(msgspec.Struct, frozen=True):
+class Leg(msgspec.Struct, frozen=True, gc=False):
     """One flight of an itinerary with the seats of the booking's passengers (same order)."""
 
     flight_id: str
@@ -95,7 +99,7 @@ class Leg(msgspec.Struct, frozen=True):
     seats: list[str]
 
 
-class Booking(msgspec.Struct, frozen=True):
+class Booking(msgspec.Struct, frozen=True, gc=False):
     """A booking (PNR): passengers travelling together on one itinerary."""
 
     booking_id: str
