@@ -45,10 +45,10 @@ def test_free_seats_and_alternatives_follow_booking_changes_and_status_updates()
         if step % 4 == 0 or len(free) < len(booking.passengers):
             action, new_legs = "refund", []
         else:
-            seats = [s.number for s in free[: len(booking.passengers)]]
+            numbers = [s.number for s in free[: len(booking.passengers)]]
             f = target
             new_legs = [
-                Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, free[0].cabin, seats)
+                Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, free[0].cabin, numbers)
             ]
             action = "rebook"
         view.apply_change(
