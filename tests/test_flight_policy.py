@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from busagents_flight.policy import OfflinePolicy
 from busagents_flight.reasoning import AffectedBooking, Case
 from busagents_travel import (
@@ -258,3 +259,32 @@ def test_the_reasoner_decodes_each_distinct_free_seat_list_once() -> None:
         lists.of(msgspec.Raw(b'[{"number": 5}]'))
     lists.of(msgspec.Raw(msgspec.json.encode(_seats("2A:J:window"))))  # a third list: full, so it starts over
     assert lists.of(msgspec.Raw(one)) is not first and lists.decoded == 4
+
+
+async def test_the_reasoners_check_reads_shared_free_seat_lists_for_each_flight() -> None:
+    """One decoded list shared by two flights' itineraries: a backend's seat is checked against the
+    free seats of its own flight; a decision with a seat that is not free is replaced by the policy's."""
+    from busagents_flight.reasoner import ReasonerAgent
+
+    first, second = _flight(2, 12), _flight(3, 13)
+    shared = _seats("20A:Y:window", "20B:Y:middle")  # the same list object on both flights
+    case = _case(
+        [_booking("B1", _pax("B1-1")), _booking("B2", _pax("B2-1"))], [_it(first, shared), _it(second, shared)]
+    )
+    policy = await _decide(case)
+
+    def moved(booking_id: str, flight: Flight, seat: str) -> RebookPassenger:
+        leg = Leg(flight.flight_id, flight.number, flight.origin, flight.destination, flight.departure,
+                  flight.arrival, "Y", [seat])  # fmt: skip
+        return msgspec.structs.replace(policy[booking_id], new_legs=[leg], reasoner="backend")
+
+    async def no_lookup(*args: object) -> list[AlternativeItinerary]:
+        return []
+
+    agent = ReasonerAgent("offline")
+    cache = {a.search: its for a in case.affected for its in [case.alternatives[a.search]]}
+    checked = agent._check(case, [moved("B1", second, "20B"), moved("B2", second, "20C")], cache, no_lookup)
+    by_booking = {d.booking_id: d for d in checked}
+    assert by_booking["B1"].reasoner == "backend" and by_booking["B1"].new_legs[0].seats == ["20B"]
+    assert by_booking["B2"].reasoner == "offline"  # 20C is not free on that flight: replaced
+    assert agent.replaced == 1
