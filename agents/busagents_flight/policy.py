@@ -317,7 +317,10 @@ def _row(seat: Seat) -> int:
 
 def choose_seats(free: list[Seat], passengers: list[Passenger]) -> list[str] | None:
     """Seats for ``passengers`` (same order) among ``free``: together in one row when possible,
-    each passenger's window / aisle preference where the seats allow, front rows first."""
+    each passenger's window / aisle preference where the seats allow, front rows first.
+
+    The definition of the choice; the policy makes it with :class:`_FreeSeats` on seats prepared
+    once per reply (``tests/test_flight_policy.py`` checks that the two agree)."""
     n = len(passengers)
     if len(free) < n:
         return None

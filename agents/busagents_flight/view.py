@@ -37,7 +37,6 @@ class LiveView:
         self.mct: dict[str, int] = {a.code: a.mct_minutes for a in day.airports}
         self.cities: dict[str, str] = {a.code: a.city for a in day.airports}
         self.seat_maps = day.seat_maps
-        self.estimated: dict[str, tuple[int, int]] = {}  # flight id -> (departure, arrival)
         self.cancelled: set[str] = set()
         self.last_seq: dict[str, int] = {}
         self.status: dict[str, FlightStatusUpdated] = {}  # flight id -> the newest update of the feed
@@ -47,7 +46,7 @@ class LiveView:
         self.taken: dict[str, set[str]] = defaultdict(set)  # flight id -> seat numbers
         self._routes: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # -> (sched dep, id)
         self._served: dict[str, set[str]] = defaultdict(set)  # origin -> destinations flown to
-        #: flight id -> (departure, arrival) as now estimated: :meth:`times` without a fallback per call
+        #: flight id -> (departure, arrival) as now estimated (scheduled until an update says otherwise)
         self._times: dict[str, tuple[int, int]] = {f.flight_id: (f.departure, f.arrival) for f in day.flights}
         self._seats: dict[str, int] = {f.flight_id: len(day.seat_maps[f.aircraft]) for f in day.flights}
         #: flight id -> its free seats, kept until a booking change takes or releases one of them:
@@ -88,10 +87,7 @@ class LiveView:
         if update.status == "cancelled":
             self.cancelled.add(update.flight_id)
         elif update.estimated_departure is not None and update.estimated_arrival is not None:
-            self.estimated[update.flight_id] = self._times[update.flight_id] = (
-                update.estimated_departure,
-                update.estimated_arrival,
-            )
+            self._times[update.flight_id] = (update.estimated_departure, update.estimated_arrival)
 
     def apply_change(self, change: BookingChanged) -> None:
         current = self.bookings.get(change.booking_id)
@@ -210,7 +206,7 @@ class LiveView:
 
     def _estimated_flight(self, flight_id: str) -> Flight:
         f = self.flights[flight_id]
-        est = self.estimated.get(flight_id)
-        if est is None:
+        departure, arrival = self._times[flight_id]
+        if departure == f.departure and arrival == f.arrival:
             return f
-        return Flight(f.flight_id, f.number, f.origin, f.destination, est[0], est[1], f.aircraft)
+        return Flight(f.flight_id, f.number, f.origin, f.destination, departure, arrival, f.aircraft)
