@@ -40,8 +40,7 @@ __all__ = ["BASELINE_CPU_MS_PER_AFFECTED", "LABELS", "NAME", "STAGES", "run"]
 
 NAME = "Flight swarm scale-out"
 SEED = 7
-#: The agents ``busagents demo`` runs in its one process, so both sides do the same work (the concierge
-#: keeps every notice in the passenger's conversation).
+#: The agents ``busagents demo`` runs in its one process, so both sides do the same work.
 AGENTS = (
     "flight-context",
     "flight-monitor",

@@ -64,15 +64,12 @@ async def turns(bus: Bus) -> list[str]:
     return [f"{t.role}: {t.text}" for t in conversation.turns]
 
 
-async def kept_notice(bus: Bus, timeout: float = 10.0) -> Turn:
-    """The first notice the concierge keeps in P's conversation (waits for it)."""
+async def kept_notices(bus: Bus) -> list[Turn]:
+    """The notices the concierge kept in P's conversation."""
     state = await bus.state("flight-concierge", Conversation)
-    async with asyncio.timeout(timeout), state.watch(CHAT) as changes:
-        async for entry in changes:
-            notices = [t for t in entry.value.turns if t.role == "notice"]
-            if notices:
-                return notices[0]
-    raise AssertionError("the watch ended")
+    conversation = await state.get(CHAT)
+    assert conversation is not None
+    return [t for t in conversation.turns if t.role == "notice"]
 
 
 @asynccontextmanager
@@ -154,7 +151,7 @@ async def test_rebook_me_on_a_named_flight_changes_the_booking_once_and_the_answ
             answer = await ask(bus, "Please rebook me on BX125")
         status = await ask(bus, "what about my flight to JFK?")
         await sub.unsubscribe()
-        notice = await kept_notice(bus)
+        notices = await kept_notices(bus)
     assert answer.action == "rebook"
     assert answer.outcome.startswith("rebooked on BX125 LHR 15:40 -> JFK, seat ")
     assert answer.text.startswith(f"Done: booking {BOOKING} rebooked on BX125")
@@ -167,7 +164,10 @@ async def test_rebook_me_on_a_named_flight_changes_the_booking_once_and_the_answ
     assert booking is not None and [leg.flight_id for leg in booking.legs] == ["BX125-25NOV"]
     assert status.facts[0].startswith("BX125 LHR->JFK")  # the view follows the change
     assert told.message.body.decision_id == changes[0].decision_id
-    assert notice.question_id == changes[0].decision_id  # the notifier's notice is kept in the conversation
+    # the notifier's notice came into the conversation with the next message, before it
+    assert [n.question_id for n in notices] == [changes[0].decision_id]
+    assert (await turns(bus))[-3:-2] == [f"notice: {notices[0].text}"]
+    assert notices[0].text == told.message.body.text
 
 
 async def test_a_reply_to_a_notice_is_understood(bus: Bus, day: AirlineDay, tmp_path: Path) -> None:
@@ -177,9 +177,9 @@ async def test_a_reply_to_a_notice_is_understood(bus: Bus, day: AirlineDay, tmp_
             async with expect_changes(bus, where=lambda c: c.booking_id == BOOKING, count=1, timeout=20):
                 moved = await ask(bus, "move me to BX113 please")
         assert moved.outcome.startswith("rebooked on BX113")
-        notice = await kept_notice(bus)
-        assert "BX113" in notice.text
         earlier = await ask(bus, "put me on the earlier one")
+        notices = await kept_notices(bus)
+    assert len(notices) == 1 and "BX113" in notices[0].text  # the move's notice, kept before the message
     # "the earlier one" after the notice: the nearest earlier flight than the one they are on now
     assert earlier.action == "rebook" and earlier.outcome.startswith("rebooked on BX125"), earlier.text
 
@@ -330,45 +330,42 @@ async def test_a_follow_up_with_the_anthropic_backend_uses_the_queries_and_a_val
         assert "the one after that" not in request.system_text
 
 
-async def test_a_notice_is_kept_once_in_a_new_or_an_existing_conversation(bus: Bus) -> None:
-    """A passenger who never chatted gets a conversation holding the notice (one write); one who did
-    gets it appended to their turns; the same notice again changes nothing."""
-    state = await bus.state("flight-concierge", Conversation)
-    talked, silent = "ZZNOTE01-1", "ZZNOTE02-1"
-    await state.create(
-        f"chat-{talked}",
-        Conversation(
-            conversation_id=f"chat-{talked}",
-            passenger_id=talked,
-            turns=[Turn(role="passenger", text="hello"), Turn(role="assistant", text="hi")],
-            count=2,
-        ),
-    )
+async def test_each_notice_comes_into_the_conversation_once_with_the_next_message(bus: Bus, day: AirlineDay) -> None:
+    """The changes to a passenger's booking come into their conversation as notices when they next
+    write, in order and once: a change delivered twice, or one that scrolled out of the kept turns,
+    does not come in again."""
+    booking = next(b for b in day.bookings if b.booking_id == BOOKING)
 
-    def notice(passenger: str, decision: str) -> PassengerNotified:
-        return PassengerNotified(
-            disruption_id="BX1-25NOV#1",
+    def change(decision: str, version: int) -> BookingsChanged:
+        one = BookingChanged(
             decision_id=decision,
-            booking_id=passenger.split("-")[0],
-            passenger_id=passenger,
-            action="rebook",
-            channel="email",
-            text=f"notice {decision}",
+            disruption_id="BX137-25NOV#1",
+            booking_id=BOOKING,
+            flight_id="BX137-25NOV",
+            action="keep",
+            passengers=booking.passengers,
+            old_legs=booking.legs,
+            new_legs=booking.legs,
+            rationale=f"reason {decision}",
+            version=version,
         )
+        return BookingsChanged(group_id=decision, changes=[one])
 
-    async with run_agents(bus, ConciergeAgent()):
-        for passenger in (talked, silent):
-            async with state.watch(f"chat-{passenger}") as changes:
-                for decision in ("d1", "d1", "d2"):  # delivered in this order to the one replica
-                    await bus.publish(notice(passenger, decision))
-                async with asyncio.timeout(10):
-                    async for entry in changes:
-                        if any(t.question_id == "d2" for t in entry.value.turns):
-                            break
-    # drained: the second d1 was handled too
-    with_talk, without = await state.get(f"chat-{talked}"), await state.get(f"chat-{silent}")
-    assert with_talk is not None and without is not None
-    assert [t.role for t in with_talk.turns] == ["passenger", "assistant", "notice", "notice"]
-    assert sorted(t.question_id for t in with_talk.turns[2:]) == ["d1", "d2"]
-    assert sorted(t.question_id for t in without.turns) == ["d1", "d2"]
-    assert without.summary.booking_id == "ZZNOTE02"
+    async with run_agents(bus, ContextAgent(day), ConciergeAgent()):
+        await ask(bus, "is my flight to JFK on time?")
+        for decision, version in (("d1", 1), ("d1", 1), ("d2", 2)):  # d1 delivered twice
+            await bus.publish(change(decision, version), msg_id=f"{decision}.{version}.{uuid.uuid4().hex}")
+        await ask(bus, "and now?")
+        after = await turns(bus)
+        for n in range(6):  # twelve turns more: the notices scroll out of the kept turns
+            await ask(bus, f"is my flight to JFK on time? ({n})")
+        state = await bus.state("flight-concierge", Conversation)
+        scrolled = await state.get(CHAT)
+        await ask(bus, "and now?")
+        last = await state.get(CHAT)
+    assert [t.split(":")[0] for t in after] == ["passenger", "assistant", "notice", "notice", "passenger", "assistant"]
+    assert "reason d1" in after[2] and "reason d2" in after[3] and after[2].startswith("notice: Dear ")
+    assert scrolled is not None and last is not None
+    assert not any(t.role == "notice" for t in scrolled.turns) and scrolled.noticed == ["d1", "d2"]
+    assert not any(t.role == "notice" for t in last.turns) and last.count == scrolled.count + 2
+    assert last.summary.booking_id == BOOKING

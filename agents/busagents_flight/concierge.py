@@ -13,9 +13,13 @@ or ``RebookRejected`` arrived, or honestly that it is pending.
 The conversation lives in the ``flight-concierge`` key-value bucket under its id, the last
 :data:`TURNS` turns plus a running :class:`Summary` (the passenger, the booking and flight in
 play, the cities, the options last offered), written with compare-and-set: a follow-up that
-says only "and the next one?" is understood by any replica, also after a restart. The
-notifier's ``PassengerNotified`` is kept in the passenger's conversation (``chat-<passenger
-id>``), so "put me on the earlier one" after a notice is understood too.
+says only "and the next one?" is understood by any replica, also after a restart. The notices
+the passenger was sent since their last message come into the conversation when they next write:
+the context agent's ``PassengerBookings`` reply lists the changes made to their bookings, each
+told to them by the notifier, and the concierge keeps those it has not kept yet as notice turns
+(the notifier's text), before it answers. So "put me on the earlier one" after a notice is
+understood, and a day of notices costs the concierge nothing: most passengers a storm reaches
+never write.
 
 Backends (``BUSAGENTS_FLIGHT_CONCIERGE_BACKEND``): ``offline`` (default) answers the common intents
 deterministically; ``anthropic`` lets Claude use the queries as tools through
@@ -55,7 +59,6 @@ from busagents_travel import (
     PassengerAsked,
     PassengerBookings,
     PassengerBookingsReply,
-    PassengerNotified,
     PassengerPreferences,
     RebookPassenger,
     RebookRejected,
@@ -69,11 +72,13 @@ from busagents.contract import contract_info
 from busagents.llm import ApprovalDecided, ApprovalRequested, LLMSettings, ReviewRequested
 
 from .approval import Approvals
+from .notifier import render
 from .policy import choose_seats
 from .settings import FlightSettings
 
 __all__ = [
     "DECISION_PREFIX",
+    "NOTICED",
     "TURNS",
     "Checked",
     "Concierge",
@@ -99,6 +104,8 @@ log = logging.getLogger("busagents_flight.concierge")
 DECISION_PREFIX = "concierge/"
 #: Turns a conversation keeps (older ones live on in the summary).
 TURNS = 12
+#: Notices whose decision ids a conversation remembers, so that none comes in twice.
+NOTICED = 64
 _KEPT = 8  # flights and cities the summary keeps
 _BUCKET = "flight-concierge"
 _KEY = re.compile(r"^[-_=a-zA-Z0-9]+$")
@@ -129,6 +136,7 @@ class Turn(msgspec.Struct, kw_only=True):
     action: str = ""
     outcome: str = ""
     at: float = 0.0
+    booking_id: str = ""  # a notice: the booking it is about
 
 
 class Summary(msgspec.Struct, kw_only=True):
@@ -152,10 +160,14 @@ class Conversation(msgspec.Struct, kw_only=True):
     turns: list[Turn] = []
     summary: Summary = msgspec.field(default_factory=Summary)
     count: int = 0  # turns ever
+    noticed: list[str] = []  # the decision ids of the notices kept, the last NOTICED of them
 
     def add(self, *turns: Turn) -> None:
         self.turns = [*self.turns, *turns][-TURNS:]
         self.count += len(turns)
+        ids = [t.question_id for t in turns if t.role == "notice" and t.question_id not in self.noticed]
+        if ids:
+            self.noticed = [*self.noticed, *ids][-NOTICED:]
 
     def answered(self, question_id: str) -> Turn | None:
         return next((t for t in self.turns if t.role == "assistant" and t.question_id == question_id), None)
@@ -697,9 +709,18 @@ class ConciergeAgent(Agent):
             await ctx.publish(_answer(question, done), msg_id=f"answer.{question.question_id}")
             return
         lookups = Lookups(ctx)
-        draft = await self.backend.draft(question, conversation, lookups)
+        # the notices sent since the last message, in the conversation before the message is read
+        news = _news(conversation, question.passenger_id, await lookups.bookings(question.passenger_id))
+        seen = conversation
+        if news:
+            seen = msgspec.structs.replace(conversation, turns=list(conversation.turns), noticed=conversation.noticed)
+            seen.add(*news)
+            for turn in news:
+                seen.summary = _noticed(seen.summary, turn)
+        draft = await self.backend.draft(question, seen, lookups)
         answer = await self._act(question, draft, lookups, ctx)
         turns = (
+            *news,
             Turn(role="passenger", text=question.text[:2000], question_id=question.question_id, at=time.time()),
             Turn(
                 role="assistant",
@@ -714,33 +735,6 @@ class ConciergeAgent(Agent):
         await _keep(memory, key, conversation, entry.revision if entry else None, turns, draft.summary)
         await ctx.publish(answer, msg_id=f"answer.{question.question_id}")
         self.answered += 1
-
-    @on(PassengerNotified)
-    async def notified(self, notice: PassengerNotified, ctx: Context) -> None:
-        """Keep the airline's notice in the passenger's conversation: a reply to it is understood."""
-        memory = await ctx.state(_BUCKET, Conversation)
-        conversation_id = conversation_of(notice.passenger_id)
-        key = _state_key(conversation_id)
-        turn = Turn(
-            role="notice", text=notice.text, question_id=notice.decision_id, action=notice.action, at=time.time()
-        )
-        fresh = Conversation(conversation_id=conversation_id, passenger_id=notice.passenger_id)
-        fresh.add(turn)
-        fresh.summary = _noticed(fresh.summary, notice)
-        with contextlib.suppress(StateConflictError):
-            # Most passengers a storm reaches never chatted: one write, no read. Else read and append.
-            await memory.create(key, fresh)
-            return
-        entry = await memory.entry(key)
-        conversation = (
-            entry.value
-            if entry is not None
-            else Conversation(conversation_id=conversation_id, passenger_id=notice.passenger_id)
-        )
-        if _kept(conversation, turn):
-            return  # the same notice again
-        summary = _noticed(conversation.summary, notice)
-        await _keep(memory, key, conversation, entry.revision if entry else None, (turn,), summary)
 
     async def _act(self, question: PassengerAsked, draft: Draft, lookups: Lookups, ctx: Context) -> PassengerAnswered:
         if draft.action not in ("rebook", "refund"):
@@ -797,12 +791,35 @@ class ConciergeAgent(Agent):
 
 def _kept(conversation: Conversation, turn: Turn) -> bool:
     """Whether ``turn`` (one with a question or decision id) is in ``conversation`` already."""
+    if turn.role == "notice" and turn.question_id in conversation.noticed:
+        return True
     return bool(turn.question_id) and any(
         t.role == turn.role and t.question_id == turn.question_id for t in conversation.turns
     )
 
 
-def _noticed(summary: Summary, notice: PassengerNotified) -> Summary:
+def _news(conversation: Conversation, passenger_id: str, mine: PassengerBookingsReply) -> list[Turn]:
+    """The notices of the changes to the passenger's bookings that ``conversation`` has not kept yet:
+    each with the text the notifier sent this passenger."""
+    news = []
+    for change in mine.changes:
+        index = next((i for i, p in enumerate(change.passengers) if p.passenger_id == passenger_id), None)
+        if index is None or change.decision_id in conversation.noticed:
+            continue
+        turn = Turn(
+            role="notice",
+            text=render(change, index)[1],
+            question_id=change.decision_id,
+            action=change.action,
+            booking_id=change.booking_id,
+            at=time.time(),
+        )
+        if not _kept(conversation, turn):
+            news.append(turn)
+    return news
+
+
+def _noticed(summary: Summary, notice: Turn) -> Summary:
     """The summary once a notice is in the thread: its booking is the one in play."""
     return msgspec.structs.replace(summary, booking_id=notice.booking_id, flight_id="", options=[], intent="status")
 

@@ -103,7 +103,11 @@ class ContextAgent(Agent):
         bookings = self.view.bookings_of(q.passenger_id)
         passenger = next((p for b in bookings for p in b.passengers if p.passenger_id == q.passenger_id), None)
         return PassengerBookingsReply(
-            passenger_id=q.passenger_id, passenger=passenger, bookings=bookings, cities=self.view.cities
+            passenger_id=q.passenger_id,
+            passenger=passenger,
+            bookings=bookings,
+            cities=self.view.cities,
+            changes=self.view.changes_of(q.passenger_id),
         )
 
     @on(FlightInfo)

@@ -43,6 +43,7 @@ class LiveView:
         self.bookings: dict[str, Booking] = {}
         self.by_flight: dict[str, set[str]] = defaultdict(set)
         self.by_passenger: dict[str, list[str]] = defaultdict(list)  # passenger id -> booking ids
+        self.changes: dict[str, list[BookingChanged]] = {}  # booking id -> the changes applied, in order
         self.taken: dict[str, set[str]] = defaultdict(set)  # flight id -> seat numbers
         self._routes: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # -> (sched dep, id)
         self._served: dict[str, set[str]] = defaultdict(set)  # origin -> destinations flown to
@@ -93,6 +94,7 @@ class LiveView:
         current = self.bookings.get(change.booking_id)
         if current is None or current.version >= change.version:
             return  # unknown or already applied
+        self.changes.setdefault(change.booking_id, []).append(change)
         self._remove(current)
         status = "refunded" if change.action == "refund" else current.status
         legs = [leg for leg in current.legs if leg.flight_id not in {o.flight_id for o in change.old_legs}]
@@ -107,6 +109,10 @@ class LiveView:
     def bookings_of(self, passenger_id: str) -> list[Booking]:
         """Every booking naming ``passenger_id`` (refunded ones too), as they are now."""
         return [self.bookings[b] for b in self.by_passenger.get(passenger_id, ())]
+
+    def changes_of(self, passenger_id: str) -> list[BookingChanged]:
+        """The changes applied to the bookings naming ``passenger_id``, each booking's in order."""
+        return [c for b in self.by_passenger.get(passenger_id, ()) for c in self.changes.get(b, ())]
 
     def bookings_on(self, flight_id: str) -> list[Booking]:
         ids = self.by_flight.get(flight_id, ())

@@ -408,6 +408,9 @@ class PassengerBookingsReply(msgspec.Struct, kw_only=True):
     passenger: Passenger | None  # None: no booking of the day names this passenger
     bookings: list[Booking]  # every booking of the passenger (refunded ones too), as the view knows them now
     cities: dict[str, str] = {}  # airport code -> city, for every airport of the day
+    #: the changes the booking store made to these bookings today, in the order it made them (each one
+    #: the notifier told the booking's passengers of)
+    changes: list[BookingChanged] = []
 
 
 @query("travel.context.passenger-bookings", reply=PassengerBookingsReply, key="passenger_id")
