@@ -77,6 +77,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("busagents.worker")
+#: Messages one pull request of an ordered partition's consumer asks for (delivered one at a time).
+PARTITION_PULL = 16
 
 #: Handler exceptions that retrying cannot fix: a durable message is dead-lettered at once.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -357,8 +359,14 @@ class Worker:
                     filter_subject = f"{info.subject}.{p}.{narrow}"
                 name = f"{agent.name}-p{p}"
                 await js.add_consumer(stream, consumer_config(name, filter_subject, d, max_ack_pending=1))
+                # one pull asks for the next PARTITION_PULL messages: the server still hands out one at a
+                # time (max_ack_pending=1), the next as soon as the last is acknowledged, without a pull
+                # request per message
                 await self._consume(
-                    DurableConsumer(self.bus.nc, stream, name, handle, lanes=1, batch=1, ack_wait=d.ack_wait), agent
+                    DurableConsumer(
+                        self.bus.nc, stream, name, handle, lanes=1, batch=PARTITION_PULL, ack_wait=d.ack_wait
+                    ),
+                    agent,
                 )
             return
         await js.add_consumer(stream, consumer_config(agent.name, narrowed or info.subscribe_subject, d))
