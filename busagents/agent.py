@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
+from .codec import projection_decoder
 from .contract import ContractInfo, Durability, Kind, contract_info, is_contract
 from .errors import ContractError
 
@@ -49,6 +50,7 @@ class Handler:
     subject: str | None = None  # narrower subject (e.g. one key), default: every key
     durability: Durability | None = None  # JetStream delivery; None: core NATS
     view: bool = False  # every replica reads the whole stream, replayed from its start
+    read_as: type[Any] | None = None  # the type each message is decoded into (a projection); None: the contract
 
     @property
     def durable(self) -> bool:
@@ -61,6 +63,7 @@ def on(
     subject: str | None = None,
     durable: bool | Durability | None = None,
     view: bool = False,
+    read_as: type[Any] | None = None,
 ) -> Callable[[F], F]:
     """Declare the decorated method as the handler of ``contract``.
 
@@ -76,6 +79,14 @@ def on(
     *every* replica reads *every* message of the contract's stream, replayed from the
     stream's start when the replica starts, in order; the agent's query handlers serve
     only once these replays caught up. The contract must be durable (it has a stream).
+
+    ``read_as`` hands the handler each message decoded into that msgspec type instead of the
+    contract: a projection, shaped like the contract or like the part of it the handler reads
+    (fields it does not name are skipped, a ``msgspec.Raw`` field keeps its JSON undecoded). For
+    a handler that reads a little of large messages, every replica of a view above all. The
+    message is checked only as far as the projection reads it; one that does not decode into
+    it is dead-lettered like any undecodable message. A message of an earlier version is
+    upcast to the contract first, then projected.
     """
     info = contract_info(contract)
     if durable and info.kind in (Kind.QUERY, Kind.REPLY):
@@ -95,6 +106,8 @@ def on(
         durability = (info.durability or Durability()) if durable else None
     if subject is not None and not (subject == info.subject or subject.startswith(info.subject + ".")):
         raise ContractError(f"@on({info.name}, subject={subject!r}): must start with {info.subject!r}")
+    if read_as is not None:
+        projection_decoder(info.cls, read_as)  # a clear error now for a type msgspec cannot decode into
 
     def mark(func: F) -> F:
         where = f"@on({info.name}) {getattr(func, '__qualname__', func)!s}"
@@ -105,7 +118,11 @@ def on(
             raise ContractError(
                 f"{where}: its message is annotated {declared.__name__}, but it handles {contract.__name__}"
             )
-        func.__busagents_on__ = (info, subject, durability, view)  # type: ignore[attr-defined]
+        if read_as is not None and isinstance(declared, type) and declared is not read_as:
+            raise ContractError(
+                f"{where}: its message is annotated {declared.__name__}, but read_as={read_as.__name__} is what it gets"
+            )
+        func.__busagents_on__ = (info, subject, durability, view, read_as)  # type: ignore[attr-defined]
         return func
 
     return mark
@@ -159,14 +176,20 @@ class Agent:
                 mark = getattr(value, "__busagents_on__", None)
                 if mark is None:
                     continue
-                info, subject, durability, view = mark
+                info, subject, durability, view, read_as = mark
                 previous = handlers.get(info.cls)
                 if previous is not None and previous.attr != attr and base is cls and previous.attr in vars(cls):
                     raise ContractError(
                         f"{cls.__qualname__}: {info.name} is handled twice ({previous.attr} and {attr})"
                     )
                 handlers[info.cls] = Handler(
-                    contract=info, func=value, attr=attr, subject=subject, durability=durability, view=view
+                    contract=info,
+                    func=value,
+                    attr=attr,
+                    subject=subject,
+                    durability=durability,
+                    view=view,
+                    read_as=read_as,
                 )
         cls.handlers = handlers
         for declared in (*cls.produces, *cls.awaits):

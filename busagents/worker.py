@@ -39,7 +39,7 @@ from nats.aio.msg import Msg
 from ._tasks import cancel_and_wait
 from .agent import Agent, Handler
 from .bus import ERROR_HEADER, Bus, Mailbox
-from .codec import codec_for, encode
+from .codec import codec_for, encode, projection_decoder
 from .context import Context
 from .contract import ContractInfo, Durability, Kind, contract_info, upcasters
 from .convlog import ConversationLog, ensure_conversation_log
@@ -412,7 +412,7 @@ class Worker:
         self, agent: Agent, handler: Handler, d: Durability, strip: Callable[[str], str] | None
     ) -> HandleMsg:
         """Like :meth:`_handler`, but settles each JetStream message: ack, nak with backoff, or term."""
-        read = _reader(handler.contract)
+        read = _reader(handler.contract, handler.read_as)
         func: Callable[[Any, Context], Awaitable[Any]] = getattr(agent, handler.attr)
         bus = self.bus
         nc = bus.nc
@@ -518,7 +518,7 @@ class Worker:
 
     def _handler(self, agent: Agent, handler: Handler) -> HandleMsg:
         info = handler.contract
-        read = _reader(info)
+        read = _reader(info, handler.read_as)
         func: Callable[[Any, Context], Awaitable[Any]] = getattr(agent, handler.attr)
         reply_cls = info.reply if info.kind is Kind.QUERY else None
         bus = self.bus
@@ -605,14 +605,23 @@ class _Refused(Exception):
         self.reason = reason
 
 
-def _reader(info: ContractInfo) -> Callable[[Msg], Any]:
+def _reader(info: ContractInfo, read_as: type[Any] | None = None) -> Callable[[Msg], Any]:
     """What core and durable handlers check before the handler runs: the contract and version a message
-    says it carries, then its body, decoded (and upcast from an earlier version, when the contract has
-    an upcaster for it); raises :class:`_Refused` with the dead letter's stage."""
-    decode = codec_for(info.cls).decode
+    says it carries, then its body, decoded (into ``read_as`` when given; upcast from an earlier
+    version, when the contract has an upcaster for it); raises :class:`_Refused` with the dead
+    letter's stage."""
+    decode = codec_for(info.cls).decode if read_as is None else projection_decoder(info.cls, read_as)
     name = info.name
     version = str(info.version)
     upcast = _upcaster(info)
+    if read_as is not None:
+        upcast_contract = upcast
+
+        def upcast(sent: str, data: bytes) -> Any:
+            try:
+                return decode(encode(upcast_contract(sent, data)))
+            except DecodeError as exc:
+                raise _Refused("decode", f"{exc} (upcast from version {sent})") from None
 
     def read(msg: Msg) -> Any:
         headers = msg.headers

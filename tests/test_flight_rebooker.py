@@ -4,8 +4,9 @@ seated (the store picks the loser another seat); for the cabin's last seat the l
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 from busagents_flight.context import ContextAgent
@@ -217,7 +218,7 @@ class _Watched(ReasonerAgent):
         super().__init__("offline")
         self.held_group = asyncio.Event()
 
-    def hold(self, decisions: list[RebookPassenger]) -> None:
+    def hold(self, decisions: Sequence[Any]) -> None:  # as decided here, or as the view reads another's
         super().hold(decisions)
         if decisions and decisions[0].decision_id.startswith("other-"):
             self.held_group.set()

@@ -55,6 +55,23 @@ _CONNECTION_CHECK_MINUTES = 10
 _REPORT_AGAIN_MINUTES = 120
 
 
+class _Landed(msgspec.Struct):
+    flight_id: str
+
+
+class _Move(msgspec.Struct):
+    booking_id: str
+    action: str
+    new_legs: list[_Landed]
+    version: int = 0
+
+
+class _Moves(msgspec.Struct):
+    """What :meth:`FlightMonitor.moved` reads of a ``BookingsChanged``: where each booking landed."""
+
+    changes: list[_Move]
+
+
 class FlightWatch(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What the monitor knows of one flight (the value of its key in the state bucket)."""
 
@@ -205,8 +222,8 @@ class FlightMonitor(Agent):
             long_delay=long_delay,
         )
 
-    @on(BookingsChanged)
-    async def moved(self, changed: BookingsChanged, ctx: Context) -> None:
+    @on(BookingsChanged, read_as=_Moves)
+    async def moved(self, changed: _Moves, ctx: Context) -> None:
         """A rebooking that lands on a flight cancelled meanwhile is a disruption for that booking.
 
         Only a rebooking lands anywhere. A keep reports the legs the booking has (so does a decision

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import defaultdict
+from collections.abc import Sequence
 
 import msgspec
 from busagents_travel import (
@@ -47,6 +48,25 @@ MAX_ATTEMPTS = 8
 _MIN = 60
 
 
+class _SeatsGiven(msgspec.Struct):
+    """Of a new leg of a decision: the seats it gives out."""
+
+    flight_id: str
+    seats: list[str]
+
+
+class _DecisionSeats(msgspec.Struct):
+    decision_id: str
+    new_legs: list[_SeatsGiven] = []
+
+
+class _GroupSeats(msgspec.Struct):
+    """What the reasoner's view reads of a ``RebookGroup``: the seats each decision gives out (the
+    rest of the group, a third of a 50-KB message or less, is skipped undecoded)."""
+
+    decisions: list[_DecisionSeats]
+
+
 class ReasonerAgent(Agent):
     r"""Turns ``FlightDelayed`` / ``FlightCancelled`` into one ``RebookPassenger`` per affected booking,
     sent in ``RebookGroup``\ s."""
@@ -77,15 +97,15 @@ class ReasonerAgent(Agent):
     async def cancelled(self, event: FlightCancelled, ctx: Context) -> None:
         await self._assess(Disruption.of(event), ctx)
 
-    @on(RebookGroup, view=True)
-    async def given_out(self, group: RebookGroup, ctx: Context) -> None:
+    @on(RebookGroup, view=True, read_as=_GroupSeats)
+    async def given_out(self, group: _GroupSeats, ctx: Context) -> None:
         """Every replica reads every group, its own and the others': the seats any replica gave out
         are held here too, so that replicas seldom offer the same seat twice (what is left is two
         decisions made in the same few milliseconds; the rebooker refuses the second). A replica
         that starts or restarts mid-day replays the day's groups before it decides anything."""
         self.hold(group.decisions)
 
-    def hold(self, decisions: list[RebookPassenger]) -> None:
+    def hold(self, decisions: Sequence[RebookPassenger | _DecisionSeats]) -> None:
         """Count the seats of ``decisions`` as given out."""
         for decision in decisions:
             for leg in decision.new_legs:
