@@ -6,8 +6,10 @@ import asyncio
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
-from busagents import Agent, Bus, Context, QueryFailedError, command, event, on, query
+from busagents import Agent, Bus, Context, ContractError, QueryFailedError, command, event, on, query
+from busagents.contract import contract_info
 from busagents.server import NatsServer
 from busagents.testing import run_agents
 
@@ -169,3 +171,31 @@ async def test_wait_for_agents_returns_once_each_type_is_serving(bus: Bus, nats_
 async def test_wait_for_agents_names_the_missing_ones(bus: Bus) -> None:
     with pytest.raises(TimeoutError, match=r"no heartbeat within 0\.3s from: ghost"):
         await bus.wait_for_agents(["ghost"], timeout=0.3)
+
+
+@event("test.kinds.stored", durable=True)
+class Stored(msgspec.Struct):
+    n: int
+
+
+async def test_a_durable_publish_jetstream_refuses_is_an_error_with_its_reason_not_retried(bus: Bus) -> None:
+    await bus.publish(Stored(n=1))  # stored: the stream exists
+    info = contract_info(Stored)
+    with pytest.raises(ContractError, match=r"JetStream refused Stored on test\.kinds\.stored: wrong last sequence"):
+        await bus.publish_durable(info, info.subject, b'{"n": 2}', {"Nats-Expected-Last-Sequence": "999"})
+
+
+async def test_an_answer_that_is_not_a_jetstream_acknowledgement_is_an_error(bus: Bus) -> None:
+    """Something other than JetStream answering on a durable subject (here: no stream stores it, and a
+    core responder does) is reported, not taken for a stored message and not retried until the timeout."""
+
+    async def impostor(msg: Msg) -> None:
+        await msg.respond(b"hello")
+
+    info = contract_info(Stored)
+    sub = await bus.nc.subscribe("test.kinds.impostor", cb=impostor)
+    try:
+        with pytest.raises(ContractError, match=r"not a JetStream acknowledgement: b'hello'"):
+            await bus.publish_durable(info, "test.kinds.impostor", b'{"n": 3}', {})
+    finally:
+        await sub.unsubscribe()
