@@ -5,10 +5,23 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+import msgspec
+from busagents_flight.context import ContextAgent
 from busagents_flight.data import generate
 from busagents_flight.feed import status_feed
 from busagents_flight.view import LiveView
-from busagents_travel import BookingChanged, Leg
+from busagents_travel import (
+    Alternatives,
+    AlternativesReply,
+    BookingChanged,
+    BookingsChanged,
+    Leg,
+    PassengerBookings,
+)
+
+from busagents import Bus
+from busagents.contract import contract_info
+from busagents.testing import run_agents
 
 
 def _held(view: LiveView) -> dict[str, set[str]]:
@@ -38,6 +51,7 @@ def test_free_seats_and_alternatives_follow_booking_changes_and_status_updates()
                 checked += 1
                 seats = view.seat_maps[view.flights[f.flight_id].aircraft]
                 assert [s.number for s in free] == [s.number for s in seats if s.number not in held[f.flight_id]]
+                assert bytes(view.free_seats_json(f.flight_id)) == msgspec.json.encode(free)  # its JSON, current
         # move a booking's first leg onto free seats of another flight, or refund it
         booking = rng.choice([b for b in view.bookings.values() if b.status == "active"])
         target = rng.choice(flights)
@@ -99,3 +113,50 @@ def test_the_days_value_records_are_not_tracked_by_the_garbage_collector() -> No
     ]
     assert len(records) > 200
     assert not any(gc.is_tracked(r) for r in records)
+
+
+async def test_an_alternatives_reply_carries_the_seats_free_now_as_the_contract_encodes_them(bus: Bus) -> None:
+    """The context agent sends each flight's free seats as JSON it keeps until seats move: the reply is
+    the bytes of the view's answer encoded, before and after a booking change takes a seat."""
+    day = generate(40, 3_000, 5)
+    agent = ContextAgent(day)
+    view = agent.view
+    flight = next(
+        f for f in day.flights if len(view.alternatives(f.origin, f.destination, f.departure - 7200, limit=8)) >= 2
+    )
+    q = Alternatives(origin=flight.origin, destination=flight.destination, not_before=flight.departure - 7200, limit=8)
+    subject = contract_info(Alternatives).subject
+
+    async def asked() -> tuple[bytes, list[str]]:
+        msg = await bus.nc.request(subject, msgspec.json.encode(q), timeout=5)
+        expected = AlternativesReply(
+            itineraries=view.alternatives(q.origin, q.destination, q.not_before, limit=q.limit)
+        )
+        assert msg.data == msgspec.json.encode(expected)
+        reply = msgspec.json.decode(msg.data, type=AlternativesReply)
+        return msg.data, [s.number for s in reply.itineraries[0].free_seats[0]]
+
+    async with run_agents(bus, agent):
+        before, free = await asked()
+        first = view.alternatives(q.origin, q.destination, q.not_before, limit=1)[0].flights[0]
+        booking = next(b for b in day.bookings if b.status == "active" and len(b.passengers) == 1)
+        seat = view.free_seats(first.flight_id)[0]
+        f = view.flights[first.flight_id]
+        leg = Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, seat.cabin, [seat.number])
+        change = BookingChanged(
+            decision_id="d1",
+            disruption_id="x",
+            booking_id=booking.booking_id,
+            flight_id=booking.legs[0].flight_id,
+            action="rebook",
+            passengers=booking.passengers,
+            old_legs=booking.legs[:1],
+            new_legs=[leg],
+            version=booking.version + 1,
+        )
+        await bus.publish(BookingsChanged(group_id="d1", changes=[change]))
+        # a passenger's bookings are answered once the view caught up with the stream: the change is in
+        mine = await bus.request(PassengerBookings(passenger_id=booking.passengers[0].passenger_id))
+        assert [b.legs[0].flight_id for b in mine.bookings if b.booking_id == booking.booking_id] == [f.flight_id]
+        after, free_after = await asked()
+    assert seat.number in free and seat.number not in free_after and before != after

@@ -9,6 +9,8 @@ answers from a half-built view (queries go to the replicas that are ready).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from busagents_travel import (
     Alternatives,
     AlternativesReply,
@@ -92,6 +94,10 @@ class ContextAgent(Agent):
             min_free=q.min_free,
             limit=q.limit,
         )
+        # The free-seat lists leave as the JSON the view keeps of each flight's (msgspec.Raw): the bytes
+        # encoding the seats would give, without encoding a flight's seats again for every reply.
+        for it in found:
+            it.free_seats = cast(Any, [self.view.free_seats_json(f.flight_id) for f in it.flights])
         return AlternativesReply(itineraries=found)
 
     # The concierge's queries: a traveller's bookings, a flight's status, fare rules, preferences.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
+import msgspec
 from busagents_travel import (
     AlternativeItinerary,
     Booking,
@@ -27,6 +28,7 @@ __all__ = ["LiveView"]
 
 _MAX_CONNECTION_WAIT = 6 * 3600
 _MAX_DELAY = 8 * 3600  # a flight scheduled this long before may still be waiting to leave
+_encode = msgspec.json.Encoder().encode
 
 
 class LiveView:
@@ -53,6 +55,7 @@ class LiveView:
         #: flight id -> its free seats, kept until a booking change takes or releases one of them:
         #: the alternatives of many queries share flights, and seats move far less often than they are read
         self._free: dict[str, list[Seat]] = {}
+        self._free_json: dict[str, msgspec.Raw] = {}  # the same lists as JSON, as the replies carry them
         for f in day.flights:
             self._routes[f.origin, f.destination].append((f.departure, f.flight_id))
             self._served[f.origin].add(f.destination)
@@ -73,12 +76,14 @@ class LiveView:
             self.by_flight[leg.flight_id].add(booking.booking_id)
             self.taken[leg.flight_id].update(leg.seats)
             self._free.pop(leg.flight_id, None)
+            self._free_json.pop(leg.flight_id, None)
 
     def _remove(self, booking: Booking) -> None:
         for leg in booking.legs:
             self.by_flight[leg.flight_id].discard(booking.booking_id)
             self.taken[leg.flight_id].difference_update(leg.seats)
             self._free.pop(leg.flight_id, None)
+            self._free_json.pop(leg.flight_id, None)
 
     def apply_status(self, update: FlightStatusUpdated) -> None:
         if update.seq <= self.last_seq.get(update.flight_id, 0):
@@ -144,6 +149,13 @@ class LiveView:
             seats = self.seat_maps[self.flights[flight_id].aircraft]
             free = self._free[flight_id] = [s for s in seats if s.number not in taken]
         return free
+
+    def free_seats_json(self, flight_id: str) -> msgspec.Raw:
+        """:meth:`free_seats` as JSON, encoded once until seats move."""
+        raw = self._free_json.get(flight_id)
+        if raw is None:
+            raw = self._free_json[flight_id] = msgspec.Raw(_encode(self.free_seats(flight_id)))
+        return raw
 
     def _free_count(self, flight_id: str, cabin: str | None) -> int:
         if cabin is None:
