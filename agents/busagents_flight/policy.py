@@ -240,7 +240,7 @@ class _FreeSeats:
     makes the choice :func:`choose_seats` makes among the seats not in ``taken``.
     """
 
-    __slots__ = ("by_cabin", "prefix")
+    __slots__ = ("by_cabin", "keyed", "prefix")
 
     def __init__(self, flight_id: str, free: list[Seat]) -> None:
         self.prefix = f"{flight_id}/"  # + a seat number: its key in ``taken``
@@ -253,18 +253,19 @@ class _FreeSeats:
             if not all(map(operator.lt, order, order[1:])):
                 seats.sort(key=lambda s: (_row(s), s.number[-1]))
         self.by_cabin = by_cabin
+        #: cabin -> (key in ``taken``, seat), in the same order: a seat's key is made once, not per choice
+        self.keyed = {cabin: [(self.prefix + s.number, s) for s in seats] for cabin, seats in by_cabin.items()}
 
     def choose(self, cabin: str, passengers: list[Passenger], taken: set[str]) -> list[str] | None:
-        seats = self.by_cabin.get(cabin, ())
-        prefix = self.prefix
+        keyed = self.keyed.get(cabin, ())
         n = len(passengers)
         if n == 1:
             # choose_seats' order for one passenger: a liked seat, not a middle one, front rows first
             liked = passengers[0].seat_preference
             other: Seat | None = None
             middle: Seat | None = None
-            for seat in seats:
-                if prefix + seat.number in taken:
+            for key, seat in keyed:
+                if key in taken:
                     continue
                 position = seat.position
                 if position == "middle":
@@ -276,7 +277,7 @@ class _FreeSeats:
                     other = seat
             best = other or middle
             return [best.number] if best is not None else None
-        free = [seat for seat in seats if prefix + seat.number not in taken]
+        free = [seat for key, seat in keyed if key not in taken]
         if len(free) < n:
             return None
         block: list[Seat] | None = None
