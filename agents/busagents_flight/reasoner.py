@@ -207,12 +207,14 @@ class ReasonerAgent(Agent):
         by_booking = {a.booking.booking_id: a for a in case.affected}
         free: dict[str, set[str]] = defaultdict(set)
         seen: set[tuple[int, str]] = set()  # a list shared by itineraries (SeatLists) is read once per flight
+        needed = {leg.flight_id for decision in decisions for leg in decision.new_legs}  # only these are read
         for its in cache.values():
             for it in its:
                 for flight, free_seats in zip(it.flights, it.free_seats, strict=True):
-                    if (id(free_seats), flight.flight_id) not in seen:
-                        seen.add((id(free_seats), flight.flight_id))
-                        free[flight.flight_id].update(s.number for s in free_seats)
+                    fid = flight.flight_id
+                    if fid in needed and (id(free_seats), fid) not in seen:
+                        seen.add((id(free_seats), fid))
+                        free[fid].update(s.number for s in free_seats)
         accepted: dict[str, RebookPassenger] = {}
         for decision in decisions:
             a = by_booking.get(decision.booking_id)
