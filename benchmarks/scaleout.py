@@ -2,15 +2,16 @@
 
 The same seeded day (``--day-seconds 0``) runs three ways against the same code: ``busagents demo``
 (every agent in one process), then ``busagents swarm up`` with 1 and with 2 replicas of every agent
-(the feed once). A watcher on the bus times the swarm's run and counts what passengers were told;
-psutil gives each process's CPU time from when it was ready to the end of the run.
+(the feed once); and, beside them, the swarm of the code before the scale-out work (its history's
+:data:`BASELINE_COMMIT`) at 1 replica, the figure the CPU target halves. A watcher on the bus times the
+swarm's run and counts what passengers were told; psutil gives each process's CPU time from when it
+was ready to the end of the run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -54,8 +55,17 @@ SERVER = "nats-server"
 SUPERVISOR = "swarm up"
 #: Rows of the per-stage table, in pipeline order.
 STAGES = (FEED, *AGENTS, SERVER, SUPERVISOR)
-#: Mode -> label; mode 0 is the single process, else the replicas of every agent.
-LABELS = {0: "single process", 1: "swarm, 1 replica", 2: "swarm, 2 replicas"}
+#: The code before the scale-out work of issue 9, measured in each run beside today's (its swarm at 1 replica).
+BASELINE_COMMIT = "6a2a9a0"
+#: The mode of that measurement.
+BASELINE = -1
+#: Mode -> label; mode 0 is the single process, the baseline's swarm, else the replicas of every agent.
+LABELS = {
+    0: "single process",
+    1: "swarm, 1 replica",
+    2: "swarm, 2 replicas",
+    BASELINE: f"before the scale-out work ({BASELINE_COMMIT}): swarm, 1 replica",
+}
 #: The run is over when every count adds up and nothing new was seen on the bus for this long.
 QUIET = 2.0
 #: Seconds without anything new on the bus, once the feed started, after which the run has failed.
@@ -97,9 +107,12 @@ start-up are excluded. The single process cannot be split by stage and prints no
 row counts the CPU time of the demo and its nats-server from the moment that nats-server was started
 (the day generated, the bookings not yet loaded) to the demo's exit, so loading the SQLite store,
 starting the agents, the audit and the shutdown are included; its *run time* is the demo's own report
-(`run_seconds`: from before the feed's first publish to the last notification). The targets compare the
-2-replica run time with the single process's in the same repetition, and the 2-replica CPU per affected
-passenger with the figure measured before the scale-out work ({baseline})."""
+(`run_seconds`: from before the feed's first publish to the last notification). *Before the scale-out
+work* = the swarm with 1 replica of every agent of commit {baseline_commit} (the code before issue 9; 2
+replicas of it told passengers twice), extracted from this repository's history (`git archive`) and run
+the same way on its own day and store, in every repetition. The targets compare the 2-replica run time
+with the single process's in the same repetition, and the 2-replica CPU per affected passenger with half
+the figure before the scale-out work measured in the same run (without that history: {baseline})."""
 
 # Runs in the children's interpreter, so it imports the code under test (PYTHONPATH wins over the
 # editable installs; the benchmark process itself may run other code): load the store, audit it.
@@ -143,6 +156,8 @@ class _Day:
     status_updates: int
     cancelled: list[str]
     code: str
+    path: str = ""  # PYTHONPATH of the processes: the checkout they import ("": this one, as installed)
+    agents: tuple[str, ...] = AGENTS  # the agents of AGENTS that checkout has
 
 
 @dataclass(slots=True)
@@ -174,8 +189,10 @@ class _Run:
 
 
 def _env(day: _Day, tmp: Path) -> dict[str, str]:
+    path = {"PYTHONPATH": day.path} if day.path else {}
     return {
         **os.environ,
+        **path,
         "BUSAGENTS_FLIGHT_FLIGHTS": str(day.flights),
         "BUSAGENTS_FLIGHT_PASSENGERS": str(day.passengers),
         "BUSAGENTS_FLIGHT_SEED": str(SEED),
@@ -200,11 +217,12 @@ def _tail(cwd: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-async def _helper(*args: str, cwd: Path, stdin: object = None) -> dict[str, Any]:
+async def _helper(*args: str, cwd: Path, stdin: object = None, path: str = "") -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-c", _HELPER, *args),
         cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path} if path else None,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -233,14 +251,34 @@ def _describe(root: Path) -> str:
     return f"{root} at {commit}" + (f" with uncommitted changes to {len(changed)} files" if changed else "")
 
 
-async def _prepare(flights: int, passengers: int, tmp: Path) -> _Day:
+async def _prepare(flights: int, passengers: int, tmp: Path, *, root: Path | None = None, code: str = "") -> _Day:
+    """The day as the checkout at ``root`` generates it (None: the installed code), its store loaded."""
+    path = os.pathsep.join(str(root / part) for part in ("", "contracts", "agents")) if root else ""
     store = tmp / "bookings.sqlite3"
-    got = await _helper("load", str(store), str(flights), str(passengers), str(SEED), cwd=tmp)
-    code = _describe(Path(got["busagents"]).parents[1])  # <root>/busagents/__init__.py
-    flight_code = _describe(Path(got["busagents_flight"]).parents[2])  # <root>/agents/busagents_flight/
-    if flight_code != code:
-        code = f"busagents from {code}, busagents_flight from {flight_code}"
-    return _Day(flights, passengers, store, got["status_updates"], got["cancelled"], code)
+    got = await _helper("load", str(store), str(flights), str(passengers), str(SEED), cwd=tmp, path=path)
+    if not code:
+        code = _describe(Path(got["busagents"]).parents[1])  # <root>/busagents/__init__.py
+        flight_code = _describe(Path(got["busagents_flight"]).parents[2])  # <root>/agents/busagents_flight/
+        if flight_code != code:
+            code = f"busagents from {code}, busagents_flight from {flight_code}"
+    flight_pkg = Path(got["busagents_flight"]).parent
+    agents = tuple(a for a in AGENTS if a != "flight-concierge" or (flight_pkg / "concierge.py").exists())
+    return _Day(flights, passengers, store, got["status_updates"], got["cancelled"], code, path, agents)
+
+
+def _baseline_checkout(tmp: Path) -> Path | None:
+    """The code before the scale-out work (:data:`BASELINE_COMMIT`), extracted from this repository's
+    history into ``tmp``; None when there is no history to take it from (a copy without ``.git``)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp / "baseline"
+    out.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", BASELINE_COMMIT], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        return None
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
 
 
 def _children_cpu() -> float:
@@ -470,9 +508,10 @@ class _Watch:
             f"{len(waiting)} disruptions not notified; processes heartbeating per agent: {beats}"
         )
 
-    async def until_serving(self, proc: asyncio.subprocess.Process, replicas: int, cwd: Path) -> None:
+    async def until_serving(
+        self, proc: asyncio.subprocess.Process, replicas: int, cwd: Path, agents: tuple[str, ...]
+    ) -> None:
         """Until every replica of every agent of the swarm sent its first heartbeat (it serves)."""
-        agents = [a for a in AGENTS if _installed(a)]
         started = time.monotonic()
         while any(len(self.stats[a]) < replicas for a in agents):
             if proc.returncode is not None:
@@ -503,15 +542,10 @@ class _Watch:
                 raise RuntimeError(f"the swarm's day did not finish ({what}): {self.summary()}\n{_tail(cwd)}")
 
 
-def _installed(agent: str) -> bool:
-    """Whether the checkout the processes run has ``agent`` (one older than the concierge, such as the
-    baseline 6a2a9a0, has not: its swarm runs without it, as its demo does)."""
-    module = {"flight-concierge": "busagents_flight.concierge"}.get(agent)
-    return module is None or importlib.util.find_spec(module) is not None
-
-
-def _swarm_file(replicas: int) -> str:
-    return "\n".join(f"[agents.{name}]\nreplicas = {replicas}\n" for name in AGENTS if _installed(name))
+def _swarm_file(replicas: int, agents: tuple[str, ...]) -> str:
+    """Every agent of ``agents`` (the checkout's: one older than the concierge, such as the baseline,
+    runs without it, as its demo does) with ``replicas`` replicas."""
+    return "\n".join(f"[agents.{name}]\nreplicas = {replicas}\n" for name in agents)
 
 
 def _feed_file() -> str:
@@ -539,7 +573,7 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
             shutil.copy(part, Path(env["BUSAGENTS_FLIGHT_STORE"]).with_name(part.name))
         config, feed_config = tmp / "swarm.toml", tmp / "feed.toml"
-        config.write_text(_swarm_file(replicas))
+        config.write_text(_swarm_file(replicas, day.agents))
         feed_config.write_text(_feed_file())
         assert server.process is not None
         watch = _Watch(_Meter({server.process.pid: SERVER}), day.status_updates)
@@ -554,7 +588,7 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
             try:
                 # the day starts once every replica serves: a replica still starting up would spend its
                 # start-up (generating the day, replaying the streams) inside the run
-                await watch.until_serving(proc, replicas, tmp)
+                await watch.until_serving(proc, replicas, tmp, day.agents)
                 feed = await _python(*up, str(feed_config), "--nats", server.url, cwd=tmp, env=env)
                 watch.meter.ready(feed.pid, SUPERVISOR)
                 await watch.until_done(proc, tmp, timeout)
@@ -629,11 +663,13 @@ def _outcomes(runs: list[_Run]) -> str:
     return f"affected/notified/seat conflicts/stranded/re-decisions/dead letters: {each}"
 
 
-def _results(runs: dict[int, list[_Run]]) -> list[Result]:
+def _results(runs: dict[int, list[_Run]], agents: tuple[str, ...]) -> list[Result]:
     single = [r.run_s for r in runs[0]]
     out: list[Result] = []
     for mode, label in LABELS.items():
-        rs = runs[mode]
+        rs = runs.get(mode, [])
+        if not rs:
+            continue
         cpu = (
             f"the demo and its nats-server after it started; the whole command: "
             f"{median(r.whole_cpu_s for r in rs):.1f} CPU-s"
@@ -647,7 +683,7 @@ def _results(runs: dict[int, list[_Run]]) -> list[Result]:
                 "s",
                 [r.run_s for r in rs],
                 higher_is_better=False,
-                ratio=median(ratios([r.run_s for r in rs], single)),
+                ratio=median(ratios([r.run_s for r in rs], single)) if mode != BASELINE else None,
                 note=_outcomes(rs),
             ),
             Result(NAME, f"{label}: wall time of the command", "s", [r.wall_s for r in rs], higher_is_better=False),
@@ -660,7 +696,7 @@ def _results(runs: dict[int, list[_Run]]) -> list[Result]:
                 note=cpu,
             ),
         ]
-        if mode == 0:
+        if mode in (0, BASELINE):
             continue
         out.append(
             Result(
@@ -673,7 +709,7 @@ def _results(runs: dict[int, list[_Run]]) -> list[Result]:
             )
         )
         for stage in STAGES:
-            if stage in AGENTS and not _installed(stage):
+            if stage in AGENTS and stage not in agents:
                 continue
             ms = median(1000 * r.stages[stage][1] / max(r.affected, 1) for r in rs)
             if stage == FEED:
@@ -696,10 +732,18 @@ def _results(runs: dict[int, list[_Run]]) -> list[Result]:
 
 
 def _checks(runs: dict[int, list[_Run]]) -> list[Check]:
-    run_s = {mode: [r.run_s for r in rs] for mode, rs in runs.items()}
-    cpu_ms = {mode: median(r.cpu_ms_per_affected for r in rs) for mode, rs in runs.items()}
-    served = [r.served for rs in runs.values() for r in rs]
+    run_s = {mode: [r.run_s for r in rs] for mode, rs in runs.items() if rs and mode != BASELINE}
+    cpu_ms = {mode: median(r.cpu_ms_per_affected for r in rs) for mode, rs in runs.items() if rs}
+    served = [r.served for mode, rs in runs.items() if mode != BASELINE for r in rs]
     medians = ", ".join(f"{LABELS[mode]} {median(s):.1f} s" for mode, s in run_s.items())
+    if BASELINE in cpu_ms:  # measured in this run, on this machine
+        before = cpu_ms[BASELINE]
+        measured = (
+            f"the swarm with 1 replica of the code before the scale-out work (commit {BASELINE_COMMIT}), "
+            f"measured in this run (median of {len(runs[BASELINE])})"
+        )
+    else:
+        before, measured = BASELINE_CPU_MS_PER_AFFECTED, f"the swarm with 1 replica measured {BASELINE_MEASURED}"
     return [
         Check(
             "Flight day run time, swarm with 2 replicas of every agent / single process",
@@ -711,12 +755,10 @@ def _checks(runs: dict[int, list[_Run]]) -> list[Check]:
         Check(
             "CPU-ms per affected passenger, swarm with 2 replicas (all processes, day generation excluded)",
             cpu_ms[2],
-            BASELINE_CPU_MS_PER_AFFECTED / 2,
+            before / 2,
             at_least=False,
-            detail=(
-                f"half of {BASELINE_CPU_MS_PER_AFFECTED:.3f} ms, the swarm with 1 replica measured "
-                f"{BASELINE_MEASURED}; now 1 replica {cpu_ms[1]:.3f} ms, single process {cpu_ms[0]:.3f} ms"
-            ),
+            detail=f"half of {before:.3f} ms, {measured}; now 1 replica {cpu_ms[1]:.3f} ms, single process "
+            f"{cpu_ms[0]:.3f} ms",
         ),
         Check(
             "Scale-out runs with notified == affected, 0 seat conflicts, 0 stranded, 0 dead letters (share)",
@@ -728,23 +770,41 @@ def _checks(runs: dict[int, list[_Run]]) -> list[Check]:
     ]
 
 
-async def run(*, flights: int, passengers: int, reps: int) -> tuple[list[Result], list[Check], str]:
+async def run(
+    *, flights: int, passengers: int, reps: int, baseline: bool = True
+) -> tuple[list[Result], list[Check], str]:
+    """The three ways, ``reps`` times; with ``baseline``, the swarm of the code before the scale-out work
+    at 1 replica in each repetition too (when this repository's history has it)."""
     timeout = max(300.0, passengers / 250)
     runs: dict[int, list[_Run]] = {mode: [] for mode in LABELS}
     with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as tmp:
-        day = await _prepare(flights, passengers, Path(tmp))
+        for part in ("day", "baseline-day"):
+            (Path(tmp) / part).mkdir()
+        day = await _prepare(flights, passengers, Path(tmp) / "day")
+        before: _Day | None = None
+        if baseline:
+            root = _baseline_checkout(Path(tmp))
+            if root is not None:
+                code = f"commit {BASELINE_COMMIT}, extracted from this repository's history"
+                before = await _prepare(flights, passengers, Path(tmp) / "baseline-day", root=root, code=code)
         for rep in range(reps):
-            for mode in (0, 1, 2) if rep % 2 == 0 else (2, 1, 0):
-                runs[mode].append(await (_swarm(day, mode, timeout) if mode else _single(day, timeout)))
+            modes = [0, 1, 2, BASELINE] if before is not None else [0, 1, 2]
+            for mode in modes if rep % 2 == 0 else modes[::-1]:
+                if mode == BASELINE:
+                    assert before is not None
+                    runs[mode].append(await _swarm(before, 1, timeout))
+                else:
+                    runs[mode].append(await (_swarm(day, mode, timeout) if mode else _single(day, timeout)))
     method = METHOD.format(
         flights=flights,
         passengers=passengers,
         seed=SEED,
         status_updates=day.status_updates,
         code=day.code,
-        agents=", ".join(f"`{a}`" for a in AGENTS if _installed(a)),  # the measured checkout's agents
+        agents=", ".join(f"`{a}`" for a in day.agents),  # the measured checkout's agents
         feed=FEED,
         quiet=QUIET,
         baseline=f"{BASELINE_CPU_MS_PER_AFFECTED:.3f} CPU-ms, {BASELINE_MEASURED}",
+        baseline_commit=BASELINE_COMMIT,
     )
-    return _results(runs), _checks(runs), method
+    return _results(runs, day.agents), _checks(runs), method
