@@ -406,10 +406,9 @@ class SqliteStore(BookingStore):
             except sqlite3.Error as exc:
                 raise ConfigError(f"cannot open the SQLite booking store {self.path}: {exc}") from None
             conn.execute("PRAGMA synchronous=NORMAL")
-            # reads through a memory map rather than a read() per page, and a checkpoint every 20,000
-            # pages of WAL (80 MB) rather than 1,000: a storm's day of decisions on the 200,000-passenger
-            # store takes 15 % less CPU time (benchmarks/RESULTS.md, "Flight swarm scale-out")
-            conn.execute("PRAGMA mmap_size=268435456")
+            # a checkpoint every 20,000 pages of WAL (80 MB) rather than 1,000: a storm's day of decisions
+            # on the 200,000-passenger store takes about 10 % less CPU time, with one store on the file
+            # or two taking turns (a memory map, tried too, cost two stores 15 % more)
             conn.execute("PRAGMA wal_autocheckpoint=20000")
             self._connection = conn
         return self._connection
