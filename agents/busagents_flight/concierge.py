@@ -713,7 +713,7 @@ class ConciergeAgent(Agent):
         news = _news(conversation, question.passenger_id, await lookups.bookings(question.passenger_id))
         seen = conversation
         if news:
-            seen = msgspec.structs.replace(conversation, turns=list(conversation.turns), noticed=conversation.noticed)
+            seen = msgspec.structs.replace(conversation)  # add() makes new lists: the read one stays as read
             seen.add(*news)
             for turn in news:
                 seen.summary = _noticed(seen.summary, turn)
@@ -804,7 +804,7 @@ def _news(conversation: Conversation, passenger_id: str, mine: PassengerBookings
     news = []
     for change in mine.changes:
         index = next((i for i, p in enumerate(change.passengers) if p.passenger_id == passenger_id), None)
-        if index is None or change.decision_id in conversation.noticed:
+        if index is None:
             continue
         turn = Turn(
             role="notice",
