@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import defaultdict
 
 import msgspec
+import pytest
 from busagents_flight.context import ContextAgent
 from busagents_flight.data import generate
 from busagents_flight.feed import status_feed
 from busagents_flight.view import LiveView
 from busagents_travel import (
+    MAX_SEARCHES,
+    AlternativeItinerary,
     Alternatives,
+    AlternativesMany,
     AlternativesReply,
     BookingChanged,
     BookingsChanged,
+    Flight,
     Leg,
     PassengerBookings,
 )
+from nats.aio.msg import Msg
 
-from busagents import Bus
+from busagents import Bus, QueryFailedError
 from busagents.contract import contract_info
 from busagents.testing import run_agents
 
@@ -160,3 +167,130 @@ async def test_an_alternatives_reply_carries_the_seats_free_now_as_the_contract_
         assert [b.legs[0].flight_id for b in mine.bookings if b.booking_id == booking.booking_id] == [f.flight_id]
         after, free_after = await asked()
     assert seat.number in free and seat.number not in free_after and before != after
+
+
+def _searches(view: LiveView, flights: list[Flight]) -> list[Alternatives]:
+    """Searches from the same few places at different times: their itineraries share flights."""
+    out = []
+    for f in flights:
+        for hours in (2, 3):
+            out.append(Alternatives(origin=f.origin, destination=f.destination, not_before=f.departure - hours * 3600))
+        out.append(
+            Alternatives(
+                origin=f.origin,
+                destination=f.destination,
+                not_before=f.departure - 7200,
+                exclude=[f.flight_id],
+                limit=4,
+            )
+        )
+    return out
+
+
+async def test_many_searches_in_one_query_are_answered_as_each_alone_with_each_flight_sent_once(bus: Bus) -> None:
+    """``AlternativesMany`` answers every search as ``Alternatives`` would (same itineraries, same
+    seats), carrying each flight and its free seats once; a reply that would grow too large answers
+    the first searches only; a query with no search, or too many, is refused with the reason."""
+    from busagents_flight import context
+
+    day = generate(60, 4_000, 11)
+    agent = ContextAgent(day)
+    view = agent.view
+    searches = _searches(view, [day.flights[i] for i in (3, 17, 29, 41)])
+    async with run_agents(bus, agent):
+        reply = await bus.request(AlternativesMany(searches=searches))
+        assert len(reply.results) == len(searches)
+        slots = 0
+        for s, refs in zip(searches, reply.results, strict=True):
+            alone = view.alternatives(s.origin, s.destination, s.not_before, exclude=set(s.exclude), limit=s.limit)
+            assert [(r.arrival, r.flights) for r in refs] == [
+                (it.arrival, [f.flight_id for f in it.flights]) for it in alone
+            ]
+            for it in alone:
+                for f, free in zip(it.flights, it.free_seats, strict=True):
+                    assert reply.flights[f.flight_id] == f and reply.free_seats[f.flight_id] == free
+                    slots += 1
+        assert slots > 30 and len(reply.flights) == len(reply.free_seats) < slots / 2  # shared flights, sent once
+
+        old = context.REPLY_BUDGET
+        context.REPLY_BUDGET = 1  # any flight makes it full: one search a reply
+        try:
+            part = await bus.request(AlternativesMany(searches=searches))
+        finally:
+            context.REPLY_BUDGET = old
+        assert part.results == reply.results[:1] and set(part.flights) == set(reply.results[0][0].flights) | {
+            f for r in reply.results[0] for f in r.flights
+        }
+
+        with pytest.raises(QueryFailedError, match="length >= 1"):
+            await bus.request(AlternativesMany(searches=[]))
+        with pytest.raises(QueryFailedError, match=f"length <= {MAX_SEARCHES}"):
+            await bus.request(AlternativesMany(searches=searches[:1] * (MAX_SEARCHES + 1)))
+
+
+async def test_the_reasoner_asks_a_disruptions_searches_together_and_again_for_those_left_out(bus: Bus) -> None:
+    """The reasoner gathers the itineraries of a cancelled flight's passengers in one ``AlternativesMany``;
+    when the context answers only the first searches (a reply at its size budget), it asks for the
+    rest, and ends with the same itineraries as from one reply."""
+    import logging
+
+    from busagents_flight import context
+    from busagents_flight.reasoner import ReasonerAgent, affected_booking
+    from busagents_flight.reasoning import AffectedBooking
+    from busagents_travel import Disruption, FlightCancelled
+
+    from busagents import Context
+
+    day = generate(60, 4_000, 11)
+    agent = ContextAgent(day)
+    view = agent.view
+
+    def cancel(flight: Flight) -> list[AffectedBooking]:
+        d = Disruption.of(
+            FlightCancelled(
+                disruption_id="c1", flight_id=flight.flight_id, number=flight.number, origin=flight.origin,
+                destination=flight.destination, observed_at=flight.departure - 3 * 3600, reason="crew",
+            )
+        )  # fmt: skip
+        return [a for b in view.bookings_on(flight.flight_id) if (a := affected_booking(d, b, view.mct))]
+
+    def found(affected: list[AffectedBooking]) -> int:  # searches that find an itinerary
+        seen = {a.search: a for a in affected}.values()
+        return sum(1 for a in seen if view.itineraries(a.origin, a.destination, a.not_before, exclude=set(a.exclude)))
+
+    affected = cancel(max(day.flights, key=lambda f: found(cancel(f))))
+    searches = {a.search for a in affected}
+    assert found(affected) >= 3
+    asked: list[int] = []
+
+    async def count(msg: Msg) -> None:
+        asked.append(len(msgspec.json.decode(msg.data, type=AlternativesMany).searches))
+
+    reasoner = ReasonerAgent("offline")
+    ctx = Context(reasoner, bus, logging.getLogger("test"))
+    sub = await bus.nc.subscribe(contract_info(AlternativesMany).subject, cb=count)
+    async with run_agents(bus, agent):
+        whole: dict[str, list[AlternativeItinerary]] = {}
+        await reasoner._prefetch(affected, whole, ctx)
+        old = context.REPLY_BUDGET
+        context.REPLY_BUDGET = 1  # one search a reply
+        try:
+            parts: dict[str, list[AlternativeItinerary]] = {}
+            await reasoner._prefetch(affected, parts, ctx)
+        finally:
+            context.REPLY_BUDGET = old
+    assert set(whole) == searches and msgspec.json.encode(parts) == msgspec.json.encode(whole)
+    # all at once; then, at the budget, each reply answers up to the first search that found a flight,
+    # and the reasoner asks for the rest again
+    keys, expected, i = list(whole), [len(whole)], 0
+    while i < len(keys):
+        expected.append(len(keys) - i)
+        while i < len(keys) - 1 and not whole[keys[i]]:
+            i += 1
+        i += 1
+    async with asyncio.timeout(10):  # the copies of the queries this subscription got, all handled
+        while len(asked) < len(expected):
+            await bus.nc.flush()
+            await asyncio.sleep(0)
+    await sub.unsubscribe()
+    assert asked == expected and len(expected) > 3

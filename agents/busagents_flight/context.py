@@ -13,6 +13,8 @@ from typing import Any, cast
 
 from busagents_travel import (
     Alternatives,
+    AlternativesMany,
+    AlternativesManyReply,
     AlternativesReply,
     BookingsChanged,
     BookingsOnFlight,
@@ -23,6 +25,7 @@ from busagents_travel import (
     FlightInfo,
     FlightInfoReply,
     FlightStatusUpdated,
+    ItineraryRef,
     OnwardConnections,
     OnwardConnectionsReply,
     PassengerBookings,
@@ -38,6 +41,9 @@ from .settings import FlightSettings
 from .view import LiveView
 
 __all__ = ["ContextAgent", "fare_rules"]
+
+#: An ``AlternativesManyReply`` answers no further search once it holds this many bytes (about).
+REPLY_BUDGET = 512 * 1024
 
 
 class ContextAgent(Agent):
@@ -99,6 +105,35 @@ class ContextAgent(Agent):
         for it in found:
             it.free_seats = cast(Any, [self.view.free_seats_json(f.flight_id) for f in it.flights])
         return AlternativesReply(itineraries=found)
+
+    @on(AlternativesMany)
+    async def alternatives_many(self, q: AlternativesMany, ctx: Context) -> AlternativesManyReply:
+        view = self.view
+        results: list[list[ItineraryRef]] = []
+        flights: dict[str, Any] = {}
+        size = 0
+        for s in q.searches:
+            if size > REPLY_BUDGET:  # the others are asked again (one search alone stays well under 1 MiB)
+                break
+            found = view.itineraries(
+                s.origin,
+                s.destination,
+                s.not_before,
+                exclude=set(s.exclude),
+                cabin=s.cabin,
+                min_free=s.min_free,
+                limit=s.limit,
+            )
+            for _, ids in found:
+                for fid in ids:
+                    if fid not in flights:
+                        flights[fid] = view.estimated_flight(fid)
+                        size += len(view.free_seats_json(fid)) + 200  # the flight, its seats
+                size += 60
+            results.append([ItineraryRef(flights=ids, arrival=arrival) for arrival, ids in found])
+        # each flight's free seats once, as the JSON the view keeps (see alternatives)
+        seats = {fid: view.free_seats_json(fid) for fid in flights}
+        return AlternativesManyReply(results=results, flights=flights, free_seats=cast(Any, seats))
 
     # The concierge's queries: a traveller's bookings, a flight's status, fare rules, preferences.
     # Each catches up first: an answer a traveller reads must not be older than the event stream.

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 
 import msgspec
 from busagents_travel import (
+    MAX_SEARCHES,
     AlternativeItinerary,
     Alternatives,
+    AlternativesMany,
     Booking,
     BookingsOnFlight,
     Disruption,
@@ -26,6 +28,7 @@ from busagents_travel import (
     Flight,
     FlightCancelled,
     FlightDelayed,
+    ItineraryRef,
     RebookGroup,
     RebookPassenger,
     RebookRejected,
@@ -45,6 +48,8 @@ __all__ = ["MAX_ATTEMPTS", "ReasonerAgent", "affected_booking"]
 
 #: A booking re-decided this many times is kept as it is (and the passengers told so).
 MAX_ATTEMPTS = 8
+#: Itineraries asked for per search.
+LIMIT = 12
 _MIN = 60
 
 
@@ -72,7 +77,15 @@ class ReasonerAgent(Agent):
     sent in ``RebookGroup``\ s."""
 
     name = "flight-reasoner"
-    produces = (RebookGroup, DisruptionAssessed, BookingsOnFlight, Alternatives, ApprovalRequested, ReviewRequested)
+    produces = (
+        RebookGroup,
+        DisruptionAssessed,
+        BookingsOnFlight,
+        Alternatives,
+        AlternativesMany,
+        ApprovalRequested,
+        ReviewRequested,
+    )
     awaits = (ApprovalDecided,)  # Approvals: a costly decision waits for a human's answer
     max_concurrency = 8
 
@@ -172,7 +185,7 @@ class ReasonerAgent(Agent):
             key = search_key(origin, destination, not_before, exclude)
             if key not in cache:
                 q = Alternatives(
-                    origin=origin, destination=destination, not_before=not_before, exclude=exclude, limit=12
+                    origin=origin, destination=destination, not_before=not_before, exclude=exclude, limit=LIMIT
                 )
                 reply = await ctx.request(q, reply_as=_AlternativesSeen)
                 cache[key] = [
@@ -183,8 +196,7 @@ class ReasonerAgent(Agent):
                 ]
             return cache[key]
 
-        for a in affected:
-            await lookup(a.origin, a.destination, a.not_before, a.exclude)
+        await self._prefetch(affected, cache, ctx)
         flights = {f.flight_id for its in cache.values() for it in its for f in it.flights}
         taken = sorted(f"{fid}/{seat}" for fid in flights for seat in self.held.get(fid, ()))
         case = Case(disruption=d, affected=affected, alternatives=cache, taken_seats=taken, attempt=attempt)
@@ -198,6 +210,52 @@ class ReasonerAgent(Agent):
         checked = await self.approvals.hold(self._check(case, decisions, cache, lookup), ctx)
         self.hold(checked)
         return checked
+
+    async def _prefetch(
+        self, affected: list[AffectedBooking], cache: dict[str, list[AlternativeItinerary]], ctx: Context
+    ) -> None:
+        """The itineraries of every booking's search, asked together (``AlternativesMany``): a flight
+        that many searches find comes once, with its seats."""
+        searches: dict[str, Alternatives] = {}
+        for a in affected:
+            if a.search not in cache and a.search not in searches:
+                searches[a.search] = Alternatives(
+                    origin=a.origin, destination=a.destination, not_before=a.not_before, exclude=a.exclude, limit=LIMIT
+                )
+        keys, asked = list(searches), list(searches.values())
+        while asked:
+            reply = await ctx.request(AlternativesMany(searches=asked[:MAX_SEARCHES]), reply_as=_ManySeen)
+            if not reply.results or len(reply.results) > len(asked[:MAX_SEARCHES]):
+                raise QueryFailedError(
+                    f"AlternativesManyReply: {len(reply.results)} results for {len(asked[:MAX_SEARCHES])} searches"
+                )
+            for key, its in zip(keys, self._itineraries(reply), strict=False):
+                cache[key] = its
+            n = len(reply.results)  # a large answer holds the first searches' only: the others are asked again
+            keys, asked = keys[n:], asked[n:]
+
+    def _itineraries(self, reply: _ManySeen) -> list[list[AlternativeItinerary]]:
+        """Each search's itineraries of ``reply``, its flights' seat lists decoded once (:class:`SeatLists`)."""
+        if any(
+            fid not in reply.flights or fid not in reply.free_seats
+            for its in reply.results
+            for it in its
+            for fid in it.flights
+        ):
+            raise QueryFailedError("AlternativesManyReply: an itinerary names a flight the reply does not carry")
+        seats = {fid: self.seats.of(raw) for fid, raw in reply.free_seats.items()}
+        flights = reply.flights
+        return [
+            [
+                AlternativeItinerary(
+                    flights=[flights[f] for f in it.flights],
+                    free_seats=[seats[f] for f in it.flights],
+                    arrival=it.arrival,
+                )
+                for it in its
+            ]
+            for its in reply.results
+        ]
 
     def _check(
         self, case: Case, decisions: list[RebookPassenger], cache: dict[str, list[AlternativeItinerary]], lookup: Lookup
@@ -253,6 +311,14 @@ class _AlternativesSeen(msgspec.Struct):
     """An ``AlternativesReply`` read with :class:`_ItinerarySeen`."""
 
     itineraries: list[_ItinerarySeen]
+
+
+class _ManySeen(msgspec.Struct):
+    """An ``AlternativesManyReply`` with each flight's free seats left as JSON."""
+
+    results: list[list[ItineraryRef]]
+    flights: dict[str, Flight] = {}
+    free_seats: dict[str, msgspec.Raw] = {}
 
 
 class SeatLists:

@@ -183,6 +183,30 @@ class LiveView:
         limit: int = 8,
     ) -> list[AlternativeItinerary]:
         """Direct and one-stop itineraries, earliest arrival first, with seats free on every flight."""
+        found = self.itineraries(
+            origin, destination, not_before, exclude=exclude, cabin=cabin, min_free=min_free, limit=limit
+        )
+        return [
+            AlternativeItinerary(
+                flights=[self.estimated_flight(fid) for fid in ids],
+                free_seats=[self.free_seats(fid) for fid in ids],
+                arrival=arrival,
+            )
+            for arrival, ids in found
+        ]
+
+    def itineraries(
+        self,
+        origin: str,
+        destination: str,
+        not_before: int,
+        *,
+        exclude: set[str] | None = None,
+        cabin: str | None = None,
+        min_free: int = 1,
+        limit: int = 8,
+    ) -> list[tuple[int, list[str]]]:
+        """:meth:`alternatives` as (estimated arrival, flight ids)."""
         exclude = exclude or set()
         found: list[tuple[int, int, list[str]]] = []
         horizon = not_before + 36 * 3600
@@ -213,16 +237,10 @@ class LiveView:
                     if ok(fid2, ready):
                         found.append((times[fid2][1], dep, [fid, fid2]))
         found.sort(key=lambda t: (t[0], -t[1], len(t[2])))
-        return [
-            AlternativeItinerary(
-                flights=[self._estimated_flight(fid) for fid in ids],
-                free_seats=[self.free_seats(fid) for fid in ids],
-                arrival=arrival,
-            )
-            for arrival, _, ids in found[:limit]
-        ]
+        return [(arrival, ids) for arrival, _, ids in found[:limit]]
 
-    def _estimated_flight(self, flight_id: str) -> Flight:
+    def estimated_flight(self, flight_id: str) -> Flight:
+        """``flight_id`` with its times as now estimated."""
         f = self.flights[flight_id]
         departure, arrival = self._times[flight_id]
         if departure == f.departure and arrival == f.arrival:

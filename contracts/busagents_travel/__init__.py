@@ -7,8 +7,11 @@ e.g. ``travel.flight.delayed.BA117-0600``.
 """
 
 from .messages import (
+    MAX_SEARCHES,
     AlternativeItinerary,
     Alternatives,
+    AlternativesMany,
+    AlternativesManyReply,
     AlternativesReply,
     BookingChanged,
     BookingsChanged,
@@ -24,6 +27,7 @@ from .messages import (
     FlightInfo,
     FlightInfoReply,
     FlightStatusUpdated,
+    ItineraryRef,
     OnwardConnection,
     OnwardConnections,
     OnwardConnectionsReply,
@@ -41,9 +45,12 @@ from .messages import (
 from .model import Airport, Booking, Fare, Flight, Leg, Passenger, Seat
 
 __all__ = [
+    "MAX_SEARCHES",
     "Airport",
     "AlternativeItinerary",
     "Alternatives",
+    "AlternativesMany",
+    "AlternativesManyReply",
     "AlternativesReply",
     "Booking",
     "BookingChanged",
@@ -62,6 +69,7 @@ __all__ = [
     "FlightInfo",
     "FlightInfoReply",
     "FlightStatusUpdated",
+    "ItineraryRef",
     "Leg",
     "OnwardConnection",
     "OnwardConnections",

@@ -14,13 +14,16 @@ notifier tells every passenger (``PassengerNotified``). The concierge answers a 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from busagents import Durability, command, event, query
 
 from .model import Booking, Fare, Flight, Leg, Passenger, Seat
+
+#: Searches of one ``AlternativesMany`` at most.
+MAX_SEARCHES = 64
 
 __all__ = [
     "STATUS_FEED",
@@ -401,6 +404,30 @@ class Alternatives(msgspec.Struct, kw_only=True):
     min_free: int = 1  # at least this many free seats in ``cabin`` on every flight
     cabin: str | None = None
     limit: int = 8
+
+
+class ItineraryRef(msgspec.Struct, kw_only=True):
+    """One itinerary of an ``AlternativesManyReply``: its flights by id (the reply carries each flight,
+    and its free seats, once)."""
+
+    flights: list[str]
+    arrival: int  # estimated arrival at the destination
+
+
+class AlternativesManyReply(msgspec.Struct, kw_only=True):
+    #: per search, in the order of the query's, earliest arrival first; for the first searches only when
+    #: answering them all would make the reply too large (about 512 KiB): ask the others again
+    results: list[list[ItineraryRef]]
+    flights: dict[str, Flight] = {}  # every flight the itineraries name, with its times as now estimated
+    free_seats: dict[str, list[Seat]] = {}  # per flight of ``flights``, every cabin
+
+
+@query("travel.context.alternatives-many", reply=AlternativesManyReply)
+class AlternativesMany(msgspec.Struct, kw_only=True):
+    """Several ``Alternatives`` searches answered together, from one state of the view: the itineraries
+    of searches from nearby places share flights, and each flight's seats are sent once."""
+
+    searches: Annotated[list[Alternatives], msgspec.Meta(min_length=1, max_length=MAX_SEARCHES)]
 
 
 class PassengerBookingsReply(msgspec.Struct, kw_only=True):
