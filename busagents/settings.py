@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import platformdirs
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "data_dir"]
@@ -57,3 +58,6 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     #: Bytes the conversation log keeps at most (the oldest messages go first).
     conversation_log_max_bytes: int = 256 * 1024 * 1024
+    #: Net allocations of container objects between two collections of Python's youngest generation
+    #: in an agent process (``busagents run``, the flight demo); Python's default is 700, 0 leaves it.
+    gc_threshold: int = Field(default=20_000, ge=0)

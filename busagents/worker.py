@@ -74,6 +74,7 @@ __all__ = [
     "AgentStats",
     "Outcome",
     "Worker",
+    "collect_young_less_often",
 ]
 
 log = logging.getLogger("busagents.worker")
@@ -110,6 +111,20 @@ class AgentStats:
     dead_lettered: int = 0
     published: int = 0
     in_flight: int = 0
+
+
+def collect_young_less_often(threshold: int) -> None:
+    """Collect Python's youngest generation every ``threshold`` net allocations of container objects
+    instead of every 700 (0: leave it as it is); for a process that runs agents.
+
+    An agent's start-up (a generated day, a replayed view) and its large messages allocate a great many
+    objects that live on: with Python's default, the collector walks them again and again (building
+    the flight day's 200,000-passenger view took 2.9 CPU-s with it, 2.1 with 20,000). The older
+    generations keep their thresholds; ``freeze_gc`` then leaves what start-up built alone.
+    """
+    if threshold > 0:
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(threshold, middle, old)
 
 
 class Worker:

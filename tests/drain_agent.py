@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -115,3 +116,14 @@ def exited(pids: list[int], timeout: float = 20.0) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+class SlowReportingGc(Slow):
+    """``Slow``, writing its process's young-generation threshold (``gc.get_threshold()[0]``) to the
+    file ``$GC_REPORT`` when it starts."""
+
+    name = "slow"  # heartbeats as Slow's
+
+    async def on_start(self, ctx: Context) -> None:
+        report = Path(os.environ["GC_REPORT"])
+        await asyncio.to_thread(report.write_text, str(gc.get_threshold()[0]))

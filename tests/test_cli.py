@@ -187,3 +187,23 @@ def test_run_refuses_replicas_of_a_singleton_agent() -> None:
         "tests.test_swarm:Ledger declares singleton = True (it must run as one instance) "
         "but --replicas 2 was given; run it with --replicas 1"
     )
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 20_000), ("5000", 5_000), ("0", 700)])
+async def test_an_agent_process_collects_its_youngest_generation_as_set(
+    nats_server: NatsServer, bus: Bus, tmp_path: Path, setting: str | None, expected: int
+) -> None:
+    """``busagents run`` sets the youngest generation's threshold before the agent is built (0: Python's
+    700 is left); a threshold below 0 is refused with the setting named, no traceback."""
+    env = {**child_env(), "GC_REPORT": str(tmp_path / "gc")}
+    env.pop("BUSAGENTS_GC_THRESHOLD", None)
+    if setting is not None:
+        env["BUSAGENTS_GC_THRESHOLD"] = setting
+    code, err = await run_until_serving(
+        bus, "run", "drain_agent:SlowReportingGc", *nats(nats_server), replicas=1, env=env
+    )
+    assert code == 0, err
+    assert int((tmp_path / "gc").read_text()) == expected
+    refused = busagents("run", "drain_agent:Slow", *nats(nats_server), env={**env, "BUSAGENTS_GC_THRESHOLD": "-1"})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "invalid Settings gc_threshold='-1': Input should be greater than or equal to 0" in refused.stderr

@@ -58,6 +58,7 @@ from busagents.observe import Catalog
 from busagents.process import die_with_parent
 from busagents.settings import Settings
 from busagents.subjects import DLQ_SUBJECTS
+from busagents.worker import collect_young_less_often
 
 from .chat import ChatGateway, affected_passengers
 from .concierge import ConciergeAgent
@@ -815,6 +816,7 @@ def flight_demo(
     """The flight assistant on an embedded NATS: status feed -> monitor -> reasoner -> rebooker -> notifier."""
     s = FlightSettings()
     console = Console()
+    collect_young_less_often(Settings().gc_threshold)  # before the day is generated (see busagents run)
     try:
         with use_nats(nats, embed=True, say=lambda line: click.echo(line, err=True)) as url:
             report = asyncio.run(

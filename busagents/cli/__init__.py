@@ -12,6 +12,7 @@ import sys
 from importlib.metadata import entry_points
 
 import click
+import pydantic
 
 from ..errors import BusagentsError
 from ._nats import nats_option, nats_url
@@ -101,5 +102,10 @@ def main() -> None:
     except BusagentsError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except pydantic.ValidationError as exc:  # settings from the environment (BUSAGENTS_...) that do not fit
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            click.echo(f"error: invalid {exc.title} {field}={error.get('input')!r}: {error['msg']}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -24,7 +24,7 @@ from ..shadow import shadow_of
 from ..subjects import inbox_prefix, namespace_prefix
 from ..telemetry import configure_from_env
 from ..telemetry import shutdown as shutdown_telemetry
-from ..worker import Worker
+from ..worker import Worker, collect_young_less_often
 from ._nats import nats_option, nats_url
 from ._reload import run_reloading, source_dirs
 
@@ -161,6 +161,7 @@ def _replica_env(http_port: int | None, index: int) -> dict[str, str]:
 
 
 async def _serve(agent_cls: type[Agent], url: str, settings: Settings) -> bool:
+    collect_young_less_often(settings.gc_threshold)  # before the agent builds its start-up state
     telemetry = configure_from_env(service_name=agent_cls.name)
     bus = await Bus.connect(
         url,
