@@ -4,6 +4,7 @@ were sold meanwhile. Same suite on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import uuid
@@ -144,6 +145,38 @@ async def test_applying_the_same_decision_twice_changes_the_booking_once(make_st
     assert msgspec.json.encode(first) == msgspec.json.encode(again)
     after = await store.booking(booking.booking_id)
     assert after is not None and after.version == booking.version + 1
+
+
+async def test_decisions_applied_together_each_see_the_ones_before_them(make_store: StoreFactory) -> None:
+    """A batch (decisions arriving together) reads what it needs at once: a second decision on a
+    booking in the same batch sees the first one's change, a decision given twice is applied once, an
+    unknown booking is rejected alone; the seats end where the last decision put them."""
+    store = make_store(seat_maps=MAPS)
+    booking = _single(DAY)
+    first_flight, first_seats, cabin = _free_seat(DAY, booking)
+    moved = _rebook(booking, first_flight, first_seats, cabin)
+    second_flight, second_seats, _ = next(
+        (f.flight_id, free, cabin)
+        for f in DAY.flights
+        if f.flight_id not in (first_flight, booking.legs[0].flight_id)
+        for free in [[s.number for s in LiveView(DAY).free_seats(f.flight_id) if s.cabin == cabin][:1]]
+        if free
+    )
+    again = msgspec.structs.replace(
+        _rebook(booking, second_flight, second_seats, cabin, decision_id="d-again"),
+        replaces=[first_flight],
+        expected_version=booking.version + 1,
+    )
+    unknown = msgspec.structs.replace(moved, decision_id="d-unknown", booking_id="NO-SUCH-BOOKING")
+    lead = _rebook(_single(DAY, {booking.booking_id}), *_free_seat(DAY, _single(DAY, {booking.booking_id})))
+    outcomes = await asyncio.gather(*(store.apply(d) for d in (lead, moved, again, moved, unknown)))
+    assert isinstance(outcomes[1], BookingChanged) and isinstance(outcomes[2], BookingChanged)
+    assert msgspec.json.encode(outcomes[3]) == msgspec.json.encode(outcomes[1])  # the same decision: once
+    assert isinstance(outcomes[4], RebookRejected) and outcomes[4].reason == "unknown_booking"
+    assert outcomes[2].old_legs[0].flight_id == first_flight and outcomes[2].version == booking.version + 2
+    after = await store.booking(booking.booking_id)
+    assert after is not None and after.version == booking.version + 2
+    assert [(leg.flight_id, leg.seats) for leg in after.legs] == [(second_flight, second_seats)]
 
 
 async def test_without_seat_maps_a_seat_sold_meanwhile_is_rejected_and_nothing_of_the_decision_is_kept(
@@ -415,3 +448,33 @@ async def test_postgres_says_when_it_creates_its_schema_in_the_database(
         await first.drop()
         await first.close()
         await second.close()
+
+
+async def test_loading_an_older_sqlite_store_gives_its_seats_table_the_current_layout(tmp_path: Path) -> None:
+    """A store made before the seats table kept its rows in primary-key order (WITHOUT ROWID) is served
+    as it is, and loading the day makes the table again as it is now made."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "CREATE TABLE seats (flight_id TEXT NOT NULL, seat TEXT NOT NULL, booking_id TEXT NOT NULL, "
+            "passenger_id TEXT NOT NULL, PRIMARY KEY (flight_id, seat))"
+        )
+        conn.commit()
+
+    def layout() -> str:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return str(conn.execute("SELECT sql FROM sqlite_master WHERE name = 'seats'").fetchone()[0])
+
+    store = SqliteStore(path, seat_maps=MAPS)
+    await store.open()
+    try:
+        assert "WITHOUT ROWID" not in layout()
+        await store.load(DAY.bookings)
+        assert "WITHOUT ROWID" in layout()
+        booking = _single(DAY)
+        changed = await store.apply(_rebook(booking, *_free_seat(DAY, booking)))
+        assert isinstance(changed, BookingChanged)
+    finally:
+        await store.close()

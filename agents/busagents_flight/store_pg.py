@@ -87,7 +87,7 @@ class PostgresStore(BookingStore):
         async with self._connection() as conn, conn.transaction():
             await self._create_schema(conn)
             for statement in SCHEMA:
-                await conn.execute(statement)
+                await conn.execute(statement.replace(" WITHOUT ROWID", ""))  # SQLite's; a heap table here
 
     async def _create_schema(self, conn: _Connection) -> None:
         """Create the schema unless it exists, and say so: it is a change to someone's database."""
