@@ -294,3 +294,27 @@ async def test_the_reasoner_asks_a_disruptions_searches_together_and_again_for_t
             await asyncio.sleep(0)
     await sub.unsubscribe()
     assert asked == expected and len(expected) > 3
+
+
+def test_a_reply_naming_a_flight_it_does_not_carry_fails_the_query_with_the_reason() -> None:
+    """An ``AlternativesManyReply`` (another context, another language) whose itinerary names a flight
+    missing from its ``flights`` or ``free_seats`` is a failed query, said so, not a KeyError."""
+    from busagents_flight.reasoner import ReasonerAgent, _ManySeen
+    from busagents_travel import ItineraryRef
+
+    day = generate(20, 500, 3)
+    flight = day.flights[0]
+    reasoner = ReasonerAgent("offline")
+    seats = msgspec.Raw(msgspec.json.encode(day.seat_maps[flight.aircraft][:2]))
+    whole = _ManySeen(
+        results=[[ItineraryRef(flights=[flight.flight_id], arrival=flight.arrival)]],
+        flights={flight.flight_id: flight},
+        free_seats={flight.flight_id: seats},
+    )
+    [[it]] = reasoner._itineraries(whole)
+    assert it.flights == [flight] and [s.number for s in it.free_seats[0]] == [
+        s.number for s in day.seat_maps[flight.aircraft][:2]
+    ]
+    for broken in (msgspec.structs.replace(whole, flights={}), msgspec.structs.replace(whole, free_seats={})):
+        with pytest.raises(QueryFailedError, match="names a flight the reply does not carry"):
+            reasoner._itineraries(broken)
