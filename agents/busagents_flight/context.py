@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from busagents_travel import (
+    AlternativeItinerary,
     Alternatives,
     AlternativesMany,
     AlternativesManyReply,
@@ -91,20 +92,19 @@ class ContextAgent(Agent):
 
     @on(Alternatives)
     async def alternatives(self, q: Alternatives, ctx: Context) -> AlternativesReply:
-        found = self.view.alternatives(
-            q.origin,
-            q.destination,
-            q.not_before,
-            exclude=set(q.exclude),
-            cabin=q.cabin,
-            min_free=q.min_free,
-            limit=q.limit,
-        )
+        view = self.view
         # The free-seat lists leave as the JSON the view keeps of each flight's (msgspec.Raw): the bytes
         # encoding the seats would give, without encoding a flight's seats again for every reply.
-        for it in found:
-            it.free_seats = cast(Any, [self.view.free_seats_json(f.flight_id) for f in it.flights])
-        return AlternativesReply(itineraries=found)
+        return AlternativesReply(
+            itineraries=[
+                AlternativeItinerary(
+                    flights=[view.estimated_flight(fid) for fid in ids],
+                    free_seats=cast(Any, [view.free_seats_json(fid) for fid in ids]),
+                    arrival=arrival,
+                )
+                for arrival, ids in _itineraries(view, q)
+            ]
+        )
 
     @on(AlternativesMany)
     async def alternatives_many(self, q: AlternativesMany, ctx: Context) -> AlternativesManyReply:
@@ -112,18 +112,10 @@ class ContextAgent(Agent):
         results: list[list[ItineraryRef]] = []
         flights: dict[str, Any] = {}
         size = 0
-        for s in q.searches:
+        for search in q.searches:
             if size > REPLY_BUDGET:  # the others are asked again (one search alone stays well under 1 MiB)
                 break
-            found = view.itineraries(
-                s.origin,
-                s.destination,
-                s.not_before,
-                exclude=set(s.exclude),
-                cabin=s.cabin,
-                min_free=s.min_free,
-                limit=s.limit,
-            )
+            found = _itineraries(view, search)
             for _, ids in found:
                 for fid in ids:
                     if fid not in flights:
@@ -189,6 +181,19 @@ class ContextAgent(Agent):
         return PassengerPreferencesReply(
             passenger_id=p.passenger_id, name=p.name, tier=p.tier, seat_preference=p.seat_preference, known=True
         )
+
+
+def _itineraries(view: LiveView, q: Alternatives) -> list[tuple[int, list[str]]]:
+    """The itineraries ``q`` asks for, as (estimated arrival, flight ids)."""
+    return view.itineraries(
+        q.origin,
+        q.destination,
+        q.not_before,
+        exclude=set(q.exclude),
+        cabin=q.cabin,
+        min_free=q.min_free,
+        limit=q.limit,
+    )
 
 
 def fare_rules(fare: Fare) -> list[str]:
