@@ -221,6 +221,30 @@ class BusClient(Client):
         except nats.errors.BadSubjectError:  # checked by request() before it publishes
             raise InvalidSubjectError(_bad_subject(subject, "")) from None
 
+    async def _request_new_style(
+        self, subject: str, payload: bytes, timeout: float = 1, headers: dict[str, Any] | None = None
+    ) -> Msg:
+        # nats-py's, without what costs on every request (each durable publish is one, every query
+        # too): its token adds two random bytes to the NUID (a getrandom() call; the NUID alone is
+        # unique on the connection), and asyncio.wait_for wraps the future in another one. The answer
+        # still arrives through nats-py's response subscription (_request_sub_callback), by token.
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not self._resp_sub_prefix:
+            await self._init_request_sub()
+        assert self._resp_sub_prefix is not None
+        token = self._nuid.next().decode()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._resp_map[token] = future
+        timer = loop.call_later(timeout, _time_out, future)
+        try:
+            await self.publish(subject, payload, reply=self._resp_sub_prefix.decode() + token, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            self._resp_map.pop(token, None)
+
     async def _send_publish(
         self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
     ) -> None:
@@ -301,6 +325,11 @@ class BusClient(Client):
             await super()._process_msg(sid, subject, reply, data, headers)
         except Exception as exc:  # nats-py's read loop would end on it: the connection deaf for minutes
             log.error("nats: dropped a message on %r that nats-py could not process: %r", subject[:200], exc)
+
+
+def _time_out(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
 
 
 def _header_block_size(headers: dict[str, Any]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
@@ -199,3 +200,32 @@ async def test_an_answer_that_is_not_a_jetstream_acknowledgement_is_an_error(bus
             await bus.publish_durable(info, "test.kinds.impostor", b'{"n": 3}', {})
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_request_answered_late_or_never_times_out_and_leaves_nothing_behind(bus: Bus) -> None:
+    """The connection's request path (every query, every durable publish): no answer is nats-py's
+    TimeoutError after the timeout, with nothing left waiting, and an answer that comes after it is
+    dropped; a cancelled request leaves nothing either; an answered one gets its answer."""
+    nc = bus.nc
+    held: asyncio.Queue[Msg] = asyncio.Queue()
+    sub = await nc.subscribe("test.late.answer", cb=held.put)  # takes the requests, answers when told
+    await bus.flush()
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request("test.late.answer", b"1", timeout=0.2)
+    assert not nc._resp_map
+    late = await asyncio.wait_for(held.get(), 5)
+    await nc.publish(late.reply, b"too late")  # nobody waits for it any more
+
+    cancelled = asyncio.create_task(nc.request("test.late.answer", b"2", timeout=5))
+    await asyncio.wait_for(held.get(), 5)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not nc._resp_map
+
+    answered = asyncio.create_task(nc.request("test.late.answer", b"3", timeout=5))
+    third = await asyncio.wait_for(held.get(), 5)
+    await nc.publish(third.reply, b"answer")
+    assert (await asyncio.wait_for(answered, 5)).data == b"answer"
+    assert not nc._resp_map
+    await sub.unsubscribe()
