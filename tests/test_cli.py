@@ -207,3 +207,14 @@ async def test_an_agent_process_collects_its_youngest_generation_as_set(
     refused = busagents("run", "drain_agent:Slow", *nats(nats_server), env={**env, "BUSAGENTS_GC_THRESHOLD": "-1"})
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "invalid Settings gc_threshold='-1': Input should be greater than or equal to 0" in refused.stderr
+
+
+def test_the_command_line_leaves_the_swarm_security_libraries_to_the_commands_that_use_them() -> None:
+    """Every agent process of a swarm is a ``busagents run``: the CLI it loads does not import
+    ``cryptography`` (13 MB of resident memory in each), which only ``swarm secure`` and
+    ``swarm up --secure`` need."""
+    heavy = "('cryptography', 'busagents.swarm.secure')"
+    code = f"import sys, busagents.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -25,7 +25,6 @@ from ..swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from ..swarm.asyncapi import DEFAULT_NATS_URL
 from ..swarm.docs import write_docs
 from ..swarm.k8s import K8sOptions, k8s_manifests, write_k8s
-from ..swarm.secure import OPERATOR, load_secure, write_secure
 from ._nats import nats_option, nats_url
 from ._swarm_view import SwarmView
 from .agents import CREDS_DIR_ENV
@@ -142,6 +141,8 @@ def _secured(secure_dir: Path, names: set[str]) -> Iterator[str]:
     This process connects as the operator; each replica as its own agent (``run`` finds its seed in
     BUSAGENTS_CREDS_DIR). Only paths go into the environment, never a seed.
     """
+    from ..swarm.secure import OPERATOR, load_secure  # cryptography: 13 MB that every agent process would carry
+
     setup = load_secure(secure_dir)
     missing = sorted(names - set(setup.agents))
     if missing:
@@ -268,6 +269,8 @@ def secure(path: Path, out: Path, port: int, tls_cert: Path | None, tls_key: Pat
     Without --tls-*, a local CA and a certificate for 127.0.0.1/localhost are generated. Seeds and
     private keys go into owner-only files and are never printed. Run it with 'swarm up --secure DIR'.
     """
+    from ..swarm.secure import write_secure  # see _secured
+
     written = write_secure(
         _graph(path).permissions(), out, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca
     )
