@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import msgspec
 from busagents_travel import (
     AlternativeItinerary,
     Alternatives,
@@ -23,6 +24,7 @@ from busagents_travel import (
     Fare,
     FareRules,
     FareRulesReply,
+    Flight,
     FlightInfo,
     FlightInfoReply,
     FlightStatusUpdated,
@@ -110,7 +112,8 @@ class ContextAgent(Agent):
     async def alternatives_many(self, q: AlternativesMany, ctx: Context) -> AlternativesManyReply:
         view = self.view
         results: list[list[ItineraryRef]] = []
-        flights: dict[str, Any] = {}
+        flights: dict[str, Flight] = {}
+        seats: dict[str, msgspec.Raw] = {}  # each flight's free seats once, as the JSON the view keeps
         size = 0
         for search in q.searches:
             if size > REPLY_BUDGET:  # the others are asked again (one search alone stays well under 1 MiB)
@@ -120,11 +123,10 @@ class ContextAgent(Agent):
                 for fid in ids:
                     if fid not in flights:
                         flights[fid] = view.estimated_flight(fid)
-                        size += len(view.free_seats_json(fid)) + 200  # the flight, its seats
+                        seats[fid] = view.free_seats_json(fid)
+                        size += len(seats[fid]) + 200  # the flight, its seats
                 size += 60
             results.append([ItineraryRef(flights=ids, arrival=arrival) for arrival, ids in found])
-        # each flight's free seats once, as the JSON the view keeps (see alternatives)
-        seats = {fid: view.free_seats_json(fid) for fid in flights}
         return AlternativesManyReply(results=results, flights=flights, free_seats=cast(Any, seats))
 
     # The concierge's queries: a traveller's bookings, a flight's status, fare rules, preferences.

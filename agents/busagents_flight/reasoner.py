@@ -224,11 +224,10 @@ class ReasonerAgent(Agent):
                 )
         keys, asked = list(searches), list(searches.values())
         while asked:
-            reply = await ctx.request(AlternativesMany(searches=asked[:MAX_SEARCHES]), reply_as=_ManySeen)
-            if not reply.results or len(reply.results) > len(asked[:MAX_SEARCHES]):
-                raise QueryFailedError(
-                    f"AlternativesManyReply: {len(reply.results)} results for {len(asked[:MAX_SEARCHES])} searches"
-                )
+            chunk = asked[:MAX_SEARCHES]
+            reply = await ctx.request(AlternativesMany(searches=chunk), reply_as=_ManySeen)
+            if not reply.results or len(reply.results) > len(chunk):
+                raise QueryFailedError(f"AlternativesManyReply: {len(reply.results)} results for {len(chunk)} searches")
             for key, its in zip(keys, self._itineraries(reply), strict=False):
                 cache[key] = its
             n = len(reply.results)  # a large answer holds the first searches' only: the others are asked again
