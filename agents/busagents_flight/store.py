@@ -415,6 +415,12 @@ class SqliteStore(BookingStore):
             # on the 200,000-passenger store takes about 10 % less CPU time, with one store on the file
             # or two taking turns (a memory map, tried too, cost two stores 15 % more)
             conn.execute("PRAGMA wal_autocheckpoint=20000")
+            # a 16 MB page cache rather than 2: a batch of 150 to 200 decisions (what a storm's groups
+            # bring together) dirties more pages than 2 MB hold, which SQLite then writes to the WAL
+            # before the commit and reads back; the day's decisions, replayed in such batches by two
+            # stores taking turns, read 37 % and write 26 % fewer pages and take 11 % less CPU time
+            # (2.32 -> 2.06 CPU-s, the mean of 5 alternating pairs); batches of 33 take the same either way
+            conn.execute("PRAGMA cache_size=-16000")
             self._connection = conn
         return self._connection
 
