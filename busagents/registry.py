@@ -32,6 +32,7 @@ import nats.js.errors
 from .compatibility import Change, compare_schemas
 from .contract import contract_info, is_contract, json_schema, upcasters
 from .errors import ConfigError, NatsUnavailableError
+from .state import bucket_keys
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -283,9 +284,7 @@ async def running_schemas(bus: Bus) -> list[RunningSchema]:
         kv = await _bucket(bus, create=False)
         if kv is None:
             return []
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+        keys = await bucket_keys(kv)
     except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
         raise NatsUnavailableError(
             f"cannot read the {BUCKET} bucket at {bus.url}: no JetStream there ({type(exc).__name__})"

@@ -24,11 +24,13 @@ storage, one value per key kept) and shared with any process that opens it by na
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
+import nats.errors
 import nats.js.api
 import nats.js.errors
 import pydantic
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
-__all__ = ["State", "StateConflictError", "StateEntry", "StateWatch", "open_state", "state_permissions"]
+__all__ = ["State", "StateConflictError", "StateEntry", "StateWatch", "bucket_keys", "open_state", "state_permissions"]
 
 T = TypeVar("T")
 
@@ -214,11 +216,50 @@ class State(Generic[T]):
         return StateWatch(self, key)
 
     async def keys(self) -> list[str]:
-        """Every key with a value, sorted."""
-        try:
-            return sorted(await self._kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        """Every key with a value, sorted (see :func:`bucket_keys`)."""
+        return await bucket_keys(self._kv)
+
+
+async def bucket_keys(kv: KeyValue) -> list[str]:
+    """Every key of the key-value bucket ``kv`` with a value, sorted.
+
+    Read with a consumer of its own (the last message of each key, headers only), as many
+    messages as the consumer had to deliver when it was made. nats-py's ``KeyValue.keys()``
+    asks how many are left only after its consumer exists; when the server had sent them all
+    but its subscription had not taken one yet, it ended the listing before the first key:
+    an empty list, in about 1 listing of 100 of a 4-key bucket on an idle 2-core machine.
+    """
+    js, prefix = kv._js, kv._pre
+    nc = js._nc
+    sub = await nc.subscribe(nc.new_inbox())
+    name: str | None = None
+    try:
+        info = await js.add_consumer(
+            kv._stream,
+            deliver_subject=sub.subject,
+            deliver_policy=nats.js.api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=nats.js.api.AckPolicy.NONE,
+            headers_only=True,
+            filter_subject=f"{prefix}>",
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=60.0,  # the server removes it should this process die before deleting it
+        )
+        name = info.name
+        # what was left to deliver plus what went out before the answer: every key's last message
+        sent = info.delivered.consumer_seq if info.delivered is not None else 0
+        total = int(info.num_pending or 0) + int(sent or 0)
+        keys: list[str] = []
+        for _ in range(total):
+            msg = await sub.next_msg(timeout=10.0)
+            if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                keys.append(msg.subject[len(prefix) :])
+        return sorted(keys)
+    finally:
+        await sub.unsubscribe()
+        if name is not None:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await js.delete_consumer(kv._stream, name)
 
 
 def state_permissions(bucket: str) -> tuple[set[str], set[str]]:

@@ -107,6 +107,29 @@ async def test_two_replicas_sharing_a_bucket_lose_no_update_and_a_new_replica_fi
     assert all(w.stats["state-counter"].handled > 0 for w in workers)  # both replicas worked
 
 
+async def test_every_listing_of_a_buckets_keys_has_every_key(nats_server: NatsServer) -> None:
+    """nats-py's KeyValue.keys() could end a listing before its first key (it counted what was left to
+    deliver after the server had sent it all): about 1 listing in 100 came back empty, and a replica
+    that lists its bucket to recover would have found nothing. Each of these listings opens the bucket
+    anew in another connection, as a fresh replica does."""
+    writer, reader = await Bus.connect(nats_server.url), await Bus.connect(nats_server.url)
+    try:
+        profiles = await writer.state("listed", Profile)
+        for k in range(4):
+            await profiles.put(f"p-{k}", Profile(name=f"P{k}"))
+        await profiles.put("gone", Profile(name="Gone"))
+        await profiles.delete("gone")
+        wrong = []
+        for i in range(150):
+            listed = await (await reader.state("listed", Profile)).keys()
+            if listed != ["p-0", "p-1", "p-2", "p-3"]:
+                wrong.append((i, listed))
+        assert wrong == []
+    finally:
+        await writer.close()
+        await reader.close()
+
+
 async def test_typed_values_revisions_conflicts_and_deletes(bus: Bus) -> None:
     profiles = await bus.state("profiles", Profile)
     assert await profiles.get("p-1") is None and await profiles.keys() == []
