@@ -552,8 +552,7 @@ class SqliteStore(BookingStore):
         current = doc if isinstance(doc, Booking) or doc is None else _decode_booking(doc)
         outcome, updated = decide_outcome(decision, current)
         if updated is None:
-            encoded = encode_outcome(outcome)
-            conn.execute("INSERT INTO decisions VALUES (?, ?, ?)", (decision.decision_id, decision.booking_id, encoded))
+            encoded = _record(conn, decision, outcome)
         else:
             assert isinstance(outcome, BookingChanged)  # what a changed booking comes with
             conn.execute("SAVEPOINT one")
@@ -564,10 +563,7 @@ class SqliteStore(BookingStore):
                 except SeatTaken as exc:
                     conn.execute("ROLLBACK TO one")
                     outcome = seat_taken(decision, current, exc.seats)
-                encoded = encode_outcome(outcome)
-                conn.execute(
-                    "INSERT INTO decisions VALUES (?, ?, ?)", (decision.decision_id, decision.booking_id, encoded)
-                )
+                encoded = _record(conn, decision, outcome)
             except BaseException:
                 conn.execute("ROLLBACK TO one")
                 conn.execute("RELEASE one")
@@ -642,6 +638,13 @@ class SqliteStore(BookingStore):
 
     def _all(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         return self._conn().execute(sql, args).fetchall()
+
+
+def _record(conn: sqlite3.Connection, decision: RebookPassenger, outcome: Outcome) -> str:
+    """Record ``decision``'s outcome (what a redelivery of it gets again); the outcome as recorded."""
+    encoded = encode_outcome(outcome)
+    conn.execute("INSERT INTO decisions VALUES (?, ?, ?)", (decision.decision_id, decision.booking_id, encoded))
+    return encoded
 
 
 #: Keys of one ``IN (...)`` at most (SQLite allows 32,766 parameters since 3.32, 999 before).
