@@ -162,6 +162,27 @@ async def test_a_rebooking_onto_a_flight_cancelled_meanwhile_is_a_disruption_for
     assert again.disruption_id != first.disruption_id
 
 
+async def test_a_replica_that_did_not_see_a_cancellation_catches_a_rebooking_onto_it(bus: Bus) -> None:
+    # Another replica (here: one started after the first stopped) announced the cancellation; this one
+    # knows it from its view of FlightCancelled, replayed from the stream, without reading any state.
+    flight = DAY.flights[5]
+    booking = next(b for b in DAY.bookings if all(leg.flight_id != flight.flight_id for leg in b.legs))
+    first = FlightMonitor()
+    async with run_agents(bus, ContextAgent(DAY), first):
+        async with bus.expect(FlightCancelled, where=lambda c: c.flight_id == flight.flight_id) as announced:
+            await bus.publish(_update(flight, 1, "cancelled"))
+    later = FlightMonitor()
+    assert not later._cancelled
+    async with run_agents(bus, ContextAgent(DAY), later):
+        async with bus.expect(FlightCancelled, where=lambda c: bool(c.bookings)) as got:
+            await bus.publish(BookingsChanged(group_id="g-1", changes=[_change(booking, flight, "rebook")]))
+    cancellation = announced.message.body
+    assert got.message.body.bookings == [booking.booking_id]
+    assert got.message.body.disruption_id == f"{cancellation.disruption_id}/{booking.booking_id}@1"
+    assert (got.message.body.reason, got.message.body.observed_at) == (cancellation.reason, cancellation.observed_at)
+    assert later.disruptions == 1 and first.disruptions == 1
+
+
 async def test_a_keep_on_a_cancelled_flight_announces_no_disruption_again(bus: Bus) -> None:
     # A decision that comes after its booking moved for another disruption is applied as a keep of the
     # legs the booking has now, at its version: after a rebooking onto a flight cancelled meanwhile, the

@@ -27,10 +27,13 @@ from the update that caused it (``<flight>#<seq>``) and its message id from the
 disruption id, so a replica that dies between the steps leaves the disruption in
 the state and the next update of that flight (or the redelivery) announces it; if
 it was announced already, JetStream drops the copy: none is announced twice, none
-is lost. Recording a cancellation before announcing it closes a race with a
-rebooking onto that flight: whoever sees the booking change after the record
-(:meth:`FlightMonitor.moved`) reports it, and the reasoner asking the context
-after the announcement finds the booking there.
+is lost. A rebooking that lands on a cancelled flight is found without a read:
+every replica reads every announced cancellation (a view of ``FlightCancelled``),
+and the replica handling the booking change (:meth:`FlightMonitor.moved`) first
+catches that view up with its stream. A cancellation announced before then is
+known and reported for that booking; one announced after is the reasoner's to
+handle, and the reasoner, asking the context who is on the flight after the
+announcement, finds the booking there (its change was stored before).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class FlightMonitor(Agent):
         #: at (0: no key yet). Updates that reveal nothing only move the copy on; a write starts
         #: from it and fails (compare-and-set) if the bucket moved meanwhile.
         self._known: dict[str, tuple[FlightWatch, int]] = {}
-        self._cancelled: dict[str, FlightStatusUpdated] = {}  # flights seen cancelled: that is final
+        #: Flights known cancelled (that is final), with their announcement: this replica's own, and every
+        #: replica's through the view of ``FlightCancelled``.
+        self._cancelled: dict[str, FlightCancelled] = {}
         self._progress = asyncio.Condition()
 
     @on(FlightStatusUpdated)
@@ -181,8 +186,8 @@ class FlightMonitor(Agent):
         except StateConflictError:  # another replica announced and cleared it meanwhile
             self._known.pop(flight_id, None)
             return
-        if state.cancelled is not None:  # final: later updates of the flight are ignored
-            self._cancelled[flight_id] = state.cancelled
+        if isinstance(disruption, FlightCancelled):  # final: later updates of the flight are ignored
+            self._cancelled.setdefault(flight_id, disruption)
             self._known.pop(flight_id, None)
         else:
             self._known[flight_id] = (state, revision)
@@ -239,15 +244,21 @@ class FlightMonitor(Agent):
         cancelled = await self._cancellations(landed, ctx)
         for change in moves:
             for leg in change.new_legs:
-                u = cancelled.get(leg.flight_id)
-                if u is None:
+                c = cancelled.get(leg.flight_id)
+                if c is None:
                     continue
-                disruption_id = f"{u.flight_id}#{u.seq}/{change.booking_id}@{change.version}"
+                base = c.disruption_id.partition("/")[0]  # the cancellation's own id: "<flight>#<seq>"
+                disruption_id = f"{base}/{change.booking_id}@{change.version}"
                 await ctx.publish(
-                    _disruption(FlightCancelled, u, disruption_id, reason=u.reason, bookings=[change.booking_id]),
+                    msgspec.structs.replace(c, disruption_id=disruption_id, bookings=[change.booking_id]),
                     msg_id=f"disruption.{disruption_id}",
                 )
                 self._count(disruption_id)  # a redelivered change publishes it again: stored once, counted once
+
+    @on(FlightCancelled, view=True)
+    async def cancelled(self, c: FlightCancelled, ctx: Context) -> None:
+        """Every replica reads every announced cancellation: a rebooking onto one is caught without a read."""
+        self._cancelled.setdefault(c.flight_id, c)
 
     @property
     def announced(self) -> AbstractSet[str]:
@@ -259,15 +270,12 @@ class FlightMonitor(Agent):
             self._published.add(disruption_id)
             self.disruptions += 1
 
-    async def _cancellations(self, flights: set[str], ctx: Context) -> dict[str, FlightStatusUpdated]:
-        """The cancelled ones of ``flights``, as the bucket has them now (a cancellation is final:
-        the ones this replica saw need no read)."""
-        unknown = sorted(flights - self._cancelled.keys())
-        if unknown:
-            watches = await ctx.state(BUCKET, FlightWatch)
-            for fid, state in zip(unknown, await asyncio.gather(*(watches.get(f) for f in unknown)), strict=True):
-                if state is not None and state.cancelled is not None:
-                    self._cancelled[fid] = state.cancelled
+    async def _cancellations(self, flights: set[str], ctx: Context) -> dict[str, FlightCancelled]:
+        """The cancelled ones of ``flights``, as announced until now: the view of ``FlightCancelled`` caught up
+        with its stream first (a cancellation announced after this is the reasoner's to handle: it asks
+        the context who is on the flight, and the booking changes stored before it asks are in the answer)."""
+        if flights - self._cancelled.keys():
+            await ctx.catch_up()
         return {fid: self._cancelled[fid] for fid in flights if fid in self._cancelled}
 
     async def _missed_connections(self, u: FlightStatusUpdated, ctx: Context) -> set[str]:
