@@ -419,7 +419,7 @@ _stats = msgspec.json.Decoder(_Stats).decode
 
 
 class _Watch:
-    """What a plain subscriber sees of one swarm run: its clock, its counts, when it is done.
+    """What the benchmark sees of one swarm run: its clock, its counts, when it is done.
 
     It keeps its own cost off the machine it measures: it takes only the first status update off the
     bus (the clock's start; the server unsubscribes it after that one), and it reads the notices from
