@@ -451,8 +451,9 @@ async def test_postgres_says_when_it_creates_its_schema_in_the_database(
 
 
 async def test_loading_an_older_sqlite_store_gives_its_seats_table_the_current_layout(tmp_path: Path) -> None:
-    """A store made before the seats table kept its rows in primary-key order (WITHOUT ROWID) is served
-    as it is, and loading the day makes the table again as it is now made."""
+    """A store made before the seats table kept its rows in primary-key order (WITHOUT ROWID), with an
+    index of the seats by booking, is served as it is, and loading the day makes the table again as it is
+    now made, without that index."""
     import sqlite3
 
     path = tmp_path / "old.sqlite3"
@@ -461,18 +462,26 @@ async def test_loading_an_older_sqlite_store_gives_its_seats_table_the_current_l
             "CREATE TABLE seats (flight_id TEXT NOT NULL, seat TEXT NOT NULL, booking_id TEXT NOT NULL, "
             "passenger_id TEXT NOT NULL, PRIMARY KEY (flight_id, seat))"
         )
+        conn.execute("CREATE INDEX seats_by_booking ON seats (booking_id)")  # no longer kept
         conn.commit()
 
     def layout() -> str:
         with contextlib.closing(sqlite3.connect(path)) as conn:
             return str(conn.execute("SELECT sql FROM sqlite_master WHERE name = 'seats'").fetchone()[0])
 
+    def indexes() -> list[str]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+            return [r[0] for r in rows]
+
     store = SqliteStore(path, seat_maps=MAPS)
     await store.open()
     try:
         assert "WITHOUT ROWID" not in layout()
+        assert indexes() == ["seats_by_booking"]
         await store.load(DAY.bookings)
         assert "WITHOUT ROWID" in layout()
+        assert indexes() == []
         booking = _single(DAY)
         changed = await store.apply(_rebook(booking, *_free_seat(DAY, booking)))
         assert isinstance(changed, BookingChanged)
