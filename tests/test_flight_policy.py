@@ -288,3 +288,37 @@ async def test_the_reasoners_check_reads_shared_free_seat_lists_for_each_flight(
     assert by_booking["B1"].reasoner == "backend" and by_booking["B1"].new_legs[0].seats == ["20B"]
     assert by_booking["B2"].reasoner == "offline"  # 20C is not free on that flight: replaced
     assert agent.replaced == 1
+
+
+def test_a_growing_set_of_taken_seats_reused_across_choices_gives_choose_seats_picks_each_time() -> None:
+    """A case seats booking after booking with one growing set of taken seats, and the prepared seats
+    remember where that set's taken seats end; every choice must still be ``choose_seats``' among the
+    seats free at that moment, and a set that shrank meanwhile (seats handed back) must be read again."""
+    import random
+
+    from busagents_flight.data import seat_map
+    from busagents_flight.policy import _prepared, choose_seats
+
+    rng = random.Random(11)
+    likes = ("any", "window", "aisle")
+    seats = seat_map("A321")
+    flight_id = "BX9-25NOV"
+    free = [s for s in seats if rng.random() < 0.8]
+    prepared = _prepared(flight_id, free)
+    taken: set[str] = set()
+    chosen = 0
+    for step in range(400):
+        if step % 50 == 49 and taken:  # seats handed back: the set shrinks
+            for key in rng.sample(sorted(taken), min(len(taken), 6)):
+                taken.discard(key)
+        cabin = rng.choice(("Y", "Y", "Y", "J"))
+        group = [
+            Passenger(f"P{i}", f"Name {i}", "none", rng.choice(likes))  # type: ignore[arg-type]
+            for i in range(rng.choice((1, 1, 2, 3)))
+        ]
+        expected = choose_seats([s for s in free if s.cabin == cabin and f"{flight_id}/{s.number}" not in taken], group)
+        assert prepared.choose(cabin, group, taken) == expected, step
+        if expected is not None:
+            taken.update(f"{flight_id}/{n}" for n in expected)
+            chosen += 1
+    assert chosen > 100  # seats were given out until cabins filled up

@@ -18,6 +18,7 @@ For each affected booking, higher loyalty tiers first:
 
 from __future__ import annotations
 
+import itertools
 import operator
 import time
 from collections import defaultdict
@@ -187,19 +188,19 @@ def _fallbacks(
     the chosen one: the rebooker tries an itinerary's higher cabins itself."""
     hotel = _needs_hotel(affected, chosen[0])
     downgrade = _CABIN_RANK[chosen[1]] < own
-    offered = [chosen[0]]
+    offered = {id(chosen[0])}  # the itineraries offered (each held by ``later`` meanwhile)
     out: list[list[Leg]] = []
     for itinerary, cabin in later:
         if len(out) == _FALLBACKS:
             break
-        if _needs_hotel(affected, itinerary) != hotel or (_CABIN_RANK[cabin] < own) != downgrade:
+        if not downgrade and id(itinerary) in offered:
             continue
-        if not downgrade and any(itinerary is it for it in offered):
+        if (_CABIN_RANK[cabin] < own) != downgrade or _needs_hotel(affected, itinerary) != hotel:
             continue
         legs = _seat(itinerary, cabin, affected.booking.passengers, taken)  # proposed only: not marked taken
         if legs is not None:
             out.append(legs)
-            offered.append(itinerary)
+            offered.add(id(itinerary))
     return out
 
 
@@ -240,7 +241,7 @@ class _FreeSeats:
     makes the choice :func:`choose_seats` makes among the seats not in ``taken``.
     """
 
-    __slots__ = ("by_cabin", "keyed", "prefix")
+    __slots__ = ("_from", "_positions", "by_cabin", "keyed", "prefix")
 
     def __init__(self, flight_id: str, free: list[Seat]) -> None:
         self.prefix = f"{flight_id}/"  # + a seat number: its key in ``taken``
@@ -255,16 +256,43 @@ class _FreeSeats:
         self.by_cabin = by_cabin
         #: cabin -> (key in ``taken``, seat), in the same order: a seat's key is made once, not per choice
         self.keyed = {cabin: [(self.prefix + s.number, s) for s in seats] for cabin, seats in by_cabin.items()}
+        #: cabin -> (a ``taken`` set, its size then, the index in ``keyed`` before which every seat was in it)
+        self._from: dict[str, tuple[set[str], int, int]] = {}
+        self._positions: dict[str, str] | None = None
+
+    def _start(self, cabin: str, keyed: list[tuple[str, Seat]], taken: set[str]) -> int:
+        """The index of the first seat of ``cabin`` not in ``taken``. A case seats its bookings front to
+        back and tries each flight again and again with the same ``taken`` set, which only grows: the
+        seats it took are skipped from where the last choice with that set found them taken, not read
+        again each time (a set that shrank meanwhile is read from the start)."""
+        start = 0
+        mark = self._from.get(cabin)
+        if mark is not None and mark[0] is taken and len(taken) >= mark[1]:
+            start = mark[2]
+        end = len(keyed)
+        while start < end and keyed[start][0] in taken:
+            start += 1
+        self._from[cabin] = (taken, len(taken), start)
+        return start
+
+    def position(self, number: str) -> str | None:
+        """The position (window, aisle, middle) of the free seat ``number``; None when it is not free."""
+        if self._positions is None:
+            self._positions = {s.number: s.position for seats in self.by_cabin.values() for s in seats}
+        return self._positions.get(number)
 
     def choose(self, cabin: str, passengers: list[Passenger], taken: set[str]) -> list[str] | None:
-        keyed = self.keyed.get(cabin, ())
+        keyed = self.keyed.get(cabin)
+        if not keyed:
+            return None
         n = len(passengers)
+        start = self._start(cabin, keyed, taken)
         if n == 1:
             # choose_seats' order for one passenger: a liked seat, not a middle one, front rows first
             liked = passengers[0].seat_preference
             other: Seat | None = None
             middle: Seat | None = None
-            for key, seat in keyed:
+            for key, seat in itertools.islice(keyed, start, None):
                 if key in taken:
                     continue
                 position = seat.position
@@ -277,7 +305,7 @@ class _FreeSeats:
                     other = seat
             best = other or middle
             return [best.number] if best is not None else None
-        free = [seat for key, seat in keyed if key not in taken]
+        free = [seat for key, seat in itertools.islice(keyed, start, None) if key not in taken]
         if len(free) < n:
             return None
         block: list[Seat] | None = None
@@ -361,8 +389,10 @@ def _assign(block: list[Seat], passengers: list[Passenger]) -> list[str]:
 
 
 def _seating_note(passengers: list[Passenger], leg: Leg, free: list[Seat]) -> str:
-    positions = {s.number: s.position for s in free}
-    liked = sum(1 for p, s in zip(passengers, leg.seats, strict=True) if p.seat_preference in ("any", positions.get(s)))
+    seats = _prepared(leg.flight_id, free)
+    liked = sum(
+        1 for p, s in zip(passengers, leg.seats, strict=True) if p.seat_preference in ("any", seats.position(s))
+    )
     rows = {s[:-1] for s in leg.seats}
     together = "" if len(passengers) == 1 else (" together in one row" if len(rows) == 1 else " in adjacent rows")
     return f"seats {', '.join(leg.seats)}{together} ({liked}/{len(passengers)} seating preferences met)"
