@@ -291,13 +291,13 @@ async def test_the_reasoners_check_reads_shared_free_seat_lists_for_each_flight(
 
 
 def test_a_growing_set_of_taken_seats_reused_across_choices_gives_choose_seats_picks_each_time() -> None:
-    """A case seats booking after booking with one growing set of taken seats, and the prepared seats
-    remember where that set's taken seats end; every choice must still be ``choose_seats``' among the
+    """A case seats booking after booking with one growing set of taken seats (``TakenSeats``), which
+    remembers where each flight's taken seats end; every choice must still be ``choose_seats``' among the
     seats free at that moment, and a set that shrank meanwhile (seats handed back) must be read again."""
     import random
 
     from busagents_flight.data import seat_map
-    from busagents_flight.policy import _prepared, choose_seats
+    from busagents_flight.policy import TakenSeats, _prepared, choose_seats
 
     rng = random.Random(11)
     likes = ("any", "window", "aisle")
@@ -305,7 +305,7 @@ def test_a_growing_set_of_taken_seats_reused_across_choices_gives_choose_seats_p
     flight_id = "BX9-25NOV"
     free = [s for s in seats if rng.random() < 0.8]
     prepared = _prepared(flight_id, free)
-    taken: set[str] = set()
+    taken = TakenSeats()
     chosen = 0
     for step in range(400):
         if step % 50 == 49 and taken:  # seats handed back: the set shrinks

@@ -22,6 +22,7 @@ import itertools
 import operator
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import ClassVar
 
 from busagents_travel import AlternativeItinerary, Cost, Leg, Passenger, RebookPassenger, Seat
@@ -29,7 +30,7 @@ from busagents_travel.model import TIER_RANK
 
 from .reasoning import AffectedBooking, Case, Lookup, Reasoner
 
-__all__ = ["OfflinePolicy", "choose_seats"]
+__all__ = ["OfflinePolicy", "TakenSeats", "choose_seats"]
 
 _CABIN_RANK = {"Y": 0, "W": 1, "J": 2, "F": 3}
 _IMPROVEMENT = 30 * 60
@@ -42,7 +43,7 @@ class OfflinePolicy(Reasoner):
     name: ClassVar[str] = "offline"
 
     async def decide(self, case: Case, lookup: Lookup) -> list[RebookPassenger]:
-        taken = set(case.taken_seats)
+        taken = TakenSeats(case.taken_seats)
         order = sorted(case.affected, key=_priority)
         return [self.decide_one(case, affected, taken) for affected in order]
 
@@ -241,7 +242,7 @@ class _FreeSeats:
     makes the choice :func:`choose_seats` makes among the seats not in ``taken``.
     """
 
-    __slots__ = ("_from", "_positions", "by_cabin", "keyed", "prefix")
+    __slots__ = ("_positions", "by_cabin", "keyed", "prefix")
 
     def __init__(self, flight_id: str, free: list[Seat]) -> None:
         self.prefix = f"{flight_id}/"  # + a seat number: its key in ``taken``
@@ -256,23 +257,26 @@ class _FreeSeats:
         self.by_cabin = by_cabin
         #: cabin -> (key in ``taken``, seat), in the same order: a seat's key is made once, not per choice
         self.keyed = {cabin: [(self.prefix + s.number, s) for s in seats] for cabin, seats in by_cabin.items()}
-        #: cabin -> (a ``taken`` set, its size then, the index in ``keyed`` before which every seat was in it)
-        self._from: dict[str, tuple[set[str], int, int]] = {}
         self._positions: dict[str, str] | None = None
 
     def _start(self, cabin: str, keyed: list[tuple[str, Seat]], taken: set[str]) -> int:
-        """The index of the first seat of ``cabin`` not in ``taken``. A case seats its bookings front to
-        back and tries each flight again and again with the same ``taken`` set, which only grows: the
-        seats it took are skipped from where the last choice with that set found them taken, not read
-        again each time (a set that shrank meanwhile is read from the start)."""
+        """The index of the first seat of ``cabin`` not in ``taken``: with :class:`TakenSeats`, from where
+        the last choice with that set found its taken seats end (see there)."""
         start = 0
-        mark = self._from.get(cabin)
-        if mark is not None and mark[0] is taken and len(taken) >= mark[1]:
-            start = mark[2]
+        if type(taken) is not TakenSeats:
+            marks = None
+        else:
+            marks = taken.marks.get(self)
+            if marks is None:
+                marks = taken.marks[self] = {}
+            mark = marks.get(cabin)
+            if mark is not None and len(taken) >= mark[0]:
+                start = mark[1]
         end = len(keyed)
         while start < end and keyed[start][0] in taken:
             start += 1
-        self._from[cabin] = (taken, len(taken), start)
+        if marks is not None:
+            marks[cabin] = (len(taken), start)
         return start
 
     def position(self, number: str) -> str | None:
@@ -319,6 +323,24 @@ class _FreeSeats:
         if block is None:  # no row has room for all: front-most seats, adjacent rows
             block = free[:n]
         return _assign(block, passengers)
+
+
+class TakenSeats(set[str]):
+    """The seats a case gave out (``<flight id>/<seat>``), remembering how far each flight's seats are taken.
+
+    A case seats its bookings front to back and tries the same flights again and again (the chosen
+    itinerary, then the fallbacks) with one set of taken seats, which grows. For each flight and cabin
+    the set keeps the index before which every free seat is in it, so the next choice starts there
+    instead of reading every seat given out again. Only a growing set keeps it: one that shrank meanwhile
+    (seats handed back) is read from the start. The marks die with the set, at the end of the case.
+    """
+
+    __slots__ = ("marks",)
+
+    def __init__(self, seats: Iterable[str] = ()) -> None:
+        super().__init__(seats)
+        #: prepared seats of a flight -> cabin -> (the set's size then, the index)
+        self.marks: dict[_FreeSeats, dict[str, tuple[int, int]]] = {}
 
 
 _NUMBER = operator.attrgetter("number")

@@ -40,7 +40,7 @@ from busagents.llm import ApprovalDecided, ApprovalRequested, LLMSettings, Revie
 
 from .approval import Approvals
 from .concierge import DECISION_PREFIX
-from .policy import OfflinePolicy
+from .policy import OfflinePolicy, TakenSeats
 from .reasoning import AffectedBooking, Case, Lookup, Reasoner, load_reasoner, search_key
 from .settings import FlightSettings
 
@@ -260,7 +260,7 @@ class ReasonerAgent(Agent):
         self, case: Case, decisions: list[RebookPassenger], cache: dict[str, list[AlternativeItinerary]], lookup: Lookup
     ) -> list[RebookPassenger]:
         """Keep the valid decisions; decide the rest with the offline policy."""
-        taken = set(case.taken_seats)
+        taken = TakenSeats(case.taken_seats)
         by_booking = {a.booking.booking_id: a for a in case.affected}
         free: dict[str, set[str]] = defaultdict(set)
         seen: set[tuple[int, str]] = set()  # a list shared by itineraries (SeatLists) is read once per flight
