@@ -125,13 +125,12 @@ def decode_outcome(data: str | bytes) -> Outcome:
 SEATS_TABLE = """CREATE TABLE IF NOT EXISTS seats (
         flight_id TEXT NOT NULL, seat TEXT NOT NULL, booking_id TEXT NOT NULL, passenger_id TEXT NOT NULL,
         PRIMARY KEY (flight_id, seat)) WITHOUT ROWID"""
-DECISIONS_TABLE = """CREATE TABLE IF NOT EXISTS decisions (
-        decision_id TEXT PRIMARY KEY, booking_id TEXT NOT NULL, outcome TEXT NOT NULL)"""
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS bookings (
         booking_id TEXT PRIMARY KEY, version INTEGER NOT NULL, status TEXT NOT NULL, doc TEXT NOT NULL)""",
     SEATS_TABLE,
-    DECISIONS_TABLE,
+    """CREATE TABLE IF NOT EXISTS decisions (
+        decision_id TEXT PRIMARY KEY, booking_id TEXT NOT NULL, outcome TEXT NOT NULL)""",
 )
 
 
@@ -471,10 +470,10 @@ class SqliteStore(BookingStore):
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("DELETE FROM bookings")
+            conn.execute("DELETE FROM decisions")
             conn.execute("DROP INDEX IF EXISTS seats_by_booking")  # an older store's: no longer kept
-            for table, layout in (("seats", SEATS_TABLE), ("decisions", DECISIONS_TABLE)):
-                conn.execute(f"DROP TABLE IF EXISTS {table}")  # made again as now laid out (an older store's too)
-                conn.execute(layout)
+            conn.execute("DROP TABLE IF EXISTS seats")  # made again as SEATS_TABLE says (an older store's too)
+            conn.execute(SEATS_TABLE)
             conn.executemany(
                 "INSERT INTO bookings VALUES (?, ?, ?, ?)",
                 ((b.booking_id, b.version, b.status, _encode(b).decode()) for b in bookings),
