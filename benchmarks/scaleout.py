@@ -86,8 +86,10 @@ after the other in each repetition (the order alternates), against the same code
 *Single process* = `busagents demo --flights {flights} --passengers {passengers} --seed {seed}
 --day-seconds 0 --report r.json --quiet --no-live` (every agent in one process, on the demo's own
 nats-server). *Swarm, N replicas* = `busagents swarm up swarm.toml --nats URL` with `replicas = N` for
-{agents}, on a fresh nats-server (JetStream) started for the run; the SQLite booking store is loaded
-with the day's bookings before the swarm starts. Once every replica sent its first heartbeat (it
+{agents}, on a fresh nats-server (JetStream) started for the run, under Linux's `SCHED_BATCH` as the
+embedded server of `swarm up` runs (the replicas' own scheduling is their `swarm up`'s: `SCHED_BATCH`
+since 2026-12-01, the normal policy for the code before the scale-out work, whose swarm runs on such a
+server too); the SQLite booking store is loaded with the day's bookings before the swarm starts. Once every replica sent its first heartbeat (it
 serves; a context replica has built its view), a second `busagents swarm up feed.toml` starts one
 `{feed}`, which plays the day: as in the single process, where every agent is started before the feed,
 no replica spends its start-up inside the run. A watcher in the benchmark process keeps its own cost
@@ -608,7 +610,7 @@ async def _stop(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> int:
 
 
 async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
-    with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name, NatsServer() as server:
+    with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name, NatsServer(scheduling="batch") as server:
         tmp = Path(name)
         env = _env(day, tmp)
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm

@@ -145,6 +145,9 @@ class Agent:
     #: True for an agent that must run as exactly one instance (it keeps state no replica could
     #: share): ``swarm check`` reports a swarm that gives it replicas as an error and ``swarm up`` refuses it.
     singleton: ClassVar[bool] = False
+    #: True for an agent that answers people as they wait (a chat): ``swarm up`` leaves it the OS's
+    #: normal scheduling, where the others run as ``SCHED_BATCH`` (swarm.toml ``scheduling``).
+    interactive: ClassVar[bool] = False
 
     handlers: ClassVar[dict[type[Any], Handler]] = {}
 

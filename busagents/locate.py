@@ -82,11 +82,12 @@ def use_nats(
     flag_source: str = "--nats",
     named: tuple[str, str] | None = None,
     data: Path | None = None,
+    scheduling: str = "normal",
 ) -> Iterator[str]:
     """Yield the URL to use, after ``say``-ing the one "nats: URL (why)" line.
 
     With nothing found (:func:`locate`), ``embed`` starts an embedded server for the ``with``
-    block (stopped when it ends); without it, raises :func:`no_server_error`.
+    block (stopped when it ends), with that CPU ``scheduling``; without it, raises :func:`no_server_error`.
     """
     found = locate(flag, flag_source=flag_source, named=named, data=data)
     if found is not None:
@@ -95,7 +96,7 @@ def use_nats(
         return
     if not embed:
         raise no_server_error(data)
-    with NatsServer() as server:
+    with NatsServer(scheduling=scheduling) as server:
         say(f"nats: embedded nats-server on {server.url} for this command only ({_nothing_found(data)})")
         yield server.url
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import ConfigError, NatsUnavailableError
-from .process import die_with_parent, pid_alive
+from .process import SCHEDULING, die_with_parent, pid_alive, with_scheduling
 
 __all__ = ["NatsCluster", "NatsServer", "find_server_binary", "free_port", "is_reachable"]
 
@@ -118,14 +118,19 @@ class NatsServer:
         config_file: str | Path | None = None,
         name: str | None = None,
         detached: bool = False,
+        scheduling: str = "normal",
     ) -> None:
-        """``detached``: the server outlives this process (``busagents server start``); stop it by its pid."""
+        """``detached``: the server outlives this process (``busagents server start``); stop it by its pid.
+        ``scheduling``: its CPU scheduling, ``normal`` or ``batch`` (see :func:`busagents.process.set_scheduling`)."""
         self.port = port or free_port()
         self.jetstream = jetstream
         self.extra_args = list(extra_args or [])
         self.config_file = config_file
         self.name = name
         self.detached = detached
+        if scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {scheduling!r}")
+        self.scheduling = scheduling
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else None
         self.process: subprocess.Popen[bytes] | None = None
@@ -195,7 +200,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL if self.detached else subprocess.PIPE,  # detached: its log says why
             start_new_session=True,  # a terminal's Ctrl-C reaches its owner, which stops it after the agents drain
-            preexec_fn=None if self.detached else die_with_parent(),
+            preexec_fn=with_scheduling(self.scheduling, None if self.detached else die_with_parent()),
         )
         if self._own_store:
             (self.store_dir / _OWNER_FILE).write_text(f"{os.getpid()} {self.process.pid}\n")

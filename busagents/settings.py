@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field
@@ -61,3 +62,7 @@ class Settings(BaseSettings):
     #: Net allocations of container objects between two collections of Python's youngest generation
     #: in an agent process (``busagents run``, the flight demo); Python's default is 700, 0 leaves it.
     gc_threshold: int = Field(default=20_000, ge=0)
+    #: CPU scheduling of an agent process (``busagents run``): ``normal``, ``batch`` (Linux ``SCHED_BATCH``:
+    #: a woken process does not preempt the running one, so messages are read in batches), or ``auto``:
+    #: batch unless the agent is ``interactive``. ``swarm up`` gives each replica swarm.toml's ``scheduling``.
+    scheduling: Literal["normal", "batch", "auto"] = "normal"

@@ -44,6 +44,13 @@ class Slow(Agent):
         return Done(n=job.n)
 
 
+class Waiter(Agent):
+    """An agent that says it answers people as they wait (``swarm up`` leaves it the normal scheduling)."""
+
+    name = "waiter"
+    interactive = True
+
+
 def child_env() -> dict[str, str]:
     """The environment of a ``busagents`` child process that imports ``drain_agent`` and heartbeats fast."""
     return {

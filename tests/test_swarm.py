@@ -289,6 +289,69 @@ async def test_swarm_up_passes_its_log_level_to_replicas_unless_an_agent_env_ove
     assert text.count("INFO busagents.worker: worker drained") == 1, text
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_swarm_up_runs_replicas_as_sched_batch_unless_interactive_or_set_to_normal(
+    nats_server: NatsServer, bus: Bus
+) -> None:
+    env = {"PYTHONPATH": child_env()["PYTHONPATH"], "BUSAGENTS_HEARTBEAT_INTERVAL": "0.2"}
+    config = SwarmConfig.model_validate(
+        {
+            "agents": {
+                "slow": {"agent": "drain_agent:Slow", "env": env},  # scheduling: auto, not interactive
+                "waiter": {"agent": "drain_agent:Waiter", "env": env},  # auto, interactive
+                "normal": {"agent": "drain_agent:Slow", "env": env, "scheduling": "normal"},
+                "batch": {"agent": "drain_agent:Waiter", "env": env, "scheduling": "batch"},
+            }
+        }
+    )
+    beats = await bus.nc.subscribe("busagents.stats.*")
+    await bus.flush()
+    supervisor = Supervisor(config, nats_server.url, on_event=Said(), stop_timeout=20)
+    stop = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop))
+    policies: dict[str, int] = {}
+    try:
+        serving: set[int] = set()  # a replica sets its policy before it connects: serving, it has it
+        while len(serving) < 4:
+            beat = await beats.next_msg(timeout=20)
+            serving.add(int(msgspec.json.decode(beat.data)["instance"].rsplit(":", 1)[1]))
+        for replica in supervisor.replicas:
+            assert replica.process is not None and replica.process.pid in serving
+            policies[replica.key] = os.sched_getscheduler(replica.process.pid)
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    finally:
+        running.cancel()
+        await beats.unsubscribe()
+        for replica in supervisor.replicas:
+            if replica.process is not None and replica.process.returncode is None:
+                replica.process.kill()
+                await replica.process.wait()
+    assert policies == {
+        "slow": os.SCHED_BATCH,
+        "waiter": os.SCHED_OTHER,
+        "normal": os.SCHED_OTHER,
+        "batch": os.SCHED_BATCH,
+    }
+
+
+def test_a_scheduling_the_os_has_no_name_for_is_refused(tmp_path: Path) -> None:
+    swarm = tmp_path / "swarm.toml"
+    swarm.write_text('[agents.slow]\nagent = "drain_agent:Slow"\nscheduling = "fast"\n')
+    with pytest.raises(ConfigError, match="scheduling"):
+        load_swarm(swarm)
+    with pytest.raises(ValueError, match="scheduling must be one of normal, batch, not 'fast'"):
+        NatsServer(scheduling="fast")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_an_embedded_server_can_run_as_sched_batch() -> None:
+    async with NatsServer(scheduling="batch") as batch, NatsServer() as normal:
+        assert batch.process is not None and normal.process is not None
+        assert os.sched_getscheduler(batch.process.pid) == os.SCHED_BATCH
+        assert os.sched_getscheduler(normal.process.pid) == os.SCHED_OTHER
+
+
 def slow_swarm(replicas: int) -> SwarmConfig:
     env = child_env()
     return SwarmConfig.model_validate(

@@ -45,7 +45,7 @@ ASKER = "asker_agent:Asker"  # sends a query nobody in its swarm answers
         (
             "[swarm]\nrestart_windows = 9\n[agents.a]\n",
             "restart_windows: unknown swarm key 'restart_windows' (did you mean 'restart_window'?); "
-            "the swarm's keys are nats_url, max_restarts, restart_window",
+            "the swarm's keys are nats_url, max_restarts, restart_window, server_scheduling",
         ),
         (
             "max_restarts = 1\n[swarm]\nmax_restarts = 3\n[agents.a]\n",

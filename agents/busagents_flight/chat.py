@@ -288,6 +288,7 @@ class ChatAgent(Agent):
     #: graph shows who reads the answers and a least-privilege swarm lets the gateway subscribe to them.
     awaits = (PassengerAnswered, PassengerNotified)
     singleton = True  # one page server on one port
+    interactive = True  # travellers' pages wait on it
 
     async def run(self, ctx: Context) -> None:
         from .settings import FlightSettings

@@ -665,6 +665,7 @@ class ConciergeAgent(Agent):
     """``PassengerAsked`` -> ``PassengerAnswered``, remembering the conversation; acts through the rebooker."""
 
     name = "flight-concierge"
+    interactive = True  # a traveller waits for each answer: swarm up keeps it the OS's normal scheduling
     produces = (
         PassengerAnswered,
         RebookPassenger,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from ..contract import contract_info
 from ..convlog import conversation_log
 from ..errors import ConfigError, ConnectionLostError
 from ..plugins import available_agents, load_agent
-from ..process import die_with_parent
+from ..process import die_with_parent, set_scheduling
 from ..settings import Settings
 from ..shadow import shadow_of
 from ..subjects import inbox_prefix, namespace_prefix
@@ -27,6 +28,8 @@ from ..telemetry import shutdown as shutdown_telemetry
 from ..worker import Worker, collect_young_less_often
 from ._nats import nats_option, nats_url
 from ._reload import run_reloading, source_dirs
+
+log = logging.getLogger("busagents.run")
 
 #: Where ``swarm up --secure`` tells its replicas to find their seeds (NAME.nk each).
 CREDS_DIR_ENV = "BUSAGENTS_CREDS_DIR"
@@ -121,6 +124,7 @@ def run_command(
             f"but --replicas {replicas} was given; run it with --replicas 1"
         )
     settings = Settings()
+    _schedule(agent_cls, settings.scheduling)  # before any thread or replica starts: they inherit it
     with nats_url(nats, embed=True) as url:  # an embedded server stops only after the agents drained
         if reload:  # the agent runs in a child process, started again after each change
             level = ctx.find_root().params.get("log_level")
@@ -150,6 +154,13 @@ def _use_identity(agent: str, creds: Path | None, tls_ca: Path | None) -> None:
         os.environ[NKEY_SEED_FILE_ENV] = str(creds.absolute())
     if tls_ca is not None:
         os.environ[TLS_CA_ENV] = str(tls_ca.absolute())
+
+
+def _schedule(agent_cls: type[Agent], scheduling: str) -> None:
+    """Apply ``BUSAGENTS_SCHEDULING`` to this process (``auto``: batch unless the agent is interactive)."""
+    policy = ("normal" if agent_cls.interactive else "batch") if scheduling == "auto" else scheduling
+    if policy != "normal" and not set_scheduling(policy):
+        log.info("scheduling %s is not available here; %s keeps the OS's default", policy, agent_cls.name)
 
 
 def _replica_env(http_port: int | None, index: int) -> dict[str, str]:

@@ -123,7 +123,8 @@ def _up_on(
     named: tuple[str, str] | None,
     data: Path,
 ) -> None:
-    with nats_url(nats, embed=True, named=named) as url:  # an embedded server stops after the replicas drained
+    # an embedded server stops after the replicas drained
+    with nats_url(nats, embed=True, named=named, scheduling=config.server_scheduling) as url:
         level = ctx.find_root().params.get("log_level")
         # in a terminal, the live view owns it: the events and what the replicas print come through the view
         view = SwarmView(agents) if sys.stdout.isatty() else None

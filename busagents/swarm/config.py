@@ -26,7 +26,7 @@ import difflib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -71,6 +71,9 @@ class AgentSpec(BaseModel):
     shadow: bool = False
     #: Replicas that follow its durable consumers' lag (it starts with ``min``); unset: ``replicas``.
     autoscale: Autoscale | None = None
+    #: CPU scheduling of its replicas: ``batch`` (Linux ``SCHED_BATCH``), ``normal``, or ``auto``: batch
+    #: unless the agent is ``interactive`` (see ``BUSAGENTS_SCHEDULING``).
+    scheduling: Literal["auto", "batch", "normal"] = "auto"
 
     @model_validator(mode="after")
     def _replicas_or_autoscale(self) -> AgentSpec:
@@ -97,6 +100,8 @@ class SwarmConfig(BaseModel):
     nats_url: str | None = None
     max_restarts: int = Field(default=5, ge=0)  # per replica, within restart_window seconds
     restart_window: float = Field(default=60.0, gt=0)
+    #: CPU scheduling of the embedded nats-server ``swarm up`` starts when no server is given.
+    server_scheduling: Literal["batch", "normal"] = "batch"
     agents: dict[str, AgentSpec]
 
     @model_validator(mode="before")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..process import die_with_parent
 from .autoscale import consumer_lag
-from .config import Autoscale, SwarmConfig
+from .config import AgentSpec, Autoscale, SwarmConfig
 
 __all__ = ["Replica", "Supervisor"]
 
@@ -80,9 +80,7 @@ class Supervisor:
         self._stopped = asyncio.Event()  # wakes replicas waiting to restart
         targets = config.targets()
         self.replicas = [
-            Replica(
-                key, i, targets[key], {**spec.env, **({"BUSAGENTS_SHADOW": "1"} if spec.shadow else {})}, spec.restart
-            )
+            Replica(key, i, targets[key], _replica_env(spec), spec.restart)
             for key, spec in config.agents.items()
             for i in range(spec.initial_replicas)
         ]
@@ -213,8 +211,7 @@ class Supervisor:
     def _scale_up(self, key: str) -> Replica:
         spec = self.config.agents[key]
         index = max((r.index for r in self.replicas if r.key == key), default=-1) + 1
-        env = {**spec.env, **({"BUSAGENTS_SHADOW": "1"} if spec.shadow else {})}
-        replica = Replica(key, index, self.config.targets()[key], env, spec.restart)
+        replica = Replica(key, index, self.config.targets()[key], _replica_env(spec), spec.restart)
         self.replicas.append(replica)
         assert self._tasks is not None
         self._keepers.append(self._tasks.create_task(self._keep(replica), name=f"watch:{replica.label}"))
@@ -275,3 +272,8 @@ class Supervisor:
             pass
         finally:
             self._kill_live()  # cancelled again, or out of time
+
+
+def _replica_env(spec: AgentSpec) -> dict[str, str]:
+    """What a replica's environment adds: its scheduling (see ``BUSAGENTS_SCHEDULING``), its ``env``, shadow mode."""
+    return {"BUSAGENTS_SCHEDULING": spec.scheduling, **spec.env, **({"BUSAGENTS_SHADOW": "1"} if spec.shadow else {})}
