@@ -86,10 +86,11 @@ after the other in each repetition (the order alternates), against the same code
 *Single process* = `busagents demo --flights {flights} --passengers {passengers} --seed {seed}
 --day-seconds 0 --report r.json --quiet --no-live` (every agent in one process, on the demo's own
 nats-server). *Swarm, N replicas* = `busagents swarm up swarm.toml --nats URL` with `replicas = N` for
-{agents}, on a fresh nats-server (JetStream) started for the run, under Linux's `SCHED_BATCH` as the
-embedded server of `swarm up` runs (the replicas' own scheduling is their `swarm up`'s: `SCHED_BATCH`
-since 2026-12-01, the normal policy for the code before the scale-out work, whose swarm runs on such a
-server too); the SQLite booking store is loaded with the day's bookings before the swarm starts. Once every replica sent its first heartbeat (it
+{agents}, on a fresh nats-server (JetStream) started for the run, scheduled as the code's own `swarm up`
+schedules its embedded server, and the replicas as it schedules them: Linux's `SCHED_BATCH` for both
+since 2026-12-01 (swarm.toml's `scheduling` and `server_scheduling` defaults), the OS's normal policy
+for the code before the scale-out work; the SQLite booking store is loaded with the day's bookings before
+the swarm starts. Once every replica sent its first heartbeat (it
 serves; a context replica has built its view), a second `busagents swarm up feed.toml` starts one
 `{feed}`, which plays the day: as in the single process, where every agent is started before the feed,
 no replica spends its start-up inside the run. A watcher in the benchmark process keeps its own cost
@@ -166,6 +167,7 @@ class _Day:
     code: str
     path: str = ""  # PYTHONPATH of the processes: the checkout they import ("": this one, as installed)
     agents: tuple[str, ...] = AGENTS  # the agents of AGENTS that checkout has
+    server_scheduling: str = "normal"  # the swarm's nats-server's, as that checkout's `swarm up` starts it
 
 
 @dataclass(slots=True)
@@ -271,7 +273,11 @@ async def _prepare(flights: int, passengers: int, tmp: Path, *, root: Path | Non
             code = f"busagents from {code}, busagents_flight from {flight_code}"
     flight_pkg = Path(got["busagents_flight"]).parent
     agents = tuple(a for a in AGENTS if a != "flight-concierge" or (flight_pkg / "concierge.py").exists())
-    return _Day(flights, passengers, store, got["status_updates"], got["cancelled"], code, path, agents)
+    # the nats-server as that code's `swarm up` starts its embedded one: SCHED_BATCH since swarm.toml's
+    # server_scheduling (its default), the OS's normal policy before (the code before the scale-out work)
+    config = Path(got["busagents"]).parent / "swarm" / "config.py"
+    server = "batch" if "server_scheduling" in config.read_text() else "normal"
+    return _Day(flights, passengers, store, got["status_updates"], got["cancelled"], code, path, agents, server)
 
 
 def _baseline_checkout(tmp: Path) -> Path | None:
@@ -610,7 +616,10 @@ async def _stop(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> int:
 
 
 async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
-    with tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name, NatsServer(scheduling="batch") as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name,
+        NatsServer(scheduling=day.server_scheduling) as server,
+    ):
         tmp = Path(name)
         env = _env(day, tmp)
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
