@@ -82,12 +82,13 @@ def use_nats(
     flag_source: str = "--nats",
     named: tuple[str, str] | None = None,
     data: Path | None = None,
-    scheduling: str = "normal",
+    scheduling: str | None = None,
 ) -> Iterator[str]:
     """Yield the URL to use, after ``say``-ing the one "nats: URL (why)" line.
 
     With nothing found (:func:`locate`), ``embed`` starts an embedded server for the ``with``
-    block (stopped when it ends), with that CPU ``scheduling``; without it, raises :func:`no_server_error`.
+    block (stopped when it ends), with that CPU ``scheduling`` (None: this process's); without it,
+    raises :func:`no_server_error`.
     """
     found = locate(flag, flag_source=flag_source, named=named, data=data)
     if found is not None:

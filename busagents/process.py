@@ -79,9 +79,10 @@ def set_scheduling(policy: str) -> bool:
     return True
 
 
-def with_scheduling(policy: str, preexec: Callable[[], None] | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that gives the child ``policy`` (see :func:`set_scheduling`), then runs ``preexec``."""
-    if policy == "normal":
+def with_scheduling(policy: str | None, preexec: Callable[[], None] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that gives the child ``policy`` (see :func:`set_scheduling`; None: this process's,
+    which a child inherits anyway), then runs ``preexec``."""
+    if policy is None:
         return preexec
     if policy not in SCHEDULING:
         raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {policy!r}")

@@ -118,17 +118,18 @@ class NatsServer:
         config_file: str | Path | None = None,
         name: str | None = None,
         detached: bool = False,
-        scheduling: str = "normal",
+        scheduling: str | None = None,
     ) -> None:
         """``detached``: the server outlives this process (``busagents server start``); stop it by its pid.
-        ``scheduling``: its CPU scheduling, ``normal`` or ``batch`` (see :func:`busagents.process.set_scheduling`)."""
+        ``scheduling``: its CPU scheduling, ``normal`` or ``batch`` (see :func:`busagents.process.set_scheduling`);
+        None: this process's."""
         self.port = port or free_port()
         self.jetstream = jetstream
         self.extra_args = list(extra_args or [])
         self.config_file = config_file
         self.name = name
         self.detached = detached
-        if scheduling not in SCHEDULING:
+        if scheduling is not None and scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {scheduling!r}")
         self.scheduling = scheduling
         self._own_store = store_dir is None

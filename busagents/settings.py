@@ -64,5 +64,6 @@ class Settings(BaseSettings):
     gc_threshold: int = Field(default=20_000, ge=0)
     #: CPU scheduling of an agent process (``busagents run``): ``normal``, ``batch`` (Linux ``SCHED_BATCH``:
     #: a woken process does not preempt the running one, so messages are read in batches), or ``auto``:
-    #: batch unless the agent is ``interactive``. ``swarm up`` gives each replica swarm.toml's ``scheduling``.
-    scheduling: Literal["normal", "batch", "auto"] = "normal"
+    #: batch unless the agent is ``interactive``; unset: as it was started. ``swarm up`` gives each replica
+    #: swarm.toml's ``scheduling``.
+    scheduling: Literal["normal", "batch", "auto"] | None = None

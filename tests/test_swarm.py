@@ -346,10 +346,19 @@ def test_a_scheduling_the_os_has_no_name_for_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 async def test_an_embedded_server_can_run_as_sched_batch() -> None:
-    async with NatsServer(scheduling="batch") as batch, NatsServer() as normal:
+    async with NatsServer(scheduling="batch") as batch, NatsServer(scheduling="normal") as normal:
         assert batch.process is not None and normal.process is not None
         assert os.sched_getscheduler(batch.process.pid) == os.SCHED_BATCH
         assert os.sched_getscheduler(normal.process.pid) == os.SCHED_OTHER
+    # a server asked for the normal policy by a process running as batch gets the normal one
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        async with NatsServer(scheduling="normal") as normal, NatsServer() as inherited:
+            assert normal.process is not None and inherited.process is not None
+            assert os.sched_getscheduler(normal.process.pid) == os.SCHED_OTHER
+            assert os.sched_getscheduler(inherited.process.pid) == os.SCHED_BATCH
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 def slow_swarm(replicas: int) -> SwarmConfig:

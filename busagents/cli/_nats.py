@@ -28,7 +28,7 @@ nats_option = click.option(
 
 @contextmanager
 def nats_url(
-    flag: str | None, *, embed: bool = False, named: tuple[str, str] | None = None, scheduling: str = "normal"
+    flag: str | None, *, embed: bool = False, named: tuple[str, str] | None = None, scheduling: str | None = None
 ) -> Iterator[str]:
     """Yield the URL this command uses (see :func:`busagents.locate.use_nats`), saying which and why."""
     with use_nats(flag, embed=embed, say=_say, flag_source=_flag_source(), named=named, scheduling=scheduling) as url:

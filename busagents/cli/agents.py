@@ -156,10 +156,12 @@ def _use_identity(agent: str, creds: Path | None, tls_ca: Path | None) -> None:
         os.environ[TLS_CA_ENV] = str(tls_ca.absolute())
 
 
-def _schedule(agent_cls: type[Agent], scheduling: str) -> None:
+def _schedule(agent_cls: type[Agent], scheduling: str | None) -> None:
     """Apply ``BUSAGENTS_SCHEDULING`` to this process (``auto``: batch unless the agent is interactive)."""
+    if scheduling is None:
+        return
     policy = ("normal" if agent_cls.interactive else "batch") if scheduling == "auto" else scheduling
-    if policy != "normal" and not set_scheduling(policy):
+    if not set_scheduling(policy):
         log.info("scheduling %s is not available here; %s keeps the OS's default", policy, agent_cls.name)
 
 
