@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
+import pytest
 from busagents_flight.context import ContextAgent
 from busagents_flight.data import AirlineDay, generate
+from busagents_flight.policy import choose_seats
 from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SeatMaps, SqliteStore
@@ -145,8 +147,9 @@ async def test_two_rebookers_racing_for_a_seat_with_others_free_in_the_cabin_sea
     await store.close()
 
 
+@pytest.mark.parametrize("proposed", [True, False], ids=["seats-proposed", "seatless"])
 async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_room_and_is_not_redecided(
-    bus: Bus, tmp_path: Path
+    bus: Bus, tmp_path: Path, proposed: bool
 ) -> None:
     race = _race(DAY)
     day = _full(DAY, race.target, race.cabin, race.seat)  # the seat is the flight's last in its cabin and above
@@ -158,8 +161,10 @@ async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_ro
         and any(s.cabin == race.cabin for s in view.free_seats(f.flight_id))
     )  # fmt: skip
     free = next(s.number for s in view.free_seats(other.flight_id) if s.cabin == race.cabin)
+    # a fallback proposes seats, or none (as the offline policy's do): the store seats the passenger then
     fallback = [Leg(other.flight_id, other.number, other.origin, other.destination, other.departure, other.arrival,
-                    race.cabin, [free])]  # type: ignore[arg-type]  # fmt: skip
+                    race.cabin, [free] if proposed else [])]  # type: ignore[arg-type]  # fmt: skip
+    cabin_free = [s for s in view.free_seats(other.flight_id) if s.cabin == race.cabin]
     a, b = (msgspec.structs.replace(race.decision(x), fallbacks=[fallback]) for x in (race.a, race.b))
     path = tmp_path / "bookings.sqlite3"
     rebooker = Rebooker(SqliteStore(path), day, load=True)
@@ -178,6 +183,8 @@ async def test_a_decision_whose_cabin_filled_up_takes_its_first_fallback_with_ro
     assert (first.new_legs[0].flight_id, first.new_legs[0].seats) == (t.flight_id, [race.seat])
     assert second.decision_id.startswith(f"{b.decision_id}+")  # after the target's higher cabins, all full
     assert (second.new_legs[0].flight_id, second.new_legs[0].cabin) == (other.flight_id, race.cabin)
+    passengers = next(b for b in day.bookings if b.booking_id == race.b.booking_id).passengers
+    assert second.new_legs[0].seats == ([free] if proposed else choose_seats(cabin_free, passengers))
     assert f"first choice full when booked ({t.flight_id}/{race.seat}); rebooked on {other.number}" in second.rationale
     assert again.items[0] == second
     assert (rebooker.applied, rebooker.fell_back) == (3, 2)

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 from busagents_flight.data import AirlineDay, generate
+from busagents_flight.policy import choose_seats
 from busagents_flight.store import BookingStore, SeatMaps, SqliteStore
 from busagents_flight.store_pg import PostgresStore
 from busagents_flight.view import LiveView
@@ -384,6 +385,35 @@ async def test_a_cabin_with_fewer_free_seats_than_passengers_rejects_with_the_ta
     )
     last = await store.apply(_rebook(single, flight_id, [seats[0]], cabin))  # one passenger: the last seat
     assert isinstance(last, BookingChanged) and last.new_legs[0].seats == [seats[1]]
+    assert await store.seat_conflicts() == 0
+
+
+async def test_a_leg_without_seats_has_the_group_seated_by_the_policys_rules_among_the_free_seats(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store(seat_maps=MAPS)
+    group, other, flight_id, _ = _pairs_and_a_free_row(DAY)
+    cabin = group.legs[0].cabin
+    decision = _rebook(group, flight_id, [], cabin)
+    outcome = await store.apply(decision)
+    assert isinstance(outcome, BookingChanged), outcome
+    view = LiveView(DAY)
+    free = [s for s in view.free_seats(flight_id) if s.cabin == cabin]
+    expected = choose_seats(free, group.passengers)
+    assert expected is not None and outcome.new_legs[0].seats == expected  # the policy's choice
+    assert len({s[:-1] for s in expected}) == 1  # together (the flight has free rows: ``row`` is one)
+    assert outcome.rationale.endswith(f"{outcome.new_legs[0].number} seated at booking: {', '.join(expected)}")
+    after = await store.booking(group.booking_id)
+    assert after is not None and after.legs == outcome.new_legs
+    again = await make_store(seat_maps=MAPS).apply(decision)  # a redelivery: the same seats, recorded
+    assert msgspec.json.encode(again) == msgspec.json.encode(outcome)
+    # a cabin without room for the group: rejected, naming the flight and cabin, nothing kept
+    filler = filler_booking(DAY, flight_id, cabin, leave=set())
+    await store.load([*DAY.bookings, filler])  # the day again, the cabin's free seats all sold
+    rejected = await store.apply(_rebook(other, flight_id, [], cabin))
+    assert isinstance(rejected, RebookRejected) and rejected.reason == "seat_taken"
+    assert rejected.taken_seats == [f"{flight_id}/{cabin}"]
+    assert await store.booking(other.booking_id) == other
     assert await store.seat_conflicts() == 0
 
 

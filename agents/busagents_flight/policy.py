@@ -198,11 +198,35 @@ def _fallbacks(
             continue
         if (_CABIN_RANK[cabin] < own) != downgrade or _needs_hotel(affected, itinerary) != hotel:
             continue
-        legs = _seat(itinerary, cabin, affected.booking.passengers, taken)  # proposed only: not marked taken
+        legs = _unseated(itinerary, cabin, len(affected.booking.passengers), taken)
         if legs is not None:
             out.append(legs)
             offered.add(id(itinerary))
     return out
+
+
+def _unseated(itinerary: AlternativeItinerary, cabin: str, n: int, taken: set[str]) -> list[Leg] | None:
+    """``itinerary``'s legs in ``cabin`` without seats, when every flight has room there for ``n`` passengers
+    besides ``taken``; else None. A fallback is taken in a few decisions of thousands (when the chosen
+    cabin filled up meanwhile): the store seats the group then, by :func:`choose_seats`, among the
+    seats free at that moment, rather than the policy choosing seats for every decision's fallbacks."""
+    legs: list[Leg] = []
+    for flight, free in zip(itinerary.flights, itinerary.free_seats, strict=True):
+        if not _prepared(flight.flight_id, free).room(cabin, n, taken):
+            return None
+        legs.append(
+            Leg(
+                flight.flight_id,
+                flight.number,
+                flight.origin,
+                flight.destination,
+                flight.departure,
+                flight.arrival,
+                cabin,  # type: ignore[arg-type]
+                [],
+            )
+        )
+    return legs
 
 
 def _priority(affected: AffectedBooking) -> tuple[int, int, str]:
@@ -284,6 +308,19 @@ class _FreeSeats:
         if self._positions is None:
             self._positions = {s.number: s.position for seats in self.by_cabin.values() for s in seats}
         return self._positions.get(number)
+
+    def room(self, cabin: str, n: int, taken: set[str]) -> bool:
+        """Whether ``cabin`` has ``n`` seats not in ``taken`` (where :meth:`choose` would find seats)."""
+        keyed = self.keyed.get(cabin)
+        if keyed is None or len(keyed) < n:
+            return False
+        found = 0
+        for key, _ in itertools.islice(keyed, self._start(cabin, keyed, taken), None):
+            if key not in taken:
+                found += 1
+                if found == n:
+                    return True
+        return False
 
     def choose(self, cabin: str, passengers: list[Passenger], taken: set[str]) -> list[str] | None:
         keyed = self.keyed.get(cabin)

@@ -56,6 +56,7 @@ __all__ = [
     "decide_outcome",
     "decode_outcome",
     "encode_outcome",
+    "no_room",
     "open_store",
     "rejection",
     "reseat",
@@ -287,8 +288,8 @@ def decide_outcome(decision: RebookPassenger, current: Booking | None) -> tuple[
     if len(replaced) != len(d.replaces) or not d.new_legs:
         return reject("invalid", f"legs {d.replaces} are not all in the booking, or no new legs")
     n = len(current.passengers)
-    if any(len(set(leg.seats)) != n or len(leg.seats) != n for leg in d.new_legs):
-        return reject("invalid", f"every new leg needs {n} different seats")
+    if any(leg.seats and (len(set(leg.seats)) != n or len(leg.seats) != n) for leg in d.new_legs):
+        return reject("invalid", f"every new leg needs {n} different seats, or none (the store seats the group)")
     order = {p.passenger_id: i for i, p in enumerate(current.passengers)}
     new_legs = [_reorder(leg, d.passenger_ids, order) for leg in d.new_legs]
     kept = [leg for leg in current.legs if leg.flight_id not in set(d.replaces)]
@@ -316,15 +317,17 @@ def reseated(
 ) -> tuple[BookingChanged, Booking]:
     """``outcome`` and ``updated`` with the new legs as actually ``seated`` (same order as
     ``outcome.new_legs``, ``taken``: the proposed seats of each found sold); the rationale says so."""
-    if not any(taken):
+    if all(given is leg for given, leg in zip(seated, outcome.new_legs, strict=True)):
         return outcome, updated
     notes = "; ".join(
         f"{leg.number} {', '.join(sold)} taken, got {', '.join(leg.seats)}"
-        for leg, sold in zip(seated, taken, strict=True)
         if sold
+        else f"{leg.number} seated at booking: {', '.join(leg.seats)}"
+        for leg, proposed, sold in zip(seated, outcome.new_legs, taken, strict=True)
+        if sold or not proposed.seats
     )
     legs = [seated[outcome.new_legs.index(leg)] if leg in outcome.new_legs else leg for leg in updated.legs]
-    note = f"seats reassigned at booking: {notes}"
+    note = notes if not any(taken) else f"seats reassigned at booking: {notes}"
     rationale = f"{outcome.rationale}; {note}" if outcome.rationale else note
     return (
         msgspec.structs.replace(outcome, new_legs=seated, rationale=rationale),
@@ -332,8 +335,15 @@ def reseated(
     )
 
 
+def no_room(leg: Leg, sold: list[str]) -> list[str]:
+    """What :class:`SeatTaken` names for a leg without room: its proposed seats found sold
+    (``flight/seat``), or its cabin (``flight/cabin``) when it proposed none."""
+    return [f"{leg.flight_id}/{s}" for s in sold] or [f"{leg.flight_id}/{leg.cabin}"]
+
+
 def seat_taken(decision: RebookPassenger, current: Booking | None, seats: list[str]) -> RebookRejected:
-    """The rejection of ``decision`` because ``seats`` (``flight/seat``) are sold and no others fit the group."""
+    """The rejection of ``decision`` because ``seats`` (``flight/seat``; ``flight/cabin`` for a leg that
+    proposed no seats) are sold and no others fit the group."""
     detail = f"already sold, and no other seats for the whole group in the cabin: {', '.join(seats)}"
     return rejection(decision, "seat_taken", detail, current=current, taken_seats=seats)
 
@@ -361,6 +371,8 @@ def rejection(
 
 
 def _reorder(leg: Leg, passenger_ids: list[str], order: dict[str, int]) -> Leg:
+    if not leg.seats:  # none proposed: the store seats the group in the booking's order
+        return leg
     seats = [""] * len(leg.seats)
     for pid, seat in zip(passenger_ids, leg.seats, strict=True):
         seats[order[pid]] = seat
@@ -600,19 +612,22 @@ class SqliteStore(BookingStore):
             taken: list[list[str]] = []
             unseated: list[str] = []
             for leg in outcome.new_legs:
-                marks = ", ".join("?" * len(leg.seats))
-                sold = {
-                    r[0]
-                    for r in conn.execute(
-                        f"SELECT seat FROM seats WHERE flight_id = ? AND seat IN ({marks})", (leg.flight_id, *leg.seats)
-                    )
-                }
+                sold: set[str] = set()
+                if leg.seats:
+                    marks = ", ".join("?" * len(leg.seats))
+                    sold = {
+                        r[0]
+                        for r in conn.execute(
+                            f"SELECT seat FROM seats WHERE flight_id = ? AND seat IN ({marks})",
+                            (leg.flight_id, *leg.seats),
+                        )
+                    }
                 taken.append([s for s in leg.seats if s in sold])
-                if sold:  # sold meanwhile: seat the group again among what is free on the flight now
+                if sold or not leg.seats:  # sold meanwhile, or none proposed: seat the group among what is free now
                     rows = conn.execute("SELECT seat FROM seats WHERE flight_id = ?", (leg.flight_id,)).fetchall()
                     given = reseat(leg, updated.passengers, {r[0] for r in rows}, self.seat_maps)
                     if given is None:
-                        unseated += (f"{leg.flight_id}/{s}" for s in taken[-1])
+                        unseated += no_room(leg, taken[-1])
                         continue
                     leg = given
                 seated.append(leg)

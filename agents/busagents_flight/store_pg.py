@@ -33,6 +33,7 @@ from .store import (
     decide_outcome,
     decode_outcome,
     encode_outcome,
+    no_room,
     reseat,
     reseated,
     seat_rows,
@@ -180,7 +181,7 @@ class PostgresStore(BookingStore):
                     given, sold = await self._sell(conn, leg, updated)
                     taken.append(sold)
                     if given is None:
-                        unseated += (f"{leg.flight_id}/{s}" for s in sold)
+                        unseated += no_room(leg, sold)
                     else:
                         seated.append(given)
                 if unseated:
@@ -199,6 +200,13 @@ class PostgresStore(BookingStore):
         taken: list[str] = []
         unavailable: set[str] = set()
         seats = leg.seats
+        if not seats:  # none proposed: seat the group among the seats free now
+            cur = await conn.execute("SELECT seat FROM seats WHERE flight_id = %s", (leg.flight_id,))
+            unavailable.update(str(r[0]) for r in await cur.fetchall())
+            given = reseat(leg, booking.passengers, unavailable, self.seat_maps)
+            if given is None:
+                return None, taken
+            seats = given.seats
         while True:
             async with conn.transaction() as attempt:  # a savepoint: a partly sold group is undone
                 cur = await conn.execute(_SELL, (leg.flight_id, booking.booking_id, seats, pids))

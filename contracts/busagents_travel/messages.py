@@ -211,6 +211,9 @@ class RebookPassenger(msgspec.Struct, kw_only=True):
     free one of the same cabin. When the cabin has no room left for the group, it
     takes the first of ``fallbacks`` (other itineraries the reasoner accepts on the
     same terms, in order of preference) that has room, before it rejects the decision.
+    A leg without seats (``seats=[]``) asks the rebooker to seat the group in its cabin,
+    by the policy's rules, among the seats free when it books (the offline policy's
+    fallbacks come so).
     """
 
     decision_id: str  # unique per decision: the rebooker is idempotent on it
