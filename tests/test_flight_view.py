@@ -93,6 +93,52 @@ def test_free_seats_and_alternatives_follow_booking_changes_and_status_updates()
     assert moved == 150 and checked > 100
 
 
+def test_keeps_refunds_reseats_and_changes_to_refunded_bookings_leave_the_view_as_rebuilt_from_its_bookings() -> None:
+    day = generate(40, 2_000, 5)
+    view = LiveView(day)
+    rng = random.Random(9)
+    actions = {"keep": 0, "refund": 0, "reseat": 0, "rebook": 0, "late": 0}
+    for step in range(400):
+        booking = rng.choice(list(view.bookings.values()))
+        leg = booking.legs[0]
+        kind = rng.choice(["keep", "refund", "reseat", "rebook"]) if booking.status == "active" else "late"
+        old_legs, new_legs, action = booking.legs, booking.legs, "keep"
+        if kind == "refund":
+            old_legs, new_legs, action = booking.legs, [], "refund"
+        elif kind in ("reseat", "rebook"):  # other seats on the same flight, or seats on another flight
+            target = view.flights[leg.flight_id] if kind == "reseat" else rng.choice(day.flights)
+            free = [x.number for x in view.free_seats(target.flight_id) if x.cabin == leg.cabin]
+            if len(free) < len(booking.passengers):
+                continue
+            numbers = rng.sample(free, len(booking.passengers))
+            f = target
+            new_legs = [Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, leg.cabin, numbers)]
+            old_legs, action = [leg], "rebook"
+        cached = view.free_seats(leg.flight_id)
+        view.apply_change(
+            BookingChanged(
+                decision_id=f"d{step}",
+                disruption_id="x",
+                booking_id=booking.booking_id,
+                flight_id=leg.flight_id,
+                action=action,  # type: ignore[arg-type]
+                passengers=booking.passengers,
+                old_legs=old_legs,
+                new_legs=new_legs,
+                version=booking.version + 1,
+            )
+        )
+        actions[kind] += 1
+        if kind in ("keep", "late"):  # nothing moved: the flight's free seats are still the list built before
+            assert view.free_seats(leg.flight_id) is cached
+    rebuilt = LiveView(msgspec.structs.replace(day, bookings=list(view.bookings.values())))
+    assert {f: s for f, s in view.taken.items() if s} == {f: s for f, s in rebuilt.taken.items() if s}
+    assert {f: b for f, b in view.by_flight.items() if b} == {f: b for f, b in rebuilt.by_flight.items() if b}
+    for flight in day.flights:
+        assert view.free_seats(flight.flight_id) == rebuilt.free_seats(flight.flight_id)
+    assert all(n > 10 for n in actions.values()), actions
+
+
 def test_the_days_value_records_are_not_tracked_by_the_garbage_collector() -> None:
     """Decoding a reply makes thousands of seats, flights and bookings: none is left for the cyclic
     collector to scan (they hold no reference back)."""

@@ -9,6 +9,7 @@ answers the typed queries from it.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import defaultdict
 
 import msgspec
@@ -29,6 +30,7 @@ __all__ = ["LiveView"]
 _MAX_CONNECTION_WAIT = 6 * 3600
 _MAX_DELAY = 8 * 3600  # a flight scheduled this long before may still be waiting to leave
 _encode = msgspec.json.Encoder().encode
+_DEPARTURE = operator.attrgetter("departure")
 
 
 class LiveView:
@@ -78,13 +80,6 @@ class LiveView:
             self._free.pop(leg.flight_id, None)
             self._free_json.pop(leg.flight_id, None)
 
-    def _remove(self, booking: Booking) -> None:
-        for leg in booking.legs:
-            self.by_flight[leg.flight_id].discard(booking.booking_id)
-            self.taken[leg.flight_id].difference_update(leg.seats)
-            self._free.pop(leg.flight_id, None)
-            self._free_json.pop(leg.flight_id, None)
-
     def apply_status(self, update: FlightStatusUpdated) -> None:
         if update.seq <= self.last_seq.get(update.flight_id, 0):
             return  # repeated or stale
@@ -100,11 +95,33 @@ class LiveView:
         if current is None or current.version >= change.version:
             return  # unknown or already applied
         self.changes.setdefault(change.booking_id, []).append(change)
-        self._remove(current)
         status = "refunded" if change.action == "refund" else current.status
-        legs = [leg for leg in current.legs if leg.flight_id not in {o.flight_id for o in change.old_legs}]
-        legs = sorted([*legs, *change.new_legs], key=lambda leg: leg.departure) if status == "active" else current.legs
-        self._add(Booking(change.booking_id, current.passengers, legs, current.fare, status, change.version))
+        legs = current.legs
+        if status == "active":
+            replaced = {o.flight_id for o in change.old_legs}
+            legs = sorted([*(leg for leg in legs if leg.flight_id not in replaced), *change.new_legs], key=_DEPARTURE)
+        updated = Booking(change.booking_id, current.passengers, legs, current.fare, status, change.version)
+        self.bookings[change.booking_id] = updated
+        # only what moved: a leg the booking keeps as it was (all of them, for a "keep") keeps its flight's
+        # taken seats and the free-seat lists built from them
+        before = current.legs if current.status == "active" else []
+        after = legs if status == "active" else []
+        gone = [leg for leg in before if leg not in after]
+        came = [leg for leg in after if leg not in before]
+        for leg in gone:
+            self.taken[leg.flight_id].difference_update(leg.seats)
+            self._free.pop(leg.flight_id, None)
+            self._free_json.pop(leg.flight_id, None)
+        for leg in came:
+            self.taken[leg.flight_id].update(leg.seats)
+            self._free.pop(leg.flight_id, None)
+            self._free_json.pop(leg.flight_id, None)
+        flights = {leg.flight_id for leg in after}
+        for leg in gone:
+            if leg.flight_id not in flights:
+                self.by_flight[leg.flight_id].discard(change.booking_id)
+        for leg in came:
+            self.by_flight[leg.flight_id].add(change.booking_id)
 
     # Answers
 
