@@ -417,6 +417,36 @@ async def test_a_leg_without_seats_has_the_group_seated_by_the_policys_rules_amo
     assert await store.seat_conflicts() == 0
 
 
+async def test_decisions_applied_as_many_give_each_its_outcome_in_order_and_the_same_again(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store(seat_maps=MAPS)
+    first, second, flight_id, seats = _pairs_and_a_free_row(DAY)
+    cabin = first.legs[0].cabin
+    unknown = msgspec.structs.replace(_rebook(first, flight_id, seats, cabin, "d-none"), booking_id="NO-SUCH")
+    decisions = [_rebook(first, flight_id, seats, cabin), _rebook(second, flight_id, seats, cabin), unknown]
+    batches: list[int] = []
+    if isinstance(store, SqliteStore):  # one transaction for all three: one call of the store's thread
+        apply_many = store._apply_many
+
+        def counted(batch: list[RebookPassenger]) -> list[BookingChanged | RebookRejected | Exception]:
+            batches.append(len(batch))
+            return apply_many(batch)
+
+        store._apply_many = counted  # type: ignore[method-assign,assignment]
+    outcomes = await store.apply_many(decisions)
+    assert batches == ([3] if isinstance(store, SqliteStore) else [])
+    assert [type(o).__name__ for o in outcomes] == ["BookingChanged", "BookingChanged", "RebookRejected"]
+    a, b, c = outcomes
+    assert isinstance(a, BookingChanged) and isinstance(b, BookingChanged) and isinstance(c, RebookRejected)
+    given = [a.new_legs[0].seats, b.new_legs[0].seats]
+    assert seats in given and not set(given[0]) & set(given[1])  # one got them, the other was reseated
+    assert c.reason == "unknown_booking"
+    again = await make_store(seat_maps=MAPS).apply_many(decisions)  # redelivered: recorded outcomes
+    assert [msgspec.json.encode(o) for o in again] == [msgspec.json.encode(o) for o in outcomes]
+    assert await store.seat_conflicts() == 0
+
+
 async def test_postgres_waits_for_a_transaction_selling_the_seat_then_reseats_the_group(pg_skip_reason: str) -> None:
     if pg_skip_reason:
         pytest.skip(pg_skip_reason)

@@ -13,8 +13,6 @@ by a free one of the same cabin inside the store's transaction.
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 from busagents_travel import BookingChanged, BookingsChanged, Leg, RebookGroup, RebookPassenger, RebookRejected
 
@@ -72,23 +70,37 @@ class Rebooker(Agent):
     @on(RebookGroup)
     async def rebook_group(self, group: RebookGroup, ctx: Context) -> list[BookingsChanged | RebookRejected]:
         # applied together: the store commits the decisions that arrive together in one transaction
-        outcomes = await asyncio.gather(*(self.apply(d) for d in group.decisions))
-        return _report(group.group_id, outcomes)
+        return _report(group.group_id, await self.apply_many(group.decisions))
 
     async def apply(self, decision: RebookPassenger) -> Outcome:
         """Apply one decision (checked, then settled against the inventory); its outcome."""
-        problem = self._invalid_seat(decision)
-        if problem:
-            self.rejected += 1
-            return rejection(decision, "invalid", problem)
-        outcome = await self.store.apply(decision)
-        if isinstance(outcome, RebookRejected) and outcome.reason == "seat_taken":
-            outcome = await self._fall_back(decision, outcome)
-        if isinstance(outcome, BookingChanged):
-            self.applied += 1
-        else:
-            self.rejected += 1
-        return outcome
+        return (await self.apply_many([decision]))[0]
+
+    async def apply_many(self, decisions: list[RebookPassenger]) -> list[Outcome]:
+        """Apply decisions together (checked, then settled against the inventory in one store call);
+        their outcomes, in order. A decision that fails (the store's error) fails them all, for the
+        group to come again: those applied are recorded, and give the same outcome then."""
+        outcomes: list[Outcome | None] = [None] * len(decisions)
+        valid: list[int] = []
+        for i, decision in enumerate(decisions):
+            problem = self._invalid_seat(decision)
+            if problem:
+                outcomes[i] = rejection(decision, "invalid", problem)
+            else:
+                valid.append(i)
+        applied = await self.store.apply_many([decisions[i] for i in valid]) if valid else []
+        for i, result in zip(valid, applied, strict=True):
+            if isinstance(result, Exception):
+                raise result
+            if isinstance(result, RebookRejected) and result.reason == "seat_taken":
+                result = await self._fall_back(decisions[i], result)
+            outcomes[i] = result
+        done = [o for o in outcomes if o is not None]
+        assert len(done) == len(decisions)
+        changed = sum(1 for o in done if isinstance(o, BookingChanged))
+        self.applied += changed
+        self.rejected += len(done) - changed
+        return done
 
     async def _fall_back(self, decision: RebookPassenger, rejected: RebookRejected) -> Outcome:
         """When the decision's cabin is full by now: its itinerary in a higher cabin, then each of its

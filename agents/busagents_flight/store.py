@@ -24,10 +24,10 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 from busagents_travel import (
@@ -193,6 +193,15 @@ class BookingStore(abc.ABC):
     @abc.abstractmethod
     async def apply(self, decision: RebookPassenger) -> Outcome:
         """Apply ``decision`` atomically and idempotently; the outcome to publish."""
+
+    async def apply_many(self, decisions: Sequence[RebookPassenger]) -> list[Outcome | Exception]:
+        """Apply each of ``decisions`` as :meth:`apply` does, together (the store settles their order);
+        each one's outcome, in the order given, or the exception that failed it alone."""
+        results = await asyncio.gather(*(self.apply(d) for d in decisions), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # a cancellation is not a decision's failure
+        return cast(list[Outcome | Exception], results)
 
     @abc.abstractmethod
     async def booking(self, booking_id: str) -> Booking | None:
@@ -502,10 +511,23 @@ class SqliteStore(BookingStore):
         Each decision keeps its own atomicity (a savepoint around its writes), and no outcome is
         returned before the transaction holding it committed.
         """
-        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._pending.append((decision, done))
+        result = (await self._settle([decision]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def apply_many(self, decisions: Sequence[RebookPassenger]) -> list[Outcome | Exception]:
+        """Like :meth:`apply` for each, in one transaction with whatever else arrived meanwhile,
+        without a task per decision."""
+        return await self._settle(decisions)
+
+    async def _settle(self, decisions: Sequence[RebookPassenger]) -> list[Outcome | Exception]:
+        """Queue ``decisions``; the first caller to get the turn applies everything queued by then."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = [loop.create_future() for _ in decisions]
+        self._pending.extend(zip(decisions, futures, strict=True))
         async with self._batch:
-            if not done.done():  # nobody took it into their batch: lead one
+            if futures and not futures[0].done():  # nobody took them into their batch (one takes all): lead one
                 batch, self._pending = self._pending, []
                 try:
                     results = await self._run(self._apply_many, [d for d, _ in batch])
@@ -519,7 +541,16 @@ class SqliteStore(BookingStore):
                         fut.set_exception(result)
                     else:
                         fut.set_result(result)
-        return done.result()
+        out: list[Outcome | Exception] = []
+        for fut in futures:
+            failed = fut.exception()
+            if failed is None:
+                out.append(fut.result())
+            elif isinstance(failed, Exception):
+                out.append(failed)
+            else:
+                raise failed
+        return out
 
     def _apply_many(self, decisions: list[RebookPassenger]) -> list[Outcome | Exception]:
         conn = self._conn()
