@@ -401,7 +401,7 @@ async def test_a_leg_without_seats_has_the_group_seated_by_the_policys_rules_amo
     free = [s for s in view.free_seats(flight_id) if s.cabin == cabin]
     expected = choose_seats(free, group.passengers)
     assert expected is not None and outcome.new_legs[0].seats == expected  # the policy's choice
-    assert len({s[:-1] for s in expected}) == 1  # together (the flight has free rows: ``row`` is one)
+    assert len({s[:-1] for s in expected}) == 1  # together: the flight has wholly free rows
     assert outcome.rationale.endswith(f"{outcome.new_legs[0].number} seated at booking: {', '.join(expected)}")
     after = await store.booking(group.booking_id)
     assert after is not None and after.legs == outcome.new_legs

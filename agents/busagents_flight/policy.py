@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import ClassVar
 
-from busagents_travel import AlternativeItinerary, Cost, Leg, Passenger, RebookPassenger, Seat
+from busagents_travel import AlternativeItinerary, Cost, Flight, Leg, Passenger, RebookPassenger, Seat
 from busagents_travel.model import TIER_RANK
 
 from .reasoning import AffectedBooking, Case, Lookup, Reasoner
@@ -214,18 +214,7 @@ def _unseated(itinerary: AlternativeItinerary, cabin: str, n: int, taken: set[st
     for flight, free in zip(itinerary.flights, itinerary.free_seats, strict=True):
         if not _prepared(flight.flight_id, free).room(cabin, n, taken):
             return None
-        legs.append(
-            Leg(
-                flight.flight_id,
-                flight.number,
-                flight.origin,
-                flight.destination,
-                flight.departure,
-                flight.arrival,
-                cabin,  # type: ignore[arg-type]
-                [],
-            )
-        )
+        legs.append(_leg(flight, cabin, []))
     return legs
 
 
@@ -243,19 +232,21 @@ def _seat(
         seats = _prepared(flight.flight_id, free).choose(cabin, passengers, taken)
         if seats is None:
             return None
-        legs.append(
-            Leg(
-                flight.flight_id,
-                flight.number,
-                flight.origin,
-                flight.destination,
-                flight.departure,
-                flight.arrival,
-                cabin,  # type: ignore[arg-type]
-                seats,
-            )
-        )
+        legs.append(_leg(flight, cabin, seats))
     return legs
+
+
+def _leg(flight: Flight, cabin: str, seats: list[str]) -> Leg:
+    return Leg(
+        flight.flight_id,
+        flight.number,
+        flight.origin,
+        flight.destination,
+        flight.departure,
+        flight.arrival,
+        cabin,  # type: ignore[arg-type]
+        seats,
+    )
 
 
 class _FreeSeats:
