@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-__all__ = ["SCHEDULING", "die_with_parent", "pid_alive", "set_scheduling", "with_scheduling"]
+__all__ = ["SCHEDULING", "check_scheduling", "die_with_parent", "pid_alive", "set_scheduling", "with_scheduling"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -58,6 +58,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
 SCHEDULING = ("normal", "batch")
 
 
+def check_scheduling(policy: str) -> str:
+    """``policy`` if it is one of :data:`SCHEDULING`; else a ValueError that lists them."""
+    if policy not in SCHEDULING:
+        raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {policy!r}")
+    return policy
+
+
 def set_scheduling(policy: str) -> bool:
     """Give the calling thread, and the threads and processes it starts from now on, ``policy``.
 
@@ -67,9 +74,7 @@ def set_scheduling(policy: str) -> bool:
     read in batches, with fewer context switches. Any user may ask for either. Returns False where
     the OS has no such policy (not Linux) and nothing changed.
     """
-    if policy not in SCHEDULING:
-        raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {policy!r}")
-    value = getattr(os, "SCHED_BATCH" if policy == "batch" else "SCHED_OTHER", None)
+    value = getattr(os, "SCHED_BATCH" if check_scheduling(policy) == "batch" else "SCHED_OTHER", None)
     if value is None or not hasattr(os, "sched_setscheduler"):
         return False
     try:
@@ -84,8 +89,7 @@ def with_scheduling(policy: str | None, preexec: Callable[[], None] | None) -> C
     which a child inherits anyway), then runs ``preexec``."""
     if policy is None:
         return preexec
-    if policy not in SCHEDULING:
-        raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {policy!r}")
+    check_scheduling(policy)
 
     def scheduled() -> None:
         set_scheduling(policy)

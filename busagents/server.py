@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import ConfigError, NatsUnavailableError
-from .process import SCHEDULING, die_with_parent, pid_alive, with_scheduling
+from .process import check_scheduling, die_with_parent, pid_alive, with_scheduling
 
 __all__ = ["NatsCluster", "NatsServer", "find_server_binary", "free_port", "is_reachable"]
 
@@ -129,9 +129,7 @@ class NatsServer:
         self.config_file = config_file
         self.name = name
         self.detached = detached
-        if scheduling is not None and scheduling not in SCHEDULING:
-            raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {scheduling!r}")
-        self.scheduling = scheduling
+        self.scheduling = scheduling if scheduling is None else check_scheduling(scheduling)
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else None
         self.process: subprocess.Popen[bytes] | None = None

@@ -424,7 +424,9 @@ async def test_decisions_applied_as_many_give_each_its_outcome_in_order_and_the_
     first, second, flight_id, seats = _pairs_and_a_free_row(DAY)
     cabin = first.legs[0].cabin
     unknown = msgspec.structs.replace(_rebook(first, flight_id, seats, cabin, "d-none"), booking_id="NO-SUCH")
-    decisions = [_rebook(first, flight_id, seats, cabin), _rebook(second, flight_id, seats, cabin), unknown]
+    decisions = [
+        msgspec.structs.replace(_rebook(b, flight_id, seats, cabin), rationale="why") for b in (first, second)
+    ] + [unknown]
     batches: list[int] = []
     if isinstance(store, SqliteStore):  # one transaction for all three: one call of the store's thread
         apply_many = store._apply_many
@@ -441,6 +443,9 @@ async def test_decisions_applied_as_many_give_each_its_outcome_in_order_and_the_
     assert isinstance(a, BookingChanged) and isinstance(b, BookingChanged) and isinstance(c, RebookRejected)
     given = [a.new_legs[0].seats, b.new_legs[0].seats]
     assert seats in given and not set(given[0]) & set(given[1])  # one got them, the other was reseated
+    as_proposed, reseated = (a, b) if given[0] == seats else (b, a)
+    assert as_proposed.rationale == "why"  # seated as proposed: nothing to add
+    assert reseated.rationale.startswith("why; seats reassigned at booking: ")
     assert c.reason == "unknown_booking"
     again = await make_store(seat_maps=MAPS).apply_many(decisions)  # redelivered: recorded outcomes
     assert [msgspec.json.encode(o) for o in again] == [msgspec.json.encode(o) for o in outcomes]

@@ -326,7 +326,7 @@ def reseated(
 ) -> tuple[BookingChanged, Booking]:
     """``outcome`` and ``updated`` with the new legs as actually ``seated`` (same order as
     ``outcome.new_legs``, ``taken``: the proposed seats of each found sold); the rationale says so."""
-    if all(given is leg for given, leg in zip(seated, outcome.new_legs, strict=True)):
+    if not any(taken) and all(leg.seats for leg in outcome.new_legs):  # seated as proposed
         return outcome, updated
     notes = "; ".join(
         f"{leg.number} {', '.join(sold)} taken, got {', '.join(leg.seats)}"
