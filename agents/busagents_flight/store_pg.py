@@ -216,7 +216,8 @@ class PostgresStore(BookingStore):
                     raise psycopg.Rollback(attempt)
             if not missed:
                 return msgspec.structs.replace(leg, seats=seats), taken
-            taken = taken or missed  # the first attempt's: the decision's own seats
+            if leg.seats:  # the first attempt's: the decision's own seats (none for a leg that proposed none)
+                taken = taken or missed
             cur = await conn.execute("SELECT seat FROM seats WHERE flight_id = %s", (leg.flight_id,))
             unavailable.update(missed, (str(r[0]) for r in await cur.fetchall()))  # grows every round: ends
             given = reseat(leg, booking.passengers, unavailable, self.seat_maps)
