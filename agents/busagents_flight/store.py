@@ -518,7 +518,10 @@ class SqliteStore(BookingStore):
 
     async def apply_many(self, decisions: Sequence[RebookPassenger]) -> list[Outcome | Exception]:
         """Like :meth:`apply` for each, in one transaction with whatever else arrived meanwhile,
-        without a task per decision."""
+        without a task per decision. A subclass that overrides :meth:`apply` has each decision go
+        through its ``apply``."""
+        if type(self).apply is not SqliteStore.apply:
+            return await super().apply_many(decisions)
         return await self._settle(decisions)
 
     async def _settle(self, decisions: Sequence[RebookPassenger]) -> list[Outcome | Exception]:
