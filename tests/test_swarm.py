@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from busagents import Agent, Bus, ConfigError, Context, command, event, on, query
 from busagents.micro import service_subjects
-from busagents.process import pid_alive
+from busagents.process import pid_alive, set_scheduling
 from busagents.server import NatsServer
 from busagents.swarm import Graph, Supervisor, SwarmConfig, load_swarm
 from busagents.swarm.supervisor import Replica
@@ -289,7 +289,9 @@ async def test_swarm_up_passes_its_log_level_to_replicas_unless_an_agent_env_ove
     assert text.count("INFO busagents.worker: worker drained") == 1, text
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's (elsewhere nothing changes: tested below)"
+)
 async def test_swarm_up_runs_replicas_as_sched_batch_unless_interactive_or_set_to_normal(
     nats_server: NatsServer, bus: Bus
 ) -> None:
@@ -344,7 +346,9 @@ def test_a_scheduling_the_os_has_no_name_for_is_refused(tmp_path: Path) -> None:
         NatsServer(scheduling="fast")
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's (elsewhere nothing changes: tested below)"
+)
 async def test_an_embedded_server_can_run_as_sched_batch() -> None:
     async with NatsServer(scheduling="batch") as batch, NatsServer(scheduling="normal") as normal:
         assert batch.process is not None and normal.process is not None
@@ -359,6 +363,16 @@ async def test_an_embedded_server_can_run_as_sched_batch() -> None:
             assert os.sched_getscheduler(inherited.process.pid) == os.SCHED_BATCH
     finally:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def test_where_the_os_has_no_batch_policy_asking_for_it_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    monkeypatch.delattr(os, "SCHED_BATCH", raising=False)  # as on macOS or Windows
+    assert set_scheduling("batch") is False
+    if before is not None:
+        assert os.sched_getscheduler(0) == before
+    with pytest.raises(ValueError, match="scheduling must be one of normal, batch, not 'idle'"):
+        set_scheduling("idle")
 
 
 def slow_swarm(replicas: int) -> SwarmConfig:
