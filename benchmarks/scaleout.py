@@ -1,9 +1,10 @@
 """Scale-out of the flight assistant: the whole day, as fast as it goes, in one process and as a swarm.
 
-The same seeded day (``--day-seconds 0``) runs three ways against the same code: ``busagents demo``
+The same seeded day (``--day-seconds 0``) runs four ways against the same code: ``busagents demo``
 (every agent in one process), then ``busagents swarm up`` with 1 and with 2 replicas of every agent
-(the feed once); and, beside them, the swarm of the code before the scale-out work (its history's
-:data:`BASELINE_COMMIT`) at 1 replica, the figure the CPU target halves. A watcher on the bus times the
+(the feed once), and with 1 replica on one core (what a second core gives); and, beside them, the
+swarm of the code before the scale-out work (its history's :data:`BASELINE_COMMIT`) at 1 replica, the
+figure the CPU target halves. A watcher on the bus times the
 swarm's run and counts what passengers were told; psutil gives each process's CPU time from when it
 was ready to the end of the run.
 """
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -38,7 +40,7 @@ from busagents.server import NatsServer
 
 from .report import Check, Result, ratios
 
-__all__ = ["BASELINE_CPU_MS_PER_AFFECTED", "LABELS", "NAME", "STAGES", "run"]
+__all__ = ["BASELINE_CPU_MS_PER_AFFECTED", "LABELS", "NAME", "ONE_CORE", "STAGES", "run"]
 
 NAME = "Flight swarm scale-out"
 SEED = 7
@@ -60,13 +62,20 @@ STAGES = (FEED, *AGENTS, SERVER, SUPERVISOR)
 BASELINE_COMMIT = "6a2a9a0"
 #: The mode of that measurement.
 BASELINE = -1
-#: Mode -> label; mode 0 is the single process, the baseline's swarm, else the replicas of every agent.
+#: The mode of the swarm with 1 replica of every agent and every process of it (nats-server included) on
+#: one core: what a second core gives the swarm.
+ONE_CORE = 10
+#: Mode -> label; mode 0 is the single process, the baseline's swarm, the swarm on one core, else the
+#: replicas of every agent (on every core).
 LABELS = {
     0: "single process",
     1: "swarm, 1 replica",
     2: "swarm, 2 replicas",
+    ONE_CORE: "swarm, 1 replica, on one core",
     BASELINE: f"before the scale-out work ({BASELINE_COMMIT}): swarm, 1 replica",
 }
+#: Replicas of every agent in each swarm mode.
+REPLICAS = {1: 1, 2: 2, ONE_CORE: 1, BASELINE: 1}
 #: The run is over when every count adds up and nothing new was seen on the bus for this long.
 QUIET = 2.0
 #: Seconds without anything new on the bus, once the feed started, after which the run has failed.
@@ -81,7 +90,7 @@ BASELINE_MEASURED = "on 2026-11-29 against commit 6a2a9a0 (median of 7 runs, sha
 
 METHOD = """\
 **Flight swarm scale-out.** The seeded day of {flights:,} flights and {passengers:,} passengers (seed
-{seed}, {status_updates:,} status updates) played as fast as it goes (`--day-seconds 0`), three ways, one
+{seed}, {status_updates:,} status updates) played as fast as it goes (`--day-seconds 0`), four ways, one
 after the other in each repetition (the order alternates), against the same code ({code}).
 *Single process* = `busagents demo --flights {flights} --passengers {passengers} --seed {seed}
 --day-seconds 0 --report r.json --quiet --no-live` (every agent in one process, on the demo's own
@@ -93,7 +102,11 @@ for the code before the scale-out work; the SQLite booking store is loaded with 
 the swarm starts. Once every replica sent its first heartbeat (it
 serves; a context replica has built its view), a second `busagents swarm up feed.toml` starts one
 `{feed}`, which plays the day: as in the single process, where every agent is started before the feed,
-no replica spends its start-up inside the run. A watcher in the benchmark process keeps its own cost
+no replica spends its start-up inside the run. *On one core* = the swarm with 1 replica of every agent
+with each of its processes (nats-server, `swarm up` and every replica, the feed) allowed one core only
+(`sched_setaffinity`, inherited from the benchmark's thread that starts them; the mask read back off
+every thread of every process at the end of the run is in the row's note): what the swarm gains from a
+second core. A watcher in the benchmark process keeps its own cost
 off the two cores it measures: on the bus it takes the first `travel.flight.status` message only (the
 server then unsubscribes it), disruptions, assessments, rejections and heartbeats, not the day's 8,816
 status updates, 18,000 notices and 12 MB of booking changes, which nats-server would copy to it on the
@@ -120,7 +133,8 @@ starting the agents, the audit and the shutdown are included; its *run time* is 
 work* = the swarm with 1 replica of every agent of commit {baseline_commit} (the code before issue 9; 2
 replicas of it told passengers twice), extracted from this repository's history (`git archive`) and run
 the same way on its own day and store, in every repetition. The targets compare the 2-replica run time
-with the single process's in the same repetition, and the 2-replica CPU per affected passenger with half
+with the single process's in the same repetition, the 1-replica swarm's run time on every core with
+its run time on one core, and the 2-replica CPU per affected passenger with half
 the figure before the scale-out work measured in the same run (without that history: {baseline})."""
 
 # Runs in the children's interpreter, so it imports the code under test (PYTHONPATH wins over the
@@ -188,6 +202,7 @@ class _Run:
     context_ready_s: float = 0.0  # a fresh flight-context replica started after the day: start -> serving
     context_replay_s: float = 0.0  # of which replaying the feed's and booking changes' streams
     stages: dict[str, tuple[int, float]] = field(default_factory=dict)  # messages handled, CPU-s
+    cores: int = 0  # swarm: the cores its processes were allowed, all of them together (read off each one)
 
     @property
     def served(self) -> bool:
@@ -220,6 +235,25 @@ async def _python(*args: str, cwd: Path, env: dict[str, str] | None = None) -> a
         return await asyncio.create_subprocess_exec(
             sys.executable, *args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
         )
+
+
+@contextlib.contextmanager
+def _on_cores(cores: set[int] | None) -> Iterator[None]:
+    """Processes started inside run on ``cores`` only (None: wherever the OS puts them).
+
+    The benchmark's own thread takes the mask while it starts them (a child inherits its parent's
+    thread's mask: nats-server's threads, ``swarm up``'s replicas and their children), and gets its own
+    back after, so the watcher does not add to those cores.
+    """
+    if cores is None:
+        yield
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def _tail(cwd: Path, lines: int = 25) -> str:
@@ -390,6 +424,15 @@ class _Meter:
             cpu = self._cpu(pid)
             if cpu is not None:
                 self.last[pid] = cpu
+
+    def cores(self) -> int:
+        """The cores the processes still running may run on, all of them together (every thread's mask)."""
+        allowed: set[int] = set()
+        for pid in self.roles:
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    allowed |= os.sched_getaffinity(int(task))
+        return len(allowed)
 
     def by_stage(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -615,11 +658,13 @@ async def _stop(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> int:
     return proc.returncode
 
 
-async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
-    with (
-        tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-") as name,
-        NatsServer(scheduling=day.server_scheduling) as server,
-    ):
+async def _swarm(day: _Day, replicas: int, timeout: float, *, cores: set[int] | None = None) -> _Run:
+    """The day played by the swarm with ``replicas`` of every agent; with ``cores``, every process of the
+    swarm (nats-server, ``swarm up`` and its replicas, the feed, the fresh context replica) runs on those."""
+    with contextlib.ExitStack() as stack:
+        name = stack.enter_context(tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-"))
+        with _on_cores(cores):
+            server = stack.enter_context(NatsServer(scheduling=day.server_scheduling))
         tmp = Path(name)
         env = _env(day, tmp)
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
@@ -634,19 +679,22 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
         try:
             await watch.subscribe(bus)
             started = time.perf_counter()
-            proc = await _python(*up, str(config), "--nats", server.url, cwd=tmp, env=env)
+            with _on_cores(cores):
+                proc = await _python(*up, str(config), "--nats", server.url, cwd=tmp, env=env)
             watch.meter.ready(proc.pid, SUPERVISOR)
             feed: asyncio.subprocess.Process | None = None
             try:
                 # the day starts once every replica serves: a replica still starting up would spend its
                 # start-up (generating the day, replaying the streams) inside the run
                 await watch.until_serving(proc, replicas, tmp, day.agents)
-                feed = await _python(*up, str(feed_config), "--nats", server.url, cwd=tmp, env=env)
+                with _on_cores(cores):
+                    feed = await _python(*up, str(feed_config), "--nats", server.url, cwd=tmp, env=env)
                 watch.meter.ready(feed.pid, SUPERVISOR)
                 await watch.until_done(proc, tmp, timeout)
                 run_s = watch.last_notified - watch.first_status
+                allowed = watch.meter.cores()
                 watch.status = await _stored(bus, "travel.flight.status.FL0")
-                ready_s, replay_s = await _fresh_context(bus, server.url, env, tmp, timeout)
+                ready_s, replay_s = await _fresh_context(bus, server.url, env, tmp, timeout, cores)
             finally:
                 codes = [await _stop(p) for p in (feed, proc) if p is not None]
             wall = time.perf_counter() - started
@@ -673,6 +721,7 @@ async def _swarm(day: _Day, replicas: int, timeout: float) -> _Run:
         stages=stages,
         context_ready_s=ready_s,
         context_replay_s=replay_s,
+        cores=allowed,
     )
 
 
@@ -686,7 +735,9 @@ async def _stored(bus: Bus, subject: str) -> int:
     return int(info.state.messages)
 
 
-async def _fresh_context(bus: Bus, url: str, env: dict[str, str], tmp: Path, timeout: float) -> tuple[float, float]:
+async def _fresh_context(
+    bus: Bus, url: str, env: dict[str, str], tmp: Path, timeout: float, cores: set[int] | None
+) -> tuple[float, float]:
     """Start one more flight-context once the day is over: seconds until it serves (its first heartbeat,
     sent once its views have replayed the streams), and the replay's share (from its log)."""
     beat: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -699,7 +750,7 @@ async def _fresh_context(bus: Bus, url: str, env: dict[str, str], tmp: Path, tim
     sub = await bus.nc.subscribe("busagents.stats.flight-context", cb=on_beat)
     log = tmp / "fresh-context.log"
     started = time.perf_counter()
-    with log.open("wb") as out:
+    with log.open("wb") as out, _on_cores(cores):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "busagents", "--log-level", "INFO", "run", "flight-context", "--nats", url),
@@ -724,7 +775,9 @@ def _outcomes(runs: list[_Run]) -> str:
     each = ", ".join(
         f"{r.affected:,}/{r.notified:,}/{r.seat_conflicts}/{r.stranded}/{r.redecided}/{r.dead_lettered}" for r in runs
     )
-    return f"affected/notified/seat conflicts/stranded/re-decisions/dead letters: {each}"
+    cores = sorted({r.cores for r in runs if r.cores})
+    on = f"; its processes on {'/'.join(map(str, cores))} core(s)" if cores else ""
+    return f"affected/notified/seat conflicts/stranded/re-decisions/dead letters: {each}{on}"
 
 
 def _results(runs: dict[int, list[_Run]], agents: tuple[str, ...]) -> list[Result]:
@@ -817,6 +870,14 @@ def _checks(runs: dict[int, list[_Run]]) -> list[Check]:
             detail=f"medians: {medians}",
         ),
         Check(
+            "Flight day run time, swarm with 1 replica of every agent: on every core / on one core",
+            median(ratios(run_s[1], run_s[ONE_CORE])),
+            0.6,
+            at_least=False,
+            detail=f"{os.cpu_count()} cores; 2 replicas on every core / 1 replica on one core: "
+            f"{median(ratios(run_s[2], run_s[ONE_CORE])):.2f}",
+        ),
+        Check(
             "CPU-ms per affected passenger, swarm with 2 replicas (all processes, day generation excluded)",
             cpu_ms[2],
             before / 2,
@@ -837,7 +898,7 @@ def _checks(runs: dict[int, list[_Run]]) -> list[Check]:
 async def run(
     *, flights: int, passengers: int, reps: int, baseline: bool = True
 ) -> tuple[list[Result], list[Check], str]:
-    """The three ways, ``reps`` times; with ``baseline``, the swarm of the code before the scale-out work
+    """The four ways, ``reps`` times; with ``baseline``, the swarm of the code before the scale-out work
     at 1 replica in each repetition too (when this repository's history has it)."""
     timeout = max(300.0, passengers / 250)
     runs: dict[int, list[_Run]] = {mode: [] for mode in LABELS}
@@ -851,14 +912,17 @@ async def run(
             if root is not None:
                 code = f"commit {BASELINE_COMMIT}, extracted from this repository's history"
                 before = await _prepare(flights, passengers, Path(tmp) / "baseline-day", root=root, code=code)
+        one_core = {min(os.sched_getaffinity(0))}
         for rep in range(reps):
-            modes = [0, 1, 2, BASELINE] if before is not None else [0, 1, 2]
+            modes = [0, 1, 2, ONE_CORE, BASELINE] if before is not None else [0, 1, 2, ONE_CORE]
             for mode in modes if rep % 2 == 0 else modes[::-1]:
-                if mode == BASELINE:
-                    assert before is not None
-                    runs[mode].append(await _swarm(before, 1, timeout))
+                if mode == 0:
+                    runs[mode].append(await _single(day, timeout))
                 else:
-                    runs[mode].append(await (_swarm(day, mode, timeout) if mode else _single(day, timeout)))
+                    cores = one_core if mode == ONE_CORE else None
+                    which = before if mode == BASELINE else day
+                    assert which is not None
+                    runs[mode].append(await _swarm(which, REPLICAS[mode], timeout, cores=cores))
     method = METHOD.format(
         flights=flights,
         passengers=passengers,

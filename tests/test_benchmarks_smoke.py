@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -78,12 +79,18 @@ async def test_scaleout_runs_the_day_three_ways_and_reports_every_figure(tmp_pat
             assert fresh.samples[0] > 0 and "replaying the streams" in fresh.note
     assert [c.target.split(",")[0] for c in checks] == [
         "Flight day run time",
+        "Flight day run time",
         "CPU-ms per affected passenger",
         "Scale-out runs with notified == affected",
     ]
+    assert "on one core" in checks[1].target
     assert all(math.isfinite(c.measured) for c in checks)
-    assert (f"commit {scaleout.BASELINE_COMMIT}), measured in this run" in checks[1].detail) == history
-    assert checks[2].met, checks[2].detail  # every passenger told, no seat sold twice
+    assert (f"commit {scaleout.BASELINE_COMMIT}), measured in this run" in checks[2].detail) == history
+    assert checks[3].met, checks[3].detail  # every passenger told, no seat sold twice
+    # the one-core swarm's processes were held to one core, the others to none (on a machine with more than one)
+    assert rows[f"{scaleout.LABELS[scaleout.ONE_CORE]}: run time"].note.endswith("on 1 core(s)")
+    if len(os.sched_getaffinity(0)) > 1:
+        assert rows[f"{scaleout.LABELS[1]}: run time"].note.endswith(f"on {len(os.sched_getaffinity(0))} core(s)")
     assert machine.other_load["scaleout"][0] > 0
 
     out = tmp_path / "RESULTS.md"
