@@ -201,6 +201,36 @@ async def test_injected_instruction_in_a_passenger_note_produces_no_action_outsi
     assert not any(s.startswith(("travel.booking.rejected", "busagents.dlq")) for s in subjects)
 
 
+async def test_the_models_rebookings_carry_the_policys_next_choices_as_fallbacks(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    # BX107 (VIE-LHR, the first of the day) cancelled: the model takes the first itinerary with room; the
+    # rebooker may fall back on the policy's next ones on the same terms when that cabin is full by then
+    day = generate(12, 300, 3)
+    flight = "BX107-25NOV"
+    on_flight = [b.booking_id for b in day.bookings if any(leg.flight_id == flight for leg in b.legs)]
+    f = next(f for f in day.flights if f.flight_id == flight)
+    event = FlightCancelled(
+        disruption_id="cx-fallbacks", flight_id=flight, number=f.number, origin=f.origin,
+        destination=f.destination, observed_at=f.departure - 3600,
+    )  # fmt: skip
+    messages_server.responder = model
+    reasoner = reasoner_for(messages_server)
+    async with flight_agents(bus, tmp_path, day, reasoner):
+        async with expect_changes(bus, count=len(on_flight), timeout=30):
+            async with expect_decisions(bus, count=len(on_flight), timeout=30) as decided:
+                await bus.publish(event)
+    rebooked = [d for d in decided.items if d.action == "rebook"]
+    assert rebooked and {d.reasoner for d in decided.items} == {"anthropic"}
+    with_fallbacks = [d for d in rebooked if d.fallbacks]
+    assert with_fallbacks, "no rebooking of the model offered a fallback"
+    for d in with_fallbacks:
+        chosen = [leg.flight_id for leg in d.new_legs]
+        assert all([leg.flight_id for leg in legs] != chosen for legs in d.fallbacks)  # other itineraries
+        assert all(leg.seats == [] for legs in d.fallbacks for leg in legs)  # the store seats the group then
+        assert all(legs[0].origin == "VIE" and legs[-1].destination == "LHR" for legs in d.fallbacks)
+
+
 async def test_costly_flight_decision_waits_for_approval_before_the_rebooker_acts(
     bus: Bus, messages_server: MessagesServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -179,6 +179,36 @@ async def test_a_rebooking_offers_its_next_choices_with_room_on_the_same_terms_a
     assert all(legs[0].seats == [] for legs in decision.fallbacks)  # the store seats the group if one is taken
 
 
+def test_a_rebooking_chosen_elsewhere_gets_the_policys_choices_on_its_terms_other_than_its_own_as_fallbacks() -> None:
+    # a model chose the third itinerary: the fallbacks are the policy's order without it, the earlier
+    # ones included (they had room when the choice was made), none without room left by the seats taken
+    early, upgrade, chosen, latest, last = (_flight(n, 10 + n) for n in range(2, 7))
+    itineraries = [
+        _it(early, _seats("10A:Y:window")),
+        _it(upgrade, _seats("2A:J:window")),
+        _it(chosen, _seats("11A:Y:window")),
+        _it(latest, _seats("12C:Y:aisle")),  # taken below by a decision made before
+        _it(last, _seats("14C:Y:aisle")),
+        _it(_flight(7, 17), _seats("15C:Y:aisle")),
+    ]
+    case = _case([_booking("B1", _pax("p1"))], itineraries)
+    (affected,) = case.affected
+    taken = {f"{chosen.flight_id}/11A", f"{latest.flight_id}/12C"}
+    fallbacks = OfflinePolicy().fallbacks(case, affected, itineraries[2], "Y", taken)
+    assert [(legs[0].flight_id, legs[0].cabin) for legs in fallbacks] == [
+        (early.flight_id, "Y"),
+        (upgrade.flight_id, "J"),
+        (last.flight_id, "Y"),
+    ]
+    assert all(legs[0].seats == [] for legs in fallbacks)
+    # a choice that downgrades (half the fare refunded) falls back on downgrades only
+    business = _case([_booking("J1", _pax("J1-1"), fare=BUSINESS)], itineraries)
+    (j1,) = business.affected
+    down = OfflinePolicy().fallbacks(business, j1, itineraries[2], "Y", taken)
+    assert [legs[0].flight_id for legs in down] == [early.flight_id, last.flight_id, "BX7-25NOV"]
+    assert {legs[0].cabin for legs in down} == {"Y"}  # not the J seat of the second: other terms
+
+
 async def test_a_downgrade_offers_only_downgrades_as_fallbacks() -> None:
     early, later = _flight(2, 12), _flight(3, 13)
     case = _case(

@@ -455,7 +455,7 @@ class AnthropicReasoner(Reasoner):
             choice = accepted.get(affected.booking.booking_id)
             if choice is not None:
                 itineraries = case.alternatives.get(affected.search, [])
-                out.append(self._apply(case, affected, choice, itineraries, outcome))
+                out.append(self._apply(case, affected, choice, itineraries, outcome, taken))
             else:
                 why = outcome.reason or "no valid choice"
                 out.append(self._offline(self.policy.decide_one(case, affected, taken), why))
@@ -525,7 +525,7 @@ class AnthropicReasoner(Reasoner):
         choice = outcome.decision
         if choice is None:  # handed to human review: the passengers still get the policy's decision
             return self._offline(self.policy.decide_one(case, affected, taken), f"sent to review: {outcome.reason}")
-        return self._apply(case, affected, choice, itineraries, outcome)
+        return self._apply(case, affected, choice, itineraries, outcome, taken)
 
     def _check(
         self, choice: RebookingChoice, affected: AffectedBooking, known: list[AlternativeItinerary], taken: set[str]
@@ -601,8 +601,10 @@ class AnthropicReasoner(Reasoner):
         choice: RebookingChoice,
         itineraries: list[AlternativeItinerary],
         outcome: Outcome[Any],
+        taken: set[str],
     ) -> RebookPassenger:
-        """The RebookPassenger of a checked choice: costs and ids by the policy, the choice and words by the model."""
+        """The RebookPassenger of a checked choice: costs and ids by the policy, the choice and words by the
+        model; ``taken`` holds the seats reserved so far (the choice's own included)."""
         rationale = " ".join(choice.rationale.split())[:_RATIONALE_MAX]
         if choice.action == "keep":
             decision = self.policy.keep(case, affected)
@@ -616,7 +618,10 @@ class AnthropicReasoner(Reasoner):
                 Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, choice.cabin, seats)
                 for f, seats in zip(itinerary.flights, choice.seats, strict=True)
             ]
-            decision = self.policy.rebook(case, affected, itinerary, legs, _cabin(affected))
+            # as the policy's own rebookings: its next choices on the same terms, for when the chosen
+            # cabin is full by the time the rebooker books (decided again otherwise)
+            fallbacks = self.policy.fallbacks(case, affected, itinerary, choice.cabin, taken)
+            decision = self.policy.rebook(case, affected, itinerary, legs, _cabin(affected), fallbacks)
             if choice.hotel and affected.stranded:
                 decision = msgspec.structs.replace(decision, hotel=True)
         return msgspec.structs.replace(decision, rationale=rationale or decision.rationale, reasoner=self.name)

@@ -50,25 +50,28 @@ class OfflinePolicy(Reasoner):
     def decide_one(self, case: Case, affected: AffectedBooking, taken: set[str]) -> RebookPassenger:
         """The decision for one booking; the seats it assigns are added to ``taken``."""
         booking = affected.booking
-        cabin = next((leg.cabin for leg in booking.legs if leg.flight_id in affected.replaces), booking.fare.cabin)
-        itineraries = case.alternatives.get(affected.search, [])
-        if affected.why == "long_delay" and affected.current_arrival is not None:
-            itineraries = [it for it in itineraries if it.arrival <= affected.current_arrival - _IMPROVEMENT]
-        own = _CABIN_RANK[cabin]
-        upward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] >= own), key=lambda c: _CABIN_RANK[c])
-        downward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] < own), key=lambda c: -_CABIN_RANK[c])
-        # the policy's order of preference: earliest arrival in the booked cabin or above, then below
-        candidates = [(it, c) for cabins in (upward, downward) for it in itineraries for c in cabins]
+        cabin, candidates = _candidates(case, affected)
         for i, (itinerary, c) in enumerate(candidates):
             legs = _seat(itinerary, c, booking.passengers, taken)
             if legs is not None:
                 for leg in legs:
                     taken.update(f"{leg.flight_id}/{s}" for s in leg.seats)
-                later = _fallbacks(affected, (itinerary, c), candidates[i + 1 :], own, taken)
+                later = _fallbacks(affected, (itinerary, c), candidates[i + 1 :], _CABIN_RANK[cabin], taken)
                 return self.rebook(case, affected, itinerary, legs, cabin, later)
         if affected.why == "long_delay":
             return self.keep(case, affected)
         return self.refund(case, affected)
+
+    def fallbacks(
+        self, case: Case, affected: AffectedBooking, chosen: AlternativeItinerary, cabin: str, taken: set[str]
+    ) -> list[list[Leg]]:
+        """The fallbacks of a rebooking on ``chosen`` in ``cabin`` decided elsewhere (a model's choice): the
+        policy's choices on the same terms, in its order, other than ``chosen``'s flights (see
+        :func:`_fallbacks`); ``taken`` holds the seats of the decision and of those decided before it."""
+        booked, candidates = _candidates(case, affected)
+        flights = [f.flight_id for f in chosen.flights]
+        others = [(it, c) for it, c in candidates if [f.flight_id for f in it.flights] != flights]
+        return _fallbacks(affected, (chosen, cabin), others, _CABIN_RANK[booked], taken)
 
     # Decisions
 
@@ -170,6 +173,21 @@ class OfflinePolicy(Reasoner):
 #: Other itineraries a rebook decision offers the rebooker, for when its cabin is full by then
 #: (each in the first cabin the policy would take; the rebooker tries the higher ones itself).
 _FALLBACKS = 3
+
+
+def _candidates(case: Case, affected: AffectedBooking) -> tuple[str, list[tuple[AlternativeItinerary, str]]]:
+    """The cabin ``affected`` is booked in, and every (itinerary, cabin) it may be rebooked on, in the
+    policy's order of preference: earliest arrival in the booked cabin or above, then below (after a
+    long delay, only itineraries that arrive at least 30 min earlier than now expected)."""
+    booking = affected.booking
+    cabin = next((leg.cabin for leg in booking.legs if leg.flight_id in affected.replaces), booking.fare.cabin)
+    itineraries = case.alternatives.get(affected.search, [])
+    if affected.why == "long_delay" and affected.current_arrival is not None:
+        itineraries = [it for it in itineraries if it.arrival <= affected.current_arrival - _IMPROVEMENT]
+    own = _CABIN_RANK[cabin]
+    upward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] >= own), key=lambda c: _CABIN_RANK[c])
+    downward = sorted((c for c in _CABIN_RANK if _CABIN_RANK[c] < own), key=lambda c: -_CABIN_RANK[c])
+    return cabin, [(it, c) for cabins in (upward, downward) for it in itineraries for c in cabins]
 
 
 def _needs_hotel(affected: AffectedBooking, itinerary: AlternativeItinerary) -> bool:
