@@ -6,7 +6,9 @@ SDK pointed (``ANTHROPIC_BASE_URL``) at a local Messages API in its own process
 after 2 s per request and 429 with ``retry-after: 1`` on 5 % of requests. Group decisions and
 triage (the defaults) on the full day; today's per-booking behaviour (one conversation per
 booking, every booking to the model, 4 calls in flight) on a smaller day, and the same small day
-with groups and triage, to compare like with like.
+with groups and triage, to compare like with like. Then the full day as a swarm (the scale-out
+benchmark's), with one and with two replicas of the reasoner: where the model bounds the day, a second
+replica doubles the calls in flight.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
+from . import scaleout
 from .proc import ROOT
-from .report import Check, Result
+from .report import Check, Result, ratios
 
 __all__ = ["NAME", "run"]
 
@@ -37,6 +41,11 @@ MAX_REQUESTS_PER_BOOKING = 0.1
 MAX_WALL_SECONDS = 300.0
 #: The per-booking run: the demo's default day (the full day would take hours; see the extrapolation).
 SMALL = (40, 3000)
+#: The full day as a swarm, with this many replicas of the reasoner (every other agent at one).
+SWARM_REASONERS = (1, 2)
+#: Target: the swarm with 2 reasoner replicas takes at most this share of the run time with one (the model,
+#: not the CPU, bounds this day: a second replica doubles the model calls in flight).
+MAX_TWO_REASONERS_RATIO = 0.75
 
 METHOD = """\
 **LLM reasoner, storm day.** `busagents demo --flights {flights} --passengers {passengers:,} --seed {seed}
@@ -53,7 +62,13 @@ its full-day figure is an extrapolation (requests per affected booking x the ful
 {delay:g} s / 4 in flight), marked as such. *Requests per affected booking* = model requests (HTTP 200 answers
 the server counted) / affected bookings; *wall* = the whole command; *p99* = the demo's disruption -> passenger
 notified latency; tokens as the server counted them (4 characters a token; the prefix up to a `cache_control`
-block read from the cache when an earlier request wrote it); cost at the list prices of `claude-sonnet-4-6`."""
+block read from the cache when an earlier request wrote it); cost at the list prices of `claude-sonnet-4-6`.
+*Swarm, reasoner at N* = the full day with groups + triage as the scale-out benchmark's swarm (`busagents swarm up`,
+every agent its own process, the feed started once every replica serves; see "Flight swarm scale-out") with N
+replicas of `flight-reasoner` and one of every other agent, the same stand-in model (a fresh one per run);
+*run time* = the first status update to the last notice, as there; *re-decisions* = `RebookRejected`s (a decision
+the rebooker could not apply, decided again). Each replica's model calls in flight adapt on their own (up to
+`concurrency_max`), so a second replica doubles what the model is asked at once."""
 
 
 @dataclass(slots=True)
@@ -102,13 +117,7 @@ async def _demo(label: str, flights: int, passengers: int, env_extra: dict[str, 
         tmp = Path(name)
         server, url, usage_file = await _stand_in(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BUSAGENTS_LLM", "ANTHROPIC_"))}
-        env |= {
-            "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
-            "ANTHROPIC_BASE_URL": url,
-            "BUSAGENTS_LLM_MAX_RETRIES": "4",
-            # the budgets' defaults (2M tokens, $20 an hour) would hand part of the storm to the policy
-            "BUSAGENTS_LLM_HOURLY_MAX_TOKENS": str(10**10),
-            "BUSAGENTS_LLM_HOURLY_MAX_COST": str(10**6),
+        env |= _llm_env(url) | {
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **env_extra,
         }
@@ -143,6 +152,42 @@ async def _demo(label: str, flights: int, passengers: int, env_extra: dict[str, 
     return run
 
 
+def _llm_env(url: str) -> dict[str, str]:
+    """The model's settings for every process: the stand-in at ``url``, the budgets out of the way."""
+    return {
+        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        "ANTHROPIC_BASE_URL": url,
+        "BUSAGENTS_LLM_MAX_RETRIES": "4",
+        # the budgets' defaults (2M tokens, $20 an hour) would hand part of the storm to the policy
+        "BUSAGENTS_LLM_HOURLY_MAX_TOKENS": str(10**10),
+        "BUSAGENTS_LLM_HOURLY_MAX_COST": str(10**6),
+    }
+
+
+async def _swarm(day: scaleout._Day, reasoners: int) -> tuple[scaleout._Run, dict[str, int]]:
+    """The day as a swarm with ``reasoners`` replicas of the reasoner, on a fresh stand-in model."""
+    with tempfile.TemporaryDirectory(prefix="busagents-bench-llm-") as name:
+        server, url, usage_file = await _stand_in(Path(name))
+        env = _llm_env(url) | {
+            "BUSAGENTS_FLIGHT_REASONER": "anthropic",
+            "BUSAGENTS_FLIGHT_LLM_GROUPS": "true",
+            "BUSAGENTS_FLIGHT_LLM_TRIAGE": "true",
+        }
+        try:
+            run = await scaleout._swarm(day, 1, 900.0, env=env, only={"flight-reasoner": reasoners})
+        finally:
+            server.send_signal(signal.SIGTERM)
+            await server.wait()
+        served: dict[str, int] = json.loads(usage_file.read_text()) if usage_file.exists() else {}
+    print(
+        f"  llm_storm: swarm, reasoner at {reasoners}: run {run.run_s:.1f} s, {served.get('answered')} requests, "
+        f"{run.redecided} re-decisions, notified {run.notified} of {run.affected}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run, served
+
+
 def _per_booking(run: _Run) -> float:
     return run.served.get("answered", 0) / max(1, run.bookings)
 
@@ -154,8 +199,9 @@ def _result(run: _Run, variant: str, metric: str, value: float, note: str = "") 
 async def run(
     *, flights: int, passengers: int, small: tuple[int, int] = SMALL, reps: int = 1
 ) -> tuple[list[Result], list[Check], str]:
-    """One repetition each (the full day takes minutes): groups + triage on the full day, then the small day
-    per booking and with groups + triage."""
+    """One repetition each of the demo (the full day takes minutes): groups + triage on the full day, then
+    the small day per booking and with groups + triage; then the full day as a swarm with 1 and with 2
+    reasoner replicas, ``reps`` times each (the order alternates)."""
     groups = {"BUSAGENTS_FLIGHT_LLM_GROUPS": "true", "BUSAGENTS_FLIGHT_LLM_TRIAGE": "true"}
     per_booking = {
         "BUSAGENTS_FLIGHT_LLM_GROUPS": "false",
@@ -183,6 +229,29 @@ async def run(
             _result(r, variant, "wall s", round(r.wall, 1)),
             _result(r, variant, "p99 disruption -> notified ms", rep["latency_ms"]["p99"]),
         ]
+    swarms: dict[int, list[tuple[scaleout._Run, dict[str, int]]]] = {n: [] for n in SWARM_REASONERS}
+    with tempfile.TemporaryDirectory(prefix="busagents-bench-llm-day-") as name:
+        day = await scaleout._prepare(flights, passengers, Path(name))
+        for i in range(reps):
+            for n in SWARM_REASONERS if i % 2 == 0 else SWARM_REASONERS[::-1]:
+                swarms[n].append(await _swarm(day, n))
+    for n, runs in swarms.items():
+        variant = f"swarm, reasoner at {n} replica(s): {flights} flights, {passengers:,} passengers"
+        each = ", ".join(
+            f"{r.affected:,}/{r.notified:,}/{r.seat_conflicts}/{r.stranded}/{r.redecided}/{u.get('answered', 0)}"
+            for r, u in runs
+        )
+        results += [
+            Result(
+                NAME,
+                variant,
+                "run s",
+                [r.run_s for r, _ in runs],
+                higher_is_better=False,
+                ratio=median(ratios([r.run_s for r, _ in runs], [r.run_s for r, _ in swarms[SWARM_REASONERS[0]]])),
+                note=f"affected/notified/seat conflicts/stranded/re-decisions/model requests: {each}",
+            ),
+        ]
     per = _per_booking(small_single)
     extrapolated = per * full.bookings * DELAY / 4
     results.append(
@@ -195,6 +264,9 @@ async def run(
         )
     )
     ok = full.report["notified"] == full.report["affected"] > 0 and full.report["seat_conflicts"] == 0
+    one, two = ([r.run_s for r, _ in swarms[n]] for n in SWARM_REASONERS)
+    swarm_runs = [r for runs in swarms.values() for r, _ in runs]
+    swarm_served = sum(r.served for r in swarm_runs)
     checks = [
         Check(
             f"LLM storm day ({flights} flights): model requests per affected booking",
@@ -215,6 +287,22 @@ async def run(
             at_least=True,
             detail=f"notified {full.report['notified']} of {full.report['affected']}, "
             f"seat conflicts {full.report['seat_conflicts']}",
+        ),
+    ]
+    checks += [
+        Check(
+            f"LLM storm day as a swarm ({flights} flights): run time, 2 reasoner replicas / 1",
+            median(ratios(two, one)),
+            MAX_TWO_REASONERS_RATIO,
+            at_least=False,
+            detail=f"medians: 1 replica {median(one):.1f} s, 2 replicas {median(two):.1f} s",
+        ),
+        Check(
+            "LLM storm day as a swarm: runs with notified == affected, 0 seat conflicts, 0 stranded (share)",
+            swarm_served / len(swarm_runs),
+            1.0,
+            at_least=True,
+            detail=f"{swarm_served} of {len(swarm_runs)} runs",
         ),
     ]
     method = METHOD.format(

@@ -599,12 +599,10 @@ class _Watch:
             f"{len(waiting)} disruptions not notified; processes heartbeating per agent: {beats}"
         )
 
-    async def until_serving(
-        self, proc: asyncio.subprocess.Process, replicas: int, cwd: Path, agents: tuple[str, ...]
-    ) -> None:
-        """Until every replica of every agent of the swarm sent its first heartbeat (it serves)."""
+    async def until_serving(self, proc: asyncio.subprocess.Process, replicas: dict[str, int], cwd: Path) -> None:
+        """Until every replica of every agent of the swarm (agent -> replicas) sent its first heartbeat (it serves)."""
         started = time.monotonic()
-        while any(len(self.stats[a]) < replicas for a in agents):
+        while any(len(self.stats[a]) < n for a, n in replicas.items()):
             if proc.returncode is not None:
                 what = f"swarm up exited with {proc.returncode} while starting"
                 raise RuntimeError(f"{what}; {self.summary()}\n{_tail(cwd)}")
@@ -634,10 +632,10 @@ class _Watch:
                 raise RuntimeError(f"the swarm's day did not finish ({what}): {self.summary()}\n{_tail(cwd)}")
 
 
-def _swarm_file(replicas: int, agents: tuple[str, ...]) -> str:
-    """Every agent of ``agents`` (the checkout's: one older than the concierge, such as the baseline,
-    runs without it, as its demo does) with ``replicas`` replicas."""
-    return "\n".join(f"[agents.{name}]\nreplicas = {replicas}\n" for name in agents)
+def _swarm_file(replicas: dict[str, int]) -> str:
+    """Every agent of ``replicas`` (the checkout's: one older than the concierge, such as the baseline,
+    runs without it, as its demo does) with its number of replicas."""
+    return "\n".join(f"[agents.{name}]\nreplicas = {n}\n" for name, n in replicas.items())
 
 
 def _feed_file() -> str:
@@ -658,19 +656,30 @@ async def _stop(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> int:
     return proc.returncode
 
 
-async def _swarm(day: _Day, replicas: int, timeout: float, *, cores: set[int] | None = None) -> _Run:
-    """The day played by the swarm with ``replicas`` of every agent; with ``cores``, every process of the
-    swarm (nats-server, ``swarm up`` and its replicas, the feed, the fresh context replica) runs on those."""
+async def _swarm(
+    day: _Day,
+    replicas: int,
+    timeout: float,
+    *,
+    cores: set[int] | None = None,
+    env: dict[str, str] | None = None,
+    only: dict[str, int] | None = None,
+) -> _Run:
+    """The day played by the swarm with ``replicas`` of every agent (``only``: of these agents, the others
+    at 1); with ``cores``, every process of the swarm (nats-server, ``swarm up`` and its replicas, the
+    feed, the fresh context replica) runs on those; ``env`` adds to every process's environment."""
+    counts = {name: (only.get(name, 1) if only is not None else replicas) for name in day.agents}
+    extra = env or {}
     with contextlib.ExitStack() as stack:
         name = stack.enter_context(tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-"))
         with _on_cores(cores):
             server = stack.enter_context(NatsServer(scheduling=day.server_scheduling))
         tmp = Path(name)
-        env = _env(day, tmp)
+        env = _env(day, tmp) | extra
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
             shutil.copy(part, Path(env["BUSAGENTS_FLIGHT_STORE"]).with_name(part.name))
         config, feed_config = tmp / "swarm.toml", tmp / "feed.toml"
-        config.write_text(_swarm_file(replicas, day.agents))
+        config.write_text(_swarm_file(counts))
         feed_config.write_text(_feed_file())
         assert server.process is not None
         watch = _Watch(_Meter({server.process.pid: SERVER}), day.status_updates, Path(env["BUSAGENTS_FLIGHT_OUTBOX"]))
@@ -686,7 +695,7 @@ async def _swarm(day: _Day, replicas: int, timeout: float, *, cores: set[int] | 
             try:
                 # the day starts once every replica serves: a replica still starting up would spend its
                 # start-up (generating the day, replaying the streams) inside the run
-                await watch.until_serving(proc, replicas, tmp, day.agents)
+                await watch.until_serving(proc, counts, tmp)
                 with _on_cores(cores):
                     feed = await _python(*up, str(feed_config), "--nats", server.url, cwd=tmp, env=env)
                 watch.meter.ready(feed.pid, SUPERVISOR)
