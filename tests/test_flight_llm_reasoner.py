@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,7 +23,7 @@ from busagents_flight.notifier import Notifier, OutboxChannel
 from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SqliteStore
-from busagents_travel import FlightCancelled, RebookPassenger
+from busagents_travel import Disruption, FlightCancelled, Leg, RebookPassenger
 from nats.aio.msg import Msg
 
 from busagents import Bus, NatsServer
@@ -229,6 +231,57 @@ async def test_the_models_rebookings_carry_the_policys_next_choices_as_fallbacks
         assert all([leg.flight_id for leg in legs] != chosen for legs in d.fallbacks)  # other itineraries
         assert all(leg.seats == [] for legs in d.fallbacks for leg in legs)  # the store seats the group then
         assert all(legs[0].origin == "VIE" and legs[-1].destination == "LHR" for legs in d.fallbacks)
+
+
+async def test_seats_given_out_while_the_model_thinks_are_not_given_again_to_the_bookings_it_did_not_see(
+    bus: Bus, messages_server: MessagesServer, tmp_path: Path
+) -> None:
+    # One booking on FLIGHT has a note (the model decides it), the others are triaged to the policy after the
+    # model answered. While the model thinks, every seat of the only other flight with room is given out (as
+    # another disruption's decisions, read from another replica's groups, would): the policy must not offer them.
+    day, bookings, noted = the_day()
+    alternative = "BX111-25NOV"
+    asked, go = threading.Event(), threading.Event()
+
+    def responder(request: RecordedRequest) -> Reply:
+        asked.set()
+        go.wait(10)
+        return tool_use("decide", choice_for(json.loads(request.messages[2]["content"][0]["content"])))
+
+    messages_server.responder = responder
+    reasoner = reasoner_for(messages_server, triage=True)
+    agent = ReasonerAgent(reasoner)
+    store = SqliteStore(tmp_path / "bookings.sqlite3")
+    agents = [ContextAgent(day), agent, Rebooker(store, day, load=True), Notifier(OutboxChannel(tmp_path / "o.jsonl"))]
+    aircraft = next(f.aircraft for f in day.flights if f.flight_id == alternative)
+    given = {f"{alternative}/{seat.number}" for seat in day.seat_maps[aircraft]}
+    try:
+        async with run_agents(bus, *agents):
+            async with expect_decisions(bus, count=len(bookings), timeout=30) as decided:
+                await bus.publish(cancel(day))
+                assert await asyncio.to_thread(asked.wait, 10), "the model was never asked"
+                agent.hold([_seated(alternative, [g.partition("/")[2] for g in given])])
+                go.set()
+    finally:
+        go.set()
+    decisions = {d.booking_id: d for d in decided.items}
+    assert sorted(decisions) == sorted(bookings) and decisions[noted].reasoner == "anthropic"
+    triaged = [d for b, d in decisions.items() if b != noted]
+    assert triaged and all("triage" in d.rationale for d in triaged)
+    legs = [leg for d in triaged for itinerary in (d.new_legs, *d.fallbacks) for leg in itinerary]
+    seats = {f"{leg.flight_id}/{s}" for leg in legs for s in leg.seats}
+    assert not seats & given, "a seat given out while the model thought was offered again"
+    assert alternative not in {leg.flight_id for leg in legs}  # no room left there: not even as a fallback
+
+
+def _seated(flight_id: str, seats: list[str]) -> RebookPassenger:
+    """A decision holding ``seats`` on ``flight_id`` (what the reasoner agent counts as given out)."""
+    leg = Leg(flight_id, "BX111", "VIE", "LHR", 0, 0, "Y", seats)
+    d = cancel(generate(12, 300, 3))
+    return RebookPassenger(
+        decision_id="elsewhere/1", disruption=Disruption.of(d), booking_id="ELSEWHERE", action="rebook",
+        passenger_ids=["X"], new_legs=[leg],
+    )  # fmt: skip
 
 
 async def test_costly_flight_decision_waits_for_approval_before_the_rebooker_acts(

@@ -364,6 +364,9 @@ class AnthropicReasoner(Reasoner):
             else:
                 decided = list(await asyncio.gather(*(self._one(ctx, case, a, taken, priority) for a in judged)))
         self.triaged += len(rest)
+        # the model took seconds: other disruptions' decisions gave out seats meanwhile, which the case's
+        # seat lists still show free; the policy decides the rest knowing them (fewer decided again)
+        taken |= self.given_out({f.flight_id for its in case.alternatives.values() for it in its for f in it.flights})
         reason = "triage: no note, special request, tier or family case needing judgement"
         return decided + [self._offline(self.policy.decide_one(case, a, taken), reason) for a in rest]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import msgspec
 from busagents_travel import (
@@ -98,6 +98,11 @@ class ReasonerAgent(Agent):
         self.seats = SeatLists()  # free-seat lists of the context's replies, decoded once
         self.replaced = 0  # decisions of the backend that failed the check
         self.approvals = Approvals(LLMSettings.for_agent(self.name))  # costly decisions wait for a human
+        self.reasoner.seats_given_out = self.given_out_on
+
+    def given_out_on(self, flights: Iterable[str]) -> set[str]:
+        """The seats given out by now on ``flights`` (by any replica), as "<flight_id>/<seat>"."""
+        return {f"{fid}/{seat}" for fid in flights for seat in self.held.get(fid, ())}
 
     async def on_stop(self, ctx: Context) -> None:
         await self.reasoner.close()

@@ -13,7 +13,7 @@ assign a seat that is not free or forget a passenger.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import entry_points
 from typing import ClassVar, Literal
 
@@ -88,6 +88,16 @@ class Reasoner(abc.ABC):
 
     #: Backend name, recorded in each decision (``RebookPassenger.reasoner``).
     name: ClassVar[str] = ""
+
+    #: Set by the reasoner agent that runs this backend: the seats on some flights given out by now.
+    seats_given_out: Callable[[Iterable[str]], set[str]] | None = None
+
+    def given_out(self, flights: Iterable[str]) -> set[str]:
+        """The seats on ``flights`` given out by now ("<flight_id>/<seat>"), by any replica: more than
+        ``case.taken_seats`` when the case was gathered a while ago. A backend that waits (a model) reads
+        it before deciding from the seats it read earlier. The reasoner agent that runs this backend
+        answers it (:attr:`seats_given_out`); on its own, nothing is known beyond the case."""
+        return self.seats_given_out(flights) if self.seats_given_out is not None else set()
 
     @abc.abstractmethod
     async def decide(self, case: Case, lookup: Lookup) -> list[RebookPassenger]:
