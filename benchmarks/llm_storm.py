@@ -174,7 +174,7 @@ async def _swarm(day: scaleout._Day, reasoners: int) -> tuple[scaleout._Run, dic
             "BUSAGENTS_FLIGHT_LLM_TRIAGE": "true",
         }
         try:
-            run = await scaleout._swarm(day, 1, 900.0, env=env, only={"flight-reasoner": reasoners})
+            run = await scaleout._swarm(day, 1, 900.0, extra_env=env, only={"flight-reasoner": reasoners})
         finally:
             server.send_signal(signal.SIGTERM)
             await server.wait()
@@ -288,8 +288,6 @@ async def run(
             detail=f"notified {full.report['notified']} of {full.report['affected']}, "
             f"seat conflicts {full.report['seat_conflicts']}",
         ),
-    ]
-    checks += [
         Check(
             f"LLM storm day as a swarm ({flights} flights): run time, 2 reasoner replicas / 1",
             median(ratios(two, one)),

@@ -662,20 +662,19 @@ async def _swarm(
     timeout: float,
     *,
     cores: set[int] | None = None,
-    env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
     only: dict[str, int] | None = None,
 ) -> _Run:
     """The day played by the swarm with ``replicas`` of every agent (``only``: of these agents, the others
     at 1); with ``cores``, every process of the swarm (nats-server, ``swarm up`` and its replicas, the
-    feed, the fresh context replica) runs on those; ``env`` adds to every process's environment."""
+    feed, the fresh context replica) runs on those; ``extra_env`` adds to every process's environment."""
     counts = {name: (only.get(name, 1) if only is not None else replicas) for name in day.agents}
-    extra = env or {}
     with contextlib.ExitStack() as stack:
         name = stack.enter_context(tempfile.TemporaryDirectory(prefix="busagents-bench-scaleout-"))
         with _on_cores(cores):
             server = stack.enter_context(NatsServer(scheduling=day.server_scheduling))
         tmp = Path(name)
-        env = _env(day, tmp) | extra
+        env = _env(day, tmp) | (extra_env or {})
         for part in day.store.parent.glob(day.store.name + "*"):  # the SQLite file and any -wal / -shm
             shutil.copy(part, Path(env["BUSAGENTS_FLIGHT_STORE"]).with_name(part.name))
         config, feed_config = tmp / "swarm.toml", tmp / "feed.toml"
