@@ -47,7 +47,7 @@ async def test_benchmark_runs_with_tiny_counts_and_gives_well_formed_rows(name: 
 
 
 @pytest.mark.timeout(300)
-async def test_scaleout_runs_the_day_three_ways_and_reports_every_figure(tmp_path: Path) -> None:
+async def test_scaleout_runs_the_day_four_ways_and_reports_every_figure(tmp_path: Path) -> None:
     # Its figures may be 0 at tiny counts (CPU-s of a stage that did little), so only their presence is checked.
     machine = Machine.probe()
     results, checks, methods = await run_all(["scaleout"], QUICK, 1, machine, lambda line: None)

@@ -23,7 +23,7 @@ from busagents_flight.notifier import Notifier, OutboxChannel
 from busagents_flight.reasoner import ReasonerAgent
 from busagents_flight.rebooker import Rebooker
 from busagents_flight.store import SqliteStore
-from busagents_travel import Disruption, FlightCancelled, Leg, RebookPassenger
+from busagents_travel import Disruption, Flight, FlightCancelled, Leg, RebookPassenger
 from nats.aio.msg import Msg
 
 from busagents import Bus, NatsServer
@@ -127,11 +127,11 @@ async def flight_agents(
         yield store
 
 
-def cancel(day: AirlineDay) -> FlightCancelled:
-    f = next(f for f in day.flights if f.flight_id == FLIGHT)
+def cancel(day: AirlineDay, flight: str = FLIGHT) -> FlightCancelled:
+    f = next(f for f in day.flights if f.flight_id == flight)
     return FlightCancelled(
-        disruption_id=f"cx-{FLIGHT}-{uuid.uuid4().hex[:8]}",
-        flight_id=FLIGHT,
+        disruption_id=f"cx-{flight}-{uuid.uuid4().hex[:8]}",
+        flight_id=flight,
         number=f.number,
         origin=f.origin,
         destination=f.destination,
@@ -211,17 +211,12 @@ async def test_the_models_rebookings_carry_the_policys_next_choices_as_fallbacks
     day = generate(12, 300, 3)
     flight = "BX107-25NOV"
     on_flight = [b.booking_id for b in day.bookings if any(leg.flight_id == flight for leg in b.legs)]
-    f = next(f for f in day.flights if f.flight_id == flight)
-    event = FlightCancelled(
-        disruption_id="cx-fallbacks", flight_id=flight, number=f.number, origin=f.origin,
-        destination=f.destination, observed_at=f.departure - 3600,
-    )  # fmt: skip
     messages_server.responder = model
     reasoner = reasoner_for(messages_server)
     async with flight_agents(bus, tmp_path, day, reasoner):
         async with expect_changes(bus, count=len(on_flight), timeout=30):
             async with expect_decisions(bus, count=len(on_flight), timeout=30) as decided:
-                await bus.publish(event)
+                await bus.publish(cancel(day, flight))
     rebooked = [d for d in decided.items if d.action == "rebook"]
     assert rebooked and {d.reasoner for d in decided.items} == {"anthropic"}
     with_fallbacks = [d for d in rebooked if d.fallbacks]
@@ -253,14 +248,15 @@ async def test_seats_given_out_while_the_model_thinks_are_not_given_again_to_the
     agent = ReasonerAgent(reasoner)
     store = SqliteStore(tmp_path / "bookings.sqlite3")
     agents = [ContextAgent(day), agent, Rebooker(store, day, load=True), Notifier(OutboxChannel(tmp_path / "o.jsonl"))]
-    aircraft = next(f.aircraft for f in day.flights if f.flight_id == alternative)
-    given = {f"{alternative}/{seat.number}" for seat in day.seat_maps[aircraft]}
+    on_alternative = next(f for f in day.flights if f.flight_id == alternative)
+    numbers = [seat.number for seat in day.seat_maps[on_alternative.aircraft]]
+    given = {f"{alternative}/{n}" for n in numbers}
     try:
         async with run_agents(bus, *agents):
             async with expect_decisions(bus, count=len(bookings), timeout=30) as decided:
                 await bus.publish(cancel(day))
                 assert await asyncio.to_thread(asked.wait, 10), "the model was never asked"
-                agent.hold([_seated(alternative, [g.partition("/")[2] for g in given])])
+                agent.hold([_seated(day, on_alternative, numbers)])
                 go.set()
     finally:
         go.set()
@@ -274,12 +270,11 @@ async def test_seats_given_out_while_the_model_thinks_are_not_given_again_to_the
     assert alternative not in {leg.flight_id for leg in legs}  # no room left there: not even as a fallback
 
 
-def _seated(flight_id: str, seats: list[str]) -> RebookPassenger:
-    """A decision holding ``seats`` on ``flight_id`` (what the reasoner agent counts as given out)."""
-    leg = Leg(flight_id, "BX111", "VIE", "LHR", 0, 0, "Y", seats)
-    d = cancel(generate(12, 300, 3))
+def _seated(day: AirlineDay, f: Flight, seats: list[str]) -> RebookPassenger:
+    """A decision of another disruption holding ``seats`` on ``f`` (what the reasoner agent counts as given out)."""
+    leg = Leg(f.flight_id, f.number, f.origin, f.destination, f.departure, f.arrival, "Y", seats)
     return RebookPassenger(
-        decision_id="elsewhere/1", disruption=Disruption.of(d), booking_id="ELSEWHERE", action="rebook",
+        decision_id="elsewhere/1", disruption=Disruption.of(cancel(day)), booking_id="ELSEWHERE", action="rebook",
         passenger_ids=["X"], new_legs=[leg],
     )  # fmt: skip
 
@@ -294,15 +289,7 @@ async def test_costly_flight_decision_waits_for_approval_before_the_rebooker_act
     monkeypatch.setenv("BUSAGENTS_LLM_FLIGHT_REASONER_APPROVAL_THRESHOLD", "0")
     messages_server.responder = model
     reasoner = reasoner_for(messages_server)
-    f = next(f for f in day.flights if f.flight_id == flight)
-    event = FlightCancelled(
-        disruption_id="cx-approval",
-        flight_id=flight,
-        number=f.number,
-        origin=f.origin,
-        destination=f.destination,
-        observed_at=f.departure - 3600,
-    )
+    event = cancel(day, flight)
     async with flight_agents(bus, tmp_path, day, reasoner):
         async with expect_changes(bus, count=len(on_flight), timeout=30) as changed:
             async with bus.expect(
